@@ -1,0 +1,353 @@
+"""Tasks: GLUE MNLI/QNLI through ``datasets``, the same code on a local folder, and
+offline defaults that need no network.
+
+Sources a task can come from (``source=``):
+
+* ``"synthetic"`` (the offline default): deterministic, learnable sentence-pair tasks with
+  GLUE's columns and label meanings, generated from a seed. ``synthetic-nli`` mirrors MNLI
+  (premise/hypothesis; 0 entailment, 1 neutral, 2 contradiction), ``synthetic-qnli`` mirrors
+  QNLI (question/sentence; 0 entailment, 1 not_entailment), and ``synthetic-lm`` is a small
+  language-model corpus.
+* ``"hub"``: ``datasets.load_dataset("nyu-mll/glue", name)``. Needs the network.
+* a folder path: the same schema read locally, ``<dir>/<split>.{parquet,jsonl,json,csv,tsv}``.
+
+The tokenizer is a word-level vocabulary built from the training text, so everything
+works offline and a vocabulary is reproducible from the data alone.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import validate as V
+
+GLUE_SCHEMA = {
+    "mnli": dict(text=("premise", "hypothesis"), labels=("entailment", "neutral", "contradiction"),
+                 eval_split="validation_matched"),
+    "qnli": dict(text=("question", "sentence"), labels=("entailment", "not_entailment"),
+                 eval_split="validation"),
+}
+SYNTHETIC = {"synthetic-nli": "mnli", "synthetic-qnli": "qnli"}
+TASKS = ("mnli", "qnli", "synthetic-nli", "synthetic-qnli", "synthetic-lm")
+LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".tsv")
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset could not be loaded; the message says what to do instead."""
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[BOS]", "[EOS]")
+PAD, UNK, CLS, SEP, BOS, EOS = range(len(SPECIALS))
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+@dataclass
+class WordTokenizer:
+    """Lower-cased word/punctuation vocabulary; unknown words map to ``[UNK]``."""
+
+    vocab: list[str] = field(default_factory=lambda: list(SPECIALS))
+
+    def __post_init__(self):
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    @classmethod
+    def fit(cls, texts, max_size: int = 8192) -> "WordTokenizer":
+        counts = Counter(w for t in texts for w in words(t))
+        top = sorted(counts, key=lambda w: (-counts[w], w))[: max_size - len(SPECIALS)]
+        return cls(list(SPECIALS) + top)
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, UNK) for w in words(text)]
+
+    def decode(self, ids) -> str:
+        return " ".join(self.vocab[i] for i in ids if i != PAD)
+
+    def encode_pair(self, a: str, b: str, max_len: int) -> list[int]:
+        """``[CLS] a [SEP] b [SEP]``, truncating the longer side first."""
+        ta, tb = self.encode(a), self.encode(b)
+        while len(ta) + len(tb) + 3 > max_len:
+            (ta if len(ta) >= len(tb) else tb).pop()
+        return [CLS, *ta, SEP, *tb, SEP]
+
+    def save(self, path):
+        Path(path).write_text(json.dumps(self.vocab))
+
+    @classmethod
+    def load(cls, path) -> "WordTokenizer":
+        return cls(json.loads(Path(path).read_text()))
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+
+_OBJECTS = ("cat dog bird fish horse box ball cup lamp chair table book car tree boat "
+            "hat coat shoe key door").split()
+_COLORS = "red blue green yellow black white brown pink gray orange".split()
+_PLACES = "park garden kitchen room street shop school yard".split()
+
+
+def _facts(rng: random.Random, k: int):
+    objs = rng.sample(_OBJECTS, k)
+    return [(o, rng.choice(_COLORS)) for o in objs]
+
+
+def synthetic_nli(n: int, seed: int) -> list[dict]:
+    """Premise: a few "the X is C" facts. Hypothesis: a fact that is stated (entailment),
+    contradicted with another colour (contradiction), or about an absent object (neutral)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        facts = _facts(rng, rng.randint(2, 4))
+        place = rng.choice(_PLACES)
+        premise = f"in the {place} " + " and ".join(f"the {o} is {c}" for o, c in facts) + " ."
+        label = i % 3  # balanced; row order is shuffled below
+        obj, col = rng.choice(facts)
+        if label == 0:
+            hyp = f"the {obj} is {col} ."
+        elif label == 2:
+            hyp = f"the {obj} is {rng.choice([c for c in _COLORS if c != col])} ."
+        else:
+            absent = rng.choice([o for o in _OBJECTS if o not in dict(facts)])
+            hyp = f"the {absent} is {rng.choice(_COLORS)} ."
+        rows.append(dict(premise=premise, hypothesis=hyp, label=label, idx=i))
+    rng.shuffle(rows)
+    return rows
+
+
+def synthetic_qnli(n: int, seed: int) -> list[dict]:
+    """Question "what color is the X ?"; the sentence answers it (entailment) or only talks
+    about other objects (not_entailment)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        facts = _facts(rng, rng.randint(2, 3))
+        label = i % 2
+        if label == 0:
+            obj = rng.choice(facts)[0]
+        else:
+            obj = rng.choice([o for o in _OBJECTS if o not in dict(facts)])
+        sentence = " and ".join(f"the {o} is {c}" for o, c in facts) + " ."
+        rows.append(dict(question=f"what color is the {obj} ?", sentence=sentence,
+                         label=label, idx=i))
+    rng.shuffle(rows)
+    return rows
+
+
+def synthetic_corpus(n_sentences: int, seed: int) -> str:
+    """A small LM corpus from a tiny grammar: learnable structure with real uncertainty."""
+    rng = random.Random(seed)
+    verbs = "sees likes finds moves takes holds".split()
+    out = []
+    for _ in range(n_sentences):
+        a, b = rng.sample(_OBJECTS, 2)
+        form = rng.random()
+        if form < 0.4:
+            out.append(f"the {rng.choice(_COLORS)} {a} {rng.choice(verbs)} the {b} .")
+        elif form < 0.7:
+            out.append(f"in the {rng.choice(_PLACES)} the {a} is {rng.choice(_COLORS)} .")
+        else:
+            out.append(f"the {a} and the {b} are in the {rng.choice(_PLACES)} .")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _rows_from_hub(name: str, split: str):
+    try:
+        import datasets
+
+        return list(datasets.load_dataset("nyu-mll/glue", name, split=split))
+    except Exception as e:  # no network, no cache, or the hub refused
+        raise DatasetUnavailable(
+            f"could not load GLUE {name!r} split {split!r} from the hub ({type(e).__name__}: "
+            f"{str(e)[:200]}). Use the offline default task='synthetic-{'nli' if name == 'mnli' else 'qnli'}'"
+            f" (source='synthetic'), or point source= at a local folder holding "
+            f"{split}.parquet/.jsonl/.csv with columns {GLUE_SCHEMA[name]['text'] + ('label',)}."
+        ) from e
+
+
+def _local_file(folder: Path, split: str) -> Path | None:
+    for suffix in LOCAL_SUFFIXES:
+        if (folder / f"{split}{suffix}").exists():
+            return folder / f"{split}{suffix}"
+    return None
+
+
+def _rows_from_dir(folder: Path, name: str, split: str):
+    """Read one split of a GLUE-schema folder through ``datasets`` (the same loader the hub
+    path uses), so the rows have exactly the hub's columns and types."""
+    if not folder.is_dir():
+        raise V.LabkitConfigError("source", str(folder),
+                                  "'synthetic', 'hub' or an existing folder of GLUE files")
+    path = _local_file(folder, split)
+    if path is None:
+        raise DatasetUnavailable(
+            f"source={str(folder)!r} has no {split!r} split: expected one of "
+            + ", ".join(f"{split}{s}" for s in LOCAL_SUFFIXES))
+    import datasets
+
+    kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv",
+            ".tsv": "csv"}[path.suffix]
+    extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+    ds = datasets.load_dataset(kind, data_files={split: str(path)}, split=split, **extra)
+    need = set(GLUE_SCHEMA[name]["text"]) | {"label"}
+    missing = need - set(ds.column_names)
+    if missing:
+        raise DatasetUnavailable(
+            f"{path} lacks GLUE {name} columns {sorted(missing)}; it has {ds.column_names}")
+    return list(ds)
+
+
+def load_rows(task: str, split: str = "train", source: str = "synthetic", n: int | None = None,
+              seed: int = 0) -> list[dict]:
+    """Rows (dicts with GLUE's columns) of one split. ``split`` is "train" or "eval"."""
+    V.choice("task", task, TASKS)
+    V.choice("split", split, ("train", "eval"))
+    if task == "synthetic-lm":
+        raise V.LabkitConfigError("task", task, "a sentence-pair task; use lm_batches() for LM")
+    if task.startswith("synthetic"):
+        if source != "synthetic":
+            raise V.LabkitConfigError("source", source, f"'synthetic' for task={task!r}")
+        size = n or (4000 if split == "train" else 600)
+        make = synthetic_nli if task == "synthetic-nli" else synthetic_qnli
+        return make(size, seed=seed * 1000 + (1 if split == "train" else 2))
+    glue = GLUE_SCHEMA[task]
+    real_split = "train" if split == "train" else glue["eval_split"]
+    if source == "synthetic":
+        raise V.LabkitConfigError("source", source,
+                                  f"'hub' or a local folder for task={task!r} "
+                                  f"(or task='synthetic-{'nli' if task == 'mnli' else 'qnli'}')")
+    rows = _rows_from_hub(task, real_split) if source == "hub" else \
+        _rows_from_dir(Path(source).expanduser(), task, real_split)
+    rows = [r for r in rows if r["label"] >= 0]  # GLUE test splits carry label -1
+    return rows[:n] if n else rows
+
+
+@dataclass
+class PairTask:
+    """A tokenised sentence-pair classification task, ready for training."""
+
+    name: str
+    labels: tuple[str, ...]
+    tokenizer: WordTokenizer
+    train: dict  # input_ids (N, L), padding_mask (N, L), labels (N,)
+    eval: dict
+    max_len: int
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+def _encode(rows, cols, tok: WordTokenizer, max_len: int) -> dict:
+    seqs = [tok.encode_pair(r[cols[0]], r[cols[1]], max_len) for r in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    return dict(input_ids=ids, padding_mask=ids == PAD,
+                labels=torch.tensor([int(r["label"]) for r in rows]))
+
+
+def load_task(task: str = "synthetic-nli", source: str = "synthetic", n_train: int | None = None,
+              n_eval: int | None = None, max_len: int = 64, seed: int = 0,
+              vocab_size: int = 1024) -> PairTask:
+    """Load and tokenise a sentence-pair task (see the module docstring for sources)."""
+    V.choice("task", task, [t for t in TASKS if t != "synthetic-lm"])
+    V.integer("max_len", max_len, 8, 4096)
+    if n_train is not None:
+        V.integer("n_train", n_train, 1)
+    if n_eval is not None:
+        V.integer("n_eval", n_eval, 1)
+    glue = GLUE_SCHEMA[SYNTHETIC.get(task, task)]
+    cols = glue["text"]
+    train = load_rows(task, "train", source, n_train, seed)
+    evals = load_rows(task, "eval", source, n_eval, seed)
+    tok = WordTokenizer.fit((r[c] for r in train for c in cols), max_size=vocab_size)
+    return PairTask(task, glue["labels"], tok, _encode(train, cols, tok, max_len),
+                    _encode(evals, cols, tok, max_len), max_len)
+
+
+def batches(tensors: dict, batch_size: int, seed: int = 0, shuffle: bool = True):
+    """An endless iterator of mini-batches (dicts of tensors) from a dict of equal-length tensors."""
+    V.integer("batch_size", batch_size, 1)
+    n = len(next(iter(tensors.values())))
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        for i in range(0, max(n - batch_size, 0) + 1, batch_size):  # drop the ragged tail
+            idx = order[i: i + batch_size]
+            yield {k: v[idx] for k, v in tensors.items()}
+
+
+@dataclass
+class LMCorpus:
+    tokenizer: WordTokenizer
+    train: torch.Tensor  # (T,) token ids
+    eval: torch.Tensor
+
+
+def load_lm_corpus(source: str = "synthetic", n_sentences: int = 20000, seed: int = 0,
+                   vocab_size: int = 1024) -> LMCorpus:
+    """The LM corpus: synthetic by default, or a local text file / folder of ``*.txt``."""
+    if source == "synthetic":
+        text = synthetic_corpus(n_sentences, seed)
+    else:
+        p = Path(source).expanduser()
+        files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
+        if not p.exists() or not files:
+            raise V.LabkitConfigError("source", source,
+                                      "'synthetic', a .txt file or a folder of .txt files")
+        text = "\n".join(f.read_text() for f in files)
+    lines = text.splitlines()
+    cut = int(len(lines) * 0.9)
+    tok = WordTokenizer.fit(lines[:cut], max_size=vocab_size)
+
+    def ids(ls):
+        out = []
+        for line in ls:
+            out += [BOS, *tok.encode(line), EOS]
+        return torch.tensor(out, dtype=torch.long)
+
+    return LMCorpus(tok, ids(lines[:cut]), ids(lines[cut:]))
+
+
+def lm_batches(stream: torch.Tensor, batch_size: int, seq_len: int, seed: int = 0):
+    """Endless random windows: ``input_ids`` (B, L) and next-token ``labels`` (B, L)."""
+    V.integer("batch_size", batch_size, 1)
+    V.integer("seq_len", seq_len, 2, len(stream) - 2)
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        start = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=g)
+        idx = start[:, None] + torch.arange(seq_len + 1)
+        win = stream[idx]
+        yield dict(input_ids=win[:, :-1], labels=win[:, 1:])
+
+
+def write_local_glue(folder, task: str, rows_by_split: dict[str, list[dict]], fmt: str = "jsonl"):
+    """Write rows as a GLUE-schema folder (used by tests and to cache a download)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    V.choice("fmt", fmt, ("jsonl", "parquet", "csv"))
+    import datasets
+
+    for split, rows in rows_by_split.items():
+        ds = datasets.Dataset.from_list(rows)
+        path = folder / f"{split}.{fmt}"
+        {"jsonl": ds.to_json, "parquet": ds.to_parquet, "csv": ds.to_csv}[fmt](str(path))
+    return folder

@@ -1,0 +1,249 @@
+"""Measure what a technique really changes: latency, memory, FLOPs, parameters, quality.
+
+* latency: ``torch.utils.benchmark`` (warm-up, then blocked auto-ranging), median and IQR,
+  with the thread count, dtype, shapes, torch version and CPU model recorded.
+* memory: parameter and buffer bytes by dtype (shared tensors once), and the peak bytes of
+  tensors allocated during one call, tracked by a dispatch mode (CPU has no allocator stats).
+* FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (counts matmuls, convolutions and SDPA;
+  element-wise ops are not counted, which is the usual convention).
+* the kernel path that ran: every module with a ``kernel_path`` attribute reports it.
+
+``compare(baseline, candidate)`` puts two measurements side by side with ratios.
+"""
+from __future__ import annotations
+
+import platform
+import weakref
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import validate as V
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    """What a number depends on; recorded next to every timing."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+@dataclass
+class Timing:
+    label: str
+    median_s: float
+    iqr_s: float
+    runs: int
+    threads: int
+    shapes: str = ""
+    dtype: str = ""
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+    def row(self) -> dict:
+        return {**asdict(self), "median_ms": self.median_ms}
+
+
+def time_fn(fn, label: str = "", min_run_time: float = 0.5, shapes: str = "",
+            dtype: str = "", threads: int | None = None) -> Timing:
+    """Median and IQR of ``fn()``: one warm-up call, then ``blocked_autorange``."""
+    V.number("min_run_time", min_run_time, 0.0, lo_open=True)
+    threads = threads or torch.get_num_threads()
+    fn()  # warm-up: lazy init, allocator, weight packing
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
+    m = t.blocked_autorange(min_run_time=min_run_time)
+    return Timing(label, m.median, m.iqr, len(m.times), threads, shapes, dtype)
+
+
+def latency(model, *inputs, label: str = "", min_run_time: float = 0.5) -> Timing:
+    """Inference latency of ``model(*inputs)`` under ``torch.inference_mode``."""
+    shapes = ",".join(str(tuple(x.shape)) for x in inputs if torch.is_tensor(x))
+    dtype = next((str(p.dtype) for p in model.parameters()), "")
+
+    def call():
+        with torch.inference_mode():
+            model(*inputs)
+
+    return time_fn(call, label or type(model).__name__, min_run_time, shapes, dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, including tensor subclasses that pack data and scales
+    (their ``__tensor_flatten__`` inner tensors are summed)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def model_bytes(model: torch.nn.Module) -> dict:
+    """Parameter and buffer bytes by dtype, each storage counted once, plus ``total``.
+
+    Modules may add non-tensor metadata they own through a ``extra_bytes()`` method
+    (e.g. sparse index arrays stored as plain attributes)."""
+    seen, by = set(), defaultdict(int)
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        by[str(t.dtype).replace("torch.", "")] += tensor_bytes(t)
+    for m in model.modules():
+        if hasattr(m, "extra_bytes"):
+            for k, v in m.extra_bytes().items():
+                by[k] += v
+    out = dict(by)
+    out["total"] = sum(by.values())
+    return out
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks bytes of storages created under it; a storage is freed when the last tensor
+    seen on it is collected."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _drop(self, key):
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.current -= self.size.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            try:
+                key = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if not key:
+                continue
+            if key not in self.refs:
+                self.refs[key] = 0
+                self.size[key] = t.untyped_storage().nbytes()
+                self.current += self.size[key]
+                self.peak = max(self.peak, self.current)
+            self.refs[key] += 1
+            weakref.finalize(t, self._drop, key)
+        return out
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes of tensors allocated while ``fn()`` runs (inputs and weights excluded)."""
+    tracker = _LiveBytes()
+    with tracker:
+        result = fn()
+    del result
+    return tracker.peak
+
+
+def peak_activation_bytes(model, *inputs) -> int:
+    """Peak activation memory of one inference forward pass."""
+    def call():
+        with torch.inference_mode():
+            return model(*inputs)
+
+    return peak_memory(call)
+
+
+def flops(fn) -> int:
+    """FLOPs counted by ``FlopCounterMode`` while ``fn()`` runs."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def forward_flops(model, *inputs) -> int:
+    def call():
+        with torch.no_grad():
+            model(*inputs)
+
+    return flops(call)
+
+
+def kernel_paths(model: torch.nn.Module) -> dict[str, str]:
+    """``{module name: path}`` for every module that says which kernel it runs."""
+    return {name: m.kernel_path for name, m in model.named_modules()
+            if isinstance(getattr(m, "kernel_path", None), str)}
+
+
+@dataclass
+class Measurement:
+    """Everything measured about one model on one input, for :func:`compare`."""
+
+    label: str
+    params: int
+    bytes: int
+    flops: int
+    latency_ms: float
+    latency_iqr_ms: float
+    peak_activation_bytes: int
+    quality: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+    env: dict = field(default_factory=environment)
+
+    def row(self) -> dict:
+        return {"label": self.label, "params": self.params, "bytes": self.bytes,
+                "flops": self.flops, "latency_ms": self.latency_ms,
+                "latency_iqr_ms": self.latency_iqr_ms,
+                "peak_activation_bytes": self.peak_activation_bytes, **self.quality}
+
+
+def measure(model, *inputs, label: str = "", quality: dict | None = None,
+            min_run_time: float = 0.5) -> Measurement:
+    from .model import count_params
+
+    t = latency(model, *inputs, label=label, min_run_time=min_run_time)
+    return Measurement(label=label or type(model).__name__, params=count_params(model),
+                       bytes=model_bytes(model)["total"], flops=forward_flops(model, *inputs),
+                       latency_ms=t.median_ms, latency_iqr_ms=t.iqr_s * 1e3,
+                       peak_activation_bytes=peak_activation_bytes(model, *inputs),
+                       quality=dict(quality or {}), paths=kernel_paths(model))
+
+
+LOWER_IS_BETTER = ("params", "bytes", "flops", "latency_ms", "peak_activation_bytes", "loss")
+
+
+def compare(baseline: Measurement, *candidates: Measurement):
+    """A tidy table: one row per metric, a column per model, and ``<label>/baseline`` ratios.
+
+    For latency the ``speedup`` row is baseline / candidate (higher is better)."""
+    import pandas as pd
+
+    rows = []
+    base = baseline.row()
+    for metric, b in base.items():
+        if metric == "label":
+            continue
+        row = {"metric": metric, baseline.label: b}
+        for c in candidates:
+            v = c.row().get(metric)
+            row[c.label] = v
+            row[f"{c.label}/{baseline.label}"] = (v / b) if (v is not None and b) else None
+        rows.append(row)
+    for c in candidates:
+        rows.append({"metric": "speedup", baseline.label: 1.0, c.label: None,
+                     f"{c.label}/{baseline.label}": baseline.latency_ms / c.latency_ms})
+    return pd.DataFrame(rows).groupby("metric", sort=False).first().reset_index()

@@ -1,0 +1,142 @@
+"""A plain training loop with callbacks, a progress bar, seeds and steps-to-target.
+
+``fit`` runs AdamW for ``steps`` steps (or until ``time_budget`` seconds), evaluates every
+``eval_every`` steps, and calls each callback's ``on_step(state)`` / ``on_eval(state)``.
+The history is tidy (one dict per logged point) so it drops straight into pandas.
+
+"Steps to target" is the convergence measure: the first step (and wall-clock second) at
+which an evaluation metric reaches the target, e.g. ``target=("accuracy", 0.9)`` or
+``target=("loss", 1.5)`` (losses count as reached when at or below the target).
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import validate as V
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    loss: float = float("nan")
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)  # latest evaluation
+    stop: bool = False  # a callback may set this to end training early
+
+
+class Callback:
+    """Override what you need; both hooks receive the live :class:`TrainState`."""
+
+    def on_step(self, state: TrainState) -> None: ...
+
+    def on_eval(self, state: TrainState) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # {"step", "seconds", "split": "train"|"eval", metric: value, ...}
+    steps: int
+    seconds: float
+    final: dict  # last evaluation metrics
+    steps_to_target: int | None = None
+    seconds_to_target: float | None = None
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.history)
+
+
+@torch.no_grad()
+def evaluate(model, tensors: dict, batch_size: int = 256) -> dict:
+    """Mean loss, and accuracy for a classifier, over a dict of tensors (or LM batches list)."""
+    was = model.training
+    model.eval()
+    total, n, correct = 0.0, 0, 0
+    chunks = tensors if isinstance(tensors, list) else [
+        {k: v[i: i + batch_size] for k, v in tensors.items()}
+        for i in range(0, len(tensors["input_ids"]), batch_size)]
+    for batch in chunks:
+        m = len(batch["input_ids"])
+        total += float(model.loss(batch)) * m
+        n += m
+        if model.cfg.kind == "encoder":
+            logits = model(batch["input_ids"], batch.get("padding_mask"))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was)
+    out = {"loss": total / n}
+    if model.cfg.kind == "encoder":
+        out["accuracy"] = correct / n
+    return out
+
+
+def _reached(metric: str, value: float, goal: float) -> bool:
+    return value <= goal if "loss" in metric else value >= goal
+
+
+def fit(model, train_batches: Iterator[dict], steps: int, lr: float = 1e-3,
+        eval_fn: Callable[[], dict] | None = None, eval_every: int = 50,
+        callbacks: list[Callback] = (), seed: int = 0, time_budget: float | None = None,
+        target: tuple[str, float] | None = None, weight_decay: float = 0.0,
+        extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+        progress: bool = True, optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+    """Train ``model`` in place. ``extra_loss(model)`` adds a regulariser (e.g. L1)."""
+    V.integer("steps", steps, 1)
+    V.number("lr", lr, 0.0, lo_open=True)
+    V.integer("eval_every", eval_every, 1)
+    if time_budget is not None:
+        V.number("time_budget", time_budget, 0.0, lo_open=True)
+    seed_everything(seed)
+    opt = optimizer or torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    state, history = TrainState(), []
+    hit_step = hit_sec = None
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="train", disable=not progress, leave=False)
+
+    def run_eval():
+        nonlocal hit_step, hit_sec
+        state.metrics = eval_fn()
+        history.append({"step": state.step, "seconds": state.seconds, "split": "eval",
+                        **state.metrics})
+        if target and hit_step is None and _reached(target[0], state.metrics[target[0]],
+                                                     target[1]):
+            hit_step, hit_sec = state.step, state.seconds
+        for cb in callbacks:
+            cb.on_eval(state)
+
+    for step in range(1, steps + 1):
+        batch = next(train_batches)
+        loss = model.loss(batch)
+        total = loss + extra_loss(model) if extra_loss is not None else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        state.step, state.loss = step, loss.item()
+        state.seconds = time.perf_counter() - start
+        history.append({"step": step, "seconds": state.seconds, "split": "train",
+                        "loss": state.loss})
+        bar.update(1)
+        for cb in callbacks:
+            cb.on_step(state)
+        over_time = time_budget is not None and state.seconds >= time_budget
+        if eval_fn is not None and (step % eval_every == 0 or step == steps or over_time
+                                    or state.stop):
+            run_eval()
+        if state.stop or over_time:
+            break
+    bar.close()
+    model.eval()
+    return TrainResult(history, state.step, state.seconds, dict(state.metrics), hit_step, hit_sec)
