@@ -118,3 +118,10 @@ def test_mask_survives_optimizer_steps():
     M.remove_mask(lin, "weight")
     assert not hasattr(lin, "parametrizations") or "weight" not in lin.parametrizations
     assert bool((lin.weight[~mask] == 0).all())
+
+
+def test_high_sparsity_never_deletes_everything():
+    w = torch.randn(16, 16)
+    m = M.make_mask(w, "row", 0.9, group=4)  # 4 groups: round(3.6) = 4 would kill all
+    assert int(m[:, 0].sum()) == 4
+    M.check_mask(m, "row", 0.9, group=4)

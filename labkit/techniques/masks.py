@@ -11,7 +11,8 @@ decides which allowed mask is chosen: the one keeping the largest total score.
 
 Structures (weights are ``nn.Linear`` layout, ``(out, in)``)::
 
-    unstructured  any entries;          zeros = round(s * out * in)
+    unstructured  any entries;          zeros = round(s * out * in)  (always < all:
+                  every structure keeps at least one unit, see ``n_pruned``)
     nm            in every group of M consecutive entries along ``in`` keep exactly N
                   (s = 1 - N/M; 2:4 is the pattern sparse tensor cores run)
     block         whole b x b tiles;    zero tiles = round(s * (out/b) * (in/b))
@@ -88,6 +89,12 @@ def _check_2d(scores: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------
 # masks (scores -> bool mask of the same shape, True = keep)
+def n_pruned(sparsity: float, count: int) -> int:
+    """How many of ``count`` units a sparsity prunes: round(s * count), but always leaving
+    at least one unit (a sparsity < 1 never deletes a whole tensor)."""
+    return max(0, min(int(round(sparsity * count)), count - 1))
+
+
 def _keep_top(flat_scores: torch.Tensor, n_zero: int) -> torch.Tensor:
     """Bool mask over a 1-D score vector keeping all but the ``n_zero`` lowest."""
     keep = torch.ones_like(flat_scores, dtype=torch.bool)
@@ -101,7 +108,7 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the largest-scoring entries; exactly round(s * numel) zeros."""
     s = check_sparsity(sparsity)
     scores = scores.detach().float()
-    n_zero = int(round(s * scores.numel()))
+    n_zero = n_pruned(s, scores.numel())
     return _keep_top(scores.flatten(), n_zero).view_as(scores)
 
 
@@ -129,7 +136,7 @@ def block_mask(scores: torch.Tensor, sparsity: float, block: int) -> torch.Tenso
     _check_2d(scores)
     check_block(block, tuple(scores.shape))
     tiles = block_scores(scores, block)  # (R, C)
-    keep = _keep_top(tiles.flatten(), int(round(s * tiles.numel()))).view_as(tiles)
+    keep = _keep_top(tiles.flatten(), n_pruned(s, tiles.numel())).view_as(tiles)
     return keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
 
 
@@ -141,7 +148,7 @@ def _group_mask(line_scores: torch.Tensor, sparsity: float, group: int) -> torch
     if count % group:
         raise V.LabkitConfigError("group", group, f"a divisor of the dimension {count}")
     g = line_scores.reshape(-1, group).sum(-1)  # (count/group,)
-    keep = _keep_top(g, int(round(s * g.numel())))
+    keep = _keep_top(g, n_pruned(s, g.numel()))
     return keep.repeat_interleave(group)
 
 
@@ -192,7 +199,7 @@ def global_unstructured_masks(scores: dict[str, torch.Tensor],
         return {}
     names = list(scores)
     flat = torch.cat([scores[k].detach().float().flatten() for k in names])
-    keep = _keep_top(flat, int(round(s * flat.numel())))
+    keep = _keep_top(flat, n_pruned(s, flat.numel()))
     out, i = {}, 0
     for k in names:
         numel = scores[k].numel()
@@ -253,7 +260,7 @@ def check_mask(mask: torch.Tensor, structure: str, sparsity: float | None = None
                 "row": keep.shape[-1] * group if keep.dim() == 2 else 1,
                 "column": keep.shape[0] * group if keep.dim() == 2 else 1}[structure]
         units = keep.numel() // unit
-        want = round(check_sparsity(sparsity) * units) / units
+        want = n_pruned(check_sparsity(sparsity), units) / units
         if not math.isclose(got, want, abs_tol=1e-9):
             raise ValueError(f"mask sparsity {got:.6f} != requested {want:.6f}")
     elif sparsity is not None and not math.isclose(got, sparsity, abs_tol=1e-9):
@@ -319,7 +326,7 @@ def remove_mask(module: nn.Module, name: str = "weight", bake: bool = True) -> N
 
 
 __all__ = ["STRUCTURES", "make_mask", "unstructured_mask", "nm_mask", "block_mask",
-           "row_mask", "column_mask", "global_unstructured_masks", "block_scores",
+           "row_mask", "column_mask", "n_pruned", "global_unstructured_masks", "block_scores",
            "check_mask", "sparsity_of", "check_sparsity", "check_nm", "check_block",
            "check_structure", "WeightMask", "attach_mask", "mask_of", "set_mask",
            "remove_mask"]
