@@ -14,7 +14,9 @@ import datetime as _dt
 import html
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
 from . import validate as V
@@ -137,6 +139,7 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
             raise RuntimeError(f"the notebook did not write its metrics JSON to {metrics_path}"
                                " (does it call labkit.notebook.finish(out, ...)?)")
         result = json.loads(metrics_path.read_text())
+        os.chmod(metrics_path, 0o644)
     except Exception as exc:  # noqa: BLE001 - reported, or re-raised with the notebook's text
         error = _error_text(exc)
         if raise_on_error:
@@ -144,3 +147,174 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
         return {"notebook": name, "ok": False, "error": error, "_executed": str(executed)}
     result["_executed"] = str(executed)
     return result
+
+
+# --------------------------------------------------------------------------- HTML
+
+_REMOTE_SCRIPT = re.compile(r'<script\b[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>', re.I)
+
+
+def _offline(page: str) -> str:
+    """Make an nbconvert page self-sufficient offline: plotly.js is already inline (the
+    ``notebook`` renderer embeds it once per notebook); drop require.js (nothing here uses
+    it) and plotly's per-figure MathJax 3 tag, and load nbconvert's MathJax ``async`` so
+    equations typeset when a network is there and nothing waits for it when not."""
+    def fix(m):
+        tag = m.group(0)
+        if "mathjax/2." in tag:
+            return tag.replace("<script ", "<script async ", 1)
+        return ""
+
+    return _REMOTE_SCRIPT.sub(fix, page)
+
+
+def notebook_html(executed) -> str:
+    """One self-contained HTML page for an executed notebook (nbconvert, lab template)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(executed), as_version=4)
+    page, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(nb)
+    return _offline(page)
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _new_folder(base: Path) -> Path:
+    """``base/report-YYYYmmdd-HHMMSS`` (UTC), with ``-2``, ``-3``... if taken; created
+    with ``exist_ok=False`` so two runs never share (or overwrite) a folder."""
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("report-%Y%m%d-%H%M%S")
+    for i in range(1, 1000):
+        folder = base / (stamp if i == 1 else f"{stamp}-{i}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a new report folder under {base}")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _index_html(folder: Path, entries: list[dict], profile: str, env: dict) -> str:
+    e = html.escape
+    rows = []
+    for r in entries:
+        status = ('<span class="ok">ok</span>' if r["ok"] else
+                  f'<span class="failed">failed</span><div class="err">{e(r["error"])}</div>')
+        links = []
+        if r.get("html"):
+            links.append(f'<a href="{e(r["html"])}">{e(r["notebook"])}</a>')
+        else:
+            links.append(e(r["notebook"]))
+        if r.get("ipynb"):
+            links.append(f'<a class="small" href="{e(r["ipynb"])}">ipynb</a>')
+        metrics = "".join(f"<tr><td>{e(str(k))}</td><td>{_fmt(v)}</td></tr>"
+                          for k, v in (r.get("metrics") or {}).items())
+        params = ", ".join(f"{e(str(k))}={_fmt(v)}" for k, v in (r.get("params") or {}).items()
+                           if k not in ("out", "interactive"))
+        rows.append(
+            f"<tr><td>{' '.join(links)}<div class='small'>{e(r['title'])}</div></td>"
+            f"<td>{status}</td><td>{r['seconds']:.1f}</td>"
+            f"<td><table class='m'>{metrics}</table></td><td class='small'>{params}</td></tr>")
+    envrows = "".join(f"<tr><td>{e(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in env.items())
+    n_ok = sum(r["ok"] for r in entries)
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>labkit report {e(folder.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px;
+vertical-align: top; text-align: left; }} table.m td {{ border: none; padding: 0 8px 0 0; }}
+.ok {{ color: #070; font-weight: bold; }} .failed {{ color: #b00; font-weight: bold; }}
+.err {{ color: #b00; font-family: monospace; white-space: pre-wrap; max-width: 40em; }}
+.small {{ font-size: 85%; color: #555; }}
+</style></head><body>
+<h1>labkit report</h1>
+<p>{e(folder.name)} &middot; profile <b>{e(profile)}</b> &middot; {n_ok}/{len(entries)} notebooks
+ok &middot; every number was measured on the machine below; tidy rows in
+<a href="results.jsonl">results.jsonl</a>.</p>
+<table><tr><th>notebook</th><th>status</th><th>seconds</th><th>headline metrics</th>
+<th>parameters</th></tr>
+{''.join(rows)}
+</table>
+<h2>Environment</h2><table>{envrows}</table>
+</body></html>
+"""
+
+
+# --------------------------------------------------------------------------- report
+
+def report(notebooks=None, out=None, profile: str = "full", params: dict | None = None,
+           timeout: float | None = None) -> Path:
+    """Execute ``notebooks`` (names, prefixes or paths; default all) into a new folder under
+    ``out`` (default ``./reports``) and return that folder.
+
+    ``profile="fast"`` uses each notebook's ``labkit.fast`` parameters, ``"full"`` its
+    defaults; ``params`` override both for every notebook (checked before anything runs).
+    A failing notebook is marked failed in ``index.html`` and the others still run.
+    """
+    from tqdm.auto import tqdm
+
+    from .measure import environment
+
+    V.choice("profile", profile, ["full", "fast"])
+    paths = resolve(notebooks)
+    params = dict(params or {})
+    for p in paths:  # fail before running anything
+        check_parameters(p, params)
+    folder = _new_folder(Path(out) if out is not None else Path.cwd() / "reports")
+    entries, lines = [], []
+    for path in tqdm(paths, desc="report", unit="notebook"):
+        name = path.stem
+        merged = {**(fast_parameters(path) if profile == "fast" else {}), **params}
+        t0 = time.perf_counter()
+        res = execute_notebook(path, folder, merged, raise_on_error=False, timeout=timeout)
+        seconds = time.perf_counter() - t0
+        ok = res.get("ok", True)
+        entry = {"notebook": name, "title": notebook_title(path), "ok": ok,
+                 "error": res.get("error", ""), "seconds": seconds,
+                 "metrics": res.get("metrics", {}), "params": res.get("params", merged)}
+        executed = Path(res["_executed"])
+        if executed.is_file():
+            entry["ipynb"] = executed.name
+            try:
+                page = _write_text_atomic(folder / f"{name}.html", notebook_html(executed))
+                entry["html"] = page.name
+            except Exception as exc:  # noqa: BLE001 - the report records it and goes on
+                entry["ok"] = False
+                entry["error"] = (entry["error"] + "; " if entry["error"] else "") + \
+                    f"HTML export failed: {_error_text(exc)}"
+        entries.append(entry)
+        base = {"report": folder.name, "notebook": name, "profile": profile}
+        lines.append({**base, "kind": "status", "ok": entry["ok"], "error": entry["error"],
+                      "seconds": seconds})
+        for k, v in entry["metrics"].items():
+            lines.append({**base, "kind": "metric", "metric": k, "value": v})
+        for row in res.get("rows", []):
+            lines.append({**row, **base, "kind": "row"})
+        # rewrite both after every notebook: a crash leaves a consistent partial report
+        _write_text_atomic(folder / "results.jsonl",
+                           "".join(json.dumps(x) + "\n" for x in lines))
+        _write_text_atomic(folder / "index.html",
+                           _index_html(folder, entries, profile, environment()))
+    write_json_atomic(folder / "report.json", {
+        "folder": str(folder), "profile": profile, "params": params, "env": environment(),
+        "notebooks": entries})
+    os.chmod(folder / "report.json", 0o644)
+    return folder
