@@ -140,7 +140,7 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
                                " (does it call labkit.notebook.finish(out, ...)?)")
         result = json.loads(metrics_path.read_text())
         os.chmod(metrics_path, 0o644)
-    except Exception as exc:  # noqa: BLE001 - reported, or re-raised with the notebook's text
+    except Exception as exc:  # reported, or re-raised with the notebook's text
         error = _error_text(exc)
         if raise_on_error:
             raise NotebookFailed(name, error, str(executed)) from exc
@@ -151,7 +151,7 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
 
 # --------------------------------------------------------------------------- HTML
 
-_REMOTE_SCRIPT = re.compile(r'<script\b[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>', re.I)
+_REMOTE_SCRIPT = re.compile(r'<script\b[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>', re.IGNORECASE)
 
 
 def _offline(page: str) -> str:
@@ -296,7 +296,7 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
             try:
                 page = _write_text_atomic(folder / f"{name}.html", notebook_html(executed))
                 entry["html"] = page.name
-            except Exception as exc:  # noqa: BLE001 - the report records it and goes on
+            except Exception as exc:  # noqa: BLE001 - recorded, the report goes on
                 entry["ok"] = False
                 entry["error"] = (entry["error"] + "; " if entry["error"] else "") + \
                     f"HTML export failed: {_error_text(exc)}"
