@@ -112,7 +112,7 @@ def synthetic_nli(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        facts = _facts(rng, rng.randint(2, 4))
+        facts = _facts(rng, rng.randint(1, 3))
         place = rng.choice(_PLACES)
         premise = f"in the {place} " + " and ".join(f"the {o} is {c}" for o, c in facts) + " ."
         label = i % 3  # balanced; row order is shuffled below
@@ -135,7 +135,7 @@ def synthetic_qnli(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        facts = _facts(rng, rng.randint(2, 3))
+        facts = _facts(rng, rng.randint(1, 2))
         label = i % 2
         if label == 0:
             obj = rng.choice(facts)[0]

@@ -203,12 +203,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         if cfg.kind == "encoder":
             self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
+            self.embed_norm = nn.LayerNorm(cfg.d_model)  # BERT: unit-scale embeddings
             self.rope = None
             self.norm = nn.LayerNorm(cfg.d_model)
             self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
             self.head = nn.Linear(cfg.d_model, cfg.num_labels)
         else:
             self.pos = None
+            self.embed_norm = nn.Identity()
             self.rope = Rotary(cfg.head_dim, cfg.max_len, cfg.rope_theta)
             self.norm = RMSNorm(cfg.d_model)
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -231,6 +233,7 @@ class Transformer(nn.Module):
         x = self.embed(ids)  # (B, N, D)
         if self.pos is not None:
             x = x + self.pos(torch.arange(n, device=ids.device))
+        x = self.embed_norm(x)
         for block in self.blocks:
             x = block(x, key_padding_mask=key_padding_mask, rope=self.rope)
         return self.norm(x)
