@@ -168,6 +168,26 @@ def peak_activation_bytes(model, *inputs) -> int:
     return peak_memory(call)
 
 
+def _register_cpu_sdpa_flops():
+    """torch's flop counter has formulas for the CUDA SDPA kernels only; register the CPU
+    flash kernel (same formula: ``4 B H N_q N_k D``, causal not discounted, as upstream)."""
+    from torch.utils import flop_counter as fc
+
+    fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        @fc.register_flop_formula(fwd)
+        def _fwd(query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query, key, value)
+    if bwd is not None and bwd not in fc.flop_registry:
+        @fc.register_flop_formula(bwd)
+        def _bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_register_cpu_sdpa_flops()
+
+
 def flops(fn) -> int:
     """FLOPs counted by ``FlopCounterMode`` while ``fn()`` runs."""
     with FlopCounterMode(display=False) as counter:
