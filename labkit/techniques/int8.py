@@ -1,0 +1,379 @@
+"""Real INT8 on the CPU through torchao, and an ``accelerate`` step that keeps what is fast.
+
+Paper: the INT8 weight/activation quantization of the LLM-optimisation paper; torchao's
+``quantize_(model, Int8DynamicActivationInt8WeightConfig())`` is the implementation.
+
+Idea: fake quantization (:mod:`labkit.techniques.quant`) only studies quality. To save
+time and memory the weights must be *stored* as int8 and the matmul must run on int8:
+
+    dynamic (W8A8):  x_q = round(x / s_x) per row (s_x computed at run time),
+                     y = (x_q @ W_q^T) * s_x * s_w + b          (int32 accumulate)
+    weight-only (W8A16/32): y = x @ (W_q * s_w)^T + b            (dequantize, float matmul)
+
+On this torchao (0.18) the CPU dynamic path is ``Int8Tensor`` -> ``int_scaled_matmul`` ->
+``torch._int_mm`` (s8s8, oneDNN, AMX tiles where the CPU has them, u8s8 VNNI otherwise);
+weight-only casts the int8 weight to float at every call then runs the float GEMM, so it
+saves memory but rarely time in eager mode. The per-row activation quantization costs
+several element-wise passes, which dominate at batch 1 and for tiny layers: there INT8
+*loses*. :func:`accelerate_` therefore times every candidate on the layer's real input
+shape and keeps the fastest, and the model-level check reverts when the whole model got
+slower. The kernel that ran is recorded (``kernel_path``) and verified with the profiler
+(:func:`matmul_ops`).
+
+Memory: int8 codes (1 byte a weight) + fp32 scale and int8 zero point per output row:
+``(K + 5) / (4 K)`` of fp32 for a (N, K) weight.
+
+Complexity: same FLOPs; int8 GEMM throughput is 2-4x fp32 on VNNI/AMX CPUs.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import validate as V
+from ..measure import time_fn
+from .registry import register, register_expected, swap_modules
+
+MODES = ("dynamic", "weight_only")
+CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")
+
+
+def cpu_int8_isa() -> str:
+    """Which int8 instructions the CPU offers (what torchao's ``_int_mm`` path uses)."""
+    try:
+        from torchao.kernel.intmm import _cpu_is_amx_tile_supported, _cpu_is_vnni_supported
+
+        if _cpu_is_amx_tile_supported():
+            return "AMX"
+        if _cpu_is_vnni_supported():
+            return "AVX512-VNNI"
+    except Exception:  # pragma: no cover - older torchao
+        pass
+    return "no VNNI/AMX"
+
+
+def kernel_path_of(candidate: str) -> str:
+    isa = cpu_int8_isa()
+    return {
+        "fp32": "fp32 aten.linear (oneDNN/MKL sgemm)",
+        "bf16": "bf16 aten.linear (oneDNN, casts at the boundary)",
+        "int8_dynamic": f"torchao Int8Tensor W8A8 dynamic -> torch._int_mm s8s8 ({isa})",
+        "int8_weight_only": "torchao Int8Tensor weight-only -> int8->fp32 cast + fp32 mm",
+        "torch_dynamic": ("torch.ao quantize_dynamic -> quantized::linear_dynamic ("
+                          f"{torch.backends.quantized.engine})"),
+    }[candidate]
+
+
+def _torchao_config(mode: str):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    return Int8DynamicActivationInt8WeightConfig() if mode == "dynamic" else Int8WeightOnlyConfig()
+
+
+class CastLinear(nn.Module):
+    """A linear run in bf16: input cast down, output cast back (forward(x) -> x dtype)."""
+
+    def __init__(self, lin: nn.Linear, dtype=torch.bfloat16):
+        super().__init__()
+        self.inner = copy.deepcopy(lin).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x):
+        return self.inner(x.to(self.dtype)).to(x.dtype)
+
+
+def make_candidate(lin: nn.Linear, candidate: str) -> nn.Module:
+    """A copy of ``lin`` executed on ``candidate``'s path."""
+    V.choice("candidate", candidate, CANDIDATES)
+    lin = copy.deepcopy(lin).float()
+    if candidate == "fp32":
+        return lin
+    if candidate == "bf16":
+        return CastLinear(lin)
+    if candidate == "torch_dynamic":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated")
+            return torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
+    from torchao.quantization import quantize_
+
+    holder = nn.Sequential(lin)
+    quantize_(holder, _torchao_config("dynamic" if candidate == "int8_dynamic" else "weight_only"))
+    return holder[0]
+
+
+class AcceleratedLinear(nn.Module):
+    """Runs one linear on a chosen path; ``forward(x) -> y`` like ``nn.Linear``."""
+
+    def __init__(self, lin: nn.Linear, candidate: str, timings: dict | None = None):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.candidate = candidate
+        self.inner = make_candidate(lin, candidate)
+        self.kernel_path = kernel_path_of(candidate)
+        self.timings = dict(timings or {})
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def extra_repr(self):
+        return f"{self.in_features}->{self.out_features}, path={self.candidate}"
+
+
+def _selector(layers: str):
+    def select(name, m):
+        if type(m) is not nn.Linear:
+            return False
+        return layers == "all" or name.startswith("blocks.") or ".layer." in name
+    return select
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Real INT8 through torchao on every selected linear.
+
+    mode: ``dynamic`` (int8 activations computed per call, int8 weights) or
+    ``weight_only``; layers: ``blocks`` or ``all``."""
+
+    mode: str = "dynamic"
+    layers: str = "blocks"
+
+    def __post_init__(self):
+        V.choice("mode", self.mode, MODES)
+        V.choice("layers", self.layers, ("blocks", "all"))
+
+
+@register(Int8Config)
+def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
+    cand = "int8_dynamic" if config.mode == "dynamic" else "int8_weight_only"
+    swap_modules(model, _selector(config.layers), lambda n, m: AcceleratedLinear(m, cand))
+    return model
+
+
+@register_expected(Int8Config)
+def expected(model_cfg, config: Int8Config) -> dict:
+    """Weight bytes of the quantized linears: int8 codes + fp32 scale + int8 zero point
+    per output row (what torchao's Int8Tensor stores)."""
+    from .quant import _linear_shapes
+
+    shapes = _linear_shapes(model_cfg, config.layers)
+    n = sum(a * b for a, b in shapes.values())
+    rows = sum(a for a, _ in shapes.values())
+    q = n + rows * (4 + 1)
+    return {"params_delta": 0, "flops_delta": 0, "quantized_params": n,
+            "weight_bytes_fp32": 4 * n, "weight_bytes": q, "bytes_ratio": q / (4 * n)}
+
+
+def matmul_ops(module: nn.Module, x: torch.Tensor) -> list[str]:
+    """The matmul-like aten ops one forward of ``module`` really dispatches (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        module(x)
+    keys = ("mm", "linear", "matmul", "addmm", "int_mm", "quantized")
+    names = {e.key for e in prof.key_averages()}
+    return sorted(n for n in names if any(k in n for k in keys))
+
+
+def time_candidates(lin: nn.Linear, x: torch.Tensor, candidates=CANDIDATES[:4],
+                    min_run_time: float = 0.1) -> dict[str, float]:
+    """Median seconds of ``lin`` on each path, on input ``x``, measured side by side."""
+    out = {}
+    for c in candidates:
+        mod = make_candidate(lin, c)
+
+        def call(mod=mod):
+            with torch.inference_mode():
+                mod(x)
+
+        out[c] = time_fn(call, c, min_run_time=min_run_time).median_s
+    return out
+
+
+@dataclass(frozen=True)
+class AccelerateConfig:
+    """Measure-and-keep: time each selected linear on every candidate path with the input
+    shape it sees on an example batch ``(batch_size, seq_len)`` and keep the fastest;
+    then time the whole model and revert to fp32 if it got slower."""
+
+    batch_size: int = 1
+    seq_len: int = 32
+    candidates: tuple = ("fp32", "int8_dynamic", "int8_weight_only")
+    min_run_time: float = 0.05
+    layers: str = "blocks"
+
+    def __post_init__(self):
+        V.integer("batch_size", self.batch_size, 1)
+        V.integer("seq_len", self.seq_len, 1)
+        if not self.candidates:
+            raise V.LabkitConfigError("candidates", self.candidates, f"a subset of {CANDIDATES}")
+        for c in self.candidates:
+            V.choice("candidates", c, CANDIDATES)
+        V.number("min_run_time", self.min_run_time, 0.0, lo_open=True)
+        V.choice("layers", self.layers, ("blocks", "all"))
+
+
+def _capture_inputs(model, inputs, select) -> dict[str, torch.Tensor]:
+    seen, hooks = {}, []
+    for name, m in model.named_modules():
+        if select(name, m):
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: seen.setdefault(name, args[0].detach())))
+    try:
+        with torch.inference_mode():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def accelerate_(model: nn.Module, inputs: tuple, candidates=("fp32", "int8_dynamic",
+                                                              "int8_weight_only"),
+                min_run_time: float = 0.05, layers: str = "blocks",
+                check_model: bool = True) -> list[dict]:
+    """Per layer: keep the fastest candidate measured on the layer's real input.
+    Per model: if the result is slower than the original end to end, revert (a warning
+    and a recorded path, not silence). Returns tidy rows, one per layer (+ one model row)."""
+    for c in candidates:
+        V.choice("candidates", c, CANDIDATES)
+    select = _selector(layers)
+    xs = _capture_inputs(model, inputs, select)
+    original = copy.deepcopy(model) if check_model else None
+    rows, choice = [], {}
+    for name, x in xs.items():
+        lin = model.get_submodule(name)
+        t = time_candidates(lin, x.clone(), candidates, min_run_time)
+        best = min(t, key=t.get)
+        choice[name] = (best, t)
+        rows.append({"layer": name, "shape": f"{tuple(x.shape)}x{tuple(lin.weight.shape)}",
+                     "chosen": best, "kernel_path": kernel_path_of(best),
+                     **{f"{c}_ms": v * 1e3 for c, v in t.items()},
+                     "speedup_vs_fp32": t.get("fp32", float("nan")) / t[best]})
+    swap_modules(model, lambda n, m: n in choice,
+                 lambda n, m: AcceleratedLinear(m, choice[n][0], choice[n][1]))
+    if check_model:
+        def run(m):
+            def call():
+                with torch.inference_mode():
+                    m(*inputs)
+            return call
+
+        t0 = time_fn(run(original), "fp32 model", min_run_time=4 * min_run_time).median_s
+        t1 = time_fn(run(model), "accelerated", min_run_time=4 * min_run_time).median_s
+        kept = "accelerated"
+        if t1 > t0:
+            warnings.warn(f"accelerate_: per-layer choices made the model slower end to end "
+                          f"({t1 * 1e3:.3f} ms vs fp32 {t0 * 1e3:.3f} ms); reverting to fp32")
+            swap_modules(model, lambda n, m: isinstance(m, AcceleratedLinear),
+                         lambda n, m: AcceleratedLinear(original.get_submodule(n), "fp32",
+                                                             m.timings))
+            kept = "fp32 (reverted)"
+        rows.append({"layer": "<model>", "chosen": kept, "fp32_ms": t0 * 1e3,
+                     "accelerated_ms": t1 * 1e3, "speedup_vs_fp32": t0 / t1})
+    return rows
+
+
+@register(AccelerateConfig)
+def _accelerate_cfg(model: nn.Module, config: AccelerateConfig) -> nn.Module:
+    vocab = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, vocab, (config.batch_size, config.seq_len), generator=g)
+    model.accelerate_report = accelerate_(model, (ids,), config.candidates,
+                                          config.min_run_time, config.layers)
+    return model
+
+
+@register_expected(AccelerateConfig)
+def _accelerate_expected(model_cfg, config: AccelerateConfig) -> dict:
+    """Accelerate only changes kernels; bytes depend on the measured choice."""
+    return {"params_delta": 0, "flops_delta": 0}
+
+
+# --------------------------------------------------------------------------- memory
+
+def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n: int = 2,
+                      m: int = 4) -> dict:
+    """Deployed bytes of an INT8 (N, K) weight, optionally 50%-sparse, metadata counted.
+
+    dense: N*K codes + per-row fp32 scale + int8 zero point (torchao ``Int8Tensor``);
+    row / column: the pruned rows/columns are removed (compacted dense), nothing else;
+    nm: kept codes + ``ceil(log2 M)`` index bits per kept value (the 2:4 layout);
+    unstructured: kept codes + a 1-bit-per-entry bitmap.
+    """
+    import math as _m
+
+    from .masks import check_nm, check_sparsity
+
+    V.choice("structure", structure, ("dense", "row", "column", "nm", "unstructured"))
+    rows, cols = shape
+    meta_row = 4 + 1
+    if structure == "dense":
+        codes, index, scales = rows * cols, 0, rows * meta_row
+    elif structure == "row":
+        check_sparsity(sparsity)
+        kept = rows - round(sparsity * rows)
+        codes, index, scales = kept * cols, 0, kept * meta_row
+    elif structure == "column":
+        check_sparsity(sparsity)
+        kept = cols - round(sparsity * cols)
+        codes, index, scales = rows * kept, 0, rows * meta_row
+    elif structure == "nm":
+        check_nm(n, m, cols)
+        kept_values = rows * cols * n // m
+        codes, index = kept_values, _m.ceil(kept_values * _m.ceil(_m.log2(m)) / 8)
+        scales = rows * meta_row
+    else:
+        check_sparsity(sparsity)
+        kept_values = rows * cols - round(sparsity * rows * cols)
+        codes, index, scales = kept_values, _m.ceil(rows * cols / 8), rows * meta_row
+    total = codes + index + scales
+    return {"structure": structure, "codes": codes, "index": index, "scales": scales,
+            "total": total, "fp32": 4 * rows * cols, "ratio": total / (4 * rows * cols)}
+
+
+def compact_ffn_rows_(model: nn.Module, sparsity: float = 0.5) -> list[str]:
+    """Structured 50% sparsity made real: prune FFN hidden neurons with the sparsity
+    lab's row mask (``up``/``gate`` rows by |W| score, the matching ``down`` columns) and
+    drop them, so the smaller dense matrices are what INT8 then stores."""
+    from .masks import check_sparsity, row_mask
+    from ..model import MLP
+
+    check_sparsity(sparsity)
+    done = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, MLP):
+            continue
+        score = mod.up.weight.detach().abs()
+        if mod.gate is not None:
+            score = score + mod.gate.weight.detach().abs()
+        keep = row_mask(score, sparsity)[:, 0]  # (d_ff,)
+        idx = keep.nonzero().squeeze(1)
+        with torch.no_grad():
+            for attr in ("up", "gate"):
+                lin = getattr(mod, attr)
+                if lin is None:
+                    continue
+                new = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None)
+                new.weight.copy_(lin.weight[idx])
+                if lin.bias is not None:
+                    new.bias.copy_(lin.bias[idx])
+                setattr(mod, attr, new)
+            down = mod.down
+            new = nn.Linear(len(idx), down.out_features, bias=down.bias is not None)
+            new.weight.copy_(down.weight[:, idx])
+            if down.bias is not None:
+                new.bias.copy_(down.bias)
+            mod.down = new
+        done.append(name)
+    return done
+
+
+__all__ = ["int8_weight_bytes", "compact_ffn_rows_", "Int8Config", "AccelerateConfig", "AcceleratedLinear", "CastLinear", "accelerate_",
+           "make_candidate", "time_candidates", "matmul_ops", "kernel_path_of", "cpu_int8_isa",
+           "CANDIDATES"]
