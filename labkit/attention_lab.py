@@ -1,0 +1,192 @@
+"""Helpers shared by the attention notebooks (low-rank and kernel attention).
+
+* :func:`capture_qkv` and :func:`attention_maps`: the real queries, keys, values and softmax
+  attention matrices of a (trained) model, per layer.
+* :func:`spectrum_rows` and :func:`low_rank_error`: the singular-value spectrum of attention
+  matrices and the error of Linformer's rank-``k`` approximation ``P R^T R`` (Theorem 1 of
+  the paper, ``R`` a k x n Johnson-Lindenstrauss matrix) against truncated SVD, the best any
+  rank-``k`` matrix can do (Eckart-Young).
+* :func:`train_variants`: train the same model dense and with techniques, at equal steps,
+  logging every loss curve to one :class:`labkit.ui.LiveBoard`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import validate as V
+from .model import Attention, build
+from .train import evaluate, fit
+
+
+@torch.no_grad()
+def capture_qkv(model, ids, key_padding_mask=None) -> list[dict]:
+    """Per layer ``{"q", "k", "v"}`` (B, H, N, Dh) as the attention modules see them (after
+    rotary positions), captured with forward hooks during one forward pass."""
+    found = []
+
+    def hook(mod, args, kwargs, _out):
+        x = args[0]
+        q, k, v = mod.heads(mod.q(x)), mod.heads(mod.k(x)), mod.heads(mod.v(x))
+        rope = kwargs.get("rope")
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        found.append({"q": q, "k": k, "v": v, "causal": mod.causal})
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True)
+               for m in model.modules() if isinstance(m, Attention)]
+    was = model.training
+    model.eval()
+    try:
+        model(ids, key_padding_mask)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return found
+
+
+@torch.no_grad()
+def attention_maps(model, ids, key_padding_mask=None) -> list[torch.Tensor]:
+    """Softmax attention matrices ``P = softmax(Q K^T / sqrt(d))`` per layer, (B, H, N, N),
+    masked like the model masks them (padding keys get zero weight)."""
+    maps = []
+    for c in capture_qkv(model, ids, key_padding_mask):
+        q, k = c["q"], c["k"]
+        s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, N, N)
+        if key_padding_mask is not None:
+            s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        if c["causal"]:
+            n = s.shape[-1]
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        maps.append(torch.softmax(s, -1))
+    return maps
+
+
+def _crops(maps, lengths):
+    """Each example's (H, L, L) block without padding, for every layer: yields
+    (layer, example, P)."""
+    for layer, p in enumerate(maps):
+        for b in range(p.shape[0]):
+            n = int(lengths[b]) if lengths is not None else p.shape[-1]
+            yield layer, b, p[b, :, :n, :n]
+
+
+def spectrum_rows(maps, lengths=None, max_examples: int = 8) -> list[dict]:
+    """Tidy rows of normalised singular values ``sigma_i / sigma_1`` and cumulative
+    energy ``sum_{j<=i} sigma_j^2 / sum sigma^2`` per layer and index, averaged over heads
+    and (up to ``max_examples``) examples."""
+    acc: dict[tuple[int, int], list] = {}
+    for layer, b, p in _crops(maps, lengths):
+        if b >= max_examples:
+            continue
+        s = torch.linalg.svdvals(p.double())  # (H, L)
+        norm = s / s[:, :1]
+        energy = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)
+        for i in range(s.shape[-1]):
+            acc.setdefault((layer, i), []).append((norm[:, i].mean(), energy[:, i].mean(),
+                                                   s.shape[-1]))
+    rows = []
+    for (layer, i), vals in sorted(acc.items()):
+        rows.append({"layer": layer, "index": i + 1,
+                     "sigma_rel": float(sum(v[0] for v in vals) / len(vals)),
+                     "energy": float(sum(v[1] for v in vals) / len(vals)),
+                     "examples": len(vals)})
+    return rows
+
+
+def rank_for_energy(rows, energy: float = 0.9) -> dict[int, int]:
+    """Smallest index per layer at which the mean cumulative energy reaches ``energy``."""
+    out = {}
+    for r in rows:
+        if r["energy"] >= energy and r["layer"] not in out:
+            out[r["layer"]] = r["index"]
+    return out
+
+
+@torch.no_grad()
+def low_rank_error(maps, ks, lengths=None, seeds=(0, 1, 2), max_examples: int = 8) -> list[dict]:
+    """Relative Frobenius error ``||P - A_k|| / ||P||`` of rank-``k`` approximations:
+
+    * ``svd``: truncated SVD (the Eckart-Young optimum),
+    * ``linformer_jl``: ``P R^T R`` with ``R`` k x L, entries N(0, 1/k) (Linformer Thm. 1),
+    * ``random_subspace``: ``P`` projected on the row space of that ``R`` (the best a
+      fixed random ``k``-dim summary of the sequence allows).
+
+    Averaged over heads, examples and seeds; ``k`` above an example's length is skipped."""
+    acc: dict[tuple, list] = {}
+    for layer, b, p in _crops(maps, lengths):
+        if b >= max_examples:
+            continue
+        p = p.double()  # (H, L, L)
+        n = p.shape[-1]
+        u, s, vh = torch.linalg.svd(p)
+        pn = p.norm(dim=(-2, -1))  # (H,)
+        for k in ks:
+            if k > n:
+                continue
+            tail = (s[:, k:] ** 2).sum(-1).sqrt()  # optimum error, no reconstruction needed
+            acc.setdefault((layer, k, "svd"), []).extend((tail / pn).tolist())
+            for seed in seeds:
+                g = torch.Generator().manual_seed(seed * 1000 + k)
+                r = torch.randn(k, n, generator=g, dtype=torch.float64) / k ** 0.5
+                jl = p @ r.t() @ r
+                acc.setdefault((layer, k, "linformer_jl"), []).extend(
+                    ((p - jl).norm(dim=(-2, -1)) / pn).tolist())
+                qr, _ = torch.linalg.qr(r.t())  # (L, k) orthonormal basis of row space
+                proj = p @ qr @ qr.t()
+                acc.setdefault((layer, k, "random_subspace"), []).extend(
+                    ((p - proj).norm(dim=(-2, -1)) / pn).tolist())
+    return [{"layer": layer, "k": k, "method": method,
+             "rel_error": sum(v) / len(v), "samples": len(v)}
+            for (layer, k, method), v in sorted(acc.items())]
+
+
+def train_variants(task, variants: dict, model_cfg="tiny", steps: int = 100,
+                   batch_size: int = 32, lr: float = 1e-3, seed: int = 0, board=None,
+                   eval_every: int | None = None, n_eval: int = 256, progress: bool = False,
+                   **model_overrides) -> dict:
+    """Train one fresh model per variant (``{label: technique config or None}``) from the
+    same seed and batches, for the same number of steps. Returns
+    ``{label: {"model", "result", "final"}}``; losses go to ``board`` panel "loss"."""
+    from . import data
+    from .techniques import apply_
+
+    V.integer("steps", steps, 1)
+    out = {}
+    eval_set = {k: v[:n_eval] for k, v in task.eval.items()}
+    for label, config in variants.items():
+        model = build(model_cfg, seed=seed, vocab_size=len(task.tokenizer),
+                      num_labels=task.num_labels, max_len=max(task.max_len, 8),
+                      **model_overrides) if isinstance(model_cfg, str) else \
+            build(dataclasses.replace(model_cfg, vocab_size=len(task.tokenizer),
+                                      num_labels=task.num_labels), seed=seed)
+        if config is not None:
+            for c in (config if isinstance(config, (list, tuple)) else [config]):
+                apply_(model, c)
+        callbacks = [board.callback("loss", label)] if board is not None else []
+        res = fit(model, data.batches(task.train, batch_size, seed=seed), steps, lr=lr,
+                  eval_fn=lambda m=model: evaluate(m, eval_set), seed=seed,
+                  eval_every=eval_every or steps, callbacks=callbacks, progress=progress)
+        out[label] = {"model": model, "result": res, "final": res.final}
+    if board is not None:
+        board.flush()
+    return out
+
+
+def loss_summary(runs: dict, window: int = 10) -> list[dict]:
+    """Per variant: mean train loss of the last ``window`` steps and the final eval metrics."""
+    rows = []
+    for label, r in runs.items():
+        train = [h["loss"] for h in r["result"].history if h["split"] == "train"]
+        tail = train[-window:]
+        rows.append({"variant": label, "steps": r["result"].steps,
+                     "train_loss_last": sum(tail) / len(tail), "train_loss_first": train[0],
+                     "seconds": r["result"].seconds,
+                     **{f"eval_{k}": v for k, v in r["final"].items()}})
+    return rows
+
+
+__all__ = ["capture_qkv", "attention_maps", "spectrum_rows", "rank_for_energy",
+           "low_rank_error", "train_variants", "loss_summary"]

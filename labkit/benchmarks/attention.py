@@ -1,0 +1,175 @@
+"""Attention benchmark: dense SDPA vs kernel attention (ELU+1) vs Linformer, side by side.
+
+One attention op, 8 heads of dim 64, batch 1, fp32, CPU, at n = 512 ... 4096; the median of
+``torch.utils.benchmark`` (via :func:`labkit.measure.time_fn`) for every method in one
+process, so the speedups are ratios measured side by side.
+
+Two scopes, both reported:
+
+* ``op``: the attention given ``q, k, v`` (B, H, N, 64). For Linformer this *includes* the
+  ``E K`` and ``F V`` sequence projections (they are part of the algorithm and cost as much
+  as its attention); the ``linformer-core`` row leaves them out (``E K``, ``F V`` given).
+  For kernel attention it includes the feature map and the denominator check.
+* ``module``: the whole attention module from ``x`` (B, N, 512), i.e. plus the Q/K/V/O
+  linear layers every method shares (``8 n D^2`` FLOPs), which bound the end-to-end gain.
+
+Targets (op scope): kernel ELU+1 >= 10x faster than SDPA at n=4096 and not slower at
+n=512; Linformer k=128 >= 8x faster at n=4096. The crossover length is the smallest ``n``
+of the sweep from which a method stays faster than SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import measure
+from .. import validate as V
+from ..model import Attention
+from ..techniques.kernel_attention import KernelAttention
+from ..techniques.low_rank_attention import LinformerAttention
+
+NAME = "attention"
+METHODS = ("sdpa", "kernel-elu", "linformer", "linformer-core")
+
+
+def make_modules(d_model: int, n_heads: int, n: int, k: int = 128,
+                 feature_map: str = "elu", num_features: int = 64, seed: int = 0) -> dict:
+    """The attention modules compared, sharing one set of Q/K/V/O weights."""
+    torch.manual_seed(seed)
+    dense = Attention(d_model, n_heads).eval()
+    mods = {"sdpa": dense,
+            "kernel-elu" if feature_map == "elu" else f"kernel-{feature_map}":
+                KernelAttention.like(dense, feature_map=feature_map, num_features=num_features,
+                                     seed=seed).eval()}
+    if k <= n:
+        mods["linformer"] = LinformerAttention.like(dense, k=k, seq_len=n).eval()
+    return mods
+
+
+def _op_fn(name: str, mod, q, k, v):
+    if name == "linformer-core":
+        e, f = mod.projections(k.shape[-2])
+        kp, vp = torch.matmul(e, k).contiguous(), torch.matmul(f, v).contiguous()
+        return lambda: F.scaled_dot_product_attention(q, kp, vp)
+    return lambda: mod.attend(q, k, v)
+
+
+def sweep(ns=(512, 1024, 2048, 4096), n_heads: int = 8, head_dim: int = 64, batch: int = 1,
+          k: int = 128, feature_map: str = "elu", num_features: int = 64,
+          scopes=("op", "module"), min_run_time: float = 0.5, memory: bool = True,
+          seed: int = 0, rounds: int = 3) -> list[dict]:
+    """Tidy rows ``{scope, method, n, median_ms, min_ms, max_ms, runs, peak_bytes, ...}`` with
+    ``speedup`` = SDPA median / method median at the same ``n`` and scope. Each time is the
+    median over ``rounds`` interleaved ``torch.utils.benchmark`` medians (min/max: spread
+    over rounds)."""
+    for n in ns:
+        V.integer("n", n, 2)
+    V.choice("feature_map", feature_map, ("elu", "favor", "trig"))
+    V.integer("rounds", rounds, 1)
+    d_model = n_heads * head_dim
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    for n in ns:
+        mods = make_modules(d_model, n_heads, n, k, feature_map, num_features, seed)
+        x = torch.randn(batch, n, d_model, generator=gen)
+        with torch.inference_mode():
+            q, kk, v = (torch.randn(batch, n_heads, n, head_dim, generator=gen) for _ in "qkv")
+            calls = {}
+            for scope in scopes:
+                V.choice("scope", scope, ("op", "module"))
+                for name, mod in mods.items():
+                    if scope == "op":
+                        calls[scope, name] = _op_fn(name, mod, q, kk, v)
+                        if name == "linformer":
+                            calls[scope, "linformer-core"] = _op_fn("linformer-core", mod, q,
+                                                                    kk, v)
+                    else:
+                        calls[scope, name] = (lambda m=mod: m(x))
+            # Interleaved rounds: a burst of load from other processes hits every method
+            # in a round alike; the reported time is the median over rounds.
+            timings: dict = {key: [] for key in calls}
+            for _ in range(rounds):
+                for (scope, name), fn in calls.items():
+                    timings[scope, name].append(measure.time_fn(
+                        fn, f"{scope}:{name}", min_run_time=min_run_time / rounds,
+                        shapes=f"B={batch},H={n_heads},N={n},Dh={head_dim}", dtype="float32"))
+            medians = {key: float(torch.tensor([t.median_ms for t in ts]).median())
+                       for key, ts in timings.items()}
+            for (scope, name), fn in calls.items():
+                ts = timings[scope, name]
+                mod = mods["linformer" if name == "linformer-core" else name]
+                med = medians[scope, name]
+                row = {"scope": scope, "method": name, "n": n, "median_ms": med,
+                       "min_ms": min(t.median_ms for t in ts),
+                       "max_ms": max(t.median_ms for t in ts),
+                       "runs": sum(t.runs for t in ts), "rounds": rounds,
+                       "threads": ts[0].threads, "batch": batch, "heads": n_heads,
+                       "head_dim": head_dim, "dtype": "float32",
+                       "kernel_path": getattr(mod, "kernel_path", "sdpa"),
+                       "includes": _includes(scope, name),
+                       "speedup": medians[scope, "sdpa"] / med}
+                if memory:
+                    row["peak_bytes"] = measure.peak_memory(fn)
+                rows.append(row)
+    return rows
+
+
+def _includes(scope: str, name: str) -> str:
+    if scope == "module":
+        return "Q/K/V/O linears + attention"
+    return {"sdpa": "softmax(QK^T)V (SDPA)",
+            "linformer": "E K, F V projections + SDPA on k rows",
+            "linformer-core": "SDPA on k rows (E K, F V given)"}.get(
+        name, "feature map + phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1)")
+
+
+def crossover(rows, method: str, scope: str = "op") -> dict:
+    """Smallest ``n`` of the sweep from which ``method`` stays faster than SDPA
+    (``n=None`` if never; ``below_range`` when it is already faster at the smallest n)."""
+    pts = sorted((r["n"], r["speedup"]) for r in rows
+                 if r["method"] == method and r["scope"] == scope and r["speedup"])
+    cross = None
+    for i, (n, _) in enumerate(pts):
+        if all(s > 1.0 for _, s in pts[i:]):
+            cross = n
+            break
+    return {"method": method, "scope": scope, "crossover_n": cross,
+            "below_range": bool(pts) and cross == pts[0][0]}
+
+
+def _at(rows, method, n, scope="op"):
+    for r in rows:
+        if r["method"] == method and r["n"] == n and r["scope"] == scope:
+            return r["speedup"]
+    return float("nan")
+
+
+def run(quick: bool = False) -> dict:
+    """The benchmark contract: ``{"name", "rows", "targets", "env"}``."""
+    if quick:
+        ns, min_run_time, k, rounds = (128, 256), 0.06, 64, 3
+    else:
+        ns, min_run_time, k, rounds = (512, 1024, 2048, 4096), 1.5, 128, 5
+    rows = sweep(ns, k=k, min_run_time=min_run_time, memory=not quick, rounds=rounds)
+    lo, hi = min(ns), max(ns)
+    note = "quick mode: small shapes, not the contract" if quick else \
+        "op scope, median of torch.utils.benchmark, ratio to SDPA in the same run"
+    targets = [
+        {"target": f"kernel ELU+1 speedup vs SDPA at n={hi}", "measured": _at(rows, "kernel-elu", hi),
+         "required": 10.0, "unit": "x", "note": note},
+        {"target": f"kernel ELU+1 not slower than SDPA at n={lo}",
+         "measured": _at(rows, "kernel-elu", lo), "required": 1.0, "unit": "x", "note": note},
+        {"target": f"Linformer k={k} speedup vs SDPA at n={hi} (E,F projections included)",
+         "measured": _at(rows, "linformer", hi), "required": 8.0, "unit": "x", "note": note},
+    ]
+    for t in targets:
+        t["met"] = bool(t["measured"] >= t["required"])
+    for method in ("kernel-elu", "linformer"):
+        for scope in ("op", "module"):
+            c = crossover(rows, method, scope)
+            rows.append({"scope": scope, "method": method, "n": None, "kind": "crossover",
+                         "crossover_n": c["crossover_n"], "below_range": c["below_range"]})
+    return {"name": NAME, "rows": rows, "targets": targets, "env": measure.environment()}
+
+
+__all__ = ["run", "sweep", "crossover", "make_modules", "METHODS", "NAME"]
