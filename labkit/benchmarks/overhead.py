@@ -1,0 +1,91 @@
+"""Training-step overhead of labkit's callbacks and live plotting.
+
+Question: does watching a run (``labkit.ui.LiveBoard`` logging every step through a
+:class:`labkit.train.Callback`) slow training down? Target: less than 5% over the plain loop.
+
+Three variants of the same :func:`labkit.train.fit` call on the same model and batches:
+
+* ``plain``: no callbacks;
+* ``noop``: one callback that does nothing (the cost of the hook itself);
+* ``liveboard``: ``LiveBoard(live=False).callback()`` logging the loss every step, with its
+  throttled figure updates. One board per variant accumulates points over all repeats, so
+  the figure grows as it would in a long run.
+
+Each round times every variant once with :func:`labkit.measure.time_fn` (median of
+``torch.utils.benchmark``), in a rotated order so drift and other processes hit all
+variants alike. The overhead is the median over rounds of the paired per-round ratio
+``variant / plain``. Progress bars are off in all variants (tqdm is the same in each).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .. import measure
+from ..model import build
+from ..train import Callback, fit
+from ..ui import LiveBoard
+
+REQUIRED = 1.05  # at most 5% slower than the plain loop
+
+
+def _setup(batch: int, seq: int, preset: str):
+    model = build(preset, kind="encoder", seed=0)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, cfg.vocab_size, (batch, seq), generator=g)  # (B, N)
+    data = {"input_ids": ids, "padding_mask": torch.zeros(batch, seq, dtype=torch.bool),
+            "labels": torch.randint(0, cfg.num_labels, (batch,), generator=g)}
+    return model, itertools.repeat(data)
+
+
+def run(quick: bool = False) -> dict:
+    batch, seq, preset = (8, 16, "tiny") if quick else (32, 64, "tiny")
+    steps = 2 if quick else 20
+    rounds = 3 if quick else 7
+    min_run_time = 0.01 if quick else 0.4
+    # quick is a smoke test on shared machines: one thread avoids oversubscription stalls
+    threads = 1 if quick else torch.get_num_threads()
+    model, data = _setup(batch, seq, preset)
+    board = LiveBoard(["loss"], title="overhead", live=False)
+    variants = {
+        "plain": [],
+        "noop": [Callback()],
+        "liveboard": [board.callback()],
+    }
+
+    def make(cbs):
+        return lambda: fit(model, data, steps, lr=1e-4, callbacks=cbs, progress=False)
+
+    fns = {k: make(v) for k, v in variants.items()}
+    shapes = f"B={batch} N={seq} preset={preset} steps/call={steps}"
+    per_round: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t = measure.time_fn(fns[name], label=name, min_run_time=min_run_time, shapes=shapes,
+                                dtype="torch.float32", threads=threads)
+            per_round[name].append(t.median_s / steps)
+
+    def median(xs):
+        return float(torch.tensor(xs).median())
+
+    rows, ratios = [], {}
+    for name in names:
+        paired = [v / p for v, p in zip(per_round[name], per_round["plain"])]
+        ratios[name] = median(paired)
+        rows.append({"variant": name, "ms_per_step": median(per_round[name]) * 1e3,
+                     "min_ms_per_step": min(per_round[name]) * 1e3,
+                     "max_ms_per_step": max(per_round[name]) * 1e3,
+                     "ratio_vs_plain": ratios[name], "rounds": rounds, "shapes": shapes,
+                     "points_logged": len(board.data.get(("loss", "train"), ([], []))[0])
+                     if name == "liveboard" else 0})
+    targets = [
+        {"target": f"{name} callback: time per step / plain loop", "measured": ratios[name],
+         "required": REQUIRED, "unit": "x", "met": ratios[name] <= REQUIRED,
+         "note": f"median of {rounds} paired rounds, {shapes}, threads "
+                 f"{threads}" + (" (quick: smoke run, noisy)" if quick else "")}
+        for name in ("noop", "liveboard")]
+    return {"name": "overhead", "rows": rows, "targets": targets, "env": measure.environment()}

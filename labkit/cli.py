@@ -1,0 +1,140 @@
+"""The ``labkit`` command line.
+
+    labkit report [NOTEBOOK ...] [--out DIR] [--profile fast|full] [-p NAME VALUE ...]
+    labkit run NOTEBOOK [-p NAME VALUE ...] [--out DIR] [--profile fast|full]
+    labkit bench NAME [--json] [--quick]
+    labkit lab
+
+Notebook names are stems of ``notebooks/*.ipynb`` (``01_low_rank_attention``) or a unique
+prefix (``01``); ``$LABKIT_NOTEBOOKS`` points at another folder. Benchmarks are the modules
+``labkit/benchmarks/<name>.py``. Bad input prints ``labkit: error: ...`` and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from . import report as R
+from . import validate as V
+
+_LITERALS = {"true": True, "false": False, "null": None, "none": None}
+
+
+def parse_value(text: str):
+    """A parameter value from the command line: a Python/JSON literal (``32``, ``0.5``,
+    ``True``/``true``, ``"elu"``, ``[1, 2]``), else the text itself as a string (``elu``)."""
+    if text.lower() in _LITERALS:
+        return _LITERALS[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+
+def benchmark_names() -> list[str]:
+    folder = Path(__file__).resolve().parent / "benchmarks"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _params(pairs) -> dict:
+    return {name: parse_value(value) for name, value in (pairs or [])}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="labkit", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def params_opt(p):
+        p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                       help="set a notebook parameter (a Python/JSON literal)")
+
+    p = sub.add_parser("report", help="execute notebooks into a new HTML report folder")
+    p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
+                   help="notebook names or prefixes (default: all)")
+    p.add_argument("--out", default="reports", help="parent folder of report folders")
+    p.add_argument("--profile", default="full", help="fast (test parameters) or full")
+    params_opt(p)
+
+    p = sub.add_parser("run", help="execute one notebook with parameters into a report folder")
+    p.add_argument("notebook", metavar="NOTEBOOK")
+    p.add_argument("--out", default="reports", help="parent folder of report folders")
+    p.add_argument("--profile", default="full", help="fast (test parameters) or full")
+    params_opt(p)
+
+    p = sub.add_parser("bench", help="run a benchmark: labkit/benchmarks/<NAME>.py")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
+
+    sub.add_parser("lab", help="start JupyterLab on the notebooks folder")
+    return ap
+
+
+def _report(args, notebooks) -> int:
+    V.choice("profile", args.profile, ["full", "fast"])
+    folder = R.report(notebooks, out=args.out, profile=args.profile, params=_params(args.param))
+    summary = json.loads((folder / "report.json").read_text())["notebooks"]
+    failed = [n for n in summary if not n["ok"]]
+    for n in summary:
+        status = "ok" if n["ok"] else f"FAILED: {n['error']}"
+        print(f"{n['notebook']}: {status}")
+    print(f"report: {folder / 'index.html'}")
+    if failed:
+        config = all(n["error"].startswith("LabkitConfigError") for n in failed)
+        for n in failed:
+            print(f"labkit: error: {n['notebook']} failed: {n['error']}", file=sys.stderr)
+        return 2 if config else 1
+    return 0
+
+
+def _bench(args) -> int:
+    import pandas as pd
+
+    name = V.choice("bench", args.name, benchmark_names())
+    result = importlib.import_module(f"labkit.benchmarks.{name}").run(quick=args.quick)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(f"== {result['name']} ({'quick' if args.quick else 'full'})")
+        print(pd.DataFrame(result["rows"]).to_string(index=False))
+        targets = pd.DataFrame(result["targets"])
+        if not targets.empty:
+            targets["met"] = targets["met"].map({True: "met", False: "NOT met"})
+            print("\ntargets")
+            print(targets.to_string(index=False))
+        env = result.get("env", {})
+        print("\n" + ", ".join(f"{k}={v}" for k, v in env.items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            return _report(args, args.notebooks or None)
+        if args.command == "run":
+            return _report(args, [args.notebook])
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "lab":
+            folder = R.notebooks_dir()
+            return subprocess.call(["jupyter", "lab", f"--notebook-dir={folder}"])
+    except V.LabkitConfigError as e:
+        print(f"labkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2  # pragma: no cover - argparse requires a command
+
+
+if __name__ == "__main__":
+    sys.exit(main())
