@@ -78,20 +78,22 @@ def spectrum_rows(maps, lengths=None, max_examples: int = 8) -> list[dict]:
     energy ``sum_{j<=i} sigma_j^2 / sum sigma^2`` per layer and index, averaged over heads
     and (up to ``max_examples``) examples."""
     acc: dict[tuple[int, int], list] = {}
+    width = max(p.shape[-1] for p in maps)
     for layer, b, p in _crops(maps, lengths):
         if b >= max_examples:
             continue
         s = torch.linalg.svdvals(p.double())  # (H, L)
-        norm = s / s[:, :1]
-        energy = (s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)
-        for i in range(s.shape[-1]):
-            acc.setdefault((layer, i), []).append((norm[:, i].mean(), energy[:, i].mean(),
-                                                   s.shape[-1]))
+        # a shorter example has rank <= L: its further singular values are 0 (energy 1)
+        s = torch.nn.functional.pad(s, (0, width - s.shape[-1]))
+        norm = (s / s[:, :1]).mean(0)
+        energy = ((s ** 2).cumsum(-1) / (s ** 2).sum(-1, keepdim=True)).mean(0)
+        for i in range(width):
+            acc.setdefault((layer, i), []).append((float(norm[i]), float(energy[i])))
     rows = []
     for (layer, i), vals in sorted(acc.items()):
         rows.append({"layer": layer, "index": i + 1,
-                     "sigma_rel": float(sum(v[0] for v in vals) / len(vals)),
-                     "energy": float(sum(v[1] for v in vals) / len(vals)),
+                     "sigma_rel": sum(v[0] for v in vals) / len(vals),
+                     "energy": sum(v[1] for v in vals) / len(vals),
                      "examples": len(vals)})
     return rows
 

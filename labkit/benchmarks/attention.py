@@ -147,7 +147,7 @@ def _at(rows, method, n, scope="op"):
 def run(quick: bool = False) -> dict:
     """The benchmark contract: ``{"name", "rows", "targets", "env"}``."""
     if quick:
-        ns, min_run_time, k, rounds = (128, 256), 0.06, 64, 3
+        ns, min_run_time, k, rounds = (128, 256), 0.04, 64, 2
     else:
         ns, min_run_time, k, rounds = (512, 1024, 2048, 4096), 1.5, 128, 5
     rows = sweep(ns, k=k, min_run_time=min_run_time, memory=not quick, rounds=rounds)
