@@ -34,6 +34,10 @@ def start(params: dict, spec: dict, seed: int | None = 0, threads: int | None = 
 
         # plotly's default renderer leaves figures blank in nbconvert HTML
         pio.renderers.default = "notebook"
+        from . import ui
+
+        # papermill kernels look live, but nobody renders their widgets: static boards
+        ui.set_headless(params.get("interactive") is False)
     except ImportError:  # pragma: no cover
         pass
     return values

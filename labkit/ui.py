@@ -84,8 +84,21 @@ def bind(fn: Callable, output=None, **controls):
 
 # --------------------------------------------------------------------------- live board
 
+_HEADLESS = False
+
+
+def set_headless(flag: bool) -> None:
+    """Declare a run headless (papermill, a report): :func:`has_frontend` is then False.
+    :func:`labkit.notebook.start` calls it with ``not interactive``, because a papermill
+    kernel looks like any other kernel but nothing will ever render its widgets."""
+    global _HEADLESS
+    _HEADLESS = bool(flag)
+
+
 def has_frontend() -> bool:
     """True inside a live Jupyter kernel that can render widgets (anywidget installed)."""
+    if _HEADLESS:
+        return False
     try:
         import anywidget  # noqa: F401  plotly>=6 FigureWidget needs it
         from IPython import get_ipython
@@ -100,14 +113,20 @@ class LiveBoard:
 
     ``board.log(panel, series, x, y)`` appends a point; ``board.show()`` displays it
     (call it once, before the loop when live, after it when static).
+
+    Cost: a point is appended to a list (microseconds). A static figure is only filled
+    when read (``board.fig``, ``show()``), once. A live figure re-sends whole series, which
+    grows with the run, so updates come at most every ``min_interval`` seconds and never
+    take more than ``budget`` of the wall time (the interval stretches as series grow).
     """
 
     def __init__(self, panels=("loss",), title: str = "", live: bool | None = None,
                  min_interval: float = 0.25, height: int = 320, xaxis: dict | None = None,
-                 yaxis: dict | None = None):
+                 yaxis: dict | None = None, budget: float = 0.02):
         self.panels = list(panels)
         self.live = has_frontend() if live is None else (live and has_frontend())
         self.min_interval = min_interval
+        self.budget = V.number("budget", budget, 0.0, 1.0, lo_open=True)
         fig = make_subplots(rows=1, cols=len(self.panels), subplot_titles=self.panels)
         fig.update_layout(title=title, height=height, margin=dict(t=60, b=40, l=50, r=20),
                           legend=dict(orientation="h", y=-0.2))
@@ -115,10 +134,11 @@ class LiveBoard:
             fig.update_xaxes(title_text=(xaxis or {}).get(name, "step"), row=1, col=i)
             if (yaxis or {}).get(name):
                 fig.update_yaxes(title_text=yaxis[name], row=1, col=i)
-        self.fig = go.FigureWidget(fig) if self.live else fig
+        self._fig = go.FigureWidget(fig) if self.live else fig
         self._trace: dict[tuple[str, str], int] = {}
         self._pending: dict[int, tuple[list, list]] = {}
         self._last = 0.0
+        self._wait = min_interval  # seconds until the next live update may run
         self.data: dict[tuple[str, str], tuple[list, list]] = {}
 
     def _index(self, panel: str, series: str) -> int:
@@ -128,9 +148,9 @@ class LiveBoard:
                 raise V.LabkitConfigError("panel", panel, f"one of {self.panels}")
             col = self.panels.index(panel) + 1
             first = all(s != series for _, s in self._trace)  # one legend entry a series
-            self.fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=series,
-                                          legendgroup=series, showlegend=first), row=1, col=col)
-            self._trace[key] = len(self.fig.data) - 1
+            self._fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=series,
+                                           legendgroup=series, showlegend=first), row=1, col=col)
+            self._trace[key] = len(self._fig.data) - 1
             self.data[key] = ([], [])
         return self._trace[key]
 
@@ -140,22 +160,34 @@ class LiveBoard:
         xs.append(x)
         ys.append(y)
         self._pending[i] = (xs, ys)
+        if not self.live:
+            return  # nobody sees a static figure before it is read: fill it then, once
         now = time.perf_counter()
-        if flush or now - self._last >= self.min_interval:
+        if flush or now - self._last >= self._wait:
             self.flush()
-            self._last = now
+            done = time.perf_counter()
+            # keep updates under `budget` of the wall time as the series grow
+            self._wait = max(self.min_interval, (done - now) / self.budget)
+            self._last = done
+
+    @property
+    def fig(self):
+        """The plotly figure (a ``FigureWidget`` when live), with every logged point."""
+        if not self.live:
+            self.flush()
+        return self._fig
 
     def flush(self):
         """Push pending points to the figure in one ``batch_update``."""
         if not self._pending:
             return
         if self.live:
-            with self.fig.batch_update():
+            with self._fig.batch_update():
                 for i, (xs, ys) in self._pending.items():
-                    self.fig.data[i].x, self.fig.data[i].y = list(xs), list(ys)
+                    self._fig.data[i].x, self._fig.data[i].y = list(xs), list(ys)
         else:
             for i, (xs, ys) in self._pending.items():
-                self.fig.data[i].x, self.fig.data[i].y = list(xs), list(ys)
+                self._fig.data[i].x, self._fig.data[i].y = list(xs), list(ys)
         self._pending.clear()
 
     def show(self):

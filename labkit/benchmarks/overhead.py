@@ -7,9 +7,12 @@ Three variants of the same :func:`labkit.train.fit` call on the same model and b
 
 * ``plain``: no callbacks;
 * ``noop``: one callback that does nothing (the cost of the hook itself);
-* ``liveboard``: ``LiveBoard(live=False).callback()`` logging the loss every step, with its
-  throttled figure updates. One board per variant accumulates points over all repeats, so
-  the figure grows as it would in a long run.
+* ``liveboard``: ``LiveBoard(live=False).callback()`` logging the loss every step (the
+  static board of headless runs and reports);
+* ``liveboard_live``: the same callback on a live ``FigureWidget`` board (the widget update
+  path of an interactive session, built here without a frontend, so messages go nowhere
+  but are serialised) whose series already hold a long run's history, so every update
+  re-sends many points and the adaptive throttle has to keep it cheap.
 
 Each round times every variant once with :func:`labkit.measure.time_fn` (median of
 ``torch.utils.benchmark``), in a rotated order so drift and other processes hit all
@@ -19,10 +22,12 @@ variants alike. The overhead is the median over rounds of the paired per-round r
 from __future__ import annotations
 
 import itertools
+import time
+from unittest import mock
 
 import torch
 
-from .. import measure
+from .. import measure, ui
 from ..model import build
 from ..train import Callback, fit
 from ..ui import LiveBoard
@@ -40,6 +45,10 @@ def _setup(batch: int, seq: int, preset: str):
     return model, itertools.repeat(data)
 
 
+def _points(board) -> int:
+    return sum(len(xs) for xs, _ in board.data.values())
+
+
 def run(quick: bool = False) -> dict:
     batch, seq, preset = (8, 16, "tiny") if quick else (32, 64, "tiny")
     steps = 2 if quick else 20
@@ -48,11 +57,28 @@ def run(quick: bool = False) -> dict:
     # quick is a smoke test on shared machines: one thread avoids oversubscription stalls
     threads = 1 if quick else torch.get_num_threads()
     model, data = _setup(batch, seq, preset)
+    history = 2000 if quick else 20000
     board = LiveBoard(["loss"], title="overhead", live=False)
+    with mock.patch.object(ui, "has_frontend", lambda: True):
+        live = LiveBoard(["loss"], title="overhead (live)", live=True)
+    for i in range(history):  # an earlier long run on the live board
+        live.log("loss", "train", -history + i, 1.0)
+    live.flush()
+    updates = {"n": 0, "seconds": 0.0}
+    flush = live.flush
+
+    def counted_flush():
+        t0 = time.perf_counter()
+        flush()
+        updates["n"] += 1
+        updates["seconds"] += time.perf_counter() - t0
+
+    live.flush = counted_flush
     variants = {
         "plain": [],
         "noop": [Callback()],
         "liveboard": [board.callback()],
+        "liveboard_live": [live.callback()],
     }
 
     def make(cbs):
@@ -61,12 +87,15 @@ def run(quick: bool = False) -> dict:
     fns = {k: make(v) for k, v in variants.items()}
     shapes = f"B={batch} N={seq} preset={preset} steps/call={steps}"
     per_round: dict[str, list[float]] = {k: [] for k in fns}
+    wall = {k: 0.0 for k in fns}
     names = list(fns)
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            t0 = time.perf_counter()
             t = measure.time_fn(fns[name], label=name, min_run_time=min_run_time, shapes=shapes,
                                 dtype="torch.float32", threads=threads)
+            wall[name] += time.perf_counter() - t0
             per_round[name].append(t.median_s / steps)
 
     def median(xs):
@@ -80,12 +109,15 @@ def run(quick: bool = False) -> dict:
                      "min_ms_per_step": min(per_round[name]) * 1e3,
                      "max_ms_per_step": max(per_round[name]) * 1e3,
                      "ratio_vs_plain": ratios[name], "rounds": rounds, "shapes": shapes,
-                     "points_logged": len(board.data.get(("loss", "train"), ([], []))[0])
-                     if name == "liveboard" else 0})
+                     "points": _points(board if name == "liveboard" else live)
+                     if name.startswith("liveboard") else 0,
+                     "figure_updates": updates["n"] if name == "liveboard_live" else 0,
+                     "update_share": updates["seconds"] / wall[name]
+                     if name == "liveboard_live" else 0.0})
     targets = [
         {"target": f"{name} callback: time per step / plain loop", "measured": ratios[name],
          "required": REQUIRED, "unit": "x", "met": ratios[name] <= REQUIRED,
          "note": f"median of {rounds} paired rounds, {shapes}, threads "
                  f"{threads}" + (" (quick: smoke run, noisy)" if quick else "")}
-        for name in ("noop", "liveboard")]
+        for name in ("noop", "liveboard", "liveboard_live")]
     return {"name": "overhead", "rows": rows, "targets": targets, "env": measure.environment()}
