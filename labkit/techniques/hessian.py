@@ -18,8 +18,8 @@ Hessian-vector product costs one extra backward pass (double backward, Pearlmutt
 Sensitivity of layer ``l`` at ``b`` bits (HAWQ-V2): ``Omega_l(b) = tr(H_ll)/n_l *
 ||Q_b(W_l) - W_l||^2``, the second-order loss increase of the quantization perturbation.
 :func:`assign_bits` minimises ``sum_l Omega_l(b_l)`` under a byte budget (counted with
-scales, :func:`labkit.techniques.quant.weight_bytes`) by greedy upgrades with the best
-loss decrease per byte, starting from all-minimum bits.
+scales, :func:`labkit.techniques.quant.weight_bytes`) by greedy upgrades (to any wider
+width) with the best loss decrease per byte, starting from all-minimum bits.
 
 Complexity: each HVP ~ 2x a backward pass; trace: ``samples`` HVPs; eigenvalues:
 ``layers x iters`` HVPs (each one only reads its block).
@@ -183,16 +183,13 @@ def assign_bits(rows: list[dict], budget: int, bits=(2, 3, 4, 8), shapes: dict |
     while True:
         best, best_gain = None, 0.0
         for layer, b in choice.items():
-            i = bits.index(b)
-            if i + 1 == len(bits):
-                continue
-            nb = bits[i + 1]
-            extra = cost[layer][nb] - cost[layer][b]
-            if used + extra > budget:
-                continue
-            gain = (omega[layer][f"omega_{b}"] - omega[layer][f"omega_{nb}"]) / max(extra, 1)
-            if best is None or gain > best_gain:
-                best, best_gain = (layer, nb, extra), gain
+            for nb in bits[bits.index(b) + 1:]:  # any higher width, not only the next
+                extra = cost[layer][nb] - cost[layer][b]
+                if used + extra > budget:
+                    continue
+                gain = (omega[layer][f"omega_{b}"] - omega[layer][f"omega_{nb}"]) / max(extra, 1)
+                if best is None or gain > best_gain:
+                    best, best_gain = (layer, nb, extra), gain
         if best is None:
             return choice
         layer, nb, extra = best

@@ -220,10 +220,15 @@ class AccelerateConfig:
 
 def _capture_inputs(model, inputs, select) -> dict[str, torch.Tensor]:
     seen, hooks = {}, []
+
+    def hook(name):
+        def fn(mod, args, out):
+            seen.setdefault(name, args[0].detach().clone())  # returns None: output kept
+        return fn
+
     for name, m in model.named_modules():
         if select(name, m):
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out, name=name: seen.setdefault(name, args[0].detach())))
+            hooks.append(m.register_forward_hook(hook(name)))
     try:
         with torch.inference_mode():
             model(*inputs)
