@@ -1,0 +1,90 @@
+"""labkit.cli: errors exit 2 with ``labkit: error:``, run/report/bench outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_report import make_notebook  # tests/ is on sys.path (rootdir imports)
+
+from labkit import cli
+
+
+@pytest.fixture
+def notebooks(tmp_path, monkeypatch):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    make_notebook(folder, "01_tiny", {"n": 3})
+    monkeypatch.setenv("LABKIT_NOTEBOOKS", str(folder))
+    return folder
+
+
+def main(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own usage errors
+        return e.code
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("32", 32), ("0.5", 0.5), ("true", True), ("True", True), ("false", False),
+    ('"elu"', "elu"), ("elu", "elu"), ("[1, 2]", [1, 2]), ("null", None), ("1e-3", 1e-3)])
+def test_parse_value(text, value):
+    assert cli.parse_value(text) == value
+
+
+def test_bench_unknown_name_lists_allowed(capsys):
+    assert main(["bench", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labkit: error: bench='nosuch'")
+    assert "'overhead'" in err and "Traceback" not in err
+    assert "overhead" in cli.benchmark_names() and "__init__" not in cli.benchmark_names()
+
+
+def test_run_unknown_parameter_exits_2_naming_it(notebooks, tmp_path, capsys):
+    assert main(["run", "01", "-p", "rnak", "4", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "labkit: error: rnak=4" in err and "n, scale, interactive, out" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_run_unknown_notebook_and_profile(notebooks, tmp_path, capsys):
+    assert main(["run", "07", "--out", str(tmp_path)]) == 2
+    assert "labkit: error: notebook='07'" in capsys.readouterr().err
+    assert main(["report", "--profile", "slow", "--out", str(tmp_path)]) == 2
+    assert "profile='slow'" in capsys.readouterr().err
+
+
+def test_run_bad_value_fails_with_the_notebooks_message(notebooks, tmp_path, capsys):
+    code = main(["run", "01_tiny", "-p", "n", "0", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "n=0 is not allowed: expected an integer in [1, 100]" in err
+    assert "index.html" in out  # the report folder is still written, marked failed
+    (folder,) = (tmp_path / "out").iterdir()
+    assert "failed" in (folder / "index.html").read_text()
+
+
+def test_run_with_parameters_writes_a_report(notebooks, tmp_path, capsys):
+    assert main(["run", "01", "-p", "n", "2", "-p", "scale", "1.5",
+                 "--out", str(tmp_path / "out")]) == 0
+    (folder,) = (tmp_path / "out").iterdir()
+    rows = [json.loads(x) for x in (folder / "results.jsonl").read_text().splitlines()]
+    assert {r["metric"]: r["value"] for r in rows if r["kind"] == "metric"} == \
+        {"total": 3.0, "n": 2}
+    assert "01_tiny: ok" in capsys.readouterr().out
+
+
+def test_bench_overhead_quick_json(capsys):
+    assert main(["bench", "overhead", "--quick", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["name"] == "overhead" and res["env"]["torch"]
+    variants = {r["variant"]: r for r in res["rows"]}
+    assert set(variants) == {"plain", "noop", "liveboard", "liveboard_live"}
+    assert variants["plain"]["ratio_vs_plain"] == 1.0
+    assert all(r["ms_per_step"] > 0 for r in res["rows"])
+    assert variants["liveboard_live"]["points"] > 2000  # the long history plus this run
+    assert len(res["targets"]) == 3
+    for t in res["targets"]:
+        assert set(t) >= {"target", "measured", "required", "unit", "met", "note"}
+        assert t["unit"] == "x" and t["required"] == 1.05 and t["measured"] > 0
+        assert t["met"] == (t["measured"] <= t["required"])
