@@ -320,16 +320,6 @@ class _PruneAt(Callback):
             self.done = True
 
 
-class _SparsityLog(Callback):
-    """Adds the actual sparsity to every evaluation (and to the history)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def on_eval(self, state):
-        state.metrics["sparsity"] = actual_sparsity(self.model)
-
-
 def train_sparse(model, config: SparsityConfig, batches, steps: int, eval_fn=None,
                  eval_every: int = 50, callbacks=(), lr: float = 1e-3, prune_at: float = 0.5,
                  progress: bool = False, seed: int = 0):
@@ -346,7 +336,12 @@ def train_sparse(model, config: SparsityConfig, batches, steps: int, eval_fn=Non
     if not masked_linears(model):
         attach(model, config)
     cut = int(round(prune_at * steps))
-    cbs = [_SparsityLog(model)]
+    cbs = []
+    if eval_fn is not None:
+        inner = eval_fn
+
+        def eval_fn():
+            return {**inner(), "sparsity": actual_sparsity(model)}
     extra = None
     if config.method == "magnitude":
         if cut == 0:
