@@ -1,0 +1,93 @@
+import math
+
+import pytest
+
+NAME = "03_factorized_ffn_and_sharing"
+
+
+@pytest.fixture(scope="module")
+def res(run_notebook):
+    return run_notebook(NAME)
+
+
+def _section(res, name):
+    return [r for r in res["rows"] if r["section"] == name]
+
+
+def test_claimed_equals_counted(res):
+    m = res["metrics"]
+    assert m["params_claimed_equals_counted"] is True
+    assert m["bytes_claimed_equals_counted"] is True
+    assert m["flops_claimed_equals_counted"] is True
+    for r in _section(res, "claimed_vs_measured"):
+        assert r["params_claimed"] == r["params_counted"]
+        assert r["flops_claimed"] == r["flops_counted"]
+
+
+def test_parameters_shrink_as_claimed(res):
+    m = res["metrics"]
+    assert m["fact_params"] < m["dense_params"] and m["share_params"] < m["dense_params"]
+    assert m["both_params"] < min(m["fact_params"], m["share_params"])
+    for k in ("fact", "share", "both"):
+        assert m[f"{k}_params_ratio_claimed"] == pytest.approx(m["dense_params"] / m[f"{k}_params"])
+    # sharing leaves the compute alone; factorizing cuts it, less than the FFN-only ratio
+    assert m["share_flops_ratio_counted"] == 1.0
+    assert 1.0 < m["fact_flops_ratio_counted"] < m["fact_ffn_flops_ratio_claimed"]
+    assert m["threads"] == 1
+
+
+def test_every_variant_trained(res):
+    m = res["metrics"]
+    train = _section(res, "train")
+    assert len(train) == 4
+    for r in train:
+        assert r["steps"] == res["params"]["steps"]
+        assert math.isfinite(r["eval_loss"]) and r["eval_loss"] < r["train_loss_first"]
+    for k in ("dense", "fact", "share", "both"):
+        assert math.isfinite(m[f"{k}_eval_loss"])
+
+
+def test_svd_truncation(res):
+    m = res["metrics"]
+    assert m["svd_full_rank_loss_gap"] < 1e-3  # full rank reproduces the dense model
+    assert m["svd_weight_error_monotone"] is True
+    svd = [r for r in _section(res, "svd") if r["rank"] != "dense"]
+    errors = [r["weight_error"] for r in sorted(svd, key=lambda r: int(r["rank"]))]
+    assert errors[-1] < 1e-5 and errors[0] > errors[-1]
+    assert 0 < m["svd_weight_error_at_rank"] < 1
+    assert 1 <= m["rank_for_90pct_energy_mean"] <= 64
+
+
+def test_size_sweep(res):
+    size = _section(res, "size")
+    assert {r["variant"] for r in size} == {"dense", "factorized", "shared"}
+    dense = {r["size"]: r for r in size if r["variant"] == "dense"}
+    for r in size:
+        assert r["params"] == r["params_claimed"] and r["latency_ms"] > 0
+        if r["variant"] == "shared":
+            assert r["flops"] == dense[r["size"]]["flops"]
+            assert r["weight_bytes"] < dense[r["size"]]["weight_bytes"]
+        if r["variant"] == "factorized":
+            assert r["flops"] < dense[r["size"]]["flops"]
+    assert res["metrics"]["largest_fact_bytes_ratio"] > 1
+    assert res["metrics"]["largest_share_bytes_ratio"] > 1
+
+
+def test_svd_init_and_attention_sharing(run_notebook):
+    res = run_notebook(NAME, init="svd", sharing="attention", rank=16)
+    m = res["metrics"]
+    assert m["params_claimed_equals_counted"] is True
+    # compress-then-fine-tune starts from the trained dense model
+    train = {r["variant"]: r for r in _section(res, "train")}
+    assert train["factorized r=16"]["train_loss_first"] < train["dense"]["train_loss_first"]
+    assert m["share_params"] < m["dense_params"] and m["share_flops_ratio_counted"] == 1.0
+
+
+@pytest.mark.parametrize("param,value,allowed", [
+    ("rank", 1000, "[1, 64]"), ("sharing", "both", "'all', 'ffn', 'attention'")])
+def test_bad_parameter_fails_naming_it(run_notebook, param, value, allowed):
+    from labkit.report import NotebookFailed
+
+    with pytest.raises(NotebookFailed) as e:
+        run_notebook(NAME, **{param: value})
+    assert f"{param}={value!r}" in str(e.value) and allowed in str(e.value)
