@@ -42,10 +42,8 @@ def to_ipynb(src, dst):
             cell = nbformat.v4.new_code_cell(body)
         if c["tags"]:
             cell.metadata["tags"] = c["tags"]
-        cell.pop("id", None)
-        cells_out = cell
-        nb.cells.append(cells_out)
-    nbformat.validator.normalize(nb)
+        cell.id = f"c{len(nb.cells):02d}"  # stable ids: regenerating gives a clean diff
+        nb.cells.append(cell)
     nbformat.write(nb, dst)
 
 
