@@ -1,7 +1,18 @@
 """Techniques: one module each, a validated config plus a registered ``apply_``.
 
-Importing this package registers every technique.
+Importing this package registers every technique, so ``apply_(model, Config(...))`` works
+for any of them, and ``registered()`` lists them.
 """
+from .factorized_ffn import FactorizedFFNConfig
+from .int8 import AccelerateConfig, Int8Config
+from .kernel_attention import KernelAttentionConfig
+from .low_rank_attention import LowRankAttentionConfig
+from .quant import FakeQuantConfig
 from .registry import apply_, expected, register, register_expected, registered, swap_modules
+from .sharing import SharingConfig
+from .sparsity import SparsityConfig
 
-__all__ = ["apply_", "expected", "register", "register_expected", "registered", "swap_modules"]
+__all__ = ["apply_", "expected", "register", "register_expected", "registered", "swap_modules",
+           "FactorizedFFNConfig", "SharingConfig", "LowRankAttentionConfig",
+           "KernelAttentionConfig", "SparsityConfig", "FakeQuantConfig", "Int8Config",
+           "AccelerateConfig"]
