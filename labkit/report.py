@@ -174,6 +174,12 @@ def notebook_html(executed) -> str:
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(executed), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            # widget views (e.g. tqdm.auto bars) without stored state only keep the text
+            # of their first frame ("0/30"), which would misreport the run: drop them
+            cell.outputs = [o for o in cell.outputs
+                            if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
     page, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(nb)
     return _offline(page)
 

@@ -33,7 +33,10 @@ def make_notebook(path, name, fast):
             "board = LiveBoard(['loss'], title='tiny')  # live=None: static when headless\n"
             "for i in range(P['n']):\n"
             "    board.log('loss', 'train', i, 1000 + 7 * i * P['scale'])\n"
-            "board.show();"),
+            "board.show();\n"
+            "from tqdm.auto import tqdm  # a widget in a kernel: its frozen first frame\n"
+            "for _ in tqdm(range(2), desc='tinybar'):\n"
+            "    pass"),
         nbformat.v4.new_code_cell(
             f"labkit.notebook.finish(out, {name!r}, P, "
             "{'total': P['scale'] * P['n'], 'n': P['n']}, "
@@ -75,6 +78,9 @@ def test_execute_notebook_returns_metrics_and_writes_executed(folder, tmp_path):
     html = "".join(o.get("data", {}).get("text/html", "") for c in executed.cells
                    if c.cell_type == "code" for o in c.outputs)
     assert "Plotly.newPlot" in html and "1010.5" in html
+    views = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert views and "tinybar:" in views[0]["data"]["text/plain"]  # the HTML drops these
 
 
 def test_unknown_parameter_is_rejected_naming_it(folder, tmp_path):
@@ -113,6 +119,7 @@ def test_html_is_offline_with_plot_data_and_plotlyjs(first_report):
     assert "Plotly.newPlot" in page and "1014" in page  # the figure and its data (n=3)
     remote = re.findall(r"<script\b[^>]*\bsrc=\"https?://[^>]*>", page)
     assert all(" async " in tag and "mathjax" in tag for tag in remote), remote
+    assert "tinybar:" not in page  # stateless widget views are dropped, not shown stale
 
 
 def test_index_links_and_status(first_report):
