@@ -88,3 +88,10 @@ def test_bench_overhead_quick_json(capsys):
         assert set(t) >= {"target", "measured", "required", "unit", "met", "note"}
         assert t["unit"] == "x" and t["required"] == 1.05 and t["measured"] > 0
         assert t["met"] == (t["measured"] <= t["required"])
+
+
+def test_lab_starts_jupyterlab_on_the_notebooks_folder(notebooks, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    assert main(["lab"]) == 0
+    assert calls == [["jupyter", "lab", f"--notebook-dir={notebooks}"]]
