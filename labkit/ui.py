@@ -162,13 +162,8 @@ class LiveBoard:
         self._pending[i] = (xs, ys)
         if not self.live:
             return  # nobody sees a static figure before it is read: fill it then, once
-        now = time.perf_counter()
-        if flush or now - self._last >= self._wait:
+        if flush or time.perf_counter() - self._last >= self._wait:
             self.flush()
-            done = time.perf_counter()
-            # keep updates under `budget` of the wall time as the series grow
-            self._wait = max(self.min_interval, (done - now) / self.budget)
-            self._last = done
 
     @property
     def fig(self):
@@ -182,9 +177,13 @@ class LiveBoard:
         if not self._pending:
             return
         if self.live:
+            start = time.perf_counter()
             with self._fig.batch_update():
                 for i, (xs, ys) in self._pending.items():
                     self._fig.data[i].x, self._fig.data[i].y = list(xs), list(ys)
+            self._last = time.perf_counter()
+            # keep updates under `budget` of the wall time as the series grow
+            self._wait = max(self.min_interval, (self._last - start) / self.budget)
         else:
             for i, (xs, ys) in self._pending.items():
                 self._fig.data[i].x, self._fig.data[i].y = list(xs), list(ys)
