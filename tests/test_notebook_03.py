@@ -91,3 +91,13 @@ def test_bad_parameter_fails_naming_it(run_notebook, param, value, allowed):
     with pytest.raises(NotebookFailed) as e:
         run_notebook(NAME, **{param: value})
     assert f"{param}={value!r}" in str(e.value) and allowed in str(e.value)
+
+
+def test_encoder_on_synthetic_nli(run_notebook):
+    res = run_notebook(NAME, task="nli")
+    m = res["metrics"]
+    assert m["params_claimed_equals_counted"] is True and m["flops_claimed_equals_counted"] is True
+    for k in ("dense", "fact", "share", "both"):
+        assert 0.0 <= m[f"{k}_eval_accuracy"] <= 1.0  # compared at equal steps, no target
+    assert m["svd_full_rank_loss_gap"] < 1e-3
+    assert {r["variant"] for r in _section(res, "size")} == {"dense", "factorized", "shared"}
