@@ -12,10 +12,11 @@ let each layer rescale the shared computation), so only the attention/FFN is sha
 
 Equation, for L layers with attention ``A`` and FFN ``F`` parameters per block::
 
-    dense:   params L (A + F)          FLOPs per token L (A + F)-proportional
-    "all":   params 1 (A + F)          FLOPs unchanged
-    "ffn":   params L A + 1 F          FLOPs unchanged
-    "attention": params 1 A + L F      FLOPs unchanged
+    dense:        params L (A + F)
+    "all":        params A + F
+    "ffn":        params L A + F
+    "attention":  params A + L F
+    FLOPs, activation memory and latency: unchanged in every mode
 
 Complexity: parameters and weight bytes fall by ``(L-1)`` shared parts; compute, activation
 memory and latency do not change (every layer still runs). Sharing composes with other
