@@ -801,7 +801,8 @@ def accelerate(model: nn.Module, *inputs, paths=PATHS, rounds: int = 5,
     kept and its ``kernel_path`` recorded; a sparse path must beat dense by ``margin``
     (5%: below that the timing noise decides, and dense is the safe choice). With ``verify`` the whole model is then timed
     against the all-dense version and, if slower than 0.95x, every layer is reverted to dense
-    with a warning. Returns tidy rows (also stored as ``model.acceleration``)."""
+    with a warning (the ``<model>`` row keeps the measured ratio of the mixed choice and says
+    ``reverted``). Returns tidy rows (also stored as ``model.acceleration``)."""
     model.eval()
     groups = {}
     for struct in ("neuron", "head"):
@@ -886,7 +887,7 @@ def accelerate(model: nn.Module, *inputs, paths=PATHS, rounds: int = 5,
         rows.append({"layer": "<model>", "path": "reverted to dense" if reverted else "mixed",
                      "candidate": "accelerated", "median_ms": t["accelerated"]["median_s"] * 1e3,
                      "iqr_ms": t["accelerated"]["iqr_s"] * 1e3, "speedup_vs_dense": ratio,
-                     "chosen": True})
+                     "chosen": True, "reverted": reverted})
     model.acceleration = rows
     return rows
 

@@ -1,0 +1,253 @@
+"""Helpers for the sparsity notebooks (04 pruning, 05 sparse-structure benchmark).
+
+* :func:`workload`: decoder LM on the synthetic corpus (``"lm"``) or the encoder classifier
+  on ``synthetic-nli`` (``"nli"``): config, batches, eval set and a latency sample.
+* :func:`sparsity_config`: a :class:`~labkit.techniques.sparsity.SparsityConfig` whose cubic
+  schedule fits a run of ``steps`` steps (gradual pruning ends at 60% of training).
+* :func:`train_one`: one fresh model, one pruning method, curves on a LiveBoard.
+* :func:`curve_study`: the survey's experiment: loss curves at several MLP sparsities for
+  each structure, against dense and against a small dense model with the same non-zeros.
+* :func:`nm_for`: the N:M pattern nearest a sparsity (M dividing the model's dimensions).
+* :func:`model_latency_sweep`: inference time of a pruned model against sparsity, one line
+  per (structure, path), with quartile bands (notebook 05, the first paper's figure).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import data, measure
+from . import validate as V
+from .model import ModelConfig, build, preset
+from .techniques import sparsity as S
+from .techniques.registry import apply_
+from .train import evaluate
+
+TASKS = ("lm", "nli")
+
+
+@dataclass
+class Workload:
+    task: str
+    cfg: ModelConfig
+    make_batches: object  # seed -> endless iterator of training batches
+    eval_set: object  # dict of tensors or list of batches (labkit.train.evaluate)
+    sample: tuple  # model inputs for latency: (ids,) or (ids, padding_mask)
+
+
+def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len: int = 32,
+             n_train: int = 2000, n_eval: int = 256, seed: int = 0) -> Workload:
+    V.choice("task", task, TASKS)
+    V.integer("batch_size", batch_size, 1)
+    V.integer("seq_len", seq_len, 8)
+    if task == "lm":
+        corpus = data.load_lm_corpus(seed=seed)
+        cfg = preset(size, kind="decoder", vocab_size=len(corpus.tokenizer),
+                     max_len=max(seq_len, 8))
+        gen = data.lm_batches(corpus.eval, batch_size, seq_len, seed=seed + 1)
+        eval_set = [next(gen) for _ in range(max(1, n_eval // batch_size))]
+        return Workload(task, cfg, lambda s: data.lm_batches(corpus.train, batch_size,
+                                                             seq_len, seed=s),
+                        eval_set, (eval_set[0]["input_ids"],))
+    pairs = data.load_task("synthetic-nli", n_train=n_train, n_eval=n_eval, max_len=seq_len,
+                           seed=seed)
+    cfg = preset(size, kind="encoder", vocab_size=len(pairs.tokenizer),
+                 num_labels=pairs.num_labels, max_len=max(seq_len, 8))
+    ev = pairs.eval
+    return Workload(task, cfg, lambda s: data.batches(pairs.train, batch_size, seed=s), ev,
+                    (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
+
+
+def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
+                    method: str = "magnitude", l1_lambda: float = 1e-4, n: int = 2, m: int = 4,
+                    block: int = 16, scope: str = "layer",
+                    targets: str = "ffn") -> S.SparsityConfig:
+    """A config whose gradual schedule (10 pruning steps) ends at 60% of ``steps``."""
+    V.integer("steps", steps, 1)
+    prune_steps = max(1, min(10, int(0.6 * steps)))
+    every = max(1, int(0.6 * steps) // prune_steps)
+    if structure == "head" and targets == "ffn":
+        targets = "attn"
+    return S.SparsityConfig(sparsity=sparsity, structure=structure, method=method,
+                            scope=scope, targets=targets, n=n, m=m, block=block,
+                            l1_lambda=l1_lambda, prune_steps=prune_steps, prune_every=every)
+
+
+def nm_for(sparsity: float, dims: tuple[int, ...]) -> tuple[int, int]:
+    """The N:M (N=1 or 2, M a power of two dividing every dim) nearest ``sparsity``."""
+    best = None
+    for m in (4, 8, 2, 16, 32):  # ties go to the hardware pattern 2:4
+        if any(d % m for d in dims):
+            continue
+        for n in range(1, m):
+            err = abs((1 - n / m) - sparsity)
+            if best is None or err < best[0] - 1e-12:
+                best = (err, n, m)
+    if best is None:
+        raise V.LabkitConfigError("m", None, f"a power of two dividing {dims}")
+    return best[1], best[2]
+
+
+def train_one(work: Workload, config: S.SparsityConfig | None, steps: int, lr: float = 3e-3,
+              eval_every: int = 10, seed: int = 0, board=None, series: str = "",
+              prune_at: float = 0.5, cfg: ModelConfig | None = None) -> dict:
+    """Train one fresh model (dense when ``config`` is None) and return
+    ``{"model", "result", "final", "sparsity"}``; curves go to ``board`` under ``series``."""
+    model = build(cfg or work.cfg, seed=seed)
+    callbacks = []
+    if board is not None:
+        callbacks.append(_BoardLog(board, series))
+
+    def ev():
+        return evaluate(model, work.eval_set)
+
+    batches = work.make_batches(seed)
+    if config is None:
+        from .train import fit
+        res = fit(model, batches, steps, lr=lr, eval_fn=lambda: {**ev(), "sparsity": 0.0},
+                  eval_every=eval_every, callbacks=callbacks, seed=seed, progress=False)
+    else:
+        S.attach(model, config)  # all-ones masks; train_sparse prunes on the method's plan
+        model.applied_techniques = [{"technique": type(config).__name__,
+                                     **dataclasses.asdict(config)}]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = S.train_sparse(model, config, batches, steps, eval_fn=ev,
+                                 eval_every=eval_every, callbacks=callbacks, lr=lr,
+                                 prune_at=prune_at, seed=seed)
+    return {"model": model, "result": res, "final": res.final,
+            "sparsity": S.actual_sparsity(model)}
+
+
+class _BoardLog:
+    """Train loss every step; eval loss/accuracy/sparsity at each evaluation."""
+
+    def __init__(self, board, series):
+        self.board, self.series = board, series
+
+    def on_step(self, state):
+        if "loss" in self.board.panels:
+            self.board.log("loss", self.series, state.step, state.loss)
+
+    def on_eval(self, state):
+        for k, v in state.metrics.items():
+            panel = "eval loss" if k == "loss" else k
+            if panel in self.board.panels:
+                self.board.log(panel, self.series, state.step, v, flush=True)
+
+
+def small_dense_cfg(cfg: ModelConfig, sparsity: float) -> ModelConfig:
+    """The dense model with the same number of non-zero MLP weights as ``cfg`` pruned to
+    ``sparsity`` (MLP weights are linear in d_ff)."""
+    return dataclasses.replace(cfg, d_ff=max(1, round(cfg.d_ff * (1 - sparsity))))
+
+
+def curve_study(work: Workload, structures, sparsities, steps: int, lr: float = 3e-3,
+                eval_every: int = 10, seed: int = 0, block: int = 16, board=None,
+                small_dense: bool = True) -> tuple[list[dict], list[dict]]:
+    """Sparse-from-initialisation training (magnitude masks at init, ``prune_at=0``) of the
+    MLPs at each sparsity for each structure, plus dense and, per sparsity, a small dense
+    model with the same number of non-zero MLP weights. Returns (summary rows, curve rows)."""
+    cfg = work.cfg
+    summary, curves = [], []
+
+    def record(label, structure, target, out):
+        hist = out["result"].history
+        for h in hist:
+            if h["split"] == "eval":
+                curves.append({"run": label, "structure": structure, "target": target,
+                               "step": h["step"], "eval_loss": h["loss"]})
+        summary.append({"run": label, "structure": structure, "target_sparsity": target,
+                        "actual_sparsity": out["sparsity"],
+                        "mlp_nonzero": _mlp_nonzero(out["model"]),
+                        "eval_loss": out["final"].get("loss"),
+                        **({"accuracy": out["final"]["accuracy"]}
+                           if "accuracy" in out["final"] else {})})
+
+    record("dense", "dense", 0.0, train_one(work, None, steps, lr, eval_every, seed, board,
+                                            "dense"))
+    for s in sparsities:
+        if small_dense:
+            scfg = small_dense_cfg(cfg, s)
+            record(f"small dense d_ff={scfg.d_ff}", "small-dense", s,
+                   train_one(work, None, steps, lr, eval_every, seed, board,
+                             f"small dense {s:.0%}", cfg=scfg))
+        for st in structures:
+            kw = {}
+            label = f"{st} {s:.0%}"
+            if st == "nm":
+                n, m = nm_for(s, (cfg.d_model, cfg.d_ff))
+                kw = dict(n=n, m=m)
+                label = f"nm {n}:{m} ({1 - n / m:.1%})"
+            c = sparsity_config(steps, s, st, "magnitude", block=block, **kw)
+            record(label, st, s, train_one(work, c, steps, lr, eval_every, seed, board,
+                                           label, prune_at=0.0))
+    return summary, curves
+
+
+def _mlp_nonzero(model) -> int:
+    total = 0
+    for blk in model.blocks:
+        for p in blk.ffn.parameters():
+            total += int(p.detach().count_nonzero())
+        for name, lin in blk.ffn.named_modules():
+            if isinstance(lin, S.MaskedLinear):
+                total -= int(lin.parametrizations.weight.original.detach().count_nonzero())
+                total += int(lin.weight.detach().count_nonzero())
+    return total
+
+
+def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
+                        rounds: int = 5, min_run_time: float = 0.05, block: int = 32,
+                        seed: int = 0) -> list[dict]:
+    """Inference time of the model with its MLPs pruned, for each ``(structure, path)`` in
+    ``lines`` and each sparsity, side by side with the dense model in interleaved rounds.
+    Rows carry the median and quartiles (error bands) and the paired speedup. N:M lines are
+    simulated on CPU and say so (their speed is not a measurement of N:M kernels)."""
+    rows = []
+    dense = build(cfg, seed=seed).eval().requires_grad_(False)
+
+    def call(mm):
+        def run():
+            with torch.inference_mode():
+                mm(*inputs)
+        return run
+
+    for s in sparsities:
+        mods = {"dense": dense}
+        for st, path in lines:
+            kw = {}
+            if st == "nm":
+                n, m = nm_for(s, (cfg.d_model, cfg.d_ff))
+                kw = dict(n=n, m=m)
+            model = copy.deepcopy(dense)
+            apply_(model, S.SparsityConfig(sparsity=s, structure=st, block=block, **kw))
+            if path == "accelerate":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    S.accelerate(model, *inputs, rounds=2, min_run_time=0.01, verify=True,
+                                 verify_rounds=3)
+            else:
+                S.convert(model, path)
+            mods[(st, path)] = model
+        times = S.paired_times({k: call(v) for k, v in mods.items()}, rounds, min_run_time)
+        for k, t in times.items():
+            st, path = ("dense", "dense") if k == "dense" else k
+            measured = not (st == "nm")
+            paths = sorted(set(measure.kernel_paths(mods[k]).values()))
+            rows.append({"sparsity": s, "structure": st, "path": path,
+                         "line": "dense" if k == "dense" else f"{st} / {path}",
+                         "median_ms": t["median_s"] * 1e3, "q1_ms": t["q1_s"] * 1e3,
+                         "q3_ms": t["q3_s"] * 1e3,
+                         "speedup": S.paired_speedup(times, "dense", k),
+                         "speed_measured": measured, "kernel_paths": ", ".join(paths),
+                         "note": "" if measured else S.NM_CPU_NOTE})
+    return rows
+
+
+__all__ = ["TASKS", "Workload", "workload", "sparsity_config", "nm_for", "train_one",
+           "small_dense_cfg", "curve_study", "model_latency_sweep"]
