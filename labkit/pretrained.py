@@ -27,6 +27,10 @@ class PretrainedUnavailable(RuntimeError):
 
 
 def minilm_available() -> bool:
+    """True when the package is installed. ``LABKIT_HIDE_PRETRAINED=1`` simulates a machine
+    without the extra (tests of the fallback branch)."""
+    if os.environ.get("LABKIT_HIDE_PRETRAINED") == "1":
+        return False
     return importlib.util.find_spec(PACKAGE) is not None
 
 

