@@ -124,9 +124,10 @@ BITS = tuple(range(2, 9))  # candidate widths for mixed precision
 
 
 def sensitivity(model, loss_fn, samples=8, eig_iters=0, bits=BITS,
-                granularity="channel", group_size=1, symmetric=True) -> list[dict]:
+                granularity="channel", group_size=1, symmetric=True,
+                trace_group=None) -> list[dict]:
     return H.sensitivity(model, loss_fn, samples, eig_iters, bits, granularity, group_size,
-                         symmetric)
+                         symmetric, trace_group=trace_group)
 
 
 def layer_shapes(model) -> dict:

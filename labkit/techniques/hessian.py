@@ -68,7 +68,8 @@ def hutchinson_trace(loss_fn, weights: dict[str, torch.Tensor], samples: int = 1
                      group_size: int | None = None, seed: int = 0) -> dict:
     """Per-layer Hessian trace estimates: ``{name: {"trace", "std", "groups"}}``.
 
-    ``groups`` (when ``group_size``) is the trace over each block of ``group_size`` rows."""
+    ``groups`` (when ``group_size`` divides the layer's rows, else None) is the trace over
+    each block of ``group_size`` consecutive rows (e.g. one attention head)."""
     V.integer("samples", samples, 1)
     names, params = list(weights), list(weights.values())
     g = torch.Generator().manual_seed(seed)
@@ -80,7 +81,7 @@ def hutchinson_trace(loss_fn, weights: dict[str, torch.Tensor], samples: int = 1
         for n, v, h in zip(names, vs, hv):
             vh = (v * h).detach()
             per[n].append(vh.sum().item())
-            if group_size:
+            if group_size and vh.shape[0] % group_size == 0:
                 rows = vh.reshape(vh.shape[0], -1).sum(1)
                 groups[n].append(rows.reshape(-1, group_size).sum(1))
     out = {}
@@ -88,7 +89,7 @@ def hutchinson_trace(loss_fn, weights: dict[str, torch.Tensor], samples: int = 1
         t = torch.tensor(per[n])
         out[n] = {"trace": t.mean().item(),
                   "std": t.std().item() / math.sqrt(samples) if samples > 1 else float("nan"),
-                  "groups": torch.stack(groups[n]).mean(0).tolist() if group_size else None}
+                  "groups": torch.stack(groups[n]).mean(0).tolist() if groups[n] else None}
     return out
 
 
@@ -129,19 +130,21 @@ def exact_hessian(loss_fn, param: torch.Tensor) -> torch.Tensor:
 
 def sensitivity(model: nn.Module, loss_fn, samples: int = 16, eig_iters: int = 0,
                 bits=(2, 3, 4, 8), granularity: str = "channel", group_size: int = 1,
-                symmetric: bool = True, layers: str = "blocks", seed: int = 0) -> list[dict]:
+                symmetric: bool = True, layers: str = "blocks", seed: int = 0,
+                trace_group: int | None = None) -> list[dict]:
     """One row per layer: Hessian trace (and top eigenvalue), parameter count, and
-    ``omega_<b>`` = trace/n * ||Q_b(W) - W||^2 for each candidate bit-width, ranked."""
+    ``omega_<b>`` = trace/n * ||Q_b(W) - W||^2 for each candidate bit-width, ranked.
+    ``trace_group``: also the trace per block of that many rows (``group_traces``)."""
     weights = linear_weights(model, layers)
     if not weights:
         raise V.LabkitConfigError("layers", layers, "a selection that contains nn.Linear layers")
-    tr = hutchinson_trace(loss_fn, weights, samples, seed=seed)
+    tr = hutchinson_trace(loss_fn, weights, samples, group_size=trace_group, seed=seed)
     eig = top_eigenvalue(loss_fn, weights, eig_iters, seed=seed) if eig_iters else {}
     rows = []
     for n, w in weights.items():
         row = {"layer": n, "params": w.numel(), "trace": tr[n]["trace"],
                "trace_std": tr[n]["std"], "avg_trace": tr[n]["trace"] / w.numel(),
-               "top_eig": eig.get(n, float("nan"))}
+               "top_eig": eig.get(n, float("nan")), "group_traces": tr[n]["groups"]}
         with torch.no_grad():
             for b in bits:
                 err = (Q.fake_quant_tensor(w, b, symmetric, granularity, group_size) - w)
