@@ -1,0 +1,87 @@
+import math
+
+import pytest
+
+NAME = "04_sparsity_and_pruning"
+
+
+@pytest.fixture(scope="module")
+def res(run_notebook):
+    return run_notebook(NAME)
+
+
+def _rows(res, table):
+    return [r for r in res["rows"] if r["table"] == table]
+
+
+def test_requested_sparsity_reached_and_claim_matches_count(res):
+    m = res["metrics"]
+    assert m["my_actual_sparsity"] == pytest.approx(m["my_target_sparsity"], abs=1e-3)
+    assert m["claimed_nonzero"] == m["counted_nonzero"] > 0
+    assert m["accelerate_max_err"] < 1e-4  # every chosen path computes the same function
+    assert m["n_layers_accelerated"] > 0
+    paths = _rows(res, "paths")
+    assert paths and all(isinstance(r["path"], str) and r["path"] for r in paths)
+
+
+def test_every_method_reaches_the_final_sparsity_on_both_tasks(res):
+    methods = _rows(res, "methods")
+    assert {(r["task"], r["method"]) for r in methods} >= {
+        (t, k) for t in ("lm", "nli") for k in ("dense", "magnitude", "gradual", "l1")}
+    target = res["params"]["sparsity"]
+    for r in methods:
+        assert math.isfinite(r["eval_loss"])
+        if r["method"] == "dense":
+            assert r["actual_sparsity"] == 0.0
+        else:
+            assert r["actual_sparsity"] == pytest.approx(target, abs=1e-3)
+        if r["task"] == "nli":
+            assert 0.0 <= r["accuracy"] <= 1.0  # no accuracy target: the task learns slowly
+
+
+def test_curve_study_structures_and_small_dense_match_nonzeros(res):
+    curves = _rows(res, "curves")
+    structs = set(res["params"]["curve_structures"].split(","))
+    spars = [float(s) for s in res["params"]["curve_sparsities"].split(",")]
+    assert {r["structure"] for r in curves} == structs | {"dense", "small-dense"}
+    dense = next(r for r in curves if r["structure"] == "dense")
+    for r in curves:
+        assert math.isfinite(r["eval_loss"])
+        if r["structure"] not in ("dense", "small-dense"):
+            assert r["actual_sparsity"] == pytest.approx(r["target_sparsity"], abs=0.05)
+            assert r["mlp_nonzero"] < dense["mlp_nonzero"]
+    for s in spars:  # large-sparse vs small-dense: about the same non-zero MLP weights
+        small = next(r for r in curves if r["structure"] == "small-dense"
+                     and r["target_sparsity"] == s)
+        sparse = [r for r in curves if r["target_sparsity"] == s
+                  and r["structure"] == "unstructured"]
+        for r in sparse:
+            assert small["mlp_nonzero"] == pytest.approx(r["mlp_nonzero"], rel=0.05)
+
+
+def test_structured_settings_neuron_l1(run_notebook):
+    res = run_notebook(NAME, structure="neuron", method="l1", sparsity=0.5, l1_lambda=0.001)
+    m = res["metrics"]
+    assert m["my_actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert m["claimed_nonzero"] == m["counted_nonzero"]
+    assert m["accelerate_max_err"] < 1e-4
+
+
+@pytest.mark.parametrize("param,value,allowed", [
+    ("sparsity", 1.0, "[0.0, 1.0)"), ("structure", "diagonal", "'unstructured'"),
+    ("method", "lottery", "'magnitude'"), ("l1_lambda", -0.1, ">= 0.0"),
+    ("curve_sparsities", "0.5,1.5", "[0, 1)")])
+def test_bad_parameter_fails_naming_it(run_notebook, param, value, allowed):
+    from labkit.report import NotebookFailed
+
+    with pytest.raises(NotebookFailed) as e:
+        run_notebook(NAME, **{param: value})
+    assert f"{param}={value!r}" in str(e.value) and allowed in str(e.value)
+
+
+def test_bad_nm_pattern_fails_naming_it(run_notebook):
+    from labkit.report import NotebookFailed
+
+    with pytest.raises(NotebookFailed) as e:
+        run_notebook(NAME, structure="nm", n=5, m=4)
+    assert "n=5" in str(e.value)
