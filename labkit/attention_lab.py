@@ -178,7 +178,7 @@ def low_rank_error(maps, ks, lengths=None, seeds=(0, 1, 2), max_examples: int = 
             continue
         p = p.double()  # (H, L, L)
         n = p.shape[-1]
-        u, s, vh = torch.linalg.svd(p)
+        s = torch.linalg.svdvals(p)  # (H, L)
         pn = p.norm(dim=(-2, -1))  # (H,)
         for k in ks:
             if k > n:
@@ -245,5 +245,14 @@ def loss_summary(runs: dict, window: int = 10) -> list[dict]:
     return rows
 
 
-__all__ = ["capture_qkv", "attention_maps", "pretrained_attention_maps", "pretrained_qkv", "spectrum_rows", "rank_for_energy",
-           "low_rank_error", "train_variants", "loss_summary"]
+__all__ = [
+    "attention_maps",
+    "capture_qkv",
+    "loss_summary",
+    "low_rank_error",
+    "pretrained_attention_maps",
+    "pretrained_qkv",
+    "rank_for_energy",
+    "spectrum_rows",
+    "train_variants",
+]

@@ -8,8 +8,14 @@ from labkit import measure
 from labkit import model as M
 from labkit.techniques import apply_, expected
 from labkit.techniques.kernel_attention import (
-    FEATURE_MAPS, KernelAttention, KernelAttentionConfig, approximation_error, feature_map,
-    linear_attention, orthogonal_gaussian)
+    FEATURE_MAPS,
+    KernelAttention,
+    KernelAttentionConfig,
+    approximation_error,
+    feature_map,
+    linear_attention,
+    orthogonal_gaussian,
+)
 from labkit.validate import LabkitConfigError
 
 
@@ -133,9 +139,9 @@ def test_padding_does_not_leak():
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(num_features=0), "num_features"), (dict(feature_map="relu"), "feature_map"),
-    (dict(feature_map="trig", num_features=15), "num_features"),
-    (dict(chunk_size=0), "chunk_size"), (dict(seed=-1), "seed"), (dict(layers=()), "layers"),
+    ({"num_features": 0}, "num_features"), ({"feature_map": "relu"}, "feature_map"),
+    ({"feature_map": "trig", "num_features": 15}, "num_features"),
+    ({"chunk_size": 0}, "chunk_size"), ({"seed": -1}, "seed"), ({"layers": ()}, "layers"),
 ])
 def test_bad_configs_name_the_field(kw, field):
     with pytest.raises(LabkitConfigError) as e:

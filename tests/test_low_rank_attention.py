@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ def test_error_falls_with_k_and_svd_is_optimal():
     by = {(r["method"], r["k"]): r["rel_error"] for r in rows}
     for method in ("svd", "linformer_jl", "random_subspace"):
         errs = [by[method, k] for k in (2, 8, 16, 32)]
-        assert all(a > b for a, b in zip(errs, errs[1:])), (method, errs)
+        assert all(a > b for a, b in itertools.pairwise(errs)), (method, errs)
     for k in (2, 8, 16, 32):
         assert by["svd", k] <= by["random_subspace", k] + 1e-9
         assert by["svd", k] <= by["linformer_jl", k] + 1e-9
@@ -108,16 +110,16 @@ def test_spectrum_of_real_attention_maps():
     rows = spectrum_rows(maps, lengths)
     first = [r for r in rows if r["layer"] == 0]
     assert first[0]["sigma_rel"] == pytest.approx(1.0)
-    assert all(a["energy"] <= b["energy"] + 1e-12 for a, b in zip(first, first[1:]))
+    assert all(a["energy"] <= b["energy"] + 1e-12 for a, b in itertools.pairwise(first))
     assert first[-1]["energy"] == pytest.approx(1.0)
     r90 = rank_for_energy(rows, 0.9)
     assert set(r90) == {0, 1} and all(1 <= v <= 40 for v in r90.values())
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(k=0), "k"), (dict(k=-3), "k"), (dict(k=65, seq_len=64), "k"),
-    (dict(k=8, share="headwise"), "share"), (dict(k=8, seq_len=0), "seq_len"),
-    (dict(k=8, layers=()), "layers"), (dict(k=8, layers=(-1,)), "layers"),
+    ({"k": 0}, "k"), ({"k": -3}, "k"), ({"k": 65, "seq_len": 64}, "k"),
+    ({"k": 8, "share": "headwise"}, "share"), ({"k": 8, "seq_len": 0}, "seq_len"),
+    ({"k": 8, "layers": ()}, "layers"), ({"k": 8, "layers": (-1,)}, "layers"),
 ])
 def test_bad_configs_name_the_field(kw, field):
     with pytest.raises(LabkitConfigError) as e:
@@ -126,9 +128,9 @@ def test_bad_configs_name_the_field(kw, field):
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(k=200), "k"),  # rank above max_len=128
-    (dict(k=8, seq_len=256), "seq_len"),  # above the model's max_len
-    (dict(k=8, layers=(5,)), "layers"),
+    ({"k": 200}, "k"),  # rank above max_len=128
+    ({"k": 8, "seq_len": 256}, "seq_len"),  # above the model's max_len
+    ({"k": 8, "layers": (5,)}, "layers"),
 ])
 def test_bad_configs_for_the_model(kw, field):
     with pytest.raises(LabkitConfigError) as e:

@@ -19,6 +19,8 @@ of the sweep from which a method stays faster than SDPA.
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -84,7 +86,7 @@ def sweep(ns=(512, 1024, 2048, 4096), n_heads: int = 8, head_dim: int = 64, batc
                             calls[scope, "linformer-core"] = _op_fn("linformer-core", mod, q,
                                                                     kk, v)
                     else:
-                        calls[scope, name] = (lambda m=mod: m(x))
+                        calls[scope, name] = (lambda m=mod, x=x: m(x))
             # Interleaved rounds: a burst of load from other processes hits every method
             # in a round alike; the reported time is the median over rounds.
             timings: dict = {key: [] for key in calls}
@@ -93,7 +95,7 @@ def sweep(ns=(512, 1024, 2048, 4096), n_heads: int = 8, head_dim: int = 64, batc
                     timings[scope, name].append(measure.time_fn(
                         fn, f"{scope}:{name}", min_run_time=min_run_time / rounds,
                         shapes=f"B={batch},H={n_heads},N={n},Dh={head_dim}", dtype="float32"))
-            medians = {key: float(torch.tensor([t.median_ms for t in ts]).median())
+            medians = {key: statistics.median(t.median_ms for t in ts)
                        for key, ts in timings.items()}
             for (scope, name), fn in calls.items():
                 ts = timings[scope, name]
@@ -172,4 +174,4 @@ def run(quick: bool = False) -> dict:
     return {"name": NAME, "rows": rows, "targets": targets, "env": measure.environment()}
 
 
-__all__ = ["run", "sweep", "crossover", "make_modules", "METHODS", "NAME"]
+__all__ = ["METHODS", "NAME", "crossover", "make_modules", "run", "sweep"]

