@@ -181,7 +181,7 @@ def curve_study(work: Workload, structures, sparsities, steps: int, lr: float = 
             label = f"{st} {s:.0%}"
             if st == "nm":
                 n, m = nm_for(s, (cfg.d_model, cfg.d_ff))
-                kw = dict(n=n, m=m)
+                kw = {"n": n, "m": m}
                 label = f"nm {n}:{m} ({1 - n / m:.1%})"
             c = sparsity_config(steps, s, st, "magnitude", block=block, **kw)
             record(label, st, s, train_one(work, c, steps, lr, eval_every, seed, board,
@@ -223,7 +223,7 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
             kw = {}
             if st == "nm":
                 n, m = nm_for(s, (cfg.d_model, cfg.d_ff))
-                kw = dict(n=n, m=m)
+                kw = {"n": n, "m": m}
             model = copy.deepcopy(dense)
             apply_(model, S.SparsityConfig(sparsity=s, structure=st, block=block, **kw))
             if path == "accelerate":
@@ -237,7 +237,7 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
         times = S.paired_times({k: call(v) for k, v in mods.items()}, rounds, min_run_time)
         for k, t in times.items():
             st, path = ("dense", "dense") if k == "dense" else k
-            measured = not (st == "nm")
+            measured = st != "nm"
             paths = sorted(set(measure.kernel_paths(mods[k]).values()))
             rows.append({"sparsity": s, "structure": st, "path": path,
                          "line": "dense" if k == "dense" else f"{st} / {path}",
@@ -249,5 +249,14 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
     return rows
 
 
-__all__ = ["TASKS", "Workload", "workload", "sparsity_config", "nm_for", "train_one",
-           "small_dense_cfg", "curve_study", "model_latency_sweep"]
+__all__ = [
+    "TASKS",
+    "Workload",
+    "curve_study",
+    "model_latency_sweep",
+    "nm_for",
+    "small_dense_cfg",
+    "sparsity_config",
+    "train_one",
+    "workload",
+]

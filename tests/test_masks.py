@@ -85,13 +85,13 @@ def test_sparsity_zero_keeps_everything(w):
 
 
 @pytest.mark.parametrize("kwargs,name", [
-    (dict(structure="unstructured", sparsity=1.0), "sparsity"),
-    (dict(structure="unstructured", sparsity=-0.1), "sparsity"),
-    (dict(structure="nm", n=3, m=2), "n"),
-    (dict(structure="nm", n=2, m=5), "m"),
-    (dict(structure="block", sparsity=0.5, block=48), "block"),
-    (dict(structure="diagonal", sparsity=0.5), "structure"),
-    (dict(structure="row", sparsity=0.5, group=5), "group"),
+    ({"structure": "unstructured", "sparsity": 1.0}, "sparsity"),
+    ({"structure": "unstructured", "sparsity": -0.1}, "sparsity"),
+    ({"structure": "nm", "n": 3, "m": 2}, "n"),
+    ({"structure": "nm", "n": 2, "m": 5}, "m"),
+    ({"structure": "block", "sparsity": 0.5, "block": 48}, "block"),
+    ({"structure": "diagonal", "sparsity": 0.5}, "structure"),
+    ({"structure": "row", "sparsity": 0.5, "group": 5}, "group"),
 ])
 def test_bad_input_names_parameter(w, kwargs, name):
     with pytest.raises(LabkitConfigError) as e:

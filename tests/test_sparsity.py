@@ -1,3 +1,4 @@
+import itertools
 import warnings
 
 import pytest
@@ -10,8 +11,8 @@ from labkit.techniques import registry as R
 from labkit.techniques import sparsity as S
 from labkit.validate import LabkitConfigError
 
-STRUCTS = [("unstructured", {}), ("nm", {}), ("nm", dict(n=1, m=4)), ("block", dict(block=16)),
-           ("row", {}), ("column", {}), ("neuron", {}), ("head", dict(targets="attn"))]
+STRUCTS = [("unstructured", {}), ("nm", {}), ("nm", {"n": 1, "m": 4}), ("block", {"block": 16}),
+           ("row", {}), ("column", {}), ("neuron", {}), ("head", {"targets": "attn"})]
 
 
 def _model(kind="encoder"):
@@ -140,8 +141,8 @@ def test_cubic_schedule_endpoints_and_shape():
     assert f(99, 0.1, 0.9, t0=10, n=5, dt=4) == pytest.approx(0.9)
     mid = f(20, 0.0, 0.8, t0=10, n=5, dt=4)
     assert mid == pytest.approx(0.8 + (0 - 0.8) * (1 - 0.5) ** 3)
-    vals = [f(t, 0.0, 0.9, 0, 10, 3) for t in range(0, 31)]
-    assert all(a <= b for a, b in zip(vals, vals[1:]))
+    vals = [f(t, 0.0, 0.9, 0, 10, 3) for t in range(31)]
+    assert all(a <= b for a, b in itertools.pairwise(vals))
 
 
 def _lm_batches(seed=0):
@@ -160,7 +161,7 @@ def test_masks_survive_optimizer_steps_and_gradual_reaches_target():
                          eval_every=5, lr=1e-2)
     assert S.actual_sparsity(m) == pytest.approx(0.8, abs=1e-4)
     spars = [h["sparsity"] for h in res.history if h["split"] == "eval"]
-    assert spars[0] < spars[-1] and all(a <= b + 1e-9 for a, b in zip(spars, spars[1:]))
+    assert spars[0] < spars[-1] and all(a <= b + 1e-9 for a, b in itertools.pairwise(spars))
     # weights pruned stay zero after further optimizer steps
     before = {n: lin.mask.clone() for n, lin in S.masked_linears(m).items()}
     from labkit.train import fit
@@ -170,7 +171,7 @@ def test_masks_survive_optimizer_steps_and_gradual_reaches_target():
         assert bool((lin.weight[~before[n]] == 0).all())
 
 
-@pytest.mark.parametrize("structure,kw", [("block", dict(block=16)), ("nm", {})])
+@pytest.mark.parametrize("structure,kw", [("block", {"block": 16}), ("nm", {})])
 def test_l1_and_oneshot_reach_target(structure, kw):
     for method in ("magnitude", "l1"):
         m = Mo.build("tiny", kind="decoder", vocab_size=64)
@@ -210,17 +211,17 @@ def test_storage_bytes_counts_indices():
 
 
 @pytest.mark.parametrize("kwargs,name", [
-    (dict(sparsity=1.0), "sparsity"),
-    (dict(sparsity=-0.01), "sparsity"),
-    (dict(structure="nm", n=5, m=4), "n"),
-    (dict(structure="diagonal"), "structure"),
-    (dict(method="lottery"), "method"),
-    (dict(l1_lambda=-1e-4), "l1_lambda"),
-    (dict(block=0), "block"),
-    (dict(structure="head"), "targets"),
-    (dict(scope="global", structure="block"), "scope"),
-    (dict(initial_sparsity=0.6, sparsity=0.5), "initial_sparsity"),
-    (dict(method="gradual", structure="nm"), "method"),
+    ({"sparsity": 1.0}, "sparsity"),
+    ({"sparsity": -0.01}, "sparsity"),
+    ({"structure": "nm", "n": 5, "m": 4}, "n"),
+    ({"structure": "diagonal"}, "structure"),
+    ({"method": "lottery"}, "method"),
+    ({"l1_lambda": -1e-4}, "l1_lambda"),
+    ({"block": 0}, "block"),
+    ({"structure": "head"}, "targets"),
+    ({"scope": "global", "structure": "block"}, "scope"),
+    ({"initial_sparsity": 0.6, "sparsity": 0.5}, "initial_sparsity"),
+    ({"method": "gradual", "structure": "nm"}, "method"),
 ])
 def test_bad_config_names_parameter(kwargs, name):
     with pytest.raises(LabkitConfigError) as e:

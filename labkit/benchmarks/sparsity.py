@@ -26,7 +26,6 @@ dense model at any sparsity; weight memory at 90% unstructured, indices counted,
 from __future__ import annotations
 
 import copy
-import statistics
 import warnings
 
 import torch
@@ -194,7 +193,7 @@ def block_sparse(out_f: int = 3072, in_f: int = 768, tokens: int = TOKENS,
 
 def accelerate_floor(model_cfg: ModelConfig, sparsities, structures, batch: int = 4,
                      seq: int = 128, rounds: int = 3, min_run_time: float = 0.02,
-                     final_rounds: int = 7):
+                     final_rounds: int = 9, final_min_run_time: float = 0.1):
     """For each (structure, sparsity): prune, :func:`accelerate`, then time the accelerated
     model against its dense original side by side. Returns rows."""
     rows = []
@@ -217,7 +216,7 @@ def accelerate_floor(model_cfg: ModelConfig, sparsities, structures, batch: int 
                         mm(ids)
                 return run
             t = S.paired_times({"dense": call(dense), "accelerated": call(model)},
-                               final_rounds, min_run_time)
+                               final_rounds, final_min_run_time)
             paths = S.chosen_paths(acc)
             rows.append({"structure": st, "sparsity": s,
                          "speedup": S.paired_speedup(t, "dense", "accelerated"),
@@ -236,18 +235,18 @@ def run(quick: bool = False) -> dict:
     would then decide the ratio), the sweep at one thread."""
     if quick:
         shapes, spars, tokens, rounds, mrt = ((256, 128),), (0.5, 0.9), 32, 2, 0.005
-        ffn = dict(d_model=128, d_ff=512, tokens=32, rounds=2, min_run_time=0.005)
-        bs = dict(out_f=256, in_f=128, tokens=32, rounds=2, min_run_time=0.005)
+        ffn = {"d_model": 128, "d_ff": 512, "tokens": 32, "rounds": 2, "min_run_time": 0.005}
+        bs = {"out_f": 256, "in_f": 128, "tokens": 32, "rounds": 2, "min_run_time": 0.005}
         acc_cfg = ModelConfig(d_model=64, d_ff=256, n_layers=1, n_heads=2, vocab_size=64)
-        acc = dict(sparsities=(0.5,), structures=("unstructured",), batch=2, seq=16,
-                   rounds=1, min_run_time=0.002, final_rounds=2)
+        acc = {"sparsities": (0.5,), "structures": ("unstructured",), "batch": 2, "seq": 16,
+                   "rounds": 1, "min_run_time": 0.002, "final_rounds": 2, "final_min_run_time": 0.002}
         thread_counts = (1,)
     else:
         shapes, spars, tokens, rounds, mrt = SHAPES, SPARSITIES, TOKENS, 3, 0.05
         ffn, bs = {}, {}
         acc_cfg = ModelConfig(d_model=256, d_ff=1024, n_layers=2, n_heads=4, vocab_size=1024)
-        acc = dict(sparsities=(0.1, 0.5, 0.9, 0.99), structures=("unstructured", "block",
-                                                               "neuron"))
+        acc = {"sparsities": (0.1, 0.5, 0.9, 0.99), "structures": ("unstructured", "block",
+                                                               "neuron")}
         thread_counts = tuple(sorted({1, torch.get_num_threads()}))
     qnote = "quick mode: small shapes, not the contract; " if quick else ""
     rows = [{"table": "sweep", **r} for r in sweep(shapes, spars, tokens, rounds=rounds,
@@ -313,6 +312,16 @@ def run(quick: bool = False) -> dict:
     return {"name": NAME, "rows": rows, "targets": targets, "env": measure.environment()}
 
 
-__all__ = ["run", "sweep", "break_even", "ffn_compaction", "block_sparse",
-           "accelerate_floor", "NAME", "SHAPES", "SPARSITIES", "STRUCTURE_PATHS",
-           "NM_PATTERNS"]
+__all__ = [
+    "NAME",
+    "NM_PATTERNS",
+    "SHAPES",
+    "SPARSITIES",
+    "STRUCTURE_PATHS",
+    "accelerate_floor",
+    "block_sparse",
+    "break_even",
+    "ffn_compaction",
+    "run",
+    "sweep",
+]

@@ -92,7 +92,7 @@ def _check_2d(scores: torch.Tensor) -> None:
 def n_pruned(sparsity: float, count: int) -> int:
     """How many of ``count`` units a sparsity prunes: round(s * count), but always leaving
     at least one unit (a sparsity < 1 never deletes a whole tensor)."""
-    return max(0, min(int(round(sparsity * count)), count - 1))
+    return max(0, min(round(sparsity * count), count - 1))
 
 
 def _keep_top(flat_scores: torch.Tensor, n_zero: int) -> torch.Tensor:
@@ -325,8 +325,26 @@ def remove_mask(module: nn.Module, name: str = "weight", bake: bool = True) -> N
         parametrize.remove_parametrizations(module, name, leave_parametrized=bake)
 
 
-__all__ = ["STRUCTURES", "make_mask", "unstructured_mask", "nm_mask", "block_mask",
-           "row_mask", "column_mask", "n_pruned", "global_unstructured_masks", "block_scores",
-           "check_mask", "sparsity_of", "check_sparsity", "check_nm", "check_block",
-           "check_structure", "WeightMask", "attach_mask", "mask_of", "set_mask",
-           "remove_mask"]
+__all__ = [
+    "STRUCTURES",
+    "WeightMask",
+    "attach_mask",
+    "block_mask",
+    "block_scores",
+    "check_block",
+    "check_mask",
+    "check_nm",
+    "check_sparsity",
+    "check_structure",
+    "column_mask",
+    "global_unstructured_masks",
+    "make_mask",
+    "mask_of",
+    "n_pruned",
+    "nm_mask",
+    "remove_mask",
+    "row_mask",
+    "set_mask",
+    "sparsity_of",
+    "unstructured_mask",
+]

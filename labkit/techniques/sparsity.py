@@ -141,7 +141,7 @@ class MaskedLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, structure: str, n: int = 2, m: int = 4,
-                    block: int = 32) -> "MaskedLinear":
+                    block: int = 32) -> MaskedLinear:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = lin.in_features, lin.out_features
@@ -217,10 +217,10 @@ def compute_masks(model: nn.Module, config: SparsityConfig,
         out = {}
         for mod, group in _owner_groups(model, config.structure):
             if config.structure == "neuron":
-                rows, cols = ("up", "gate"), ("down",)
+                rows, _cols = ("up", "gate"), ("down",)
                 unit = 1
             else:
-                rows, cols = ("q", "k", "v"), ("o",)
+                rows, _cols = ("q", "k", "v"), ("o",)
                 unit = mod.head_dim
             score = None
             for k, lin in group.items():
@@ -335,7 +335,7 @@ def train_sparse(model, config: SparsityConfig, batches, steps: int, eval_fn=Non
     V.number("prune_at", prune_at, 0.0, 1.0)
     if not masked_linears(model):
         attach(model, config)
-    cut = int(round(prune_at * steps))
+    cut = round(prune_at * steps)
     cbs = []
     if eval_fn is not None:
         inner = eval_fn
@@ -501,7 +501,7 @@ class DenseLinear(nn.Linear):
     kernel_path = "dense"
 
     @classmethod
-    def of(cls, lin: nn.Linear, path: str = "dense") -> "DenseLinear":
+    def of(cls, lin: nn.Linear, path: str = "dense") -> DenseLinear:
         new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
         with torch.no_grad():
             new.weight.copy_(lin.weight.detach())
@@ -635,7 +635,7 @@ class NMLinear(DenseLinear):
     CUDA: torch's semi-structured sparse kernel (fp16)."""
 
     @classmethod
-    def of_nm(cls, lin, n: int, m: int) -> "NMLinear":
+    def of_nm(cls, lin, n: int, m: int) -> NMLinear:
         new = cls.of(lin, f"nm-simulated ({n}:{m}, speed not measured on CPU)")
         new.n, new.m = n, m
         if torch.cuda.is_available() and (n, m) == (2, 4):  # pragma: no cover - needs a GPU
@@ -654,7 +654,7 @@ class CompactedMLP(MLP):
     kernel_path = "compacted-dense"
 
     @classmethod
-    def of(cls, mlp: MLP) -> "CompactedMLP":
+    def of(cls, mlp: MLP) -> CompactedMLP:
         up = mlp.up.weight.detach()
         keep = up.any(1)
         if mlp.gated:
@@ -686,7 +686,7 @@ class CompactedAttention(Attention):
     kernel_path = "compacted-dense"
 
     @classmethod
-    def of(cls, attn: Attention) -> "CompactedAttention":
+    def of(cls, attn: Attention) -> CompactedAttention:
         hd = attn.head_dim
         q = attn.q.weight.detach()
         alive = q.view(attn.n_heads, hd, -1).flatten(1).any(1)
@@ -833,7 +833,7 @@ def accelerate(model: nn.Module, *inputs, paths=PATHS, rounds: int = 5,
                                   f"(max err {float((got - ref).abs().max()):.2e}); dropped")
                     del cands[label]
 
-        def runner(c):
+        def runner(c, args=args, kwargs=kwargs):
             def run():
                 with torch.inference_mode():
                     c(*args, **kwargs)
@@ -935,9 +935,40 @@ def chosen_paths(rows: list[dict]) -> dict[str, str]:
     return {r["layer"]: r["path"] for r in rows if r["chosen"] and r["layer"] != "<model>"}
 
 
-__all__ = ["SparsityConfig", "STRUCTURES", "METHODS", "SCOPES", "TARGETS", "PATHS",
-           "cubic_schedule", "MaskedLinear", "attach", "compute_masks", "set_masks", "prune",
-           "actual_sparsity", "l1_penalty", "sparsify_", "GradualPruning", "train_sparse",
-           "storage_bytes", "expected", "DenseLinear", "CSRLinear", "BSRLinear",
-           "BlockGatheredLinear", "CompactedLinear", "NMLinear", "CompactedMLP",
-           "CompactedAttention", "paired_times", "paired_speedup", "accelerate", "chosen_paths", "linear_path", "convert", "LINEAR_PATHS", "NM_CPU_NOTE"]
+__all__ = [
+    "LINEAR_PATHS",
+    "METHODS",
+    "NM_CPU_NOTE",
+    "PATHS",
+    "SCOPES",
+    "STRUCTURES",
+    "TARGETS",
+    "BSRLinear",
+    "BlockGatheredLinear",
+    "CSRLinear",
+    "CompactedAttention",
+    "CompactedLinear",
+    "CompactedMLP",
+    "DenseLinear",
+    "GradualPruning",
+    "MaskedLinear",
+    "NMLinear",
+    "SparsityConfig",
+    "accelerate",
+    "actual_sparsity",
+    "attach",
+    "chosen_paths",
+    "compute_masks",
+    "convert",
+    "cubic_schedule",
+    "expected",
+    "l1_penalty",
+    "linear_path",
+    "paired_speedup",
+    "paired_times",
+    "prune",
+    "set_masks",
+    "sparsify_",
+    "storage_bytes",
+    "train_sparse",
+]
