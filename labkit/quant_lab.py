@@ -153,11 +153,20 @@ def _timed(fn_by_name: dict, min_run_time: float) -> dict:
 
 def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
                  accelerate=True, kwargs=None) -> list[dict]:
-    """fp32, bf16, torchao INT8 (dynamic, weight-only) and accelerate, side by side."""
+    """fp32, bf16, torchao INT8 (dynamic, weight-only), torch's deprecated dynamic INT8 and
+    accelerate (per-layer fastest of all of them), side by side."""
     kwargs = kwargs or {}
     variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
                 "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic")),
                 "int8_weight_only": apply_(copy.deepcopy(model), I.Int8Config("weight_only"))}
+    td = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_dynamic is deprecated, still measured
+        from .techniques.registry import swap_modules
+
+        swap_modules(td, I._selector("blocks"), lambda n, m: I.AcceleratedLinear(
+            m, "torch_dynamic"))
+    variants["torch_dynamic"] = td
     chosen = None
     if accelerate:
         acc = copy.deepcopy(model)

@@ -41,7 +41,8 @@ def test_hessian_and_mixed_precision(result):
 def test_latency_and_paths(result):
     lat = [r for r in result["rows"] if r.get("section") == "latency" and r["model"] == "labkit"]
     variants = {r["variant"] for r in lat}
-    assert variants == {"fp32", "bf16", "int8_dynamic", "int8_weight_only", "accelerated"}
+    assert variants == {"fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic",
+                        "accelerated"}
     assert {r["batch"] for r in lat} == {1, result["params"]["latency_batch"]}
     assert all(r["latency_ms"] > 0 and r["kernel_path"] for r in lat)
     assert "_int_mm" in result["metrics"]["kernel_path_int8"]
@@ -71,7 +72,13 @@ def test_minilm_embeddings(run_notebook):
     assert m["pretrained"] == "minilm"
     assert m["minilm_cosine_8bit"] >= 0.99
     assert m["minilm_cosine_8bit"] > m["minilm_cosine_4bit"] > m["minilm_cosine_2bit"]
-    assert -1 <= m["minilm_mixed_cosine"] <= 1 and -1 <= m["minilm_uniform_cosine"] <= 1
+    bb = r["params"]["budget_bits"]
+    for b in (bb, bb + 1):
+        assert -1 <= m[f"minilm_mixed_cosine_b{b}"] <= 1
+        assert -1 <= m[f"minilm_uniform_cosine_b{b}"] <= 1
+    mixed = [x for x in r["rows"] if x.get("section") == "mixed_vs_uniform"
+             and x.get("model") == "minilm" and x["variant"] == "mixed"]
+    assert all(x["used_bytes"] <= x["budget_bytes"] for x in mixed)
     lat = {x["variant"] for x in r["rows"] if x.get("section") == "latency"
            and x["model"] == "minilm"}
     assert {"fp32", "bf16", "int8_dynamic"} <= lat

@@ -198,7 +198,7 @@ def test_accelerate_keeps_fastest_and_records_path(ids):
     layer_rows = [r for r in rows if r["layer"] != "<model>"]
     assert len(layer_rows) == 6 * m.cfg.n_layers
     for r in layer_rows:
-        times = {c: r[f"{c}_ms"] for c in ("fp32", "int8_dynamic", "int8_weight_only")}
+        times = {c: r[f"{c}_ms"] for c in I.CANDIDATES}
         assert r["chosen"] == min(times, key=times.get)
     from labkit.measure import kernel_paths
 

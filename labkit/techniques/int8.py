@@ -13,7 +13,10 @@ time and memory the weights must be *stored* as int8 and the matmul must run on 
 On this torchao (0.18) the CPU dynamic path is ``Int8Tensor`` -> ``int_scaled_matmul`` ->
 ``torch._int_mm`` (s8s8, oneDNN, AMX tiles where the CPU has them, u8s8 VNNI otherwise);
 weight-only casts the int8 weight to float at every call then runs the float GEMM, so it
-saves memory but rarely time in eager mode. The per-row activation quantization costs
+saves memory but rarely time in eager mode. ``torch.ao.quantization.quantize_dynamic``
+(fbgemm/x86 ``quantized::linear_dynamic``, one fused op) still exists in torch 2.13 but
+warns that it is deprecated; it is a candidate too, because at small batches it is often the
+fastest INT8 path on this CPU. The per-row activation quantization costs
 several element-wise passes, which dominate at batch 1 and for tiny layers: there INT8
 *loses*. :func:`accelerate_` therefore times every candidate on the layer's real input
 shape and keeps the fastest, and the model-level check reverts when the whole model got
@@ -63,8 +66,8 @@ def kernel_path_of(candidate: str) -> str:
         "bf16": "bf16 aten.linear (oneDNN, casts at the boundary)",
         "int8_dynamic": f"torchao Int8Tensor W8A8 dynamic -> torch._int_mm s8s8 ({isa})",
         "int8_weight_only": "torchao Int8Tensor weight-only -> int8->fp32 cast + fp32 mm",
-        "torch_dynamic": ("torch.ao quantize_dynamic -> quantized::linear_dynamic ("
-                          f"{torch.backends.quantized.engine})"),
+        "torch_dynamic": ("torch.ao quantize_dynamic (deprecated) -> "
+                          f"quantized::linear_dynamic ({torch.backends.quantized.engine})"),
     }[candidate]
 
 
@@ -203,7 +206,7 @@ class AccelerateConfig:
 
     batch_size: int = 1
     seq_len: int = 32
-    candidates: tuple = ("fp32", "int8_dynamic", "int8_weight_only")
+    candidates: tuple = CANDIDATES
     min_run_time: float = 0.05
     layers: str = "blocks"
 
@@ -238,8 +241,7 @@ def _capture_inputs(model, inputs, select) -> dict[str, torch.Tensor]:
     return seen
 
 
-def accelerate_(model: nn.Module, inputs: tuple, candidates=("fp32", "int8_dynamic",
-                                                              "int8_weight_only"),
+def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
                 min_run_time: float = 0.05, layers: str = "blocks",
                 check_model: bool = True) -> list[dict]:
     """Per layer: keep the fastest candidate measured on the layer's real input.
