@@ -100,7 +100,7 @@ def make_candidate(lin: nn.Linear, candidate: str) -> nn.Module:
     if candidate == "torch_dynamic":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated")
+            warnings.filterwarnings("ignore", message=".*deprecated")  # recorded in the path
             return torch.ao.quantization.quantize_dynamic(
                 nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
     from torchao.quantization import quantize_
