@@ -199,7 +199,10 @@ def test_accelerate_keeps_fastest_and_records_path(ids):
     assert len(layer_rows) == 6 * m.cfg.n_layers
     for r in layer_rows:
         times = {c: r[f"{c}_ms"] for c in I.CANDIDATES}
-        assert r["chosen"] == min(times, key=times.get)
+        # the fastest, or fp32 when the fastest did not beat it by the margin twice
+        assert r["chosen"] in (min(times, key=times.get), "fp32")
+        if r["chosen"] != "fp32":
+            assert times[r["chosen"]] < 0.95 * times["fp32"]
     from labkit.measure import kernel_paths
 
     paths = kernel_paths(m)

@@ -243,12 +243,15 @@ def _capture_inputs(model, inputs, select) -> dict[str, torch.Tensor]:
 
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
                 min_run_time: float = 0.05, layers: str = "blocks",
-                check_model: bool = True) -> list[dict]:
-    """Per layer: keep the fastest candidate measured on the layer's real input.
+                check_model: bool = True, margin: float = 0.05) -> list[dict]:
+    """Per layer: keep the fastest candidate measured on the layer's real input; a path
+    other than fp32 must beat fp32 by ``margin`` in two timings (the second a re-check
+    side by side), so timer noise does not swap in a slower kernel.
     Per model: if the result is slower than the original end to end, revert (a warning
     and a recorded path, not silence). Returns tidy rows, one per layer (+ one model row)."""
     for c in candidates:
         V.choice("candidates", c, CANDIDATES)
+    V.number("margin", margin, 0.0, 1.0)
     select = _selector(layers)
     xs = _capture_inputs(model, inputs, select)
     original = copy.deepcopy(model) if check_model else None
@@ -257,6 +260,11 @@ def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
         lin = model.get_submodule(name)
         t = time_candidates(lin, x.clone(), candidates, min_run_time)
         best = min(t, key=t.get)
+        if "fp32" in t and best != "fp32":
+            again = time_candidates(lin, x.clone(), ("fp32", best), min_run_time)
+            if not (t[best] < (1 - margin) * t["fp32"]
+                    and again[best] < (1 - margin) * again["fp32"]):
+                best = "fp32"
         choice[name] = (best, t)
         rows.append({"layer": name, "shape": f"{tuple(x.shape)}x{tuple(lin.weight.shape)}",
                      "chosen": best, "kernel_path": kernel_path_of(best),
@@ -271,8 +279,10 @@ def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
                     m(*inputs)
             return call
 
-        t0 = time_fn(run(original), "fp32 model", min_run_time=4 * min_run_time).median_s
-        t1 = time_fn(run(model), "accelerated", min_run_time=4 * min_run_time).median_s
+        mrt = max(4 * min_run_time, 0.05)
+        t0 = time_fn(run(original), "fp32 model", min_run_time=mrt).median_s
+        t1 = time_fn(run(model), "accelerated", min_run_time=mrt).median_s
+        t0 = min(t0, time_fn(run(original), "fp32 model", min_run_time=mrt).median_s)
         kept = "accelerated"
         if t1 > t0:
             warnings.warn(f"accelerate_: per-layer choices made the model slower end to end "
