@@ -87,5 +87,14 @@ def cosine_to(reference: torch.Tensor, emb: torch.Tensor) -> dict:
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
-__all__ = ["minilm_available", "minilm_path", "load_minilm", "sentences", "encode", "embed",
-           "cosine_to", "PretrainedUnavailable", "INSTALL_HINT"]
+__all__ = [
+    "INSTALL_HINT",
+    "PretrainedUnavailable",
+    "cosine_to",
+    "embed",
+    "encode",
+    "load_minilm",
+    "minilm_available",
+    "minilm_path",
+    "sentences",
+]

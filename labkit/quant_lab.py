@@ -217,6 +217,17 @@ def memory_rows(shapes: dict, bits_list=(8, 4, 3, 2), granularity="channel", gro
     return rows
 
 
-__all__ = ["fake_config", "quantized_copy", "simulate_nli", "evaluate_nli", "train_base",
-           "MiniLM", "sensitivity", "layer_shapes", "mixed_assignment", "latency_rows",
-           "memory_rows", "MODES"]
+__all__ = [
+    "MODES",
+    "MiniLM",
+    "evaluate_nli",
+    "fake_config",
+    "latency_rows",
+    "layer_shapes",
+    "memory_rows",
+    "mixed_assignment",
+    "quantized_copy",
+    "sensitivity",
+    "simulate_nli",
+    "train_base",
+]

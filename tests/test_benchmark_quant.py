@@ -24,7 +24,7 @@ def test_quick_structure_and_sanity():
     # sizes are counted, not timed: these hold on any machine
     byts = {t["target"]: t for t in r["targets"] if "bytes" in t["target"]}
     assert all(t["met"] for t in byts.values())
-    claim = [row for row in r["rows"] if row["variant"].startswith("paper claim")][0]
+    claim = next(row for row in r["rows"] if row["variant"].startswith("paper claim"))
     assert abs(claim["ratio"] - 0.5) < 0.02
     # the accelerated batch-1 model ran the path accelerate chose
     b1 = [row for row in r["rows"] if row["section"] == "batch1"]

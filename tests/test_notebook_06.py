@@ -95,7 +95,9 @@ def test_without_pretrained_package_continues(tmp_path, monkeypatch):
     assert r["metrics"]["pretrained"] == "none"
     assert "minilm_cosine_8bit" not in r["metrics"]
     assert math.isfinite(r["metrics"]["fp32_eval_loss"])  # the labkit part still ran
-    text = open(r["_executed"]).read()
+    from pathlib import Path
+
+    text = Path(r["_executed"]).read_text()
     assert "pip install 'labkit[pretrained]'" in text
 
 

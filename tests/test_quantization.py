@@ -271,9 +271,9 @@ def test_sensitivity_on_labkit_model(ids):
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("bad,field", [
-    (dict(bits=1), "bits"), (dict(bits=9), "bits"), (dict(act_bits=16), "act_bits"),
-    (dict(granularity="row"), "granularity"), (dict(calibration="kl"), "calibration"),
-    (dict(group_size=0), "group_size")])
+    ({"bits": 1}, "bits"), ({"bits": 9}, "bits"), ({"act_bits": 16}, "act_bits"),
+    ({"granularity": "row"}, "granularity"), ({"calibration": "kl"}, "calibration"),
+    ({"group_size": 0}, "group_size")])
 def test_config_errors_name_the_field(bad, field):
     with pytest.raises(LabkitConfigError) as e:
         Q.FakeQuantConfig(**bad)
@@ -306,7 +306,7 @@ def test_sensitivity_reports_per_head_traces(ids):
     labels = torch.tensor([0, 1, 2, 0])
     rows = H.sensitivity(m, lambda: m.loss({"input_ids": ids, "labels": labels}), samples=1,
                          trace_group=m.cfg.head_dim)
-    q = [r for r in rows if r["layer"] == "blocks.0.attn.q"][0]
+    q = next(r for r in rows if r["layer"] == "blocks.0.attn.q")
     assert len(q["group_traces"]) == m.cfg.n_heads
     assert abs(sum(q["group_traces"]) - q["trace"]) < 1e-6 + 1e-4 * abs(q["trace"])
 

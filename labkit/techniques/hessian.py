@@ -200,5 +200,13 @@ def assign_bits(rows: list[dict], budget: int, bits=(2, 3, 4, 8), shapes: dict |
         used += extra
 
 
-__all__ = ["hvp", "hutchinson_trace", "top_eigenvalue", "exact_hessian", "sensitivity",
-           "assign_bits", "budget_bytes", "linear_weights"]
+__all__ = [
+    "assign_bits",
+    "budget_bytes",
+    "exact_hessian",
+    "hutchinson_trace",
+    "hvp",
+    "linear_weights",
+    "sensitivity",
+    "top_eigenvalue",
+]

@@ -36,6 +36,7 @@ Complexity: O(n) extra element-wise work per forward; no change in parameters or
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -86,19 +87,26 @@ def qparams(x: torch.Tensor, bits: int, symmetric: bool = True, granularity: str
     V.choice("granularity", granularity, GRANULARITIES)
     V.choice("calibration", calibration, CALIBRATIONS)
     g = _granules(x.detach().float(), granularity, group_size)  # (G, n)
-    qmin, qmax = qrange(bits, symmetric)
     if calibration == "percentile":
         p = percentile / 100.0
         if symmetric:
-            hi = torch.quantile(g.abs(), p, dim=1, keepdim=True) if g.shape[1] < 2 ** 24 else \
-                g.abs().amax(1, keepdim=True)
+            hi = _quantile(g.abs(), p)
             lo = -hi
         else:
-            lo = torch.quantile(g, 1 - p, dim=1, keepdim=True)
-            hi = torch.quantile(g, p, dim=1, keepdim=True)
+            lo, hi = _quantile(g, 1 - p), _quantile(g, p)
     else:
         lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
     return range_to_qparams(lo, hi, bits, symmetric)
+
+
+def _quantile(g: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-row quantile (G, 1); rows longer than torch.quantile's limit use a strided
+    sample of 2^24 values (a warning, not a silent change)."""
+    if g.shape[1] >= 2 ** 24:
+        warnings.warn(f"percentile calibration on {g.shape[1]} values per granule: using a "
+                      f"strided sample of 2^24 (torch.quantile's limit)")
+        g = g[:, :: g.shape[1] // 2 ** 24 + 1]
+    return torch.quantile(g, p, dim=1, keepdim=True)
 
 
 def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
@@ -447,7 +455,23 @@ def expected(model_cfg, config: FakeQuantConfig) -> dict:
             "metadata": meta, "bytes_ratio": (codes + meta) / (4 * n)}
 
 
-__all__ = ["FakeQuantConfig", "FakeQuantLinear", "WeightFakeQuant", "ActFakeQuant",
-           "qparams", "quantize", "dequantize", "fake_quantize", "fake_quant_tensor",
-           "weight_bytes", "fake_quantize_", "calibrate", "quantized_layers",
-           "quantized_bytes", "dequantize_", "expected", "qrange", "range_to_qparams"]
+__all__ = [
+    "ActFakeQuant",
+    "FakeQuantConfig",
+    "FakeQuantLinear",
+    "WeightFakeQuant",
+    "calibrate",
+    "dequantize",
+    "dequantize_",
+    "expected",
+    "fake_quant_tensor",
+    "fake_quantize",
+    "fake_quantize_",
+    "qparams",
+    "qrange",
+    "quantize",
+    "quantized_bytes",
+    "quantized_layers",
+    "range_to_qparams",
+    "weight_bytes",
+]
