@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import weakref
 from collections import defaultdict
@@ -26,11 +27,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import validate as V
 
 
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """Run a block with ``n`` intra-op threads (``None``: leave as is), then restore."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(V.integer("threads", n, 1))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()

@@ -7,6 +7,7 @@ cells with a message a person can act on.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,7 +39,8 @@ def integer(name: str, value: Any, lo: int | None = None, hi: int | None = None)
 def number(name: str, value: Any, lo: float | None = None, hi: float | None = None,
            lo_open: bool = False, hi_open: bool = False) -> float:
     """A real number in the interval; ``lo_open``/``hi_open`` exclude the bound."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and not math.isnan(value)
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
@@ -63,6 +65,15 @@ def _range(lo, hi, left: str, right: str) -> str:
     if lo is None:
         return f" <= {hi}" if right == "]" else f" < {hi}"
     return f" in {left}{lo}, {hi}{right}"
+
+
+def layer_indices(name: str, value: Any) -> tuple[int, ...] | None:
+    """``None`` (every block) or a non-empty tuple/list of block indices >= 0, as a tuple."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or not value:
+        raise LabkitConfigError(name, value, "None or a non-empty tuple of block indices")
+    return tuple(integer(name, i, 0) for i in value)
 
 
 def params(names_and_values: dict[str, Any], spec: dict[str, tuple]) -> dict[str, Any]:

@@ -70,15 +70,9 @@ def sweep(ns=(512, 1024, 2048, 4096), n_heads: int = 8, head_dim: int = 64, batc
     ``speedup`` the median over rounds of the per-round ratio SDPA / method at the same
     ``n`` and scope, so a burst of load from other processes hits both sides of a ratio.
     ``threads``: intra-op threads for the sweep (default: the current setting)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        V.integer("threads", threads, 1)
-        torch.set_num_threads(threads)
-    try:
+    with measure.num_threads(threads):
         return _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes,
                       min_run_time, memory, seed, rounds)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes, min_run_time,

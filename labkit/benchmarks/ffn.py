@@ -83,15 +83,9 @@ def sweep(shapes=SHAPES, tokens=TOKENS, rank_fractions=RANK_FRACTIONS, scopes=("
     """Tidy rows, one per (scope, d, d_ff, tokens, rank): times, counted FLOPs, FLOP ratio,
     paired speedup and ``efficiency`` = speedup / FLOP ratio. ``rank=None`` is dense.
     ``threads``: intra-op threads for the sweep (default: the current setting)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        V.integer("threads", threads, 1)
-        torch.set_num_threads(threads)
-    try:
+    with measure.num_threads(threads):
         return _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated,
                       memory, seed)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated, memory, seed):

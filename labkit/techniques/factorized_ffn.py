@@ -127,13 +127,7 @@ class FactorizedFFNConfig:
     def __post_init__(self):
         V.integer("rank", self.rank, 1)
         V.choice("init", self.init, INITS)
-        if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise V.LabkitConfigError("layers", self.layers,
-                                          "None (every block) or a non-empty tuple of block indices")
-            for i in self.layers:
-                V.integer("layers", i, 0)
-            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", V.layer_indices("layers", self.layers))
 
     def check(self, model_cfg: ModelConfig) -> None:
         """Model-dependent checks: the rank and the layer indices must fit the model."""

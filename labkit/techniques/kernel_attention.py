@@ -70,13 +70,7 @@ class KernelAttentionConfig:
                                       "of num_features/2 frequencies)")
         V.integer("seed", self.seed, 0)
         V.integer("chunk_size", self.chunk_size, 1)
-        if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise V.LabkitConfigError("layers", self.layers,
-                                          "None or a non-empty tuple of block indices")
-            for i in self.layers:
-                V.integer("layers", i, 0)
-            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", V.layer_indices("layers", self.layers))
 
     def feature_dim(self, head_dim: int) -> int:
         """The feature dimension ``m`` actually used for heads of size ``head_dim``."""

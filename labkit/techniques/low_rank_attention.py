@@ -64,13 +64,7 @@ class LowRankAttentionConfig:
                 raise V.LabkitConfigError(
                     "k", self.k, f"a rank k <= seq_len={self.seq_len} (the projection "
                                  "cannot have more rows than the sequence it summarises)")
-        if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise V.LabkitConfigError("layers", self.layers,
-                                          "None or a non-empty tuple of block indices")
-            for i in self.layers:
-                V.integer("layers", i, 0)
-            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", V.layer_indices("layers", self.layers))
 
     def resolve(self, model_cfg: ModelConfig) -> tuple[int, list[int]]:
         """``(n, layer indices)`` for a model, checking the fields against it."""
