@@ -10,12 +10,18 @@
   rank-``k`` matrix can do (Eckart-Young).
 * :func:`train_variants`: train the same model dense and with techniques, at equal steps,
   logging every loss curve to one :class:`labkit.ui.LiveBoard`.
+* :func:`finetune_variants`: start every variant from one *trained* model (e.g.
+  :func:`labkit.zoo.trained_encoder`), swap in the technique (weights kept where the
+  technique keeps them), evaluate before fine-tuning (the immediate cost of the swap), then
+  fine-tune every variant, the dense copy included, for the same steps on the same batches.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+
+import copy
 
 from . import validate as V
 from .model import Attention, build
@@ -232,8 +238,41 @@ def train_variants(task, variants: dict, model_cfg="tiny", steps: int = 100,
     return out
 
 
+def finetune_variants(base, task, variants: dict, steps: int = 100, batch_size: int = 32,
+                      lr: float = 1e-3, seed: int = 0, board=None, eval_every: int | None = None,
+                      n_eval: int = 256, progress: bool = False) -> dict:
+    """Fine-tune copies of the trained model ``base`` (``{label: technique config or None}``).
+
+    Each variant is a deep copy of ``base`` with its technique applied (``None`` keeps it
+    dense). It is evaluated on the first ``n_eval`` eval examples before any step (``before``:
+    what the swap alone costs), then fine-tuned for ``steps`` on the same batches (same seed)
+    as every other variant. Returns ``{label: {"model", "result", "before", "final"}}``;
+    losses go to ``board`` panel "loss"."""
+    from . import data
+    from .techniques import apply_
+
+    V.integer("steps", steps, 1)
+    out = {}
+    eval_set = {k: v[:n_eval] for k, v in task.eval.items()}
+    for label, config in variants.items():
+        model = copy.deepcopy(base)
+        if config is not None:
+            for c in (config if isinstance(config, (list, tuple)) else [config]):
+                apply_(model, c)
+        before = evaluate(model, eval_set)
+        callbacks = [board.callback("loss", label)] if board is not None else []
+        res = fit(model, data.batches(task.train, batch_size, seed=seed), steps, lr=lr,
+                  eval_fn=lambda m=model: evaluate(m, eval_set), seed=seed,
+                  eval_every=eval_every or steps, callbacks=callbacks, progress=progress)
+        out[label] = {"model": model, "result": res, "before": before, "final": res.final}
+    if board is not None:
+        board.flush()
+    return out
+
+
 def loss_summary(runs: dict, window: int = 10) -> list[dict]:
-    """Per variant: mean train loss of the last ``window`` steps and the final eval metrics."""
+    """Per variant: mean train loss of the last ``window`` steps and the final eval metrics
+    (and, for :func:`finetune_variants` runs, the eval metrics before fine-tuning)."""
     rows = []
     for label, r in runs.items():
         train = [h["loss"] for h in r["result"].history if h["split"] == "train"]
@@ -241,6 +280,7 @@ def loss_summary(runs: dict, window: int = 10) -> list[dict]:
         rows.append({"variant": label, "steps": r["result"].steps,
                      "train_loss_last": sum(tail) / len(tail), "train_loss_first": train[0],
                      "seconds": r["result"].seconds,
+                     **{f"before_eval_{k}": v for k, v in r.get("before", {}).items()},
                      **{f"eval_{k}": v for k, v in r["final"].items()}})
     return rows
 
@@ -248,6 +288,7 @@ def loss_summary(runs: dict, window: int = 10) -> list[dict]:
 __all__ = [
     "attention_maps",
     "capture_qkv",
+    "finetune_variants",
     "loss_summary",
     "low_rank_error",
     "pretrained_attention_maps",
