@@ -4,7 +4,10 @@
   on ``synthetic-nli`` (``"nli"``): config, batches, eval set and a latency sample.
 * :func:`sparsity_config`: a :class:`~labkit.techniques.sparsity.SparsityConfig` whose cubic
   schedule fits a run of ``steps`` steps (gradual pruning ends at 60% of training).
-* :func:`train_one`: one fresh model, one pruning method, curves on a LiveBoard.
+* :func:`baseline_workload`: the NLI workload of a trained, cached dense baseline
+  (:func:`labkit.zoo.trained_encoder`), so pruning starts from a model that learned its task.
+* :func:`train_one`: one fresh model (or a copy of a trained one), one pruning method,
+  curves on a LiveBoard.
 * :func:`curve_study`: the survey's experiment: loss curves at several MLP sparsities for
   each structure, against dense and against a small dense model with the same non-zeros.
 * :func:`nm_for`: the N:M pattern nearest a sparsity (M dividing the model's dimensions).
@@ -62,6 +65,17 @@ def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len
                     (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
 
 
+def baseline_workload(baseline, batch_size: int = 32) -> Workload:
+    """The ``"nli"`` workload on the data a :class:`labkit.zoo.Baseline` was trained on (same
+    tokenizer, max_len and eval set), for fine-tuning copies of ``baseline.model``."""
+    V.integer("batch_size", batch_size, 1)
+    pairs = baseline.task
+    ev = pairs.eval
+    return Workload("nli", baseline.model.cfg,
+                    lambda s: data.batches(pairs.train, batch_size, seed=s), ev,
+                    (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
+
+
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
                     method: str = "magnitude", l1_lambda: float = 1e-4, n: int = 2, m: int = 4,
                     block: int = 16, scope: str = "layer",
@@ -94,10 +108,14 @@ def nm_for(sparsity: float, dims: tuple[int, ...]) -> tuple[int, int]:
 
 def train_one(work: Workload, config: S.SparsityConfig | None, steps: int, lr: float = 3e-3,
               eval_every: int = 10, seed: int = 0, board=None, series: str = "",
-              prune_at: float = 0.5, cfg: ModelConfig | None = None) -> dict:
+              prune_at: float = 0.5, cfg: ModelConfig | None = None, init=None) -> dict:
     """Train one fresh model (dense when ``config`` is None) and return
-    ``{"model", "result", "final", "sparsity"}``; curves go to ``board`` under ``series``."""
-    model = build(cfg or work.cfg, seed=seed)
+    ``{"model", "result", "final", "sparsity"}``; curves go to ``board`` under ``series``.
+
+    ``init``: a trained model to start from (a deep copy is trained; ``init`` is untouched),
+    e.g. the cached dense baseline: pruning then fine-tunes it for ``steps``."""
+    model = copy.deepcopy(init).train() if init is not None else build(cfg or work.cfg,
+                                                                          seed=seed)
     callbacks = []
     if board is not None:
         callbacks.append(_BoardLog(board, series))
@@ -121,6 +139,32 @@ def train_one(work: Workload, config: S.SparsityConfig | None, steps: int, lr: f
                                  prune_at=prune_at, seed=seed)
     return {"model": model, "result": res, "final": res.final,
             "sparsity": S.actual_sparsity(model)}
+
+
+def prune_from(work: Workload, init, config: S.SparsityConfig | None, steps: int,
+               lr: float = 3e-4, eval_every: int = 10, seed: int = 0, board=None,
+               series: str = "") -> dict:
+    """Prune a copy of the trained model ``init`` by ``config.method`` and fine-tune it for
+    ``steps`` (same batches, lr and steps for every method, so they compare fairly):
+
+    * ``magnitude``: one-shot prune of the trained weights at step 0, then ``steps`` of
+      fine-tuning with the mask fixed;
+    * ``gradual``: the cubic schedule from the trained weights, fine-tuning throughout;
+    * ``l1``: the penalty for the first half, threshold, fine-tune the second half.
+
+    ``config=None`` evaluates ``init`` itself (the dense baseline, no extra steps). Returns
+    the dict of :func:`train_one` (``result`` is None for the dense baseline)."""
+    if config is None:
+        final = evaluate(init, work.eval_set)
+        if board is not None:
+            for k, v in {**final, "sparsity": 0.0}.items():
+                panel = "eval loss" if k == "loss" else k
+                if panel in board.panels:
+                    board.log(panel, series, 0, v, flush=True)
+        return {"model": init, "result": None, "final": final, "sparsity": 0.0}
+    prune_at = 0.0 if config.method == "magnitude" else 0.5
+    return train_one(work, config, steps, lr, eval_every, seed, board, series,
+                     prune_at=prune_at, init=init)
 
 
 class _BoardLog:
@@ -252,9 +296,11 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
 __all__ = [
     "TASKS",
     "Workload",
+    "baseline_workload",
     "curve_study",
     "model_latency_sweep",
     "nm_for",
+    "prune_from",
     "small_dense_cfg",
     "sparsity_config",
     "train_one",
