@@ -17,11 +17,10 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
-
-import copy
 
 from . import validate as V
 from .model import Attention, build

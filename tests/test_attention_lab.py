@@ -38,7 +38,8 @@ def test_train_variants_same_batches_and_loss_summary():
 
 
 def test_finetune_variants_start_from_the_trained_model():
-    from labkit import data, model as M
+    from labkit import data
+    from labkit import model as M
     from labkit.techniques.low_rank_attention import LowRankAttentionConfig
     from labkit.train import evaluate
 

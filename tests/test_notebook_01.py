@@ -31,6 +31,19 @@ def test_training_ran_at_equal_steps(result):
     assert 0 <= m["linformer_eval_accuracy"] <= 1
 
 
+def test_finetuning_starts_from_the_trained_baseline(result):
+    m = result["metrics"]
+    assert m["baseline_steps"] == result["params"]["baseline_steps"]
+    # the dense copy before fine-tuning IS the baseline, on the same eval examples
+    assert m["dense_before_eval_loss"] == pytest.approx(m["baseline_eval_loss"], rel=1e-5)
+    assert m["dense_before_eval_accuracy"] == pytest.approx(m["baseline_eval_accuracy"])
+    for key in ("linformer_before_eval_loss", "dense_before_eval_loss"):
+        assert math.isfinite(m[key]) and 0 < m[key] < 5
+    assert 0 <= m["linformer_before_eval_accuracy"] <= 1
+    train = [r for r in result["rows"] if r["section"] == "train"]
+    assert all("before_eval_accuracy" in r for r in train)
+
+
 def test_spectrum_analysis(result):
     m = result["metrics"]
     assert m["analysis_model"] == "trained"

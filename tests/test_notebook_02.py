@@ -27,11 +27,28 @@ def test_training_ran_at_equal_steps(result):
     assert m["train_nonpositive_denominators"] == 0  # favor features are positive
 
 
+def test_finetuning_starts_from_the_trained_baseline(result):
+    m = result["metrics"]
+    assert m["baseline_steps"] == result["params"]["baseline_steps"]
+    # the dense copy before fine-tuning IS the baseline, on the same eval examples
+    assert m["dense_before_eval_loss"] == pytest.approx(m["baseline_eval_loss"], rel=1e-5)
+    assert m["dense_before_eval_accuracy"] == pytest.approx(m["baseline_eval_accuracy"])
+    for key in ("kernel_before_eval_loss", "dense_before_eval_loss"):
+        assert math.isfinite(m[key]) and 0 < m[key] < 5
+    assert 0 <= m["kernel_before_eval_accuracy"] <= 1
+
+
 def test_approximation_error_falls_with_m(result):
     m = result["metrics"]
     assert m["m_max"] > m["m_min"]
     assert m["favor_error_m_max"] < m["favor_error_m_min"]
-    assert m["trig_error_m_max"] < m["trig_error_m_min"]
+    if m["trig_first_unstable_scale"] is not None and m["trig_first_unstable_scale"] <= 1.0:
+        # the analysed q, k are already sharp enough that trig denominators hit <= 0 at their
+        # own scale (the trained baseline's logits grow with training): the error is then
+        # heavy-tailed and need not fall with m; the notebook must report it
+        assert m["trig_nonpositive_frac_scale_1"] > 0.01
+    else:
+        assert m["trig_error_m_max"] < m["trig_error_m_min"]
     # sharper logits make trig denominators non-positive; favor's are positive up to float32
     # underflow at extreme scales
     assert m["favor_nonpositive_frac_scale_max"] <= m["trig_nonpositive_frac_scale_max"]
