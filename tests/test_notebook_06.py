@@ -22,6 +22,8 @@ def test_simulation_quality(result):
         assert math.isfinite(m[k]) and 0 < m[k] < 5
     # 8-bit simulation is a tiny perturbation of the fp32 model: same loss to 1e-2
     assert abs(m["int8_sim_loss_delta"]) < 1e-2
+    assert m["baseline_steps"] == result["params"]["baseline_steps"]  # the cached fp32 model
+    assert isinstance(m["baseline_cached"], bool)
     nli = {r["variant"]: r for r in result["rows"] if r.get("section") == "nli"}
     assert {"fp32", "ptq 8-bit", "ptq 4-bit", "ptq 3-bit", "ptq 2-bit"} <= set(nli)
     sizes = [nli[f"ptq {b}-bit"]["bytes"] for b in (8, 4, 3, 2)]
