@@ -15,57 +15,17 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 
 import torch
 
-from . import data, measure
+from . import measure
 from . import validate as V
 from .model import ModelConfig, build, count_params, preset
 from .techniques import factorized_ffn as FF
 from .techniques import sharing as S
 from .techniques.registry import apply_
 from .train import evaluate, fit
-
-TASKS = ("lm", "nli")
-
-
-@dataclass
-class Workload:
-    """What a variant trains and is evaluated on."""
-
-    task: str
-    cfg: ModelConfig
-    make_batches: object  # seed -> endless iterator of training batches
-    eval_set: object  # a dict of tensors or a list of batches, for labkit.train.evaluate
-    sample: tuple  # (ids, padding mask or None): a batch for latency and FLOP counts
-
-
-def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len: int = 32,
-             n_train: int = 2000, n_eval: int = 256, seed: int = 0) -> Workload:
-    """The decoder LM (``"lm"``: :func:`labkit.data.load_lm_corpus`) or the encoder on
-    ``synthetic-nli`` (``"nli"``: :func:`labkit.data.load_task`), with a preset's sizes."""
-    V.choice("task", task, TASKS)
-    V.integer("batch_size", batch_size, 1)
-    V.integer("seq_len", seq_len, 8)
-    if task == "lm":
-        corpus = data.load_lm_corpus(seed=seed)
-        cfg = preset(size, kind="decoder", vocab_size=len(corpus.tokenizer),
-                     max_len=max(seq_len, 8))
-        gen = data.lm_batches(corpus.eval, batch_size, seq_len, seed=seed + 1)
-        eval_set = [next(gen) for _ in range(max(1, n_eval // batch_size))]
-        ids = eval_set[0]["input_ids"]
-        return Workload(task, cfg, lambda s: data.lm_batches(corpus.train, batch_size, seq_len,
-                                                             seed=s),
-                        eval_set, (ids, None))
-    pairs = data.load_task("synthetic-nli", n_train=n_train, n_eval=n_eval, max_len=seq_len,
-                           seed=seed)
-    cfg = preset(size, kind="encoder", vocab_size=len(pairs.tokenizer),
-                 num_labels=pairs.num_labels, max_len=max(seq_len, 8))
-    ev = pairs.eval
-    return Workload(task, cfg, lambda s: data.batches(pairs.train, batch_size, seed=s), ev,
-                    (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
-
+from .workloads import TASKS, Workload, workload  # noqa: F401  re-exported for notebooks
 
 def build_variant(cfg: ModelConfig, configs=(), seed: int = 0):
     """A fresh model from ``seed`` with the technique configs applied in order."""

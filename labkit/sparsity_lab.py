@@ -19,62 +19,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from . import data, measure
+from . import measure
 from . import validate as V
-from .model import ModelConfig, build, preset
+from .model import ModelConfig, build
 from .techniques import sparsity as S
 from .techniques.registry import apply_
 from .train import evaluate
-
-TASKS = ("lm", "nli")
-
-
-@dataclass
-class Workload:
-    task: str
-    cfg: ModelConfig
-    make_batches: object  # seed -> endless iterator of training batches
-    eval_set: object  # dict of tensors or list of batches (labkit.train.evaluate)
-    sample: tuple  # model inputs for latency: (ids,) or (ids, padding_mask)
-
-
-def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len: int = 32,
-             n_train: int = 2000, n_eval: int = 256, seed: int = 0) -> Workload:
-    V.choice("task", task, TASKS)
-    V.integer("batch_size", batch_size, 1)
-    V.integer("seq_len", seq_len, 8)
-    if task == "lm":
-        corpus = data.load_lm_corpus(seed=seed)
-        cfg = preset(size, kind="decoder", vocab_size=len(corpus.tokenizer),
-                     max_len=max(seq_len, 8))
-        gen = data.lm_batches(corpus.eval, batch_size, seq_len, seed=seed + 1)
-        eval_set = [next(gen) for _ in range(max(1, n_eval // batch_size))]
-        return Workload(task, cfg, lambda s: data.lm_batches(corpus.train, batch_size,
-                                                             seq_len, seed=s),
-                        eval_set, (eval_set[0]["input_ids"],))
-    pairs = data.load_task("synthetic-nli", n_train=n_train, n_eval=n_eval, max_len=seq_len,
-                           seed=seed)
-    cfg = preset(size, kind="encoder", vocab_size=len(pairs.tokenizer),
-                 num_labels=pairs.num_labels, max_len=max(seq_len, 8))
-    ev = pairs.eval
-    return Workload(task, cfg, lambda s: data.batches(pairs.train, batch_size, seed=s), ev,
-                    (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
-
-
-def baseline_workload(baseline, batch_size: int = 32) -> Workload:
-    """The ``"nli"`` workload on the data a :class:`labkit.zoo.Baseline` was trained on (same
-    tokenizer, max_len and eval set), for fine-tuning copies of ``baseline.model``."""
-    V.integer("batch_size", batch_size, 1)
-    pairs = baseline.task
-    ev = pairs.eval
-    return Workload("nli", baseline.model.cfg,
-                    lambda s: data.batches(pairs.train, batch_size, seed=s), ev,
-                    (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
-
+from .workloads import TASKS, Workload, baseline_workload, workload  # noqa: F401  re-exported
 
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
                     method: str = "magnitude", l1_lambda: float = 1e-4, n: int = 2, m: int = 4,
