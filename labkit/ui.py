@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -147,9 +148,13 @@ class LiveBoard:
             if panel not in self.panels:
                 raise V.LabkitConfigError("panel", panel, f"one of {self.panels}")
             col = self.panels.index(panel) + 1
-            first = all(s != series for _, s in self._trace)  # one legend entry a series
+            names = list(dict.fromkeys(s for _, s in self._trace))
+            first = series not in names  # one legend entry, and one colour, a series
+            palette = plotly.colors.qualitative.Plotly
+            color = palette[(names.index(series) if not first else len(names)) % len(palette)]
             self._fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=series,
-                                           legendgroup=series, showlegend=first), row=1, col=col)
+                                           legendgroup=series, showlegend=first,
+                                           line=dict(color=color)), row=1, col=col)
             self._trace[key] = len(self._fig.data) - 1
             self.data[key] = ([], [])
         return self._trace[key]

@@ -80,3 +80,19 @@ def test_headless_runs_get_static_boards():
 def test_budget_is_validated():
     with pytest.raises(LabkitConfigError, match="budget=0"):
         ui.LiveBoard(["loss"], live=False, budget=0)
+
+
+def test_a_series_keeps_one_colour_and_one_legend_entry_across_panels():
+    from labkit.ui import LiveBoard
+
+    board = LiveBoard(panels=["loss", "accuracy"], live=False)
+    for panel in ("loss", "accuracy"):
+        for series in ("dense", "rank 16"):
+            board.log(panel, series, 1, 0.5)
+    traces = board.fig.data
+    colour = {}
+    for t in traces:
+        colour.setdefault(t.name, set()).add(t.line.color)
+    assert all(len(c) == 1 for c in colour.values()) and len(colour) == 2
+    assert colour["dense"] != colour["rank 16"]
+    assert sorted(t.name for t in traces if t.showlegend) == ["dense", "rank 16"]
