@@ -202,6 +202,23 @@ def _register_cpu_sdpa_flops():
 _register_cpu_sdpa_flops()
 
 
+def capture_inputs(model: torch.nn.Module, inputs: tuple, modules: dict) -> dict:
+    """``{name: (args, kwargs)}``: what each of ``modules`` (``{name: module}``) receives
+    first during one inference forward of ``model(*inputs)``, for timing layers on real input."""
+    seen, hooks = {}, []
+    for name, mod in modules.items():
+        def hook(m, args, kwargs, name=name):
+            seen.setdefault(name, (args, kwargs))
+        hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():  # not inference_mode: callers reuse the captured tensors
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def flops(fn) -> int:
     """FLOPs counted by ``FlopCounterMode`` while ``fn()`` runs."""
     with FlopCounterMode(display=False) as counter:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .. import validate as V
-from ..measure import time_fn
+from ..measure import capture_inputs, time_fn
 from .registry import register, register_expected, swap_modules
 
 MODES = ("dynamic", "weight_only")
@@ -221,26 +221,6 @@ class AccelerateConfig:
         V.choice("layers", self.layers, ("blocks", "all"))
 
 
-def _capture_inputs(model, inputs, select) -> dict[str, torch.Tensor]:
-    seen, hooks = {}, []
-
-    def hook(name):
-        def fn(mod, args, out):
-            seen.setdefault(name, args[0].detach().clone())  # returns None: output kept
-        return fn
-
-    for name, m in model.named_modules():
-        if select(name, m):
-            hooks.append(m.register_forward_hook(hook(name)))
-    try:
-        with torch.inference_mode():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
                 min_run_time: float = 0.05, layers: str = "blocks",
                 check_model: bool = True, margin: float = 0.05) -> list[dict]:
@@ -253,7 +233,8 @@ def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
         V.choice("candidates", c, CANDIDATES)
     V.number("margin", margin, 0.0, 1.0)
     select = _selector(layers)
-    xs = _capture_inputs(model, inputs, select)
+    xs = {name: args[0].clone() for name, (args, _) in capture_inputs(
+        model, inputs, {n: m for n, m in model.named_modules() if select(n, m)}).items()}
     original = copy.deepcopy(model) if check_model else None
     rows, choice = [], {}
     for name, x in xs.items():

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..measure import time_fn
+from ..measure import capture_inputs, time_fn
 from ..model import MLP, Attention
 from ..train import Callback, fit
 from . import masks as MK
@@ -769,21 +769,6 @@ def _bake(module: nn.Module) -> nn.Module:
     return new.requires_grad_(False)
 
 
-def _capture_inputs(model, inputs, modules: dict[str, nn.Module]) -> dict:
-    seen, hooks = {}, []
-    for name, mod in modules.items():
-        def hook(m, args, kwargs, name=name):
-            seen.setdefault(name, (args, kwargs))
-        hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def _set_module(model, name, new):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -812,7 +797,7 @@ def accelerate(model: nn.Module, *inputs, paths=PATHS, rounds: int = 5,
     lin_names = {n: m for n, m in masked_linears(model).items()
                  if not any(n.startswith(g + ".") for g in groups)}
     targets = {**{g: mod for g, (_, mod) in groups.items()}, **lin_names}
-    captured = _capture_inputs(model, inputs, targets)
+    captured = capture_inputs(model, inputs, targets)
     rows, dense_versions = [], {}
     for name, mod in targets.items():
         args, kwargs = captured[name]
