@@ -85,6 +85,78 @@ def time_fn(fn, label: str = "", min_run_time: float = 0.5, shapes: str = "",
     return Timing(label, m.median, m.iqr, len(m.times), threads, shapes, dtype)
 
 
+@dataclass
+class Paired:
+    """Timings of several callables measured side by side (see :func:`paired`).
+
+    ``seconds[name]`` is the median over rounds, ``spread[name]`` its (min, max) over
+    rounds; ``ratio[name]`` the median over rounds of the per-round ratio
+    ``reference / name`` (a speedup: > 1 means faster than the reference), and
+    ``ratio_spread[name]`` its (min, max)."""
+
+    reference: str
+    seconds: dict
+    spread: dict
+    ratio: dict
+    ratio_spread: dict
+    rounds: int
+    threads: int
+
+    def rows(self) -> list[dict]:
+        return [{"variant": k, "median_ms": self.seconds[k] * 1e3,
+                 "min_ms": self.spread[k][0] * 1e3, "max_ms": self.spread[k][1] * 1e3,
+                 "speedup": self.ratio[k], "speedup_min": self.ratio_spread[k][0],
+                 "speedup_max": self.ratio_spread[k][1], "rounds": self.rounds,
+                 "threads": self.threads} for k in self.seconds]
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def paired(fns: dict, reference: str | None = None, rounds: int = 3,
+           min_run_time: float = 0.2, timer=None) -> Paired:
+    """Time every callable in ``fns`` side by side: ``rounds`` rounds, each timing every
+    callable once, the order rotated by one each round so drift and other processes hit
+    all alike. ``timer(name, fn, min_run_time) -> seconds`` is injectable (tests pass a
+    fake); the default is the median of :func:`time_fn`. ``reference`` defaults to the
+    first key."""
+    if not fns:
+        raise ValueError("paired() needs at least one callable")
+    names = list(fns)
+    reference = names[0] if reference is None else reference
+    V.choice("reference", reference, names)
+    V.integer("rounds", rounds, 1)
+    if timer is None:
+        def timer(name, fn, mrt):
+            return time_fn(fn, name, mrt).median_s
+    per = {k: [] for k in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for k in order:
+            per[k].append(float(timer(k, fns[k], min_run_time)))
+    ratios = {k: [per[reference][i] / per[k][i] for i in range(rounds)] for k in names}
+    return Paired(reference, {k: _median(v) for k, v in per.items()},
+                  {k: (min(v), max(v)) for k, v in per.items()},
+                  {k: _median(v) for k, v in ratios.items()},
+                  {k: (min(v), max(v)) for k, v in ratios.items()},
+                  rounds, torch.get_num_threads())
+
+
+def speedup_verdict(speedup: float, spread: tuple[float, float] | None = None,
+                    flop_ratio: float | None = None, slack: float = 1.1) -> str:
+    """``"measured"``, or why a speedup is noise rather than a result: its spread over
+    rounds straddles 1 (it could be slower or faster), or it exceeds the counted FLOP
+    ratio by more than ``slack`` (fewer FLOPs cannot explain it)."""
+    if spread is not None and spread[0] < 1.0 < spread[1]:
+        return "noise: spread over rounds straddles 1x"
+    if flop_ratio is not None and speedup > flop_ratio * slack:
+        return f"noise: above the FLOP ratio {flop_ratio:.2f}x"
+    return "measured"
+
+
 def latency(model, *inputs, label: str = "", min_run_time: float = 0.5) -> Timing:
     """Inference latency of ``model(*inputs)`` under ``torch.inference_mode``."""
     shapes = ",".join(str(tuple(x.shape)) for x in inputs if torch.is_tensor(x))

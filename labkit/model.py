@@ -12,6 +12,11 @@ The seams techniques replace are ``model.blocks[i].attn`` (an :class:`Attention`
 ``model.blocks[i].ffn`` (an :class:`MLP`) and the norms. A replacement keeps the forward
 signature ``attn(x, key_padding_mask=None, rope=None) -> x`` / ``ffn(x) -> x``, so
 techniques stack.
+
+The depth seam is ``model.executor``: a :class:`BlockExecutor` decides which blocks run,
+in what order and on which inputs (``executor(blocks, x, ctx) -> x``). Techniques that
+change depth (LayerDrop, early exit, concurrent layer groups, pipeline stages) swap the
+executor with :meth:`Transformer.set_executor`; ``features`` never branches on them.
 """
 from __future__ import annotations
 
@@ -190,6 +195,33 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+@dataclass
+class BlockContext:
+    """What every block call receives besides the hidden states."""
+
+    key_padding_mask: torch.Tensor | None = None  # (B, N) bool, True where padding
+    rope: Rotary | None = None
+
+    def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block(x, key_padding_mask=self.key_padding_mask, rope=self.rope)
+
+
+class BlockExecutor(nn.Module):
+    """Runs the model's blocks: the default runs every block once, in order.
+
+    Subclasses override :meth:`forward`. An executor is a module, so what it owns (exit
+    classifiers, a kept-block list as a buffer) is saved, moved and counted with the model.
+    """
+
+    def forward(self, blocks: nn.ModuleList, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        for block in blocks:
+            x = ctx.call(block, x)  # (B, N, D)
+        return x
+
+    def extra_repr(self) -> str:
+        return "every block in order"
+
+
 class Transformer(nn.Module):
     """Encoder classifier or decoder LM; ``forward`` returns logits.
 
@@ -201,6 +233,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.executor = BlockExecutor()
         if cfg.kind == "encoder":
             self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
             self.embed_norm = nn.LayerNorm(cfg.d_model)  # BERT: unit-scale embeddings
@@ -234,9 +267,16 @@ class Transformer(nn.Module):
         if self.pos is not None:
             x = x + self.pos(torch.arange(n, device=ids.device))
         x = self.embed_norm(x)
-        for block in self.blocks:
-            x = block(x, key_padding_mask=key_padding_mask, rope=self.rope)
+        x = self.executor(self.blocks, x, BlockContext(key_padding_mask, self.rope))
         return self.norm(x)
+
+    def set_executor(self, executor: BlockExecutor) -> BlockExecutor:
+        """Swap the block executor (the depth seam); returns the one it replaces."""
+        if not isinstance(executor, BlockExecutor):
+            raise TypeError(f"executor must be a labkit.model.BlockExecutor, "
+                            f"got {type(executor).__name__}")
+        before, self.executor = self.executor, executor
+        return before
 
     def forward(self, ids, key_padding_mask=None):
         h = self.features(ids, key_padding_mask)
@@ -275,5 +315,6 @@ def attention_flops(n: int, d_model: int) -> float:
     return 2 * 2 * n * n * d_model
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "build", "Transformer", "Block", "Attention",
+__all__ = ["ModelConfig", "PRESETS", "preset", "build", "Transformer", "Block", "BlockContext",
+           "BlockExecutor", "Attention",
            "MLP", "RMSNorm", "Rotary", "count_params", "attention_flops"]

@@ -293,6 +293,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig) -> nn.Module:
 class GradualPruning(Callback):
     """Tighten the masks on the cubic schedule at t0, t0 + dt, ..., t0 + n*dt."""
 
+    all_ranks = True  # changes the model: every rank prunes alike
+
     def __init__(self, model, config: SparsityConfig, offset: int = 0):
         self.model, self.config, self.offset = model, config, offset
         self.history: list[tuple[int, float]] = []
@@ -311,6 +313,8 @@ class GradualPruning(Callback):
 
 
 class _PruneAt(Callback):
+    all_ranks = True
+
     def __init__(self, model, config, step):
         self.model, self.config, self.step, self.done = model, config, step, False
 
