@@ -56,17 +56,26 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                        help="set a notebook parameter (a Python/JSON literal)")
 
+    def real_text_opts(p):  # the real-text profile (labkit.classifiers.real_text_params)
+        p.add_argument("--source-dir", default=None, metavar="DIR",
+                       help="real text: a folder with mnli/ and qnli/ in GLUE's schema, "
+                            "passed as source= to every notebook that trains a classifier")
+        p.add_argument("--model", default=None, choices=["tiny", "minilm"],
+                       help="backbone of those notebooks (default with --source-dir: minilm)")
+
     p = sub.add_parser("report", help="execute notebooks into a new HTML report folder")
     p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
                    help="notebook names or prefixes (default: all)")
     p.add_argument("--out", default="reports", help="parent folder of report folders")
     p.add_argument("--profile", default="full", help="fast (test parameters) or full")
+    real_text_opts(p)
     params_opt(p)
 
     p = sub.add_parser("run", help="execute one notebook with parameters into a report folder")
     p.add_argument("notebook", metavar="NOTEBOOK")
     p.add_argument("--out", default="reports", help="parent folder of report folders")
     p.add_argument("--profile", default="full", help="fast (test parameters) or full")
+    real_text_opts(p)
     params_opt(p)
 
     p = sub.add_parser("bench", help="run a benchmark: labkit/benchmarks/<NAME>.py")
@@ -80,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _report(args, notebooks) -> int:
     V.choice("profile", args.profile, ["full", "fast"])
-    folder = R.report(notebooks, out=args.out, profile=args.profile, params=_params(args.param))
+    folder = R.report(notebooks, out=args.out, profile=args.profile, params=_params(args.param),
+                      source_dir=args.source_dir, model=args.model)
     summary = json.loads((folder / "report.json").read_text())["notebooks"]
     failed = [n for n in summary if not n["ok"]]
     for n in summary:

@@ -255,19 +255,26 @@ class PairTask:
 
 
 def _encode(rows, cols, tok: WordTokenizer, max_len: int) -> dict:
+    labels = torch.tensor([int(r["label"]) for r in rows])
+    if hasattr(tok, "encode_pairs"):  # a pretrained subword tokenizer (labkit.pretrained)
+        enc = tok.encode_pairs([r[cols[0]] for r in rows], [r[cols[1]] for r in rows], max_len)
+        return {**enc, "labels": labels}
     seqs = [tok.encode_pair(r[cols[0]], r[cols[1]], max_len) for r in rows]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), PAD, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
-    return dict(input_ids=ids, padding_mask=ids == PAD,
-                labels=torch.tensor([int(r["label"]) for r in rows]))
+    return dict(input_ids=ids, padding_mask=ids == PAD, labels=labels)
 
 
 def load_task(task: str = "synthetic-nli", source: str = "synthetic", n_train: int | None = None,
               n_eval: int | None = None, max_len: int = 64, seed: int = 0,
-              vocab_size: int = 1024) -> PairTask:
-    """Load and tokenise a sentence-pair task (see the module docstring for sources)."""
+              vocab_size: int = 1024, tokenizer=None) -> PairTask:
+    """Load and tokenise a sentence-pair task (see the module docstring for sources).
+
+    ``tokenizer``: None fits a :class:`WordTokenizer` of ``vocab_size`` on the training text;
+    a pretrained model's tokenizer (:class:`labkit.pretrained.PairTokenizer`, which has
+    ``encode_pairs``) is used as is and adds ``token_type_ids`` to the batches."""
     V.choice("task", task, [t for t in TASKS if t != "synthetic-lm"])
     V.integer("max_len", max_len, 8, 4096)
     if n_train is not None:
@@ -278,7 +285,8 @@ def load_task(task: str = "synthetic-nli", source: str = "synthetic", n_train: i
     cols = glue["text"]
     train = load_rows(task, "train", source, n_train, seed)
     evals = load_rows(task, "eval", source, n_eval, seed)
-    tok = WordTokenizer.fit((r[c] for r in train for c in cols), max_size=vocab_size)
+    tok = tokenizer if tokenizer is not None else \
+        WordTokenizer.fit((r[c] for r in train for c in cols), max_size=vocab_size)
     return PairTask(task, glue["labels"], tok, _encode(train, cols, tok, max_len),
                     _encode(evals, cols, tok, max_len), max_len)
 

@@ -5,8 +5,12 @@
 * ``kind="decoder"``: a Mistral/LLaMA-like causal LM (RMSNorm, SwiGLU MLP, rotary
   positions, tied embeddings).
 
-Both are pre-norm (``x + attn(norm1(x))``): post-norm BERT is harder to train from
-scratch in a few hundred CPU steps, and pre-norm is what Mistral uses.
+Both are pre-norm (``x + attn(norm1(x))``) by default: post-norm BERT is harder to train
+from scratch in a few hundred CPU steps, and pre-norm is what Mistral uses. A pretrained
+BERT (all-MiniLM-L6-v2, :mod:`labkit.pretrained`) needs what BERT has: ``norm_position=
+"post"`` (``norm1(x + attn(x))``, no final norm), segment (token type) embeddings
+(``type_vocab_size=2``), LayerNorm ``norm_eps=1e-12``; its GELU is the exact erf GELU
+that :class:`MLP` already uses.
 
 The seams techniques replace are ``model.blocks[i].attn`` (an :class:`Attention`),
 ``model.blocks[i].ffn`` (an :class:`MLP`) and the norms. A replacement keeps the forward
@@ -30,6 +34,7 @@ from torch import nn
 from . import validate as V
 
 KINDS = ("encoder", "decoder")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class ModelConfig:
     num_labels: int = 3  # encoder only
     dropout: float = 0.0
     rope_theta: float = 10000.0  # decoder only
+    norm_position: str = "pre"  # "pre": x + f(norm(x)); "post" (BERT): norm(x + f(x))
+    norm_eps: float | None = None  # None: the norm's default (LayerNorm 1e-5, RMSNorm 1e-6)
+    type_vocab_size: int = 0  # encoder only; BERT: 2 segment embeddings (A, B)
+    sep_token_id: int = 3  # ends segment A when token types are not given (labkit's [SEP])
 
     def __post_init__(self):
         V.choice("kind", self.kind, KINDS)
@@ -61,6 +70,11 @@ class ModelConfig:
         V.integer("max_len", self.max_len, 2)
         V.integer("num_labels", self.num_labels, 1)
         V.number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        V.choice("norm_position", self.norm_position, NORM_POSITIONS)
+        if self.norm_eps is not None:
+            V.number("norm_eps", self.norm_eps, 0.0, 0.1, lo_open=True)
+        V.integer("type_vocab_size", self.type_vocab_size, 0, 0 if self.kind == "decoder" else 16)
+        V.integer("sep_token_id", self.sep_token_id, 0, self.vocab_size - 1)
 
     @property
     def head_dim(self) -> int:
@@ -179,18 +193,31 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.kind == "decoder":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps or 1e-6)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps or 1e-5)
+
+
 class Block(nn.Module):
+    """Pre-norm ``x + f(norm(x))`` or post-norm ``norm(x + f(x))`` (``cfg.norm_position``),
+    for ``f`` = attention then MLP."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         decoder = cfg.kind == "decoder"
-        Norm = RMSNorm if decoder else nn.LayerNorm
-        self.norm1 = Norm(cfg.d_model)
+        self.post_norm = cfg.norm_position == "post"
+        self.norm1 = _norm(cfg)
         self.attn = Attention(cfg.d_model, cfg.n_heads, causal=decoder, dropout=cfg.dropout)
-        self.norm2 = Norm(cfg.d_model)
+        self.norm2 = _norm(cfg)
         self.ffn = MLP(cfg.d_model, cfg.d_ff, gated=decoder)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, key_padding_mask=None, rope=None):
+        if self.post_norm:  # BERT
+            x = self.norm1(x + self.drop(self.attn(x, key_padding_mask=key_padding_mask,
+                                                   rope=rope)))
+            return self.norm2(x + self.drop(self.ffn(x)))
         x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask, rope=rope))
         return x + self.drop(self.ffn(self.norm2(x)))
 
@@ -234,18 +261,23 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.executor = BlockExecutor()
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.d_model) \
+            if cfg.type_vocab_size else None
         if cfg.kind == "encoder":
             self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
-            self.embed_norm = nn.LayerNorm(cfg.d_model)  # BERT: unit-scale embeddings
+            self.embed_norm = _norm(cfg)  # BERT: unit-scale embeddings
+            self.embed_drop = nn.Dropout(cfg.dropout)
             self.rope = None
-            self.norm = nn.LayerNorm(cfg.d_model)
+            # post-norm blocks already end in a norm (BERT has no final one)
+            self.norm = nn.Identity() if cfg.norm_position == "post" else _norm(cfg)
             self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
             self.head = nn.Linear(cfg.d_model, cfg.num_labels)
         else:
             self.pos = None
             self.embed_norm = nn.Identity()
+            self.embed_drop = nn.Identity()
             self.rope = Rotary(cfg.head_dim, cfg.max_len, cfg.rope_theta)
-            self.norm = RMSNorm(cfg.d_model)
+            self.norm = _norm(cfg)
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             self.head.weight = self.embed.weight  # tied
         self.apply(self._init)
@@ -257,8 +289,15 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def features(self, ids, key_padding_mask=None):
-        """Final hidden states (B, N, D) after the last norm."""
+    def token_types(self, ids):
+        """BERT segment ids from the ids: 0 up to and including the first separator, 1
+        after it (``[CLS] a [SEP] b [SEP]`` -> 0...0 1...1). (B, N) long."""
+        sep = (ids == self.cfg.sep_token_id).long()
+        return ((sep.cumsum(1) - sep) > 0).long()  # (B, N)
+
+    def features(self, ids, key_padding_mask=None, token_type_ids=None):
+        """Final hidden states (B, N, D) after the last norm. ``token_type_ids`` (B, N) are
+        used when the config has segment embeddings; derived from the separator if None."""
         n = ids.shape[1]
         if n > self.cfg.max_len:
             raise V.LabkitConfigError(
@@ -266,7 +305,10 @@ class Transformer(nn.Module):
         x = self.embed(ids)  # (B, N, D)
         if self.pos is not None:
             x = x + self.pos(torch.arange(n, device=ids.device))
-        x = self.embed_norm(x)
+        if self.token_type is not None:
+            tt = self.token_types(ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type(tt)
+        x = self.embed_drop(self.embed_norm(x))
         x = self.executor(self.blocks, x, BlockContext(key_padding_mask, self.rope))
         return self.norm(x)
 
@@ -278,8 +320,8 @@ class Transformer(nn.Module):
         before, self.executor = self.executor, executor
         return before
 
-    def forward(self, ids, key_padding_mask=None):
-        h = self.features(ids, key_padding_mask)
+    def forward(self, ids, key_padding_mask=None, token_type_ids=None):
+        h = self.features(ids, key_padding_mask, token_type_ids)
         if self.cfg.kind == "encoder":
             return self.head(torch.tanh(self.pooler(h[:, 0])))  # (B, num_labels)
         return self.head(h)  # (B, N, vocab)
@@ -287,7 +329,7 @@ class Transformer(nn.Module):
     def loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy for either kind: ``batch`` has ``input_ids`` and ``labels``
         (class ids for the encoder; next-token targets with -100 ignored for the decoder)."""
-        logits = self(batch["input_ids"], batch.get("padding_mask"))
+        logits = self(batch["input_ids"], batch.get("padding_mask"), batch.get("token_type_ids"))
         if self.cfg.kind == "encoder":
             return F.cross_entropy(logits, batch["labels"])
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)

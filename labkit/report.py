@@ -267,13 +267,16 @@ ok &middot; every number was measured on the machine below; tidy rows in
 # --------------------------------------------------------------------------- report
 
 def report(notebooks=None, out=None, profile: str = "full", params: dict | None = None,
-           timeout: float | None = None) -> Path:
+           timeout: float | None = None, source_dir=None, model: str | None = None) -> Path:
     """Execute ``notebooks`` (names, prefixes or paths; default all) into a new folder under
     ``out`` (default ``./reports``) and return that folder.
 
     ``profile="fast"`` uses each notebook's ``labkit.fast`` parameters, ``"full"`` its
     defaults; ``params`` override both for every notebook (checked before anything runs).
     A failing notebook is marked failed in ``index.html`` and the others still run.
+    ``source_dir`` (a folder with ``mnli/``, ``qnli/``) and ``model`` run the real-text
+    profile: each notebook that has those parameters gets them
+    (:func:`labkit.classifiers.real_text_params`).
     """
     from tqdm.auto import tqdm
 
@@ -282,13 +285,18 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
     V.choice("profile", profile, ["full", "fast"])
     paths = resolve(notebooks)
     params = dict(params or {})
+    from .classifiers import real_text_params
+
+    per_notebook = {}
     for p in paths:  # fail before running anything
         check_parameters(p, params)
+        per_notebook[p] = real_text_params(notebook_parameters(p), source_dir, model)
     folder = _new_folder(Path(out) if out is not None else Path.cwd() / "reports")
     entries, lines = [], []
     for path in tqdm(paths, desc="report", unit="notebook"):
         name = path.stem
-        merged = {**(fast_parameters(path) if profile == "fast" else {}), **params}
+        merged = {**(fast_parameters(path) if profile == "fast" else {}), **per_notebook[path],
+                  **params}
         t0 = time.perf_counter()
         res = execute_notebook(path, folder, merged, raise_on_error=False, timeout=timeout)
         seconds = time.perf_counter() - t0
@@ -321,6 +329,7 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
                            _index_html(folder, entries, profile, environment()))
     write_json_atomic(folder / "report.json", {
         "folder": str(folder), "profile": profile, "params": params, "env": environment(),
+        "source_dir": None if source_dir is None else str(source_dir), "model": model,
         "notebooks": entries})
     os.chmod(folder / "report.json", 0o644)
     return folder

@@ -1,0 +1,236 @@
+"""The classifier every notebook starts from: ``model="tiny" | "minilm"`` on any source.
+
+:func:`classifier` is what notebooks call. It returns a *trained* dense sentence-pair
+classifier and the :class:`~labkit.workloads.Workload` to fine-tune, evaluate and time it
+on, cached once per machine (:mod:`labkit.zoo`'s cache: keyed by the data's content, the
+training arguments, labkit's code version and torch; an unreadable file retrains with a
+``CacheWarning``):
+
+* ``model="tiny"``, ``source="synthetic"``: the tiny pre-norm encoder trained from scratch
+  (:func:`labkit.zoo.trained_encoder`, the lab's offline default).
+* ``model="tiny"`` on real text (a GLUE folder or the hub): the honest recipe for a model
+  with no pretraining: dropout 0.1, weight decay 0.1, a vocabulary from the training text,
+  and early stopping on the loss of a held-out tenth of the training rows (the reported
+  accuracy is on the validation split, never the one training stopped on). On a few
+  thousand real pairs it stays near chance: it has no language to start from.
+* ``model="minilm"``: all-MiniLM-L6-v2 inside labkit's Transformer, fine-tuned with BERT's
+  recipe (:func:`labkit.baselines.finetune`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import baselines as B
+from . import data as D
+from . import model as M
+from . import train as T
+from . import validate as V
+from . import zoo
+from .workloads import Workload
+
+MODELS = ("tiny", "minilm")
+TASKS = ("nli", "qnli")
+
+# Fine-tuning defaults per backbone (steps, lr, batch size, max_len). MiniLM: BERT's recipe,
+# sized for a shared CPU (see the README for the accuracy it reaches and the cost).
+DEFAULTS = {
+    "tiny": dict(steps=3000, lr=1e-3, batch_size=32, max_len=64),
+    "minilm": dict(steps=300, lr=5e-5, batch_size=32, max_len=128),
+}
+
+
+@dataclass
+class Classifier:
+    """A trained dense baseline (field names as :class:`labkit.zoo.Baseline`) and its
+    workload."""
+
+    model: M.Transformer
+    task: D.PairTask
+    metrics: dict  # eval metrics of the trained model on the validation split
+    steps: int
+    cached: bool
+    path: Path
+    workload: Workload
+    backbone: str  # "tiny" | "minilm"
+    recipe: dict  # how it was trained: the cache's training arguments and seconds
+
+
+def task_name(task: str, source: str) -> str:
+    """``"nli"``/``"qnli"`` (or the data task names) to the data task for ``source``."""
+    base = {"nli": "nli", "mnli": "nli", "synthetic-nli": "nli", "qnli": "qnli",
+            "synthetic-qnli": "qnli"}.get(task)
+    if base is None:
+        raise V.LabkitConfigError("task", task, "one of 'nli', 'qnli' (or 'mnli', "
+                                  "'synthetic-nli', 'synthetic-qnli')")
+    if source == "synthetic":
+        return f"synthetic-{base}"
+    return "mnli" if base == "nli" else "qnli"
+
+
+def task_source(source: str, name: str) -> str:
+    """``source`` for data task ``name``: a GLUE root folder holding ``mnli/`` and ``qnli/``
+    (what ``labkit report --source-dir`` passes) resolves to the task's subfolder; a task
+    folder, ``"hub"`` and ``"synthetic"`` pass through."""
+    if source in ("hub", "synthetic"):
+        return source
+    sub = Path(source).expanduser() / name
+    return str(sub) if sub.is_dir() else source
+
+
+def real_text_params(defined: dict, source_dir: str | None, model: str | None) -> dict:
+    """Parameter overrides of the real-text report profile for a notebook whose parameters
+    are ``defined``: ``source=<source_dir>`` and ``model=<model>`` where the notebook has
+    them (a notebook without a ``source`` parameter runs as it is)."""
+    if source_dir is None:
+        if model is not None and "model" in defined:
+            V.choice("model", model, MODELS)
+            return {"model": model}
+        return {}
+    root = Path(source_dir).expanduser()
+    if not root.is_dir() or not any((root / t).is_dir() for t in ("mnli", "qnli")):
+        raise V.LabkitConfigError("source_dir", source_dir,
+                                  "a folder holding mnli/ and/or qnli/ GLUE-schema folders")
+    out = {"source": str(root.resolve())} if "source" in defined else {}
+    if "model" in defined:
+        out["model"] = V.choice("model", model or "minilm", MODELS)
+    return out
+
+
+def _save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:  # write then rename: a crash or a parallel run never leaves a half-written file
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _cached(name: str, args: dict, pairs: D.PairTask, model: M.Transformer, train_fn,
+            cache_dir) -> tuple[dict, bool, Path]:
+    """Load ``model``'s trained weights from the cache or run ``train_fn() -> (metrics,
+    extra)`` and save them. Returns (record, cached, path)."""
+    folder = Path(cache_dir) if cache_dir is not None else zoo.default_cache_dir()
+    path = folder / f"{name}-{zoo._key(args, pairs)}.pt"
+    saved = zoo._load(path, model.cfg) if path.is_file() else None
+    if saved is not None:
+        model.load_state_dict(saved["state"])
+        return saved, True, path
+    metrics, extra = train_fn()
+    record = {"config": asdict(model.cfg), "state": model.state_dict(), "metrics": metrics,
+              "args": args, **extra}
+    _save(path, record)
+    return record, False, path
+
+
+def _finetune_minilm(pairs: D.PairTask, args: dict, progress: bool):
+    from . import pretrained as PT
+
+    model = PT.minilm_transformer(num_labels=pairs.num_labels, max_len=args["max_len"],
+                                  seed=args["seed"])
+
+    def train():
+        r = B.finetune(model, pairs, steps=args["steps"], lr=args["lr"],
+                       batch_size=args["batch_size"], bf16=args["bf16"], seed=args["seed"],
+                       progress=progress)
+        return r.final, {"seconds": r.seconds, "history": r.history}
+    return model, train
+
+
+def _train_tiny_real(pairs: D.PairTask, args: dict, progress: bool):
+    cfg = M.preset("tiny", kind="encoder", num_labels=pairs.num_labels,
+                   vocab_size=len(pairs.tokenizer), max_len=args["max_len"],
+                   dropout=args["dropout"])
+    model = M.build(cfg, seed=args["seed"])
+
+    def train():
+        fit_part, dev = B.split_dev(pairs.train, 0.1, seed=args["seed"])
+        stop = B.EarlyStopping(model, patience=args["patience"])
+        r = T.fit(model, D.batches(fit_part, args["batch_size"], seed=args["seed"]),
+                  steps=args["steps"], lr=args["lr"], weight_decay=args["weight_decay"],
+                  eval_fn=lambda: T.evaluate(model, dev), eval_every=args["eval_every"],
+                  callbacks=[stop], seed=args["seed"], progress=progress)
+        best = stop.restore()
+        final = T.evaluate(model, pairs.eval)
+        return final, {"seconds": r.seconds, "history": r.history, "best_step": best,
+                       "dev": {"loss": stop.best}}
+    return model, train
+
+
+def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic", *,
+               steps: int | None = None, lr: float | None = None,
+               batch_size: int | None = None, max_len: int | None = None,
+               n_train: int | None = None, n_eval: int | None = None,
+               vocab_size: int = D.VOCAB_SIZE, bf16: bool = False, seed: int = 0,
+               progress: bool = True, cache_dir=None) -> Classifier:
+    """A trained dense pair classifier (cached) and its workload; see the module docstring.
+
+    ``None`` arguments take the backbone's :data:`DEFAULTS`."""
+    V.choice("model", model, MODELS)
+    name = task_name(task, source)
+    source = task_source(source, name)
+    d = DEFAULTS[model]
+    steps, lr = steps or d["steps"], lr or d["lr"]
+    batch_size, max_len = batch_size or d["batch_size"], max_len or d["max_len"]
+    V.integer("steps", steps, 1)
+    V.integer("batch_size", batch_size, 1)
+    if model == "tiny" and source == "synthetic":
+        base = zoo.trained_encoder(name, source=source, steps=steps, lr=lr,
+                                   batch_size=batch_size, n_train=n_train or 4000,
+                                   n_eval=n_eval or 500, max_len=max_len, seed=seed,
+                                   progress=progress, cache_dir=cache_dir,
+                                   vocab_size=vocab_size)
+        wl = _workload(base.model, base.task, batch_size, trimmed=False)
+        return Classifier(base.model, base.task, base.metrics, steps, base.cached, base.path,
+                          wl, model, {"recipe": "zoo.trained_encoder", "steps": steps})
+    if model == "minilm":
+        from . import pretrained as PT
+
+        if not PT.minilm_available():
+            raise PT.PretrainedUnavailable(PT.INSTALL_HINT)
+        pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,
+                            max_len=max_len, seed=seed, tokenizer=PT.PairTokenizer())
+        args = dict(backbone="minilm", task=name, steps=steps, lr=lr, batch_size=batch_size,
+                    max_len=max_len, bf16=bf16, seed=seed, warmup=0.1, weight_decay=0.01)
+        net, train = _finetune_minilm(pairs, args, progress)
+    else:
+        pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,
+                            max_len=max_len, seed=seed, vocab_size=vocab_size)
+        args = dict(backbone="tiny-real", task=name, steps=steps, lr=lr,
+                    batch_size=batch_size, max_len=max_len, seed=seed, dropout=0.1,
+                    weight_decay=0.1, patience=3, eval_every=max(steps // 20, 1))
+        net, train = _train_tiny_real(pairs, args, progress)
+    record, cached, path = _cached(f"classifier-{model}-{name}", args, pairs, net, train,
+                                   cache_dir)
+    net.eval()
+    recipe = {**args, **{k: record[k] for k in ("seconds", "best_step", "dev") if k in record}}
+    return Classifier(net, pairs, record["metrics"], steps, cached, path,
+                      _workload(net, pairs, batch_size, trimmed=model == "minilm"), model,
+                      recipe)
+
+
+def _workload(net: M.Transformer, pairs: D.PairTask, batch_size: int, trimmed: bool,
+              eval_batch: int = 64) -> Workload:
+    """Batches for fine-tuning copies of ``net``; the eval set as length-sorted, trimmed
+    batches for a pretrained tokenizer (same metrics, far less padding compute)."""
+    ev = pairs.eval
+    if trimmed:
+        from .pretrained import trim
+
+        order = torch.argsort((~ev["padding_mask"]).sum(1))
+        eval_set = [trim({k: v[order[i: i + eval_batch]] for k, v in ev.items()})
+                    for i in range(0, len(order), eval_batch)]
+        make = lambda s: B.trimmed_batches(pairs.train, batch_size, seed=s)  # noqa: E731
+        sample = trim({k: v[:batch_size] for k, v in ev.items()})
+    else:
+        eval_set = ev
+        make = lambda s: D.batches(pairs.train, batch_size, seed=s)  # noqa: E731
+        sample = {k: v[:batch_size] for k, v in ev.items()}
+    return Workload("nli", net.cfg, make, eval_set,
+                    (sample["input_ids"], sample["padding_mask"]))
