@@ -218,6 +218,28 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _claims_html(entries: list[dict]) -> str:
+    """The one-page summary on top of the index: every claim a notebook checked (its rows
+    with ``table == "claims"``: claim, verdict, evidence), linked to the notebook's page."""
+    e = html.escape
+    rows = []
+    for r in entries:
+        link = f'<a href="{e(r["html"])}">{e(r["notebook"])}</a>' if r.get("html") else \
+            e(r["notebook"])
+        for c in r.get("claims") or []:
+            v = str(c.get("verdict", ""))
+            cls = "ok" if v == "holds" else "failed" if v.startswith("does not") else "partial"
+            rows.append(f"<tr><td>{e(str(c.get('claim', '')))}</td><td class='{cls}'>{e(v)}"
+                        f"</td><td class='small'>{e(str(c.get('evidence', '')))}</td>"
+                        f"<td>{link}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2>Claims and verdicts</h2><p class='small'>Each claim of the papers checked "
+            "on this machine; the figures are on the linked notebook page.</p><table><tr>"
+            "<th>claim</th><th>verdict</th><th>evidence</th><th>notebook</th></tr>"
+            + "".join(rows) + "</table>")
+
+
 def _index_html(folder: Path, entries: list[dict], profile: str, env: dict) -> str:
     e = html.escape
     rows = []
@@ -249,12 +271,14 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 vertical-align: top; text-align: left; }} table.m td {{ border: none; padding: 0 8px 0 0; }}
 .ok {{ color: #070; font-weight: bold; }} .failed {{ color: #b00; font-weight: bold; }}
 .err {{ color: #b00; font-family: monospace; white-space: pre-wrap; max-width: 40em; }}
-.small {{ font-size: 85%; color: #555; }}
+.small {{ font-size: 85%; color: #555; }} .partial {{ color: #a60; font-weight: bold; }}
 </style></head><body>
 <h1>labkit report</h1>
 <p>{e(folder.name)} &middot; profile <b>{e(profile)}</b> &middot; {n_ok}/{len(entries)} notebooks
 ok &middot; every number was measured on the machine below; tidy rows in
 <a href="results.jsonl">results.jsonl</a>.</p>
+{_claims_html(entries)}
+<h2>Notebooks</h2>
 <table><tr><th>notebook</th><th>status</th><th>seconds</th><th>headline metrics</th>
 <th>parameters</th></tr>
 {''.join(rows)}
@@ -303,7 +327,8 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
         ok = res.get("ok", True)
         entry = {"notebook": name, "title": notebook_title(path), "ok": ok,
                  "error": res.get("error", ""), "seconds": seconds,
-                 "metrics": res.get("metrics", {}), "params": res.get("params", merged)}
+                 "metrics": res.get("metrics", {}), "params": res.get("params", merged),
+                 "claims": [r for r in res.get("rows", []) if r.get("table") == "claims"]}
         executed = Path(res["_executed"])
         if executed.is_file():
             entry["ipynb"] = executed.name
