@@ -105,14 +105,14 @@ def test_lora_starts_as_base_counts_and_merges():
 def test_recovery_by_self_distillation_through_lora_reduces_the_kl():
     from labkit import data as D
 
-    corpus = D.load_lm_corpus(n_sentences=2000, seed=0)
+    corpus = D.load_lm_corpus(n_sentences=500, seed=0)
     m = M.build("tiny", kind="decoder", n_layers=4, vocab_size=len(corpus.tokenizer),
-                max_len=32)
-    T.fit(m, D.lm_batches(corpus.train, 16, 32), steps=60, lr=3e-3, progress=False)
+                max_len=16, d_model=32, d_ff=64)
+    T.fit(m, D.lm_batches(corpus.train, 8, 16), steps=30, lr=3e-3, progress=False)
     teacher = copy.deepcopy(m).eval()
     apply_(m, CQILConfig(start=0, end=4, P=4))
     apply_(m, LoRAConfig(rank=4))
-    batch = next(D.lm_batches(corpus.eval, 32, 32, seed=5))
+    batch = next(D.lm_batches(corpus.eval, 16, 16, seed=5))
     strat = C.DistillStrategy(teacher, temperature=2.0)
 
     def kl():
@@ -121,7 +121,7 @@ def test_recovery_by_self_distillation_through_lora_reduces_the_kl():
 
     before = kl()
     assert before > 0
-    T.fit(m, D.lm_batches(corpus.train, 16, 32, seed=1), steps=40, lr=3e-3, strategy=strat,
+    T.fit(m, D.lm_batches(corpus.train, 8, 16, seed=1), steps=25, lr=3e-3, strategy=strat,
           progress=False)
     assert kl() < 0.8 * before
     same = C.DistillStrategy(teacher)  # a student equal to its teacher has zero loss

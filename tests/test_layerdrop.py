@@ -21,17 +21,17 @@ def test_evenly_spread_every_other_and_any_k():
 
 def test_training_skips_about_p_of_blocks_and_eval_runs_all():
     m = _model()
-    ids = torch.randint(0, 1000, (2, 12))
+    ids = torch.randint(0, 1000, (1, 4))
     ref = m.eval()(ids)
     apply_(m, LayerDropConfig(p=0.5))
     m.train()
     torch.manual_seed(0)
     ran = []
-    for _ in range(200):
+    for _ in range(100):
         m(ids)
         ran.append(len(m.executor.last_ran))
-    frac = sum(ran) / (200 * 6)
-    assert 0.44 < frac < 0.56  # 1200 Bernoulli(0.5) draws
+    frac = sum(ran) / (100 * 6)
+    assert 0.4 < frac < 0.6  # 600 Bernoulli(0.5) draws: sd 0.02
     m.eval()
     assert torch.equal(m(ids), ref)  # every block at eval
     assert m.executor.last_ran == list(range(6))
