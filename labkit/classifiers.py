@@ -226,11 +226,11 @@ def _workload(net: M.Transformer, pairs: D.PairTask, batch_size: int, trimmed: b
         order = torch.argsort((~ev["padding_mask"]).sum(1))
         eval_set = [trim({k: v[order[i: i + eval_batch]] for k, v in ev.items()})
                     for i in range(0, len(order), eval_batch)]
-        make = lambda s: B.trimmed_batches(pairs.train, batch_size, seed=s)  # noqa: E731
+        make = lambda s: B.trimmed_batches(pairs.train, batch_size, seed=s)
         sample = trim({k: v[:batch_size] for k, v in ev.items()})
     else:
         eval_set = ev
-        make = lambda s: D.batches(pairs.train, batch_size, seed=s)  # noqa: E731
+        make = lambda s: D.batches(pairs.train, batch_size, seed=s)
         sample = {k: v[:batch_size] for k, v in ev.items()}
     return Workload("nli", net.cfg, make, eval_set,
                     (sample["input_ids"], sample["padding_mask"]))

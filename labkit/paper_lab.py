@@ -48,7 +48,7 @@ METHODS = ("ours", "layerdrop", "qbert", "sdn")
 INT8_PATHS = ("fp32", "int8_dynamic", "torch_dynamic")
 
 
-class MethodUnavailable(RuntimeError):
+class MethodUnavailable(RuntimeError):  # a recorded status, not a bug
     """A method's technique is not in this labkit (the row records why)."""
 
 
@@ -58,6 +58,10 @@ class Variant:
     sparsity: float
     model: torch.nn.Module
     info: dict = field(default_factory=dict)  # paths chosen, bits, bytes, notes
+    predict: object = None  # (ids, mask) -> logits when not model(ids, mask) (early exit)
+
+    def logits(self, ids, mask):
+        return self.predict(ids, mask) if self.predict is not None else self.model(ids, mask)
 
 
 def check_sparsities(name: str, values) -> list[float]:
@@ -134,55 +138,94 @@ def qbert(base: M.Transformer, s: float, rows: list[dict], bits=(2, 3, 4, 8)) ->
                                    "bits": dict(assign), "paths": ["fp32 (simulated)"]})
 
 
-def kept_blocks(n_layers: int, s: float) -> list[int]:
-    """``n_layers - round(s n_layers)`` block indices, evenly spread, the last kept."""
-    drop = round(s * n_layers)
-    keep = n_layers - drop
+def kept_blocks(n_layers: int, s: float) -> tuple[int, ...]:
+    """``n_layers - round(s n_layers)`` evenly spread block indices (LayerDrop's rule)."""
+    from .techniques.layerdrop import evenly_spread
+
+    keep = n_layers - round(s * n_layers)
     if keep < 1:
         raise V.LabkitConfigError("sparsity", s, f"a value that keeps a block of {n_layers}")
-    return sorted({round((i + 1) * n_layers / keep) - 1 for i in range(keep)})
+    return evenly_spread(n_layers, keep)
 
 
 def layerdrop(base: M.Transformer, s: float) -> Variant:
-    """Blocks removed at inference (LayerDrop's pruning): the depth technique's executor."""
-    try:
-        from .techniques import layerdrop as LD
-    except ImportError as e:
-        raise MethodUnavailable(f"LayerDrop is not in this labkit ({e})") from e
+    """Blocks removed for real at inference (LayerDrop's pruning, ``LayerPruneConfig``).
+    The base was fine-tuned without LayerDrop: the paper's point is that such a model
+    degrades when pruned; notebook 08 trains with it."""
+    from .techniques import apply_
+    from .techniques.layerdrop import LayerPruneConfig
+
     m = copy.deepcopy(base).eval()
     keep = kept_blocks(base.cfg.n_layers, s)
-    LD.prune_to(m, keep)
-    return Variant("layerdrop", s, m, {"kept": keep, "paths": ["fp32"]})
+    apply_(m, LayerPruneConfig(keep=keep))
+    return Variant("layerdrop", s, m, {"kept": list(keep), "paths": ["fp32"]})
 
 
-def sdn(base: M.Transformer, s: float, exits=None) -> Variant:
-    """Early exit at a threshold giving ``1 - s`` of the blocks on average."""
-    try:
-        from .techniques import early_exit as EE
-    except ImportError as e:
-        raise MethodUnavailable(f"Shallow-Deep Networks are not in this labkit ({e})") from e
-    raise MethodUnavailable(f"SDN wiring pending ({EE.__name__})")
+def sdn_exits(base: M.Transformer, batches, steps: int, lr: float = 1e-3) -> M.Transformer:
+    """A copy of ``base`` with SDN internal classifiers after every block but the last,
+    trained on the frozen fine-tuned backbone (Kaya et al.'s frozen-backbone variant) with
+    the SDN loss weights."""
+    from .techniques import apply_
+    from .techniques.early_exit import EarlyExitConfig, SDNStrategy, freeze_backbone_
+
+    m = copy.deepcopy(base)
+    apply_(m, EarlyExitConfig())
+    freeze_backbone_(m)
+    T.fit(m, batches, steps=steps, lr=lr, strategy=SDNStrategy(steps), progress=False)
+    m.executor.internal = []  # the last pass's IC logits hold the graph (no deepcopy)
+    return m.eval()
 
 
-def _call(model, ids, mask):
+def sdn(base: M.Transformer, s: float, trained: M.Transformer, held_out: dict) -> Variant:
+    """Early exit at the threshold ``q`` whose average blocks run on ``held_out`` is closest
+    to ``(1 - s) L`` (the exit rule simulated on the exits' logits, then run for real)."""
+    from .techniques.early_exit import exit_logits, predict, simulate
+
+    L = base.cfg.n_layers
+    m = copy.deepcopy(trained).eval()
+    z, y = exit_logits(m, held_out)
+    grid = [1 - 10 ** (-k / 4) for k in range(1, 25)] + [1.0]
+    sims = [simulate(z, y, q, m.executor.exits, L) for q in grid]
+    best = min(sims, key=lambda r: abs(r["blocks"] - (1 - s) * L))
+    m.executor.q = best["q"]
+    return Variant("sdn", s, m, {"q": best["q"], "blocks_expected": best["blocks"],
+                                 "paths": ["fp32 early exit"]},
+                   predict=lambda ids, mask: predict(m, ids, mask)[0])
+
+
+def _call(variant, ids, mask):
     def run():
         with torch.inference_mode():
-            model(ids, mask)
+            variant.logits(ids, mask)
     return run
 
 
 def time_variants(dense, variants: dict, sample: tuple, rounds: int = 3,
                   min_run_time: float = 0.05, timer=None) -> list[dict]:
     """Paired timing of every variant against ``dense`` on ``sample`` (ids, mask)."""
-    fns = {"dense": _call(dense, *sample), **{k: _call(v.model, *sample)
-                                               for k, v in variants.items()}}
+    fns = {"dense": _call(Variant("dense", 0.0, dense), *sample),
+           **{k: _call(v, *sample) for k, v in variants.items()}}
     p = measure.paired(fns, reference="dense", rounds=rounds, min_run_time=min_run_time,
                        timer=timer)
     return p.rows()
 
 
-def accuracy(model, eval_set) -> float:
-    return float(T.evaluate(model, eval_set)["accuracy"])
+@torch.no_grad()
+def accuracy(variant, eval_set) -> float:
+    """Accuracy of a :class:`Variant` (or a model) on a dict of tensors or a list of
+    batches, through its own prediction (early exit included)."""
+    if not isinstance(variant, Variant):
+        variant = Variant("dense", 0.0, variant)
+    variant.model.eval()
+    chunks = eval_set if isinstance(eval_set, list) else [
+        {k: v[i: i + 256] for k, v in eval_set.items()}
+        for i in range(0, len(eval_set["labels"]), 256)]
+    right = total = 0
+    for b in chunks:
+        pred = variant.logits(b["input_ids"], b.get("padding_mask")).argmax(-1)
+        right += int((pred == b["labels"]).sum())
+        total += len(b["labels"])
+    return right / total
 
 
 def memory(model, sample: tuple) -> dict:
@@ -192,25 +235,6 @@ def memory(model, sample: tuple) -> dict:
     act = measure.peak_activation_bytes(model, *sample)
     return {"model_bytes": weights, "activation_peak_bytes": act,
             "inference_peak_bytes": weights + act}
-
-
-def verdict_fig1(rows: list[dict]) -> dict:
-    """Does time fall with sparsity for each method, and is ``ours`` the fastest at each s?
-    ``rows``: {"method", "sparsity", "median_ms", "min_ms", "max_ms"}."""
-    out = {}
-    for m in sorted({r["method"] for r in rows} - {"dense"}):
-        pts = sorted((r["sparsity"], r["median_ms"]) for r in rows if r["method"] == m)
-        falls = all(b[1] < a[1] for a, b in zip(pts, pts[1:]))
-        out[m] = {"falls_monotonically": falls,
-                  "ms_at_lowest_s": pts[0][1], "ms_at_highest_s": pts[-1][1]}
-    by_s = {}
-    for r in rows:
-        by_s.setdefault(r["sparsity"], []).append(r)
-    fastest = {s: min((r for r in rs if r["method"] != "dense"),
-                      key=lambda r: r["median_ms"])["method"] for s, rs in by_s.items()}
-    out["fastest_by_sparsity"] = fastest
-    out["ours_fastest_everywhere"] = all(v == "ours" for v in fastest.values())
-    return out
 
 
 def floats(name: str, text: str) -> list[float]:
@@ -234,7 +258,8 @@ def ints(name: str, text: str, lo: int = 1) -> list[int]:
 def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
           min_run_time: float = 0.02) -> Variant:
     """The ``method``'s variant of ``base`` at sparsity ``s`` (see the module docstring).
-    ``cache`` keeps per-model work (Hessian sensitivity) across sparsities."""
+    ``cache`` keeps per-model work across sparsities: the Hessian sensitivity, and the SDN
+    exits (``cache["sdn"]``: a callable training them, replaced by the trained model)."""
     V.choice("method", method, METHODS)
     if method == "ours":
         return ours(base, s, sample, min_run_time)
@@ -244,18 +269,29 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
         return qbert(base, s, cache["qbert_rows"])
     if method == "layerdrop":
         return layerdrop(base, s)
-    return sdn(base, s, cache.get("sdn_exits"))
+    if "sdn_model" not in cache:
+        if "sdn_train" not in cache:
+            raise MethodUnavailable("SDN needs training batches (sweep(sdn_batches=...))")
+        cache["sdn_model"] = cache["sdn_train"]()
+    return sdn(base, s, cache["sdn_model"], cache["sdn_held_out"])
 
 
 def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task: str,
-          rounds: int = 3, min_run_time: float = 0.05, timed: bool = True, timer=None):
+          rounds: int = 3, min_run_time: float = 0.05, timed: bool = True, timer=None,
+          sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None):
     """Fig. 1 and the accuracy at every point on one task: for each ``s``, every method's
     variant of ``base`` evaluated on ``eval_set`` and (``timed``) timed side by side with the
     dense model. A method whose technique is missing gives an ``unavailable`` row per ``s``
     and a warning.
 
+    SDN's exits are trained once (``sdn_steps`` steps on ``sdn_batches``) and its threshold
+    chosen on ``held_out`` (training rows, never the eval set).
+
     Returns (timing rows, accuracy rows, variants {(method, s): Variant})."""
     times, accs, variants, cache = [], [], {}, {}
+    if sdn_batches is not None and held_out is not None:
+        cache["sdn_train"] = lambda: sdn_exits(base, sdn_batches, sdn_steps)
+        cache["sdn_held_out"] = held_out
     accs.append({"method": "dense", "sparsity": 0.0, "task": task,
                  "accuracy": accuracy(base, eval_set)})
     for s in check_sparsities("sparsities", sparsities):
@@ -279,33 +315,8 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
         for method, v in built.items():
             variants[(method, s)] = v
             accs.append({"method": method, "sparsity": s, "task": task,
-                         "accuracy": accuracy(v.model, eval_set), "status": "measured"})
+                         "accuracy": accuracy(v, eval_set), "status": "measured"})
     return times, accs, variants
-
-
-def fig1(rows: list[dict], title: str = "Fig. 1: inference time vs sparsity"):
-    """Median time per method against sparsity, the band between the fastest and slowest
-    round (plotly, one colour per method)."""
-    import plotly.graph_objects as go
-    from plotly.colors import qualitative
-
-    fig = go.Figure()
-    methods = [m for m in ("dense", *METHODS) if any(r.get("method") == m and
-                                                     r.get("status") == "measured"
-                                                     for r in rows)]
-    for i, m in enumerate(methods):
-        pts = sorted((r["sparsity"], r["median_ms"], r["min_ms"], r["max_ms"]) for r in rows
-                     if r.get("method") == m and r.get("status") == "measured")
-        xs = [p[0] for p in pts]
-        colour = qualitative.Plotly[i % 10]
-        fig.add_scatter(x=xs + xs[::-1], y=[p[3] for p in pts] + [p[2] for p in pts][::-1],
-                        fill="toself", line=dict(width=0), fillcolor=colour, opacity=0.2,
-                        showlegend=False, hoverinfo="skip", legendgroup=m)
-        fig.add_scatter(x=xs, y=[p[1] for p in pts], name=m, mode="lines+markers",
-                        line=dict(color=colour), legendgroup=m)
-    fig.update_layout(title=title, xaxis_title="sparsity s", yaxis_title="ms per batch",
-                      height=380)
-    return fig
 
 
 def training_form(method: str, model: M.Transformer, s: float, bits_by_layer=()) -> list:
@@ -322,13 +333,13 @@ def training_form(method: str, model: M.Transformer, s: float, bits_by_layer=())
     elif method == "qbert":
         apply_(model, Q.FakeQuantConfig(bits=8, bits_by_layer=tuple(bits_by_layer)))
     elif method == "layerdrop":
-        try:
-            from .techniques import layerdrop as LD
-        except ImportError as e:
-            raise MethodUnavailable(f"LayerDrop is not in this labkit ({e})") from e
-        apply_(model, LD.LayerDropConfig(p=s))
+        from .techniques.layerdrop import LayerDropConfig
+
+        apply_(model, LayerDropConfig(p=s))
     elif method == "sdn":
-        raise MethodUnavailable("Shallow-Deep Networks are not in this labkit")
+        from .techniques.early_exit import EarlyExitConfig
+
+        apply_(model, EarlyExitConfig())
     return []
 
 
@@ -349,9 +360,14 @@ def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: flo
                 warnings.warn(f"{method}: {e}")
                 rows.append({"method": method, "n_train": n, "status": f"unavailable: {e}"})
                 continue
+            strategy = None
+            if method == "sdn":
+                from .techniques.early_exit import SDNStrategy
+
+                strategy = SDNStrategy(steps)
             r = T.fit(model, _batches(part, batch_size, seed), steps=steps, lr=lr,
                       eval_fn=lambda m=model: T.evaluate(m, pairs.eval),
-                      eval_every=eval_every, callbacks=cbs, seed=seed,
+                      eval_every=eval_every, callbacks=cbs, seed=seed, strategy=strategy,
                       target=("accuracy", target), progress=False)
             rows.append({"method": method, "n_train": n, "status": "measured",
                          "steps_to_target": r.steps_to_target,
@@ -364,85 +380,3 @@ def _batches(part: dict, batch_size: int, seed: int):
     from .data import batches
 
     return batches(part, min(batch_size, len(part["labels"])), seed=seed)
-
-
-# --------------------------------------------------------------------------- verdicts
-
-def _fmt_s(values) -> str:
-    return ", ".join(f"{v:g}" for v in values)
-
-
-def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
-             op: float, tolerance: float = 0.01) -> list[dict]:
-    """One row per claim: ``claim``, ``verdict`` (holds / does not hold / holds only for
-    ...), ``evidence`` (the numbers it rests on)."""
-    out = []
-    measured = [r for r in times if r.get("status") == "measured"]
-    if measured:
-        f1 = verdict_fig1(measured)
-        methods = [m for m in f1 if m not in ("fastest_by_sparsity", "ours_fastest_everywhere")]
-        falling = [m for m in methods if f1[m]["falls_monotonically"]]
-        ev = "; ".join(f"{m}: {f1[m]['ms_at_lowest_s']:.1f} -> {f1[m]['ms_at_highest_s']:.1f} ms"
-                       for m in methods)
-        ev += "; fastest by s: " + ", ".join(f"{s:g} {m}" for s, m in
-                                             sorted(f1["fastest_by_sparsity"].items()))
-        if len(falling) == len(methods) and f1["ours_fastest_everywhere"]:
-            v = "holds"
-        elif not falling and not f1["ours_fastest_everywhere"]:
-            v = "does not hold"
-        else:
-            v = ("holds only for: time falls for " + (", ".join(falling) or "no method")
-                 + ("; ours fastest at every s" if f1["ours_fastest_everywhere"] else
-                    "; ours not fastest at every s"))
-        out.append({"claim": "Fig. 1: inference time falls with sparsity for every method "
-                             "and is lowest for ours", "verdict": v, "evidence": ev})
-    if mem:
-        r_model, r_peak = mem["model_ratio"], mem["peak_ratio"]
-        ok = [n for n, r in (("whole-model bytes", r_model), ("peak inference memory", r_peak))
-              if r <= 0.5]
-        v = "holds" if len(ok) == 2 else ("holds only for " + ok[0] if ok else "does not hold")
-        out.append({"claim": f"INT8 + {op:.0%} sparsity cuts memory by 50%", "verdict": v,
-                    "evidence": f"whole-model bytes x{r_model:.3f}, peak inference memory "
-                                f"x{r_peak:.3f} of dense"})
-    if accs:
-        dense = {r["task"]: r["accuracy"] for r in accs if r["method"] == "dense"}
-        at_op = [r for r in accs if r["method"] != "dense" and r.get("status") == "measured"
-                 and abs(r["sparsity"] - op) < 1e-9]
-        close = [r for r in at_op if dense[r["task"]] - r["accuracy"] <= tolerance]
-        ev = "; ".join(f"{r['task']} {r['method']} {r['accuracy']:.3f} (dense "
-                       f"{dense[r['task']]:.3f})" for r in at_op)
-        v = ("holds" if at_op and len(close) == len(at_op) else "does not hold" if not close
-             else "holds only for " + ", ".join(f"{r['method']} on {r['task']}" for r in close))
-        out.append({"claim": f"every method keeps accuracy within {tolerance:.0%} of dense "
-                             f"at s={op:g}", "verdict": v, "evidence": ev})
-    conv_m = [r for r in conv if r.get("status") == "measured"]
-    if conv_m:
-        sizes = sorted({r["n_train"] for r in conv_m})
-        wins = []
-        for n in sizes:
-            at = [r for r in conv_m if r["n_train"] == n and r["steps_to_target"] is not None]
-            best = min(at, key=lambda r: r["seconds_to_target"])["method"] if at else None
-            wins.append((n, best))
-        ours_wins = [n for n, b in wins if b == "ours"]
-        v = ("holds" if len(ours_wins) == len(sizes) else "does not hold" if not ours_wins
-             else "holds only for n = " + _fmt_s(ours_wins))
-        ev = "; ".join(f"n={n}: fastest {b or 'none reached the target'}" for n, b in wins)
-        out.append({"claim": "Fig. 2: ours reaches the target accuracy fastest at every "
-                             "training-sample size", "verdict": v, "evidence": ev})
-    return out
-
-
-def fig2(rows: list[dict], title: str = "Fig. 2: seconds to target vs training samples"):
-    import plotly.graph_objects as go
-    from plotly.colors import qualitative
-
-    fig = go.Figure()
-    for i, m in enumerate(m for m in ("dense", *METHODS)
-                          if any(r["method"] == m and r["status"] == "measured" for r in rows)):
-        pts = sorted((r["n_train"], r["seconds_to_target"]) for r in rows
-                     if r["method"] == m and r["status"] == "measured")
-        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=m,
-                        mode="lines+markers", line=dict(color=qualitative.Plotly[i % 10]))
-    fig.update_layout(title=title, xaxis_title="training pairs n", xaxis_type="log",
-                      yaxis_title="seconds to target (gap: not reached)", height=380)
-    return fig

@@ -1,0 +1,132 @@
+"""Verdicts and figures of notebook 10 (:mod:`labkit.paper_lab`): each claim of the seed
+paper turned into "holds" / "does not hold" / "holds only for ..." with the numbers it rests
+on, and Fig. 1 / Fig. 2 in the lab's plotly style (one colour per method)."""
+from __future__ import annotations
+
+from .paper_lab import METHODS
+
+
+def verdict_fig1(rows: list[dict]) -> dict:
+    """Does time fall with sparsity for each method, and is ``ours`` the fastest at each s?
+    ``rows``: {"method", "sparsity", "median_ms", "min_ms", "max_ms"}."""
+    out = {}
+    for m in sorted({r["method"] for r in rows} - {"dense"}):
+        pts = sorted((r["sparsity"], r["median_ms"], r["min_ms"], r["max_ms"]) for r in rows
+                     if r["method"] == m)
+        # a fall counts only when the bands separate: slowest round at the highest s faster
+        # than the fastest round at the lowest s (timer noise on a shared machine)
+        falls = len(pts) > 1 and pts[-1][3] < pts[0][2]
+        out[m] = {"falls": falls, "ms_at_lowest_s": pts[0][1], "ms_at_highest_s": pts[-1][1]}
+    by_s = {}
+    for r in rows:
+        by_s.setdefault(r["sparsity"], []).append(r)
+    fastest = {s: min((r for r in rs if r["method"] != "dense"),
+                      key=lambda r: r["median_ms"])["method"] for s, rs in by_s.items()}
+    out["fastest_by_sparsity"] = fastest
+    out["ours_fastest_everywhere"] = all(v == "ours" for v in fastest.values())
+    return out
+
+
+def fig1(rows: list[dict], title: str = "Fig. 1: inference time vs sparsity"):
+    """Median time per method against sparsity, the band between the fastest and slowest
+    round (plotly, one colour per method)."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    fig = go.Figure()
+    methods = [m for m in ("dense", *METHODS) if any(r.get("method") == m and
+                                                     r.get("status") == "measured"
+                                                     for r in rows)]
+    for i, m in enumerate(methods):
+        pts = sorted((r["sparsity"], r["median_ms"], r["min_ms"], r["max_ms"]) for r in rows
+                     if r.get("method") == m and r.get("status") == "measured")
+        xs = [p[0] for p in pts]
+        colour = qualitative.Plotly[i % 10]
+        fig.add_scatter(x=xs + xs[::-1], y=[p[3] for p in pts] + [p[2] for p in pts][::-1],
+                        fill="toself", line=dict(width=0), fillcolor=colour, opacity=0.2,
+                        showlegend=False, hoverinfo="skip", legendgroup=m)
+        fig.add_scatter(x=xs, y=[p[1] for p in pts], name=m, mode="lines+markers",
+                        line=dict(color=colour), legendgroup=m)
+    fig.update_layout(title=title, xaxis_title="sparsity s", yaxis_title="ms per batch",
+                      height=380)
+    return fig
+
+
+def _fmt_s(values) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
+def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
+             op: float, tolerance: float = 0.01) -> list[dict]:
+    """One row per claim: ``claim``, ``verdict`` (holds / does not hold / holds only for
+    ...), ``evidence`` (the numbers it rests on)."""
+    out = []
+    measured = [r for r in times if r.get("status") == "measured"]
+    if measured:
+        f1 = verdict_fig1(measured)
+        methods = [m for m in f1 if m not in ("fastest_by_sparsity", "ours_fastest_everywhere")]
+        falling = [m for m in methods if f1[m]["falls"]]
+        ev = "; ".join(f"{m}: {f1[m]['ms_at_lowest_s']:.1f} -> {f1[m]['ms_at_highest_s']:.1f} ms"
+                       for m in methods)
+        ev += "; fastest by s: " + ", ".join(f"{s:g} {m}" for s, m in
+                                             sorted(f1["fastest_by_sparsity"].items()))
+        if len(falling) == len(methods) and f1["ours_fastest_everywhere"]:
+            v = "holds"
+        elif not falling and not f1["ours_fastest_everywhere"]:
+            v = "does not hold"
+        else:
+            v = ("holds only for: time falls for " + (", ".join(falling) or "no method")
+                 + ("; ours fastest at every s" if f1["ours_fastest_everywhere"] else
+                    "; ours not fastest at every s"))
+        out.append({"claim": "Fig. 1: inference time falls with sparsity for every method "
+                             "and is lowest for ours", "verdict": v, "evidence": ev})
+    if mem:
+        r_model, r_peak = mem["model_ratio"], mem["peak_ratio"]
+        ok = [n for n, r in (("whole-model bytes", r_model), ("peak inference memory", r_peak))
+              if r <= 0.5]
+        v = "holds" if len(ok) == 2 else ("holds only for " + ok[0] if ok else "does not hold")
+        out.append({"claim": f"INT8 + {op:.0%} sparsity cuts memory by 50%", "verdict": v,
+                    "evidence": f"whole-model bytes x{r_model:.3f}, peak inference memory "
+                                f"x{r_peak:.3f} of dense"})
+    if accs:
+        dense = {r["task"]: r["accuracy"] for r in accs if r["method"] == "dense"}
+        at_op = [r for r in accs if r["method"] != "dense" and r.get("status") == "measured"
+                 and abs(r["sparsity"] - op) < 1e-9]
+        close = [r for r in at_op if dense[r["task"]] - r["accuracy"] <= tolerance]
+        ev = "; ".join(f"{r['task']} {r['method']} {r['accuracy']:.3f} (dense "
+                       f"{dense[r['task']]:.3f})" for r in at_op)
+        v = ("holds" if at_op and len(close) == len(at_op) else "does not hold" if not close
+             else "holds only for " + ", ".join(f"{r['method']} on {r['task']}" for r in close))
+        out.append({"claim": f"every method keeps accuracy within {tolerance:.0%} of dense "
+                             f"at s={op:g}", "verdict": v, "evidence": ev})
+    conv_m = [r for r in conv if r.get("status") == "measured"]
+    if conv_m:
+        sizes = sorted({r["n_train"] for r in conv_m})
+        wins = []
+        for n in sizes:
+            at = [r for r in conv_m if r["n_train"] == n and r["steps_to_target"] is not None]
+            best = min(at, key=lambda r: r["seconds_to_target"])["method"] if at else None
+            wins.append((n, best))
+        ours_wins = [n for n, b in wins if b == "ours"]
+        v = ("holds" if len(ours_wins) == len(sizes) else "does not hold" if not ours_wins
+             else "holds only for n = " + _fmt_s(ours_wins))
+        ev = "; ".join(f"n={n}: fastest {b or 'none reached the target'}" for n, b in wins)
+        out.append({"claim": "Fig. 2: ours reaches the target accuracy fastest at every "
+                             "training-sample size", "verdict": v, "evidence": ev})
+    return out
+
+
+def fig2(rows: list[dict], title: str = "Fig. 2: seconds to target vs training samples"):
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    fig = go.Figure()
+    for i, m in enumerate(m for m in ("dense", *METHODS)
+                          if any(r["method"] == m and r["status"] == "measured" for r in rows)):
+        pts = sorted((r["n_train"], r["seconds_to_target"]) for r in rows
+                     if r["method"] == m and r["status"] == "measured")
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=m,
+                        mode="lines+markers", line=dict(color=qualitative.Plotly[i % 10]))
+    fig.update_layout(title=title, xaxis_title="training pairs n", xaxis_type="log",
+                      yaxis_title="seconds to target (gap: not reached)", height=380)
+    return fig
