@@ -39,9 +39,10 @@ TASKS = ("nli", "qnli")
 # Fine-tuning defaults per backbone (steps, lr, batch size, max_len). MiniLM: BERT's recipe,
 # sized for a shared CPU (see the README for the accuracy it reaches and the cost).
 DEFAULTS = {
-    "tiny": dict(steps=3000, lr=1e-3, batch_size=32, max_len=64),
-    "minilm": dict(steps=300, lr=5e-5, batch_size=32, max_len=128),
+    "tiny": {"steps": 3000, "lr": 1e-3, "batch_size": 32, "max_len": 64},
+    "minilm": {"steps": 300, "lr": 1e-4, "batch_size": 32, "max_len": 128},
 }
+MAX_LR = {"tiny": 1.0, "minilm": 5e-4}  # a pretrained BERT is destroyed by tiny's 1e-3
 
 
 @dataclass
@@ -98,6 +99,11 @@ def real_text_params(defined: dict, source_dir: str | None, model: str | None) -
     out = {"source": str(root.resolve())} if "source" in defined else {}
     if "model" in defined:
         out["model"] = V.choice("model", model or "minilm", MODELS)
+        recipe = DEFAULTS[out["model"]]
+        # the backbone's recipe where the notebook exposes it (tiny's lr would wreck MiniLM)
+        out.update({k: recipe[k] for k in ("lr", "max_len") if k in defined})
+        if "baseline_steps" in defined:
+            out["baseline_steps"] = recipe["steps"]
     return out
 
 
@@ -180,6 +186,7 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
     batch_size, max_len = batch_size or d["batch_size"], max_len or d["max_len"]
     V.integer("steps", steps, 1)
     V.integer("batch_size", batch_size, 1)
+    V.number("lr", lr, 0.0, MAX_LR[model], lo_open=True)
     if model == "tiny" and source == "synthetic":
         base = zoo.trained_encoder(name, source=source, steps=steps, lr=lr,
                                    batch_size=batch_size, n_train=n_train or 4000,

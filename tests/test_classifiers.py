@@ -141,9 +141,12 @@ def test_task_names_sources_and_the_real_text_profile(glue_root):
         C.task_name("sst2", "synthetic")
     with pytest.raises(LabkitConfigError, match="model"):
         C.classifier("bert-large", "nli")
-    defined = {"source": "synthetic", "model": "tiny", "steps": 3}
+    defined = {"source": "synthetic", "model": "tiny", "steps": 3, "lr": 1e-3}
     assert C.real_text_params(defined, str(glue_root), None) == {
-        "source": str(glue_root.resolve()), "model": "minilm"}
+        "source": str(glue_root.resolve()), "model": "minilm",
+        "lr": C.DEFAULTS["minilm"]["lr"]}
+    with pytest.raises(LabkitConfigError, match="lr"):
+        C.classifier("minilm", "nli", str(glue_root), lr=1e-3)
     assert C.real_text_params({"steps": 3}, str(glue_root), "tiny") == {}
     assert C.real_text_params(defined, None, None) == {}
     with pytest.raises(LabkitConfigError, match="source_dir"):
