@@ -3,9 +3,12 @@
 Importing this package registers every technique, so ``apply_(model, Config(...))`` works
 for any of them, and ``registered()`` lists them.
 """
+from .cqil import CQILConfig, LoRAConfig
+from .early_exit import EarlyExitConfig
 from .factorized_ffn import FactorizedFFNConfig
 from .int8 import AccelerateConfig, Int8Config
 from .kernel_attention import KernelAttentionConfig
+from .layerdrop import LayerDropConfig, LayerPruneConfig
 from .low_rank_attention import LowRankAttentionConfig
 from .quant import FakeQuantConfig
 from .registry import (PARTS, apply_, check, expected, linears, modules, register,
@@ -16,4 +19,5 @@ from .sparsity import SparsityConfig
 __all__ = ["PARTS", "apply_", "check", "expected", "linears", "modules", "register", "register_expected", "registered", "swap_modules",
            "FactorizedFFNConfig", "SharingConfig", "LowRankAttentionConfig",
            "KernelAttentionConfig", "SparsityConfig", "FakeQuantConfig", "Int8Config",
-           "AccelerateConfig"]
+           "AccelerateConfig", "LayerDropConfig", "LayerPruneConfig", "EarlyExitConfig",
+           "CQILConfig", "LoRAConfig"]
