@@ -147,3 +147,41 @@ def test_bad_end_and_rank():
     for r in (0, -2):
         with pytest.raises(LabkitConfigError, match=f"rank={r}.*>= 1"):
             LoRAConfig(rank=r)
+
+
+def test_across_processes_equals_one_process(tmp_path):
+    """P=2 ranks under torchrun (gloo), one all-reduce of deltas per step (plus an
+    all-gather for D > 0); a short last step leaves a rank idle."""
+    from labkit.dist import launch
+    from labkit.techniques import cqil_dist as CD
+
+    m = _dec()
+    ids = torch.randint(0, 1000, (1, 16))
+    CD.save_job(tmp_path / "job.pt", m, ids)
+    groups = [[4, 8, 0], [1, 8, 1]]
+    res = launch("labkit.techniques.cqil_dist:run",
+                 {"model": str(tmp_path / "job.pt"), "groups": groups, "n_layers": 8,
+                  "reps": 1, "rounds": 1, "save_outputs": True},
+                 nproc=2, run_dir=tmp_path / "run", validate=CD.validate)
+    for s, e, d in groups:
+        got = torch.load(tmp_path / "run" / f"cqil-{s}-{e}-{d}.pt")
+        apply_(m, CQILConfig(start=s, end=e, P=2, D=d))
+        with torch.no_grad():
+            assert (got - m(ids)).abs().max() <= 1e-5
+    ranks = {r["rank"]: r for r in res.result["ranks"]}
+    assert ranks[0]["groups"][0]["own_blocks"] == [4, 6]
+    assert ranks[1]["groups"][0]["own_blocks"] == [5, 7]
+    assert ranks[1]["groups"][1]["own_blocks"] == [2, 4, 6]
+    rows = CD.summarize(res.result)
+    assert [r["start"] for r in rows] == [4, 1] and all(r["cqil_ms"] > 0 for r in rows)
+
+
+def test_cross_process_config_refused_before_start():
+    from labkit.dist import launch
+    from labkit.techniques import cqil_dist as CD
+
+    with pytest.raises(LabkitConfigError, match="P=2"):
+        launch("labkit.techniques.cqil_dist:run", {"model": "x", "groups": [[3, 4]]},
+               nproc=2, validate=CD.validate)
+    with pytest.raises(LabkitConfigError, match="end=9"):
+        CD.validate({"groups": [[4, 9]], "n_layers": 8}, 2)
