@@ -345,35 +345,46 @@ def training_form(method: str, model: M.Transformer, s: float, bits_by_layer=())
 
 def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: float,
                 steps: int, lr: float, batch_size: int = 32, eval_every: int = 25,
-                seed: int = 0, bits_by_layer=()) -> list[dict]:
+                seed: int = 0, bits_by_layer=(), auto_fraction: float = 0.9) -> list[dict]:
     """Fig. 2: for each training-sample size ``n`` and method, train a fresh model of
     ``cfg`` on the first ``n`` training pairs and record the step and second at which the
-    eval accuracy first reaches ``target`` (None: not within ``steps``)."""
-    rows = []
-    for n in sizes:
+    eval accuracy first reaches ``target`` (None: not within ``steps``). ``target=0``:
+    ``auto_fraction`` of the best eval accuracy the dense model reaches at the largest
+    ``n`` (run first), so the target is reachable at lab scale."""
+    rows, sizes = [], sorted(sizes)
+    runs = [(n, m) for n in sizes for m in ("dense", *methods)]
+    if target <= 0:
+        runs.remove((sizes[-1], "dense"))
+        runs.insert(0, (sizes[-1], "dense"))
+    for n, method in runs:
         part = {k: v[:n] for k, v in pairs.train.items()}
-        for method in ("dense", *methods):
-            model = M.build(cfg, seed=seed)
-            try:
-                cbs = training_form(method, model, s, bits_by_layer)
-            except MethodUnavailable as e:
-                warnings.warn(f"{method}: {e}")
-                rows.append({"method": method, "n_train": n, "status": f"unavailable: {e}"})
-                continue
-            strategy = None
-            if method == "sdn":
-                from .techniques.early_exit import SDNStrategy
+        model = M.build(cfg, seed=seed)
+        try:
+            cbs = training_form(method, model, s, bits_by_layer)
+        except MethodUnavailable as e:
+            warnings.warn(f"{method}: {e}")
+            rows.append({"method": method, "n_train": n, "status": f"unavailable: {e}"})
+            continue
+        strategy = None
+        if method == "sdn":
+            from .techniques.early_exit import SDNStrategy
 
-                strategy = SDNStrategy(steps)
-            r = T.fit(model, _batches(part, batch_size, seed), steps=steps, lr=lr,
-                      eval_fn=lambda m=model: T.evaluate(m, pairs.eval),
-                      eval_every=eval_every, callbacks=cbs, seed=seed, strategy=strategy,
-                      target=("accuracy", target), progress=False)
-            rows.append({"method": method, "n_train": n, "status": "measured",
-                         "steps_to_target": r.steps_to_target,
-                         "seconds_to_target": r.seconds_to_target,
-                         "final_accuracy": r.final.get("accuracy"), "steps": r.steps})
-    return rows
+            strategy = SDNStrategy(steps)
+        goal = target if target > 0 else None
+        r = T.fit(model, _batches(part, batch_size, seed), steps=steps, lr=lr,
+                  eval_fn=lambda m=model: T.evaluate(m, pairs.eval),
+                  eval_every=eval_every, callbacks=cbs, seed=seed, strategy=strategy,
+                  target=("accuracy", goal) if goal else None, progress=False)
+        if target <= 0:  # the auto target, then where the dense run crossed it
+            best = max(h["accuracy"] for h in r.history if h["split"] == "eval")
+            target = auto_fraction * best
+            hit = next(h for h in r.history if h["split"] == "eval" and h["accuracy"] >= target)
+            r.steps_to_target, r.seconds_to_target = hit["step"], hit["seconds"]
+        rows.append({"method": method, "n_train": n, "status": "measured", "target": target,
+                     "steps_to_target": r.steps_to_target,
+                     "seconds_to_target": r.seconds_to_target,
+                     "final_accuracy": r.final.get("accuracy"), "steps": r.steps})
+    return sorted(rows, key=lambda r: (r["n_train"], ("dense", *METHODS).index(r["method"])))
 
 
 def _batches(part: dict, batch_size: int, seed: int):
