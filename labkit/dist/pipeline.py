@@ -299,7 +299,8 @@ def measure_bubble(ctx, pipe: Pipe, wl, ms: list[int], mb_rows: int, reps: int) 
             pipe.zero_grad()
         per.sort(key=lambda x: x[0])
         wall, busy, events = per[0]  # the least-disturbed step (as in common.lockstep_timer)
-        rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "wall_s": wall, "busy_s": busy,
+        rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "mb_rows": mb_rows, "dp": pipe.dp,
+                     "wall_s": wall, "busy_s": busy,
                      "bubble": 1 - busy / wall, "claimed_bubble": (pipe.S - 1) / (m + pipe.S - 1),
                      "samples_per_s": m * mb_rows * pipe.dp / wall, "events": events})
     return rows

@@ -67,6 +67,11 @@ def spec_of(cfg: ModelConfig, seq: int) -> Spec:
                 cfg.kind == "decoder")
 
 
+def spec_from(raw: dict) -> Spec:
+    """The :class:`Spec` of the model a ``calibrate`` result measured."""
+    return spec_of(ModelConfig(**raw["cfg"]), raw["seq"])
+
+
 # Named sizes for the scaling curves (LLaMA/Mistral-like shapes).
 SIZES = {
     "125M": Spec(768, 12, 12, 3072, 32000, 2048),
@@ -116,12 +121,15 @@ class Calibration:
 
 
 def fit_line(xs, ys) -> tuple[float, float]:
-    """Least squares ``y = a + b x`` with a >= 0 (a negative fixed cost is noise)."""
+    """Least squares ``y = a + b x`` with a >= 0 and b > 0 (a negative fixed cost or a
+    falling slope is noise)."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
     a = my - b * mx
+    if b <= 0:  # time cannot fall with size: the points are noise around a constant
+        return my, 1e-18
     if a < 0:  # refit through the origin
         a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
     return a, b
@@ -360,8 +368,8 @@ def scaling(spec: Spec, cal: Calibration, devices=(1, 2, 4, 8, 16, 64, 256, 1024
             plans["TPxPPxDP"] = (n // (tp * pp), tp, pp)
         for name, (d, t, p) in plans.items():
             m = microbatches if p > 1 else 1
-            r = simulate(spec, cal, d, t, p, m, per_device_batch * n,
-                         "1f1b" if p > 1 else "gpipe")
+            replica = -(-per_device_batch * t * p // m) * m  # a replica spans t x p devices
+            r = simulate(spec, cal, d, t, p, m, d * replica, "1f1b" if p > 1 else "gpipe")
             r.pop("events")
             rows.append({"plan": name, "model_params": spec.params(), **r})
     return rows
