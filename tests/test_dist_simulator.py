@@ -8,10 +8,10 @@ from labkit.validate import LabkitConfigError
 
 
 def _cal(**kw):
-    base = dict(fwd_a=0.0, fwd_rate=1e10, bwd_a=0.0, bwd_rate=1e10, ends_fwd_a=0.0,
-                ends_fwd_b=0.0, ends_bwd_a=0.0, ends_bwd_b=0.0, d_cal=64, ends_flops_cal=0.0,
-                act_bytes_per_token_dim=4.0, ar_alpha=1e-5, ar_beta=1e-9, p2p_alpha=1e-5,
-                p2p_beta=1e-9)
+    base = {"fwd_a": 0.0, "fwd_rate": 1e10, "bwd_a": 0.0, "bwd_rate": 1e10,
+            "ends_fwd_a": 0.0, "ends_fwd_b": 0.0, "ends_bwd_a": 0.0, "ends_bwd_b": 0.0,
+            "d_cal": 64, "ends_flops_cal": 0.0, "act_bytes_per_token_dim": 4.0,
+            "ar_alpha": 1e-5, "ar_beta": 1e-9, "p2p_alpha": 1e-5, "p2p_beta": 1e-9}
     return SIM.Calibration(**{**base, **kw})
 
 
@@ -76,7 +76,7 @@ def _fake_result():
            "ends": [(32, 1e-4, 1e-4), (64, 1e-4, 1e-4), (128, 1e-4, 1e-4)],
            "act_bytes_per_token": 4000.0, "all_reduce": [(1e3, 1e-4), (1e6, 1e-3)],
            "p2p": [(1e3, 5e-5), (1e6, 5e-4)]}
-    sweep = lambda r: {"bubble": [  # noqa: E731
+    sweep = lambda r: {"bubble": [
         {"M": m, "S": 2, "rank": r, "mb_rows": 4, "dp": 1, "wall_s": 0.01 * (m + 1),
          "busy_s": 0.01 * m, "bubble": 1 / (m + 1), "samples_per_s": 1.0, "events": []}
         for m in (1, 2, 4)]}

@@ -26,10 +26,10 @@ SIM_TOL = 0.20
 
 
 def run(quick: bool = False) -> dict:
-    kw = (dict(size="tiny", seq=32, batch=8, steps=2, sweep_m=(1, 2, 4), mb_rows=4, reps=2)
-          if quick else
-          dict(size="small", seq=64, batch=16, steps=5, sweep_m=tuple(range(1, 9)),
-               mb_rows=4, reps=5))
+    kw = ({"size": "tiny", "seq": 32, "batch": 8, "steps": 2, "sweep_m": (1, 2, 4),
+           "mb_rows": 4, "reps": 2} if quick else
+          {"size": "small", "seq": 64, "batch": 16, "steps": 5, "sweep_m": tuple(range(1, 9)),
+           "mb_rows": 4, "reps": 5})
     load_before = os.getloadavg()[0]
     r = lab.run(nproc=2, task="nli", **kw)
     ranks = r.result["ranks"]
