@@ -18,8 +18,11 @@ training arguments, labkit's code version and torch; an unreadable file retrains
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,13 +121,68 @@ def _save(path: Path, payload: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+class CacheWarning(UserWarning):
+    """A cached classifier could not be used; it is retrained."""
+
+
+def _digest(pairs: D.PairTask) -> str:
+    """Content of the tokenised task: vocabulary, labels and every tensor (an edited data
+    file retrains; the folder's path does not matter)."""
+    h = hashlib.sha256(json.dumps([pairs.tokenizer.vocab, list(pairs.labels)]).encode())
+    for split in (pairs.train, pairs.eval):
+        for k in sorted(split):
+            t = split[k].contiguous()
+            h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _code() -> str:
+    """labkit's version and a digest of the code the weights depend on."""
+    from . import __version__
+
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in ("model.py", "train.py", "baselines.py", "pretrained.py"):
+        h.update((here / name).read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def _key(args: dict, pairs: D.PairTask) -> str:
+    blob = json.dumps({**args, "data": _digest(pairs), "code": _code(),
+                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load(path: Path, cfg) -> dict | None:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["config"] != asdict(cfg):
+            raise ValueError("its model config differs from this one")
+        return saved
+    except Exception as e:  # noqa: BLE001 - any unreadable cache means: train again
+        warnings.warn(f"classifier cache {path} is unusable ({type(e).__name__}: "
+                      f"{str(e)[:200]}); retraining and replacing it", CacheWarning,
+                      stacklevel=3)
+        return None
+
+
+def _cache_dir() -> Path:
+    # zoo's folder: $LABKIT_CACHE, else zoo's default (default_cache_dir() once the user
+    # cache folder lands in zoo, CACHE_DIR before)
+    env = os.environ.get("LABKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return zoo.default_cache_dir() if hasattr(zoo, "default_cache_dir") else Path(zoo.CACHE_DIR)
+
+
 def _cached(name: str, args: dict, pairs: D.PairTask, model: M.Transformer, train_fn,
             cache_dir) -> tuple[dict, bool, Path]:
     """Load ``model``'s trained weights from the cache or run ``train_fn() -> (metrics,
     extra)`` and save them. Returns (record, cached, path)."""
-    folder = Path(cache_dir) if cache_dir is not None else zoo.default_cache_dir()
-    path = folder / f"{name}-{zoo._key(args, pairs)}.pt"
-    saved = zoo._load(path, model.cfg) if path.is_file() else None
+    folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    path = folder / f"{name}-{_key(args, pairs)}.pt"
+    saved = _load(path, model.cfg) if path.is_file() else None
     if saved is not None:
         model.load_state_dict(saved["state"])
         return saved, True, path
@@ -173,11 +231,13 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
                steps: int | None = None, lr: float | None = None,
                batch_size: int | None = None, max_len: int | None = None,
                n_train: int | None = None, n_eval: int | None = None,
-               vocab_size: int = D.VOCAB_SIZE, bf16: bool = False, seed: int = 0,
+               vocab_size: int | None = None, bf16: bool = False, seed: int = 0,
                progress: bool = True, cache_dir=None) -> Classifier:
     """A trained dense pair classifier (cached) and its workload; see the module docstring.
 
-    ``None`` arguments take the backbone's :data:`DEFAULTS`."""
+    ``None`` arguments take the backbone's :data:`DEFAULTS` (``vocab_size``: the word
+    vocabulary's default in :func:`labkit.data.load_task`; tiny only)."""
+    vocab = {} if vocab_size is None else {"vocab_size": vocab_size}
     V.choice("model", model, MODELS)
     name = task_name(task, source)
     source = task_source(source, name)
@@ -191,8 +251,7 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
         base = zoo.trained_encoder(name, source=source, steps=steps, lr=lr,
                                    batch_size=batch_size, n_train=n_train or 4000,
                                    n_eval=n_eval or 500, max_len=max_len, seed=seed,
-                                   progress=progress, cache_dir=cache_dir,
-                                   vocab_size=vocab_size)
+                                   progress=progress, cache_dir=cache_dir, **vocab)
         wl = _workload(base.model, base.task, batch_size, trimmed=False)
         return Classifier(base.model, base.task, base.metrics, steps, base.cached, base.path,
                           wl, model, {"recipe": "zoo.trained_encoder", "steps": steps})
@@ -208,7 +267,7 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
         net, train = _finetune_minilm(pairs, args, progress)
     else:
         pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,
-                            max_len=max_len, seed=seed, vocab_size=vocab_size)
+                            max_len=max_len, seed=seed, **vocab)
         args = dict(backbone="tiny-real", task=name, steps=steps, lr=lr,
                     batch_size=batch_size, max_len=max_len, seed=seed, dropout=0.1,
                     weight_decay=0.1, patience=3, eval_every=max(steps // 20, 1))

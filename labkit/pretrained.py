@@ -161,6 +161,11 @@ class PairTokenizer:
     def __len__(self):
         return len(self.hf)
 
+    @property
+    def vocab(self) -> list[str]:
+        """The tokens in id order (what a cache key hashes, like WordTokenizer.vocab)."""
+        return self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+
     def encode_pair(self, a: str, b: str, max_len: int) -> list[int]:
         return self.hf(a, b, truncation="longest_first", max_length=max_len)["input_ids"]
 

@@ -11,7 +11,6 @@ from labkit import classifiers as C
 from labkit import data as D
 from labkit import pretrained as PT
 from labkit import train as T
-from labkit import zoo
 from labkit.validate import LabkitConfigError
 
 needs_minilm = pytest.mark.skipif(
@@ -22,31 +21,32 @@ SUBJECTS = "man woman child dog cat chef pilot farmer".split()
 PLACES = "park kitchen street garden office beach".split()
 
 
-def _mnli_rows(n, offset=0):
+def _mnli_rows(n, offset=0, verb="walks slowly"):
     rows = []
     for i in range(offset, offset + n):
         who, where = SUBJECTS[i % len(SUBJECTS)], PLACES[i % len(PLACES)]
         label = i % 3
         hyp = {0: f"A {who} is in the {where}.", 1: f"The {who} is happy today.",
                2: f"No {who} is in the {where}."}[label]
-        rows.append(dict(premise=f"The {who} walks slowly through the {where}.",
-                         hypothesis=hyp, label=label, idx=i))
+        rows.append({"premise": f"The {who} {verb} through the {where} ({i}).",
+                     "hypothesis": hyp, "label": label, "idx": i})
     return rows
 
 
-def _qnli_rows(n):
-    return [dict(question=f"Where does the {SUBJECTS[i % 8]} walk?",
-                 sentence=f"The {SUBJECTS[i % 8]} walks in the {PLACES[i % 6]}." if i % 2 == 0
-                 else "It rained all day.", label=i % 2, idx=i) for i in range(n)]
+def _qnli_rows(n, offset=0):
+    return [{"question": f"Where does the {SUBJECTS[i % 8]} walk on day {i}?",
+             "sentence": f"The {SUBJECTS[i % 8]} walks in the {PLACES[i % 6]}." if i % 2 == 0
+             else "It rained all day.", "label": i % 2, "idx": i}
+            for i in range(offset, offset + n)]
 
 
 @pytest.fixture()
 def glue_root(tmp_path):
     root = tmp_path / "glue"
     D.write_local_glue(root / "mnli", "mnli", {"train": _mnli_rows(24),
-                                               "validation_matched": _mnli_rows(9, 100)})
+                                               "validation_matched": _mnli_rows(9, 100, "runs")})
     D.write_local_glue(root / "qnli", "qnli", {"train": _qnli_rows(16),
-                                               "validation": _qnli_rows(6)})
+                                               "validation": _qnli_rows(6, 100)})
     return root
 
 
@@ -71,7 +71,7 @@ def test_minilm_classifier_trains_caches_and_retrains_a_corrupt_cache(glue_root,
     batch = next(again.workload.make_batches(0))
     assert batch["input_ids"].shape[0] == 4 and not batch["padding_mask"].all(0).any()
     first.path.write_bytes(b"not a checkpoint")
-    with pytest.warns(zoo.CacheWarning, match="unusable"):
+    with pytest.warns(C.CacheWarning, match="unusable"):
         fixed = C.classifier("minilm", "nli", str(glue_root), cache_dir=cache, **FAST)
     assert not fixed.cached and fixed.path == first.path
 
