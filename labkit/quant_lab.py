@@ -13,11 +13,11 @@ import warnings
 import torch
 from torch.nn.utils import parametrize
 
+from . import accelerate as A
 from . import measure, train
 from . import validate as V
 from .data import batches
-from .model import build
-from .techniques import apply_
+from .techniques import apply_, swap_modules
 from .techniques import hessian as H
 from .techniques import int8 as I
 from .techniques import quant as Q
@@ -65,16 +65,6 @@ def simulate_nli(base, task, config: Q.FakeQuantConfig, mode: str = "ptq",
                    "symmetric": config.symmetric, "activations": config.activations,
                    **evaluate_nli(model, task), "bytes": q["total"],
                    "quantized_ratio": q["quantized_ratio"]}
-
-
-def train_base(task, preset="tiny", steps=200, batch_size=32, lr=1e-3, seed=0, board=None):
-    """The fp32 encoder every quantized variant starts from."""
-    model = build(preset, kind="encoder", seed=seed, vocab_size=len(task.tokenizer),
-                  num_labels=task.num_labels, max_len=task.max_len)
-    cbs = [board.callback("loss", "fp32 train")] if board is not None else []
-    res = train.fit(model, batches(task.train, batch_size, seed=seed), steps, lr=lr,
-                    callbacks=cbs, progress=False, seed=seed)
-    return model, res
 
 
 # --------------------------------------------------------------------------- MiniLM
@@ -147,36 +137,32 @@ def mixed_assignment(rows, shapes, budget_bits: int, bits=BITS,
 
 # --------------------------------------------------------------------------- accelerate
 
-def _timed(fn_by_name: dict, min_run_time: float) -> dict:
-    return {k: measure.time_fn(f, k, min_run_time).median_ms for k, f in fn_by_name.items()}
-
-
 def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
-                 accelerate=True, kwargs=None) -> list[dict]:
+                 accelerate=True, kwargs=None, rounds: int = 3) -> list[dict]:
     """fp32, bf16, torchao INT8 (dynamic, weight-only), torch's deprecated dynamic INT8 and
-    accelerate (per-layer fastest of all of them), side by side."""
+    accelerate (per-layer fastest of all of them), timed side by side in rotated rounds
+    (:func:`labkit.measure.paired`, speedup = median of per-round fp32 / variant)."""
     kwargs = kwargs or {}
     variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
                 "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic")),
                 "int8_weight_only": apply_(copy.deepcopy(model), I.Int8Config("weight_only"))}
     td = copy.deepcopy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantize_dynamic is deprecated, still measured
-        from .techniques.registry import swap_modules
-
-        swap_modules(td, I._selector("blocks"), lambda n, m: I.AcceleratedLinear(
-            m, "torch_dynamic"))
+    swap_modules(td, Q.linear_selector("blocks", exact=True),
+                 lambda n, m: I.AcceleratedLinear(m, "torch_dynamic"))
     variants["torch_dynamic"] = td
+    notes = {"torch_dynamic": "; ".join(sorted({w for m in td.modules()
+                                                for w in getattr(m, "labkit_warnings", ())}))}
     chosen = None
     if accelerate:
         acc = copy.deepcopy(model)
-        with warnings.catch_warnings(record=True) as w:
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            report = I.accelerate_(acc, inputs, min_run_time=min_run_time / 5)
+            report = I.accelerate_(acc, inputs, min_run_time=min_run_time / 5, kwargs=kwargs)
         variants["accelerated"] = acc
-        chosen = {r["chosen"] for r in report if r["layer"] != "<model>"}
-        chosen = "+".join(sorted(chosen)) + (" (reverted)" if any(
-            "reverting" in str(x.message) for x in w) else "")
+        summary = A.summary(report)
+        chosen = summary["chosen"] + " (reverted)" if summary["reverted"] else "+".join(
+            sorted({r["chosen"] for r in report if r["layer"] != A.MODEL}))
+        notes["accelerated"] = "; ".join(sorted({str(w.message)[:160] for w in caught}))
 
     def call(m):
         def fn():
@@ -184,15 +170,21 @@ def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
                 m(*inputs, **kwargs)
         return fn
 
-    t = _timed({k: call(m) for k, m in variants.items()}, min_run_time)
+    p = measure.paired({k: call(m) for k, m in variants.items()}, reference="fp32",
+                       rounds=rounds, min_run_time=min_run_time)
     shape = ",".join(str(tuple(x.shape)) for x in inputs if torch.is_tensor(x)) or \
         ",".join(f"{k}{tuple(v.shape)}" for k, v in kwargs.items() if torch.is_tensor(v))
     rows = []
-    for k, ms in t.items():
+    for k, sec in p.seconds.items():
         path = I.kernel_path_of(k) if k != "accelerated" else f"per layer: {chosen}"
-        rows.append({"model": label, "variant": k, "input": shape, "latency_ms": ms,
-                     "speedup_vs_fp32": t["fp32"] / ms,
-                     "bytes": measure.model_bytes(variants[k])["total"], "kernel_path": path})
+        rows.append({"model": label, "variant": k, "input": shape, "latency_ms": sec * 1e3,
+                     "min_ms": p.spread[k][0] * 1e3, "max_ms": p.spread[k][1] * 1e3,
+                     "speedup_vs_fp32": p.ratio[k], "speedup_min": p.ratio_spread[k][0],
+                     "speedup_max": p.ratio_spread[k][1], "rounds": rounds,
+                     "verdict": measure.speedup_verdict(p.ratio[k], p.ratio_spread[k])
+                     if k != "fp32" else "reference",
+                     "bytes": measure.model_bytes(variants[k])["total"], "kernel_path": path,
+                     "warnings": notes.get(k, "")})
     return rows
 
 
@@ -229,5 +221,4 @@ __all__ = [
     "quantized_copy",
     "sensitivity",
     "simulate_nli",
-    "train_base",
 ]

@@ -10,8 +10,8 @@ from labkit.measure import model_bytes
 from labkit.techniques import apply_, expected
 from labkit.techniques import hessian as H
 from labkit.techniques import int8 as I
-from labkit.techniques import sparsity as S
 from labkit.techniques import quant as Q
+from labkit.techniques import sparsity as S
 from labkit.validate import LabkitConfigError
 
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import validate as V
 from .. import accelerate as A
+from .. import validate as V
 from .quant import linear_selector
 from .registry import register, register_expected, swap_modules
 

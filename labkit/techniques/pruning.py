@@ -159,5 +159,15 @@ def train_sparse(model, config: SparsityConfig, batches, steps: int, eval_fn=Non
                callbacks=[*cbs, *callbacks], extra_loss=extra, progress=progress, seed=seed)
 
 
-__all__ = ["STRATEGIES", "L1", "Gradual", "GradualPruning", "OneShot", "PruneAt",
-           "cubic_schedule", "l1_penalty", "strategy", "train_sparse"]
+__all__ = [
+    "L1",
+    "STRATEGIES",
+    "Gradual",
+    "GradualPruning",
+    "OneShot",
+    "PruneAt",
+    "cubic_schedule",
+    "l1_penalty",
+    "strategy",
+    "train_sparse",
+]

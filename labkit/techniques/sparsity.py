@@ -357,13 +357,14 @@ def _memo(make):
 
 chosen_paths = A.chosen_paths
 
-from .pruning import (  # noqa: E402  (pruning builds on the masks above)
+# pruning and expected build on the masks above, so they are imported last
+from .pruning import (
     GradualPruning,
     cubic_schedule,
     l1_penalty,
     train_sparse,
 )
-from .sparsity_expected import expected  # noqa: E402
+from .sparsity_expected import expected
 
 storage_bytes = K.storage_bytes
 
