@@ -27,7 +27,7 @@ from . import validate as V
 from .model import ModelConfig, build
 from .techniques import sparsity as S
 from .techniques.registry import apply_
-from .train import evaluate
+from .train import Callback, evaluate
 from .workloads import TASKS, Workload, baseline_workload, workload
 
 
@@ -127,7 +127,7 @@ def prune_from(work: Workload, init, config: S.SparsityConfig | None, steps: int
                      prune_at=prune_at, init=init)
 
 
-class _BoardLog:
+class _BoardLog(Callback):
     """Train loss every step; eval loss/accuracy/sparsity at each evaluation."""
 
     def __init__(self, board, series):
