@@ -157,7 +157,8 @@ def accelerate(model: nn.Module, inputs: tuple, sites: Callable[[str, nn.Module]
         if site is not None:
             found[name] = site
             skip = (*skip, name + ".")
-    captured = measure.capture_inputs(model, inputs, {n: s.module for n, s in found.items()})
+    call = (lambda *a: model(*a, **kwargs)) if kwargs else model  # e.g. a BERT's model(**batch)
+    captured = measure.capture_inputs(call, inputs, {n: s.module for n, s in found.items()})
     names = aliases(model)
     rows, placed = [], {}
     for name, site in found.items():

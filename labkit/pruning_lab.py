@@ -54,13 +54,15 @@ def names(name: str, text: str, allowed) -> list[str]:
 
 
 def nli_baseline(task: str, source: str, vocab_size: int, steps: int, n_train: int,
-                 n_eval: int, seed: int):
-    """The trained dense encoder every NLI pruning run starts from (cached per machine)."""
+                 n_eval: int, seed: int, **zoo_kw):
+    """The trained dense encoder pruning and quantization start from (cached per machine,
+    :func:`labkit.zoo.trained_encoder`) on ``task`` from ``source`` with a word vocabulary
+    of ``vocab_size``."""
     V.integer("vocab_size", vocab_size, 16)
     kw = {"vocab_size": vocab_size} if vocab_size != 1024 else {}
     try:
         return zoo.trained_encoder(task, source=source, steps=steps, n_train=n_train,
-                                   n_eval=n_eval, seed=seed, progress=False, **kw)
+                                   n_eval=n_eval, seed=seed, progress=False, **kw, **zoo_kw)
     except TypeError as e:  # a zoo without a vocabulary size: say so, never ignore it
         if "vocab_size" not in str(e):
             raise

@@ -215,19 +215,10 @@ def memory_rows(shapes: dict, bits_list=(8, 4, 3, 2), granularity="channel", gro
 def baseline(task: str, source: str, vocab_size: int, preset: str, steps: int, lr: float,
              batch_size: int, n_train: int, n_eval: int, seed: int):
     """The trained fp32 encoder every quantized variant copies (cached per machine)."""
-    from . import zoo
+    from .pruning_lab import nli_baseline
 
-    V.integer("vocab_size", vocab_size, 16)
-    kw = {"vocab_size": vocab_size} if vocab_size != 1024 else {}
-    try:
-        return zoo.trained_encoder(task, source=source, preset=preset, steps=steps, lr=lr,
-                                   batch_size=batch_size, n_train=n_train, n_eval=n_eval,
-                                   seed=seed, progress=False, **kw)
-    except TypeError as e:  # a zoo without a vocabulary size: say so, never ignore it
-        if "vocab_size" not in str(e):
-            raise
-        raise V.LabkitConfigError("vocab_size", vocab_size, "1024 (this labkit.zoo cannot "
-                                  "train a baseline with another vocabulary)") from None
+    return nli_baseline(task, source, vocab_size, steps, n_train, n_eval, seed, preset=preset,
+                        lr=lr, batch_size=batch_size)
 
 
 def bit_sweep(base, task, granularity, group_size, symmetric, activations, calibration,
