@@ -1,12 +1,11 @@
 """The torchrun launcher: streaming, the last rank's atomic result, and bad input refused
 before any process starts."""
 import socket
-import time
 
 import pytest
 import torch
 
-from labkit.dist import LaunchError, command, launch, pick_backend
+from labkit.dist import command, launch, pick_backend
 from labkit.validate import LabkitConfigError
 
 
@@ -24,24 +23,6 @@ def test_launch_streams_steps_and_returns_last_rank_result(tmp_path):
     assert [x["sum_of_rank_plus_one"] for x in r.result["ranks"]] == [3.0, 3.0]
     assert len({x["pid"] for x in r.result["ranks"]}) == 2  # two real processes
     assert r.steps(rank=1)[-1]["value"] == 3.0
-
-
-def test_killed_rank_is_named_quickly():
-    start = time.perf_counter()
-    with pytest.raises(LaunchError) as e:
-        launch("selftest", {"steps": 4, "fault": {"rank": 1, "step": 2, "kind": "die"}},
-               nproc=2, timeout=30)
-    assert time.perf_counter() - start < 60
-    assert e.value.rank == 1 and "SIGKILL" in str(e.value)
-
-
-def test_hung_rank_hits_the_process_group_timeout():
-    start = time.perf_counter()
-    with pytest.raises(LaunchError) as e:
-        launch("selftest", {"steps": 4, "fault": {"rank": 1, "step": 2, "kind": "hang"}},
-               nproc=2, timeout=5)
-    assert time.perf_counter() - start < 60
-    assert "timeout 5 s hit" in str(e.value) and e.value.rank == 0  # the rank left waiting
 
 
 def test_bad_input_is_refused_before_start():

@@ -15,4 +15,4 @@ their hybrid).
 """
 from .launcher import LaunchError, LaunchResult, command, launch, pick_backend
 
-__all__ = ["launch", "command", "pick_backend", "LaunchResult", "LaunchError"]
+__all__ = ["LaunchError", "LaunchResult", "command", "launch", "pick_backend"]

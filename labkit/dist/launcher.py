@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,15 +147,18 @@ def launch(experiment: str, config: dict | None = None, nproc: int = 2, *,
            backend: str = "auto", timeout: float = 120.0, wall_timeout: float | None = None,
            on_event: Callable[[dict], None] | None = None, run_dir: str | Path | None = None,
            nnodes: int | str = 1, rdzv_endpoint: str | None = None, port: int | None = None,
-           max_restarts: int = 0, threads: int = 1, validate: Callable | None = None
-           ) -> LaunchResult:
+           max_restarts: int = 0, threads: int = 1, validate: Callable | None = None,
+           startup_retries: int = 1) -> LaunchResult:
     """Run ``experiment`` on ``nproc`` ranks (per node) and return its :class:`LaunchResult`.
 
     ``timeout``: the process-group timeout in seconds (a collective waiting longer on a
     hung peer fails instead of waiting torch's default 30 minutes). ``wall_timeout``: the
     whole job is killed after this many seconds (default: generous, from ``timeout``).
     ``validate(config, world_size)`` checks the experiment's config before any process
-    starts (the experiment modules provide one each).
+    starts (the experiment modules provide one each). ``startup_retries``: a job whose
+    ranks failed before any of them joined the process group (a rendezvous or connect race
+    on a busy machine) is started again, with a warning; the retries are recorded in
+    ``result["startup_retries"]``.
     """
     _validate(nproc, timeout, max_restarts, port, nnodes, rdzv_endpoint, threads)
     backend = pick_backend(backend, nproc)
@@ -166,6 +170,28 @@ def launch(experiment: str, config: dict | None = None, nproc: int = 2, *,
         validate(config, nproc * (int(nnodes) if str(nnodes).isdigit() else 1))
     run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="labkit-dist-"))
     run_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(startup_retries + 1):
+        try:
+            out = _launch_once(experiment, config, nproc, backend, timeout, wall_timeout,
+                               on_event, run_dir, nnodes, rdzv_endpoint, port, max_restarts,
+                               threads)
+        except _StartupFailure as e:
+            if attempt == startup_retries:
+                raise e.error from None
+            warnings.warn(f"labkit.dist: the job failed before its ranks joined the process "
+                          f"group; starting it again ({e.error.args[0][:200]})", stacklevel=2)
+            continue
+        out.result["startup_retries"] = attempt
+        return out
+
+
+class _StartupFailure(Exception):
+    def __init__(self, error: LaunchError):
+        self.error = error
+
+
+def _launch_once(experiment, config, nproc, backend, timeout, wall_timeout, on_event, run_dir,
+                 nnodes, rdzv_endpoint, port, max_restarts, threads) -> LaunchResult:
     launch_id = uuid.uuid4().hex
     cmd = command(experiment, config, nproc, backend=backend, timeout=timeout,
                   run_dir=str(run_dir), launch_id=launch_id, nnodes=nnodes,
@@ -212,7 +238,10 @@ def launch(experiment: str, config: dict | None = None, nproc: int = 2, *,
     seconds = time.perf_counter() - start
     (run_dir / "launch.log").write_text("".join(log))
     if code != 0:
-        raise _failure(code, log, events, timeout)
+        error = _failure(code, log, events, timeout)
+        if not any(e.get("event") == "ready" for e in events):
+            raise _StartupFailure(error)
+        raise error
     path = run_dir / "result.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     if result.get("launch_id") != launch_id:

@@ -170,15 +170,24 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)  # one core per rank: ranks do not fight for cores
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu")
     if args.backend == "nccl":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=args.timeout))
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    timeout = datetime.timedelta(seconds=args.timeout)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # A store prefix per launch and attempt: after a restart, no rank may read the
+    # addresses the dead attempt's ranks published (a connect to a closed port).
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         world, is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"labkit/{args.launch_id}/attempt{restart}", base)
+    dist.init_process_group(args.backend, store=store, rank=rank, world_size=world,
+                            timeout=timeout)
     ctx = Context(dist.get_rank(), dist.get_world_size(), local_rank, args.backend,
-                  json.loads(args.config), Path(args.run_dir),
-                  int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), args.timeout, device)
+                  json.loads(args.config), Path(args.run_dir), restart, args.timeout, device)
+    ctx.emit("ready", pid=os.getpid(), attempt=ctx.restart)
     start = time.perf_counter()
     try:
         out = resolve(args.experiment)(ctx)
