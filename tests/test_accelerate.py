@@ -117,7 +117,7 @@ def test_int8_keeps_fp32_when_nothing_beats_it():
 @pytest.mark.parametrize("winner", ["compacted-dense", "dense"])
 def test_shared_ffn_neuron_pruning_accelerate_stays_shared(winner):
     m = Mo.build("tiny", vocab_size=64).eval()
-    apply_(m, SharingConfig(mode="ffn"))
+    apply_(m, SharingConfig(parts=("ffn",)))
     before = Mo.count_params(m)
     apply_(m, S.SparsityConfig(sparsity=0.5, structure="neuron"))
     ids = _ids(m)
@@ -144,7 +144,7 @@ def test_shared_ffn_neuron_pruning_accelerate_stays_shared(winner):
 
 def test_shared_ffn_convert_compacts_once():
     m = Mo.build("tiny", vocab_size=64).eval()
-    apply_(m, SharingConfig(mode="ffn"))
+    apply_(m, SharingConfig(parts=("ffn",)))
     before = Mo.count_params(m)
     apply_(m, S.SparsityConfig(sparsity=0.5, structure="neuron"))
     S.convert(m, "compacted-dense")
