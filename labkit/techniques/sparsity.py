@@ -41,7 +41,7 @@ from .. import kernels as K
 from .. import validate as V
 from ..model import MLP, Attention
 from . import masks as MK
-from .registry import block_indices, linears, register, scope_fields, swap_modules
+from .registry import linears, register, scope_fields, swap_modules
 
 STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron", "head")
 METHODS = ("magnitude", "gradual", "l1")
@@ -307,7 +307,7 @@ def sites(paths=PATHS):
             cands, current = _linear_candidates(mod, paths)
             return A.Site(name, mod, cands, current)
         return None
-    return site
+    return lambda model: site
 
 
 def accelerate(model: nn.Module, *inputs, paths=PATHS, rounds: int = 3,
@@ -364,8 +364,32 @@ from .sparsity_expected import expected
 
 storage_bytes = K.storage_bytes
 
-__all__ = ["LINEAR_PATHS", "METHODS", "NM_CPU_NOTE", "PATHS", "SCOPES", "STRUCTURES",
-           "SPARSE_PARTS", "GradualPruning", "MaskedLinear", "SparsityConfig", "accelerate",
-           "actual_sparsity", "attach", "chosen_paths", "compact_neurons_", "compute_masks",
-           "convert", "cubic_schedule", "expected", "l1_penalty", "owner_groups", "prune",
-           "set_masks", "sites", "sparsify_", "storage_bytes", "train_sparse"]
+__all__ = [
+    "LINEAR_PATHS",
+    "METHODS",
+    "NM_CPU_NOTE",
+    "PATHS",
+    "SCOPES",
+    "SPARSE_PARTS",
+    "STRUCTURES",
+    "GradualPruning",
+    "MaskedLinear",
+    "SparsityConfig",
+    "accelerate",
+    "actual_sparsity",
+    "attach",
+    "chosen_paths",
+    "compact_neurons_",
+    "compute_masks",
+    "convert",
+    "cubic_schedule",
+    "expected",
+    "l1_penalty",
+    "owner_groups",
+    "prune",
+    "set_masks",
+    "sites",
+    "sparsify_",
+    "storage_bytes",
+    "train_sparse",
+]
