@@ -185,18 +185,26 @@ def _hook_cell_end() -> None:
         _HOOKED = True
 
 
+_PLOTLYJS_SENT = False
+
+
 def static_bundle(fig) -> dict:
     """The mime bundle of a static copy of ``fig``: plotly's mimetype (JupyterLab renders it
     in a saved, even untrusted, notebook) and HTML (nbconvert and other frontends), both
-    filling the cell's width (``responsive``)."""
+    filling the cell's width (``responsive``). plotly.js itself is sent once a session."""
+    import copy
+
     import plotly.io as pio
 
+    global _PLOTLYJS_SENT
     fig_dict = go.Figure(fig).to_dict()
     bundle = {}
     for name in ("notebook", "plotly_mimetype"):
-        renderer = pio.renderers[name]
+        renderer = copy.copy(pio.renderers[name])  # the session's renderers stay unchanged
         renderer.config = {**getattr(renderer, "config", {}), "responsive": True}
-        renderer.activate()  # the notebook renderer embeds plotly.js once a session
+        if name == "notebook" and not _PLOTLYJS_SENT:
+            renderer.activate()  # displays plotly.js for the HTML copies (nbconvert)
+            _PLOTLYJS_SENT = True
         bundle.update(renderer.to_mimebundle(dict(fig_dict)))
     return bundle
 
