@@ -52,7 +52,8 @@ def run(quick: bool = False) -> dict:
                         "met": err <= BUBBLE_TOL,
                         "note": f"relative error {err:.2f}; both ranks computing at once "
                                 f"{row.measured_overlap:.2f} of the step (GPipe: "
-                                f"{row.gpipe_overlap:.2f}); {note}"})
+                                f"{row.gpipe_overlap:.2f}); CPU share inside compute "
+                                f"{row.cpu_share_in_compute:.2f}; {note}"})
     for row in sim.itertuples():
         err = abs(row.relative_error)
         targets.append({"target": f"simulator step time: {row.label}",

@@ -104,6 +104,8 @@ def bubble(ranks: list[dict]) -> pd.DataFrame:
         rows.append({"S": S, "M": M, "measured_bubble": sum(p["bubble"] for p in per) / len(per),
                      "gpipe_bubble": (S - 1) / (M + S - 1), "eq10_bubble": 0.0,
                      "measured_overlap": overlap(per), "gpipe_overlap": _ideal_overlap(S, M),
+                     "cpu_share_in_compute": sum(p.get("cpu_share", float("nan"))
+                                                 for p in per) / len(per),
                      "measured_step_s": wall, "eq10_step_s": busy / S,
                      "gpipe_step_s": busy / S * (M + S - 1) / M,
                      "samples_per_s": row["samples_per_s"]})
