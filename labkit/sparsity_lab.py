@@ -28,7 +28,7 @@ from .model import ModelConfig, build
 from .techniques import sparsity as S
 from .techniques.registry import apply_
 from .train import evaluate
-from .workloads import TASKS, Workload, baseline_workload, workload  # noqa: F401  re-exported
+from .labs.workloads import TASKS, Workload, baseline_workload, workload  # noqa: F401  re-exported
 
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
                     method: str = "magnitude", l1_lambda: float = 1e-4, n: int = 2, m: int = 4,

@@ -5,7 +5,7 @@ Complexity", arXiv:2006.04768.
 
 Idea: the ``n x n`` softmax attention matrix ``P = softmax(Q K^T / sqrt(d))`` of a trained
 transformer is approximately low rank (its singular values decay fast; see
-:func:`labkit.attention_lab.spectrum_rows`). Linformer projects keys and values along the
+:func:`labkit.labs.attention.spectrum_rows`). Linformer projects keys and values along the
 *sequence* axis with learned ``k x n`` matrices ``E`` and ``F`` before attending, so every
 query attends to ``k`` mixed "summary" rows instead of ``n`` tokens:
 

@@ -1,4 +1,9 @@
-"""Helpers shared by the attention notebooks (low-rank and kernel attention).
+"""Helpers shared by the attention notebooks (01 low-rank / Linformer, 02 kernel attention).
+
+Papers: Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity" (attention is
+approximately low rank; Theorem 1's Johnson-Lindenstrauss projection); Katharopoulos et al.
+2020, "Transformers are RNNs" and Choromanski et al. 2021, "Rethinking Attention with
+Performers" (kernel attention).
 
 * :func:`capture_qkv` and :func:`attention_maps`: the real queries, keys, values and softmax
   attention matrices of a (trained) model, per layer.
@@ -9,7 +14,8 @@
   the paper, ``R`` a k x n Johnson-Lindenstrauss matrix) against truncated SVD, the best any
   rank-``k`` matrix can do (Eckart-Young).
 * :func:`train_variants`: train the same model dense and with techniques, at equal steps,
-  logging every loss curve to one :class:`labkit.ui.LiveBoard`.
+  logging every loss curve to one :class:`labkit.ui.LiveBoard` (on
+  :mod:`labkit.labs.common`, like every lab).
 * :func:`finetune_variants`: start every variant from one *trained* model (e.g.
   :func:`labkit.zoo.trained_encoder`), swap in the technique (weights kept where the
   technique keeps them), evaluate before fine-tuning (the immediate cost of the swap), then
@@ -17,14 +23,12 @@
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 
-from . import validate as V
-from .model import Attention, build
-from .train import evaluate, fit
+from ..model import Attention, preset
+from . import common as C
 
 
 @torch.no_grad()
@@ -73,7 +77,7 @@ def attention_maps(model, ids, key_padding_mask=None) -> list[torch.Tensor]:
 
 def _passages(examples: int, max_len: int):
     """``examples`` passages of consecutive real English sentences (data/sentences_en.txt)."""
-    from . import pretrained as PT
+    from .. import pretrained as PT
 
     sents = PT.sentences()
     per = max(1, len(sents) // examples)
@@ -87,7 +91,7 @@ def pretrained_attention_maps(examples: int = 8, max_len: int = 128):
     ``(maps, lengths)`` with maps a per-layer list of (B, H, N, N). Raises
     :class:`labkit.pretrained.PretrainedUnavailable` (with the install command) if the
     package is missing."""
-    from . import pretrained as PT
+    from .. import pretrained as PT
 
     model, tok = PT.load_minilm("eager")  # eager: attention probabilities are returned
     batch = PT.encode(tok, _passages(examples, max_len), max_len=max_len)
@@ -99,7 +103,7 @@ def pretrained_attention_maps(examples: int = 8, max_len: int = 128):
 def pretrained_qkv(layer: int = 0, examples: int = 8, max_len: int = 128) -> dict:
     """Queries, keys and values (B, H, L, Dh) of one self-attention layer of the pretrained
     all-MiniLM-L6-v2 on real passages, cropped to the shortest passage (no padding)."""
-    from . import pretrained as PT
+    from .. import pretrained as PT
 
     model, tok = PT.load_minilm("sdpa")
     batch = PT.encode(tok, _passages(examples, max_len), max_len=max_len)
@@ -158,15 +162,6 @@ def spectrum_rows(maps, lengths=None, max_examples: int = 8) -> list[dict]:
     return rows
 
 
-def rank_for_energy(rows, energy: float = 0.9) -> dict[int, int]:
-    """Smallest index per layer at which the mean cumulative energy reaches ``energy``."""
-    out = {}
-    for r in rows:
-        if r["energy"] >= energy and r["layer"] not in out:
-            out[r["layer"]] = r["index"]
-    return out
-
-
 @torch.no_grad()
 def low_rank_error(maps, ks, lengths=None, seeds=(0, 1, 2), max_examples: int = 8) -> list[dict]:
     """Relative Frobenius error ``||P - A_k|| / ||P||`` of rank-``k`` approximations:
@@ -205,83 +200,46 @@ def low_rank_error(maps, ks, lengths=None, seeds=(0, 1, 2), max_examples: int = 
             for (layer, k, method), v in sorted(acc.items())]
 
 
+def _task_batches(task, batch_size: int):
+    from .. import data
+
+    return lambda seed: data.batches(task.train, batch_size, seed=seed)
+
+
 def train_variants(task, variants: dict, model_cfg="tiny", steps: int = 100,
                    batch_size: int = 32, lr: float = 1e-3, seed: int = 0, board=None,
                    eval_every: int | None = None, n_eval: int = 256, progress: bool = False,
                    **model_overrides) -> dict:
-    """Train one fresh model per variant (``{label: technique config or None}``) from the
-    same seed and batches, for the same number of steps. Returns
-    ``{label: {"model", "result", "final"}}``; losses go to ``board`` panel "loss"."""
-    from . import data
-    from .techniques import apply_
-
-    V.integer("steps", steps, 1)
-    out = {}
+    """Train one fresh model per variant (``{label: technique config(s) or None}``) sized for
+    ``task`` (a :class:`labkit.data` pair task), from the same seed and batches, for the same
+    steps (:func:`labkit.labs.common.train_variants`)."""
+    if isinstance(model_cfg, str):
+        cfg = preset(model_cfg, vocab_size=len(task.tokenizer), num_labels=task.num_labels,
+                     max_len=max(task.max_len, 8), **model_overrides)
+    else:
+        cfg = dataclasses.replace(model_cfg, vocab_size=len(task.tokenizer),
+                                  num_labels=task.num_labels)
     eval_set = {k: v[:n_eval] for k, v in task.eval.items()}
-    for label, config in variants.items():
-        model = build(model_cfg, seed=seed, vocab_size=len(task.tokenizer),
-                      num_labels=task.num_labels, max_len=max(task.max_len, 8),
-                      **model_overrides) if isinstance(model_cfg, str) else \
-            build(dataclasses.replace(model_cfg, vocab_size=len(task.tokenizer),
-                                      num_labels=task.num_labels), seed=seed)
-        if config is not None:
-            for c in (config if isinstance(config, (list, tuple)) else [config]):
-                apply_(model, c)
-        callbacks = [board.callback("loss", label)] if board is not None else []
-        res = fit(model, data.batches(task.train, batch_size, seed=seed), steps, lr=lr,
-                  eval_fn=lambda m=model: evaluate(m, eval_set), seed=seed,
-                  eval_every=eval_every or steps, callbacks=callbacks, progress=progress)
-        out[label] = {"model": model, "result": res, "final": res.final}
-    if board is not None:
-        board.flush()
-    return out
+    return C.train_variants(C.build_variants(cfg, variants, seed), _task_batches(task, batch_size),
+                            steps, eval_set, lr, eval_every, seed, board, progress=progress)
 
 
 def finetune_variants(base, task, variants: dict, steps: int = 100, batch_size: int = 32,
                       lr: float = 1e-3, seed: int = 0, board=None, eval_every: int | None = None,
                       n_eval: int = 256, progress: bool = False) -> dict:
-    """Fine-tune copies of the trained model ``base`` (``{label: technique config or None}``).
-
-    Each variant is a deep copy of ``base`` with its technique applied (``None`` keeps it
-    dense). It is evaluated on the first ``n_eval`` eval examples before any step (``before``:
-    what the swap alone costs), then fine-tuned for ``steps`` on the same batches (same seed)
-    as every other variant. Returns ``{label: {"model", "result", "before", "final"}}``;
-    losses go to ``board`` panel "loss"."""
-    from . import data
-    from .techniques import apply_
-
-    V.integer("steps", steps, 1)
-    out = {}
+    """Fine-tune copies of the trained model ``base`` (``{label: technique config(s) or
+    None}``): each a deep copy with its technique swapped in, evaluated on the first
+    ``n_eval`` eval examples before any step (``before``: what the swap alone costs), then
+    fine-tuned for ``steps`` on the same batches as every other variant. Returns
+    ``{label: {"model", "result", "before", "final"}}``."""
     eval_set = {k: v[:n_eval] for k, v in task.eval.items()}
-    for label, config in variants.items():
-        model = copy.deepcopy(base)
-        if config is not None:
-            for c in (config if isinstance(config, (list, tuple)) else [config]):
-                apply_(model, c)
-        before = evaluate(model, eval_set)
-        callbacks = [board.callback("loss", label)] if board is not None else []
-        res = fit(model, data.batches(task.train, batch_size, seed=seed), steps, lr=lr,
-                  eval_fn=lambda m=model: evaluate(m, eval_set), seed=seed,
-                  eval_every=eval_every or steps, callbacks=callbacks, progress=progress)
-        out[label] = {"model": model, "result": res, "before": before, "final": res.final}
-    if board is not None:
-        board.flush()
-    return out
+    return C.train_variants(C.build_variants(base, variants, seed), _task_batches(task, batch_size),
+                            steps, eval_set, lr, eval_every, seed, board, before=True,
+                            progress=progress)
 
 
-def loss_summary(runs: dict, window: int = 10) -> list[dict]:
-    """Per variant: mean train loss of the last ``window`` steps and the final eval metrics
-    (and, for :func:`finetune_variants` runs, the eval metrics before fine-tuning)."""
-    rows = []
-    for label, r in runs.items():
-        train = [h["loss"] for h in r["result"].history if h["split"] == "train"]
-        tail = train[-window:]
-        rows.append({"variant": label, "steps": r["result"].steps,
-                     "train_loss_last": sum(tail) / len(tail), "train_loss_first": train[0],
-                     "seconds": r["result"].seconds,
-                     **{f"before_eval_{k}": v for k, v in r.get("before", {}).items()},
-                     **{f"eval_{k}": v for k, v in r["final"].items()}})
-    return rows
+loss_summary = C.summary
+rank_for_energy = C.rank_for_energy
 
 
 __all__ = [

@@ -1,5 +1,9 @@
 """Helpers for the factorized-FFN and cross-layer-sharing notebook (03).
 
+Papers: low-rank factorisation of weight matrices (Sainath et al. 2013; Denton et al. 2014),
+ALBERT (Lan et al. 2020) for cross-layer sharing; see :mod:`labkit.techniques.factorized_ffn`
+and :mod:`labkit.techniques.sharing` for the equations.
+
 * :func:`workload`: the model config, training batches and evaluation set of either the
   decoder LM on the synthetic corpus (``task="lm"``) or the encoder classifier on
   ``synthetic-nli`` (``task="nli"``), so one notebook drives both.
@@ -18,55 +22,34 @@ import statistics
 
 import torch
 
-from . import measure
-from . import validate as V
-from .model import ModelConfig, build, count_params, preset
-from .techniques import factorized_ffn as FF
-from .techniques import sharing as S
-from .techniques.registry import FFN_LINEARS, apply_, expected
-from .train import evaluate, fit
+from .. import measure
+from .. import validate as V
+from ..model import ModelConfig, build, count_params, preset
+from ..techniques import factorized_ffn as FF
+from ..techniques import sharing as S
+from ..techniques.registry import FFN_LINEARS, apply_, expected
+from ..train import evaluate
+from . import common as C
 from .workloads import TASKS, Workload, workload  # noqa: F401  re-exported for notebooks
 
 def build_variant(cfg: ModelConfig, configs=(), seed: int = 0):
     """A fresh model from ``seed`` with the technique configs applied in order."""
-    model = build(cfg, seed=seed)
-    for c in configs:
-        apply_(model, c)
-    return model
+    return C.build_variants(cfg, {"v": configs}, seed)["v"]
 
 
 def train_variants(work: Workload, variants: dict, steps: int, lr: float = 3e-3,
                    eval_every: int = 25, seed: int = 0, board=None, models: dict | None = None,
                    progress: bool = False) -> dict:
     """Train each variant (``{label: [technique configs]}``) for ``steps`` steps on the same
-    batches. ``models`` may give a ready model for a label (e.g. an SVD-initialised one).
-    Returns ``{label: {"model", "result", "final"}}``; curves go to ``board`` panel "loss"
-    (and "accuracy" for the classifier, if the board has that panel)."""
-    V.integer("steps", steps, 1)
-    out = {}
-    for label, configs in variants.items():
-        model = (models or {}).get(label) or build_variant(work.cfg, configs, seed)
-        callbacks = [board.callback("loss", label)] if board is not None else []
-        res = fit(model, work.make_batches(seed), steps, lr=lr,
-                  eval_fn=lambda m=model: evaluate(m, work.eval_set), eval_every=eval_every,
-                  seed=seed, callbacks=callbacks, progress=progress)
-        out[label] = {"model": model, "result": res, "final": res.final}
-    if board is not None:
-        board.flush()
-    return out
+    batches of ``work``. ``models`` may give a ready model for a label (e.g. an
+    SVD-initialised one). Returns ``{label: {"model", "result", "final"}}``."""
+    built = {label: (models or {}).get(label) or build_variant(work.cfg, configs, seed)
+             for label, configs in variants.items()}
+    return C.train_variants(built, work.make_batches, steps, work.eval_set, lr, eval_every,
+                            seed, board, progress=progress)
 
 
-def summary(runs: dict, window: int = 10) -> list[dict]:
-    """Per variant: parameters, final eval metrics, mean of the last ``window`` train losses."""
-    rows = []
-    for label, r in runs.items():
-        train = [h["loss"] for h in r["result"].history if h["split"] == "train"]
-        rows.append({"variant": label, "params": count_params(r["model"]),
-                     "steps": r["result"].steps, "seconds": r["result"].seconds,
-                     "train_loss_first": train[0],
-                     "train_loss_last": statistics.fmean(train[-window:]),
-                     **{f"eval_{k}": v for k, v in r["final"].items()}})
-    return rows
+summary = C.summary
 
 
 def ffn_weights(model) -> list[tuple[str, torch.Tensor]]:
@@ -96,12 +79,7 @@ def ffn_spectrum(model) -> list[dict]:
 
 def rank_for_energy(spectrum: list[dict], energy: float = 0.9) -> dict[str, int]:
     """Per matrix: the smallest rank keeping ``energy`` of the squared singular values."""
-    V.number("energy", energy, 0.0, 1.0, lo_open=True)
-    out: dict[str, int] = {}
-    for r in spectrum:
-        if r["energy"] >= energy and r["matrix"] not in out:
-            out[r["matrix"]] = r["index"]
-    return out
+    return C.rank_for_energy(spectrum, energy, key="matrix")
 
 
 @torch.no_grad()
@@ -130,46 +108,51 @@ def variant_expected(cfg: ModelConfig, configs, seq_len: int | None = None) -> d
 
 
 def claimed_vs_measured(work: Workload, variants: dict, models: dict | None = None,
-                        min_run_time: float = 0.2) -> list[dict]:
-    """Per variant: claimed (analytic) and counted parameters and bytes, claimed and counted
-    FLOPs of one forward on ``work.sample``, and the latency ratio measured side by side
-    (each variant timed right after the dense one, median of ``torch.utils.benchmark``)."""
+                        min_run_time: float = 0.2, rounds: int = 3, timer=None) -> list[dict]:
+    """Per variant: claimed (analytic) and counted parameters, bytes and FLOPs of one
+    forward on ``work.sample`` (:func:`labkit.labs.common.claimed_vs_counted`), and the
+    latency of every variant measured side by side with the dense model
+    (:func:`labkit.labs.common.timed`), each speedup with its verdict."""
     ids, mask = work.sample
     inputs = (ids,) if mask is None else (ids, mask)
     models = dict(models or {})
     for label, configs in variants.items():
         models.setdefault(label, build_variant(work.cfg, configs))
-    dense = models.get("dense") or build_variant(work.cfg, ())
-    dense_flops = measure.forward_flops(dense, *inputs)
+    models = {label: models[label].eval() for label in variants}
+    dense = next((m for label, m in models.items() if not variants[label]), None) \
+        or build_variant(work.cfg, ())
+    claims = {label: C.claimed_vs_counted(dense, models[label], variants[label], inputs)
+              for label in variants}
+    flop_ratio = {label: c["flops_ratio_counted"] for label, c in claims.items()}
+    times = {r["variant"]: r for r in C.timed({"dense": dense, **{k: m for k, m in models.items()
+                                                                   if m is not dense}},
+                                              inputs, "dense", flop_ratio, rounds,
+                                              min_run_time, timer)}
     rows = []
-    for label, configs in variants.items():
-        m = models[label].eval()
-        claim = variant_expected(work.cfg, configs, seq_len=ids.shape[1])
-        counted_flops = measure.forward_flops(m, *inputs)
-        claimed_flops = ids.shape[0] * claim["flops_after"]  # per sequence x batch
-        t_dense = measure.latency(dense, *inputs, label="dense", min_run_time=min_run_time)
-        t = measure.latency(m, *inputs, label=label, min_run_time=min_run_time)
+    for label, c in claims.items():
+        t = times.get(label) or times["dense"]
         rows.append({
-            "variant": label, "params_claimed": claim["params_after"],
-            "params_counted": count_params(m),
-            "bytes_claimed": claim["bytes_after"], "bytes_counted": measure.model_bytes(m)["total"],
-            "params_ratio_claimed": claim["params_ratio"],
-            "ffn_flops_ratio_claimed": claim["parts"]["ffn"]["flops_ratio"],
-            "flops_claimed": claimed_flops, "flops_counted": counted_flops,
-            "flops_ratio_counted": dense_flops / counted_flops,
-            "latency_ms": t.median_ms, "dense_latency_ms": t_dense.median_ms,
-            "speedup_measured": t_dense.median_s / t.median_s, "threads": t.threads,
-            "shapes": t.shapes, "kernel_paths": sorted(set(measure.kernel_paths(m).values()))})
+            "variant": label, "params_claimed": c["params_claimed_after"],
+            "params_counted": c["params_counted_after"],
+            "bytes_claimed": c["bytes_claimed_after"], "bytes_counted": c["bytes_counted_after"],
+            "params_ratio_claimed": c["params_ratio_claimed"],
+            "ffn_flops_ratio_claimed": c["parts"]["ffn"]["flops_ratio"],
+            "flops_claimed": c["flops_claimed_after"], "flops_counted": c["flops_counted_after"],
+            "flops_ratio_counted": c["flops_ratio_counted"],
+            "latency_ms": t["median_ms"], "dense_latency_ms": times["dense"]["median_ms"],
+            "speedup_measured": t["speedup"], "speedup_min": t["speedup_min"],
+            "speedup_max": t["speedup_max"], "verdict": t["verdict"], "threads": t["threads"],
+            "shapes": str(tuple(ids.shape)),
+            "kernel_paths": sorted(set(measure.kernel_paths(models[label]).values()))})
     return rows
 
 
 def size_sweep(sizes, kind: str = "decoder", rank_fraction: float = 0.25,
-               mode: str | tuple = ("attn", "ffn"),
-               batch: int = 1, tokens: int = 128, min_run_time: float = 0.2,
-               rounds: int = 3) -> list[dict]:
+               mode: str | tuple = ("attn", "ffn"), batch: int = 1, tokens: int = 128,
+               min_run_time: float = 0.2, rounds: int = 3, timer=None) -> list[dict]:
     """Latency, weight bytes and peak activation memory of dense, factorized (rank
-    ``rank_fraction * d_model``) and shared models at preset ``sizes``; each speedup is the
-    median over ``rounds`` of dense/variant timed back to back."""
+    ``rank_fraction * d_model``) and shared models at preset ``sizes``; latencies measured
+    side by side (:func:`labkit.labs.common.timed`), each speedup with its verdict."""
     V.number("rank_fraction", rank_fraction, 0.0, 1.0, lo_open=True)
     share = S.SharingConfig(mode)
     mode = ",".join(share.parts)
@@ -181,24 +164,22 @@ def size_sweep(sizes, kind: str = "decoder", rank_fraction: float = 0.25,
                     f"shared ({mode})": [share]}
         ids = torch.randint(6, cfg.vocab_size, (batch, tokens),
                             generator=torch.Generator().manual_seed(0))
-        models = {k: build_variant(cfg, v).eval() for k, v in variants.items()}
-        times = {k: [] for k in models}
-        for _ in range(rounds):
-            for k, m in models.items():
-                times[k].append(measure.latency(m, ids, label=k,
-                                                min_run_time=min_run_time / rounds).median_s)
+        models = {k: m.eval() for k, m in C.build_variants(cfg, variants).items()}
+        flops = {k: measure.forward_flops(m, ids) for k, m in models.items()}
+        times = {r["variant"]: r for r in C.timed(
+            models, (ids,), "dense", {k: flops["dense"] / f for k, f in flops.items()},
+            rounds, min_run_time / rounds, timer)}
         for label, m in models.items():
-            claim = variant_expected(cfg, variants[label])
+            claim = expected(cfg, *variants[label], seq_len=tokens)
             rows.append({
                 "size": size, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                 "variant": label.split(" ")[0], "label": label, "tokens": batch * tokens,
                 "params": count_params(m), "params_claimed": claim["params_after"],
                 "weight_bytes": measure.model_bytes(m)["total"],
                 "peak_activation_bytes": measure.peak_activation_bytes(m, ids),
-                "flops": measure.forward_flops(m, ids),
-                "latency_ms": statistics.median(times[label]) * 1e3,
-                "speedup": statistics.median(d / t for d, t in zip(times["dense"], times[label])),
-                "threads": torch.get_num_threads()})
+                "flops": flops[label], "latency_ms": times[label]["median_ms"],
+                "speedup": times[label]["speedup"], "verdict": times[label]["verdict"],
+                "threads": times[label]["threads"]})
     return rows
 
 
