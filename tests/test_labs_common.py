@@ -67,3 +67,25 @@ def test_small_helpers():
         C.int_list("ks", "8,0", 1)
     rows = [{"layer": 0, "index": i, "energy": e} for i, e in enumerate([0.5, 0.95, 1.0], 1)]
     assert C.rank_for_energy(rows, 0.9) == {0: 2}
+
+
+def test_notebook_parameters_declared_once():
+    from labkit import notebook as nb
+    from labkit.techniques import sharing as S
+
+    ns = {"__annotations__": {"rank": int, "lr": float, "sharing": str, "interactive": bool,
+                              "steps": int},
+          "rank": 8, "lr": 1e-3, "sharing": "ffn", "interactive": False, "steps": 5}
+    assert nb.declared(ns)["steps"] == nb.KNOBS["steps"] and nb.declared(ns)["rank"] == ("int",)
+    P = nb.start(ns, threads=None)
+    assert P == {k: ns[k] for k in ns["__annotations__"]}
+    with pytest.raises(LabkitConfigError, match="steps=0"):
+        nb.start({**ns, "steps": 0})
+    with pytest.raises(LabkitConfigError, match="rank='8'"):
+        nb.start({**ns, "rank": "8"})
+    share = nb.config(S.SharingConfig, P, parts="sharing", model_cfg=M.preset("tiny"))
+    assert share.parts == ("ffn",)
+    with pytest.raises(LabkitConfigError, match="sharing='both'.*'attn', 'ffn'"):
+        nb.config(S.SharingConfig, {**P, "sharing": "both"}, parts="sharing")
+    with pytest.raises(LabkitConfigError, match=r"rank=999 .*min\(d_model, d_ff\)"):
+        nb.config(FactorizedFFNConfig, {**P, "rank": 999}, "rank", model_cfg=M.preset("tiny"))

@@ -27,6 +27,8 @@ import dataclasses
 
 import torch
 
+from .. import validate as V
+from ..accounting import sdpa_flops
 from ..model import Attention, preset
 from . import common as C
 
@@ -236,6 +238,169 @@ def finetune_variants(base, task, variants: dict, steps: int = 100, batch_size: 
     return C.train_variants(C.build_variants(base, variants, seed), _task_batches(task, batch_size),
                             steps, eval_set, lr, eval_every, seed, board, before=True,
                             progress=progress)
+
+
+ANALYSIS_MODELS = ("minilm", "trained")
+
+
+def analysis_maps(analysis_model: str, model, ids, pad, examples: int = 8):
+    """``(maps, lengths)``: softmax attention maps of the pretrained MiniLM on real passages
+    (``"minilm"``) or of ``model`` on ``ids`` (``"trained"``)."""
+    V.choice("analysis_model", analysis_model, ANALYSIS_MODELS)
+    if analysis_model == "minilm":
+        return pretrained_attention_maps(examples, max_len=128)
+    return attention_maps(model, ids, pad), (~pad).sum(1)
+
+
+def analysis_qkv(analysis_model: str, model, ids, pad, examples: int = 8) -> dict:
+    """Layer-0 ``{"q", "k", "v", "length"}`` of the pretrained MiniLM (``"minilm"``) or of
+    ``model`` on ``ids`` cropped to the shortest example (``"trained"``)."""
+    V.choice("analysis_model", analysis_model, ANALYSIS_MODELS)
+    if analysis_model == "minilm":
+        return pretrained_qkv(0, examples, max_len=128)
+    n = int((~pad).sum(1).min())
+    return {**capture_qkv(model, ids[:, :n])[0], "length": n}
+
+
+def feature_grid(ms: int) -> list[int]:
+    """``ms`` feature counts ``m = 8, 16, 32, ...`` for an error-against-m sweep."""
+    V.integer("ms", ms, 1, 12)
+    return [8 * 2 ** i for i in range(ms)]
+
+
+def latency_table(ns, config, min_run_time: float = 0.1, rounds: int = 2) -> list[dict]:
+    """One attention op (8 heads x 64, batch 1) against SDPA at each ``n``, timed side by
+    side (:func:`labkit.benchmarks.attention.sweep`), for a Linformer or kernel-attention
+    ``config``. Each technique row gets ``claimed_speedup``, the counted matmul FLOP ratio
+    (Linformer ``n / 2k`` with the projections, ``n / k`` without; kernel attention from
+    :func:`~labkit.techniques.kernel_attention.kernel_attention_flops`, element-wise work not
+    counted), and a ``verdict``: a speedup inside its spread or above that ratio is noise."""
+    from ..benchmarks import attention as bench
+    from ..measure import speedup_verdict
+    from ..techniques.kernel_attention import KernelAttentionConfig, kernel_attention_flops
+    from ..techniques.low_rank_attention import LowRankAttentionConfig
+
+    if isinstance(config, LowRankAttentionConfig):
+        rows = bench.sweep(ns, k=config.k, scopes=("op",), min_run_time=min_run_time,
+                           rounds=rounds)
+        claimed = {"linformer": lambda n: n / (2 * config.k), "linformer-core":
+                   lambda n: n / config.k}
+    elif isinstance(config, KernelAttentionConfig):
+        fm, m = config.feature_map, config.feature_dim(64)
+        rows = bench.sweep(ns, feature_map=fm, num_features=config.num_features,
+                           scopes=("op",), min_run_time=min_run_time, rounds=rounds)
+        claimed = {f"kernel-{fm}": lambda n: sdpa_flops(n, n, 512) /
+                   kernel_attention_flops(n, 64, 8, fm, m)}
+    else:
+        raise TypeError(f"latency_table takes a Linformer or kernel-attention config, "
+                        f"not {type(config).__name__}")
+    for r in rows:
+        if r["method"] in claimed:
+            r["claimed_speedup"] = claimed[r["method"]](r["n"])
+            r["verdict"] = speedup_verdict(r["speedup"], (r["speedup_min"], r["speedup_max"]),
+                                           r["claimed_speedup"])
+        else:
+            r["claimed_speedup"], r["verdict"] = None, "reference" if r["method"] == "sdpa" \
+                else "measured"
+    return rows
+
+
+def latency_board(rows, title: str = "one attention op vs n"):
+    """Latency and peak memory against ``n`` on log-log axes, a series per method."""
+    from ..ui import LiveBoard
+
+    board = LiveBoard(panels=["latency ms", "peak MB"], title=title, live=False,
+                      xaxis={"latency ms": "n", "peak MB": "n"})
+    for r in rows:
+        board.log("latency ms", r["method"], r["n"], r["median_ms"])
+        board.log("peak MB", r["method"], r["n"], r["peak_bytes"] / 2 ** 20)
+    for c in (1, 2):
+        board.fig.update_xaxes(type="log", row=1, col=c)
+        board.fig.update_yaxes(type="log", row=1, col=c)
+    return board
+
+
+def spectrum_board(spec, err, ks):
+    """Singular values per layer (log) and the rank-k error of each method, mean over
+    layers."""
+    from ..ui import LiveBoard
+
+    board = LiveBoard(panels=["singular values", "rank-k error"], title="attention spectrum",
+                      live=False, xaxis={"singular values": "index i", "rank-k error": "k"},
+                      yaxis={"singular values": "sigma_i / sigma_1 (log)",
+                             "rank-k error": "||P - A_k|| / ||P||"})
+    for r in spec:
+        board.log("singular values", f"layer {r['layer']}", r["index"], r["sigma_rel"])
+    for method in ("svd", "linformer_jl", "random_subspace"):
+        for kk in ks:
+            vals = [r["rel_error"] for r in err if r["method"] == method and r["k"] == kk]
+            if vals:
+                board.log("rank-k error", method, kk, sum(vals) / len(vals))
+    board.fig.update_yaxes(type="log", row=1, col=1)
+    return board
+
+
+def error_board(err, inst, m_grid):
+    """Kernel-attention error against ``m`` (ELU+1 as a flat reference) and the fraction of
+    non-positive denominators against the q, k scale."""
+    from ..ui import LiveBoard
+
+    board = LiveBoard(panels=["error vs m", "trig instability"], live=False,
+                      title="kernel attention vs exact softmax",
+                      xaxis={"error vs m": "m", "trig instability": "q, k scale"},
+                      yaxis={"error vs m": "relative error (log)",
+                             "trig instability": "fraction of denominators <= 0"})
+    for r in err.itertuples():
+        if r.feature_map == "elu":  # ELU+1 has no m: drawn flat
+            for m in m_grid:
+                board.log("error vs m", "elu (no m)", m, r.rel_error)
+        else:
+            board.log("error vs m", r.feature_map, r.m, r.rel_error)
+    for r in inst.itertuples():
+        board.log("trig instability", r.feature_map, r.scale, r.nonpositive_frac)
+    board.fig.update_xaxes(type="log", row=1, col=1)
+    board.fig.update_yaxes(type="log", row=1, col=1)
+    board.fig.update_xaxes(type="log", row=1, col=2)
+    return board
+
+
+def swap_metrics(prefix: str, runs: dict, base_metrics: dict, claim: dict) -> dict:
+    """The fine-tuning and claimed-vs-counted metrics notebooks 01 and 02 report for the
+    dense copy and the swapped variant ``prefix`` (``runs``: dense first, then the variant;
+    ``claim``: :func:`labkit.labs.common.claimed_vs_counted` at one sequence of ``max_len``)."""
+    rows = C.summary(runs)
+    d, v = rows[0], rows[1]
+    out = {"baseline_eval_loss": base_metrics["loss"],
+           "baseline_eval_accuracy": base_metrics["accuracy"]}
+    for name, row in (("dense", d), (prefix, v)):
+        for key in ("before_eval_loss", "before_eval_accuracy", "train_loss_last",
+                    "train_loss_first", "eval_loss", "eval_accuracy"):
+            out[f"{name}_{key}"] = row[key]
+    for q in ("params", "flops", "bytes"):
+        out[f"claimed_{q}_delta"] = claim[f"{q}_claimed_after"] - claim[f"{q}_claimed_before"]
+        out[f"counted_{q}_delta"] = claim[f"{q}_counted_after"] - claim[f"{q}_counted_before"]
+    out["claimed_attention_flops_ratio"] = 1 / claim["parts"]["attn_core"]["flops_ratio"]
+    return out
+
+
+def sweep_metrics(lat, method: str) -> dict:
+    """Speedup (with its verdict) and peak memory of ``method`` at the largest and smallest
+    ``n`` of a :func:`latency_table`, and where it overtakes SDPA."""
+    from ..benchmarks import attention as bench
+
+    ns = [r["n"] for r in lat]
+    at_max = {r["method"]: r for r in lat if r["n"] == max(ns)}
+    at_min = {r["method"]: r for r in lat if r["n"] == min(ns)}
+    cross = bench.crossover(lat, method)
+    top = at_max.get(method, {})
+    return {"bench_n_min": min(ns), "bench_n_max": max(ns),
+            "speedup_at_n_max": top.get("speedup"),
+            "speedup_verdict_at_n_max": top.get("verdict"),
+            "speedup_at_n_min": at_min.get(method, {}).get("speedup"),
+            "claimed_speedup_at_n_max": top.get("claimed_speedup"),
+            "peak_bytes_ratio_at_n_max": (at_max["sdpa"]["peak_bytes"] / top["peak_bytes"]
+                                          if top else None),
+            "crossover_n": cross["crossover_n"], "crossover_below_range": cross["below_range"]}
 
 
 loss_summary = C.summary

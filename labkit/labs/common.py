@@ -8,6 +8,7 @@
 * :func:`summary`: one tidy row per trained variant.
 * :func:`claimed_vs_counted`: the analytic claim (:func:`labkit.accounting.expected`) next
   to what :mod:`labkit.measure` counts on the built model (parameters, FLOPs, bytes).
+* :func:`claimed_vs_measured`: both, and latency measured side by side, one row a variant.
 * :func:`timed`: latency of several models side by side (:func:`labkit.measure.paired`),
   each speedup with its spread and a verdict (:func:`labkit.measure.speedup_verdict`): a
   speedup inside its own spread or above the counted FLOP ratio is flagged as noise.
@@ -137,6 +138,40 @@ def timed(models: dict, inputs: tuple, reference: str | None = None,
     return rows
 
 
+def claimed_vs_measured(dense, variants: dict, inputs: tuple, rounds: int = 3,
+                        min_run_time: float = 0.2, timer=None) -> list[dict]:
+    """One row per variant (``{label: (model, technique configs)}``; the dense model itself
+    is the reference row ``"dense"``): claimed and counted parameters, bytes and FLOPs of
+    one forward of ``inputs`` (:func:`claimed_vs_counted`), and latency measured side by
+    side with the dense model, re-timed in the same rounds (:func:`timed`), each speedup
+    with its spread and verdict."""
+    models = {"dense": dense.eval(), **{k: m.eval() for k, (m, _) in variants.items()}}
+    configs = {"dense": [], **{k: c for k, (_, c) in variants.items()}}
+    claims = {k: claimed_vs_counted(dense, models[k], configs[k], inputs) for k in models}
+    times = {r["variant"]: r for r in timed(
+        models, inputs, "dense", {k: c["flops_ratio_counted"] for k, c in claims.items()},
+        rounds, min_run_time, timer)}
+    rows = []
+    for k, c in claims.items():
+        t = times[k]
+        rows.append({
+            "variant": k, "params_claimed": c["params_claimed_after"],
+            "params_counted": c["params_counted_after"],
+            "params_ratio_claimed": c["params_ratio_claimed"],
+            "params_ratio_counted": c["params_ratio_counted"],
+            "bytes_claimed": c["bytes_claimed_after"], "bytes_counted": c["bytes_counted_after"],
+            "flops_claimed": c["flops_claimed_after"], "flops_counted": c["flops_counted_after"],
+            "flops_ratio_claimed": c["flops_ratio_claimed"],
+            "flops_ratio_counted": c["flops_ratio_counted"],
+            "ffn_flops_ratio_claimed": c["parts"]["ffn"]["flops_ratio"],
+            "latency_ms": t["median_ms"], "dense_latency_ms": times["dense"]["median_ms"],
+            "speedup_measured": t["speedup"], "speedup_min": t["speedup_min"],
+            "speedup_max": t["speedup_max"], "verdict": t["verdict"], "rounds": t["rounds"],
+            "threads": t["threads"], "shapes": str(tuple(inputs[0].shape)),
+            "kernel_paths": sorted(set(measure.kernel_paths(models[k]).values()))})
+    return rows
+
+
 def binomial_se(p: float, n: int) -> float:
     """Standard error ``sqrt(p (1 - p) / n)`` of an accuracy ``p`` measured on ``n``
     examples: differences between variants below about twice this are noise."""
@@ -170,5 +205,23 @@ def int_list(name: str, value, lo: int | None = None, hi: int | None = None) -> 
     return tuple(V.integer(name, v, lo, hi) for v in value)
 
 
-__all__ = ["binomial_se", "build_variants", "claimed_vs_counted", "int_list",
-           "rank_for_energy", "summary", "timed", "train_variants"]
+def doubling(lo: int, hi: int, names=("seq_min", "seq_max"), floor: int = 2) -> list[int]:
+    """``lo, 2 lo, 4 lo, ... <= hi``: a sweep of sizes from two notebook parameters (checked:
+    ``floor <= lo <= hi``)."""
+    V.integer(names[0], lo, floor)
+    V.integer(names[1], hi, lo)
+    return [lo * 2 ** i for i in range(int(math.log2(hi // lo)) + 1)]
+
+
+__all__ = [
+    "binomial_se",
+    "build_variants",
+    "claimed_vs_counted",
+    "claimed_vs_measured",
+    "doubling",
+    "int_list",
+    "rank_for_energy",
+    "summary",
+    "timed",
+    "train_variants",
+]

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import validate as V
-from ..model import Attention, ModelConfig
 from ..accounting import AttentionCore, register_account
+from ..model import Attention, ModelConfig
 from .registry import block_indices, register, scope_fields, swap_modules
 
 FEATURE_MAPS = ("elu", "favor", "trig")

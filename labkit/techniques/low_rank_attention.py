@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..model import Attention, ModelConfig
 from ..accounting import AttentionCore, register_account, sdpa_flops
+from ..model import Attention, ModelConfig
 from .registry import block_indices, register, scope_fields, swap_modules
 
 SHARE_MODES = ("none", "kv", "layerwise")
