@@ -116,19 +116,32 @@ def _clean(value):
     return str(value)
 
 
-def write_json_atomic(path, payload) -> Path:
-    """Write JSON to a temp file beside ``path`` and rename: a failure leaves the old file."""
+def atomic_write(path, write, mode: int | None = 0o644) -> Path:
+    """Write ``path`` through ``write(tmp_path)`` on a temp file beside it, then rename: a
+    crash, a bad value or a parallel run never leaves a half-written file, and the old
+    file survives a failure. The one atomic write of labkit (JSON, text, checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path, payload) -> Path:
+    """Write JSON atomically (:func:`atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+
+    return atomic_write(path, write)
 
 
 def finish(out: str, notebook: str, params: dict, metrics: dict, rows=None):

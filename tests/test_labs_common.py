@@ -89,3 +89,13 @@ def test_notebook_parameters_declared_once():
         nb.config(S.SharingConfig, {**P, "sharing": "both"}, parts="sharing")
     with pytest.raises(LabkitConfigError, match=r"rank=999 .*min\(d_model, d_ff\)"):
         nb.config(FactorizedFFNConfig, {**P, "rank": 999}, "rank", model_cfg=M.preset("tiny"))
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    from labkit import notebook as nb
+
+    path = nb.write_json_atomic(tmp_path / "m.json", {"a": 1})
+    with pytest.raises(TypeError):
+        nb.write_json_atomic(path, {"a": object()})  # not JSON: fails mid-write
+    assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp file left
