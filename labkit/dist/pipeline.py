@@ -291,15 +291,16 @@ def measure_bubble(ctx, pipe: Pipe, wl, ms: list[int], mb_rows: int, reps: int) 
             dist.barrier()
             pipe.trace.t0 = t0 = time.perf_counter()
             pipe.step(batch, sched)
-            dist.barrier()
-            wall = time.perf_counter() - t0
+            # the step ends when the last rank ends: its span, agreed outside the timing
+            wall = all_max(time.perf_counter() - t0)
             busy = sum(e[4] - e[3] for e in pipe.trace.events)
             if r:
                 per.append((wall, busy, list(pipe.trace.events)))
             pipe.zero_grad()
         per.sort(key=lambda x: x[0])
-        wall, busy, events = per[len(per) // 2]  # the median step
-        rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "wall_s": wall, "busy_s": busy,
+        wall, busy, events = per[0]  # the least-disturbed step (as in common.lockstep_timer)
+        rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "mb_rows": mb_rows, "dp": pipe.dp,
+                     "wall_s": wall, "busy_s": busy,
                      "bubble": 1 - busy / wall, "claimed_bubble": (pipe.S - 1) / (m + pipe.S - 1),
                      "samples_per_s": m * mb_rows * pipe.dp / wall, "events": events})
     return rows
