@@ -48,6 +48,9 @@ def test_simulator_is_labelled_and_checked(res):
     scaled = _section(res, "scaling_simulated")
     assert max(r["devices"] for r in scaled) == 1024 and all(r["simulated"] for r in scaled)
     assert res["metrics"]["simulated_7b_step_s"] > 0
+    mem = _section(res, "simulator_memory_error")
+    assert {r["label"] for r in mem} == {"ddp x2", "tensor x2", "pipeline x2"}
+    assert res["metrics"]["simulator_memory_max_abs_relative_error"] <= 0.2  # a count
 
 
 def test_live_board_was_fed(res):

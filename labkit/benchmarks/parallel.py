@@ -5,7 +5,8 @@ Targets (issue 8):
 * DDP, tensor-parallel and pipeline gradients equal one process on the same batch
   (max abs difference <= 1e-6; 1e-5 for tensor parallel);
 * the measured GPipe bubble at S = 2, M = 1..8 within 20% (relative) of (S-1)/(M+S-1);
-* the simulator, calibrated in the same launch, within 20% of every measured step time;
+* the simulator, calibrated in the same launch, within 20% of every measured step time
+  and of the bytes each strategy's busiest rank held;
 * the ratio of 2-rank DDP to 1-rank step time on the same global batch, with why.
 
 How: every timing is the fastest of ``reps`` calls (the least-disturbed one on a shared
@@ -58,6 +59,15 @@ def run(quick: bool = False) -> dict:
                         "measured": row.simulated_s, "required": f"within {SIM_TOL:.0%} of "
                         f"measured {row.measured_s * 1e3:.2f} ms", "unit": "s (simulated)",
                         "met": err <= SIM_TOL, "note": f"relative error {row.relative_error:+.2f}"})
+    mem_err = lab.simulator_memory_errors(r.result)
+    for row in mem_err.itertuples():
+        err = abs(row.relative_error)
+        targets.append({"target": f"simulator memory per device: {row.label}",
+                        "measured": row.simulated_bytes, "required": f"within {SIM_TOL:.0%} of "
+                        f"measured {row.measured_bytes} B", "unit": "bytes (simulated)",
+                        "met": err <= SIM_TOL,
+                        "note": f"relative error {row.relative_error:+.3f}; weights, "
+                                "gradients and AdamW state on the busiest rank"})
     if ddp:
         targets.append({
             "target": "2-rank DDP step / 1-rank step, same global batch",

@@ -202,6 +202,24 @@ def simulator_errors(result: dict) -> pd.DataFrame:
     return df
 
 
+def simulator_memory_errors(result: dict) -> pd.DataFrame:
+    """Simulated bytes of weights + gradients + AdamW state on the busiest device vs the
+    most any rank of this launch held, per strategy."""
+    cal, spec = calibration(result)
+    ranks, ws = result["ranks"], result["world_size"]
+    plans = {"ddp": {"dp": ws}, "tensor": {"tp": ws}, "pipeline": {"pp": ws}}
+    rows = []
+    for key, kw in plans.items():
+        if key not in ranks[0]:
+            continue
+        measured = max(r[key]["memory"]["state_bytes"] for r in ranks)
+        sim = SIM.simulate(spec, cal, batch=8 * ws, **kw)["state_bytes_per_device"]
+        rows.append({"label": f"{key} x{ws}", "measured_bytes": measured,
+                     "simulated_bytes": sim, "relative_error": (sim - measured) / measured,
+                     "simulated": True})
+    return pd.DataFrame(rows)
+
+
 # ------------------------------------------------------------------ figures
 
 def gantt(events_by_rank: dict, title: str = "pipeline schedule (what ran)") -> go.Figure:

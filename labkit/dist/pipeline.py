@@ -62,6 +62,9 @@ def validate(config: dict, world_size: int, dp: int | None = None) -> None:
     if stages * virtual > layers:
         raise V.LabkitConfigError("stages", stages, f"at most {layers // virtual} (the model "
                                   f"has {layers} blocks, {virtual} stage(s) per rank)")
+    if layers % (stages * virtual):  # equal stages: the bubble formula assumes them
+        raise V.LabkitConfigError("stages", stages, f"a divisor of the {layers} blocks "
+                                  f"({virtual} stage(s) per rank)")
     if schedule in ("1f1b", "interleaved") and m < stages:
         raise V.LabkitConfigError("microbatches", m, f">= stages={stages} for {schedule}")
     for mm in config.get("sweep_m", []):
