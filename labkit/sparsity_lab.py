@@ -24,11 +24,11 @@ import torch
 
 from . import measure
 from . import validate as V
+from .labs.workloads import TASKS, Workload, baseline_workload, workload
 from .model import ModelConfig, build
 from .techniques import sparsity as S
 from .techniques.registry import apply_
 from .train import Callback, evaluate
-from .workloads import TASKS, Workload, baseline_workload, workload
 
 
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
