@@ -1,7 +1,7 @@
 """The classifier every notebook starts from: ``model="tiny" | "minilm"`` on any source.
 
 :func:`classifier` is what notebooks call. It returns a *trained* dense sentence-pair
-classifier and the :class:`~labkit.workloads.Workload` to fine-tune, evaluate and time it
+classifier and the :class:`~labkit.labs.workloads.Workload` to fine-tune, evaluate and time it
 on, cached once per machine (:mod:`labkit.zoo`'s cache: keyed by the data's content, the
 training arguments, labkit's code version and torch; an unreadable file retrains with a
 ``CacheWarning``):
@@ -34,7 +34,7 @@ from . import model as M
 from . import train as T
 from . import validate as V
 from . import zoo
-from .workloads import Workload
+from .labs.workloads import Workload
 
 MODELS = ("tiny", "minilm")
 TASKS = ("nli", "qnli")

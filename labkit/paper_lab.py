@@ -89,19 +89,21 @@ def ours(base: M.Transformer, s: float, inputs: tuple, min_run_time: float = 0.0
     per-layer choice (for speed); ``"torchao"``: torchao W8A8 everywhere (for bytes,
     counted by :func:`labkit.measure.model_bytes`); ``"none"``: sparsity only."""
     from .techniques import apply_
-    from .techniques.int8 import Int8Config, accelerate_, compact_ffn_rows_
+    from .techniques.int8 import Int8Config, accelerate_
+    from .techniques.sparsity import compact_neurons_
 
     V.choice("int8", int8, ("accelerate", "torchao", "none"))
     m = copy.deepcopy(base).eval()
     if s > 0:  # s = 0: INT8 alone
-        compact_ffn_rows_(m, s)
+        compact_neurons_(m, s)
     info = {"d_ff": m.blocks[0].ffn.up.out_features}
     if int8 == "accelerate":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rows = accelerate_(m, inputs, candidates=INT8_PATHS, min_run_time=min_run_time)
-        info["model_check"] = rows[-1]["chosen"]
-        info["paths"] = ["fp32 (reverted)"] if "reverted" in info["model_check"] else \
+        model_row = rows[-1] if rows and rows[-1]["layer"] == "<model>" else {}
+        info["model_check"] = "reverted" if model_row.get("reverted") else "kept"
+        info["paths"] = ["fp32 (reverted)"] if model_row.get("reverted") else \
             sorted({r["chosen"] for r in rows if r["layer"] != "<model>"})
         info["warnings"] = [str(w.message)[:200] for w in caught]
     elif int8 == "torchao":
@@ -324,11 +326,12 @@ def training_form(method: str, model: M.Transformer, s: float, bits_by_layer=())
     callbacks training needs. ours: FFN width ``(1-s) d_ff`` and 8-bit fake quant (QAT);
     qbert: fake quant at the Hessian bit assignment; layerdrop/sdn: the depth techniques."""
     from .techniques import apply_
-    from .techniques.int8 import compact_ffn_rows_
+    from .techniques.sparsity import compact_neurons_
 
     V.choice("method", method, ("dense", *METHODS))
     if method == "ours":
-        compact_ffn_rows_(model, s)
+        compact_neurons_(model, s)
+        model.requires_grad_(True)  # compacted modules come frozen (inference kernels)
         apply_(model, Q.FakeQuantConfig(bits=8))
     elif method == "qbert":
         apply_(model, Q.FakeQuantConfig(bits=8, bits_by_layer=tuple(bits_by_layer)))
