@@ -95,3 +95,17 @@ def test_lab_tables_from_a_result():
     fig = lab.gantt({0: [("F", 0, 0, 0.0, 1.0), ("B", 0, 0, 2.0, 3.0)],
                      1: [("F", 1, 0, 1.0, 2.0)]})
     assert len(fig.data) == 4
+
+
+@pytest.mark.parametrize("M", [1, 2, 4, 8])
+def test_overlap_of_two_ranks_from_their_traces(M):
+    # the simulator's own GPipe run of two equal stages, split into per-rank traces
+    run = SIM.play([(1.0, 1.0)] * 2, M, "gpipe", send=0.0)
+    per = [{"t0": 100.0, "wall_s": run["step_s"],
+            "events": [e for e in run["events"] if e[1] == s]} for s in range(2)]
+    assert lab.overlap(per) == pytest.approx((M - 1) / (M + 1))
+    assert lab._ideal_overlap(2, M) == pytest.approx((M - 1) / (M + 1))
+    # ranks that take turns (never compute at once): no overlap, bubble 1 - 1/S
+    turns = [{"t0": 0.0, "wall_s": 4.0, "events": [("F", 0, 0, 0.0, 1.0), ("B", 0, 0, 3.0, 4.0)]},
+             {"t0": 0.0, "wall_s": 4.0, "events": [("F", 1, 0, 1.0, 2.0), ("B", 1, 0, 2.0, 3.0)]}]
+    assert lab.overlap(turns) == 0.0

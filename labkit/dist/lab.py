@@ -103,12 +103,28 @@ def bubble(ranks: list[dict]) -> pd.DataFrame:
         wall = max(p["wall_s"] for p in per)
         rows.append({"S": S, "M": M, "measured_bubble": sum(p["bubble"] for p in per) / len(per),
                      "gpipe_bubble": (S - 1) / (M + S - 1), "eq10_bubble": 0.0,
+                     "measured_overlap": overlap(per), "gpipe_overlap": _ideal_overlap(S, M),
                      "measured_step_s": wall, "eq10_step_s": busy / S,
                      "gpipe_step_s": busy / S * (M + S - 1) / M,
                      "samples_per_s": row["samples_per_s"]})
     df = pd.DataFrame(rows)
     df["relative_error_vs_gpipe"] = (df.measured_bubble - df.gpipe_bubble) / df.gpipe_bubble
     return df
+
+
+def overlap(per_rank: list[dict]) -> float | None:
+    """Share of the step during which at least two ranks computed at once, from the traces
+    (absolute times on this machine's monotonic clock); None for other rank counts."""
+    if len(per_rank) != 2 or any("t0" not in p for p in per_rank):
+        return None
+    a, b = ([(p["t0"] + e[3], p["t0"] + e[4]) for e in p["events"]] for p in per_rank)
+    both = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+    return both / max(p["wall_s"] for p in per_rank)
+
+
+def _ideal_overlap(S: int, M: int) -> float | None:
+    """Two equal stages under GPipe: both busy for (M - 1)/(M + 1) of the step."""
+    return (M - 1) / (M + 1) if S == 2 else None
 
 
 def memory(ranks: list[dict]) -> pd.DataFrame:

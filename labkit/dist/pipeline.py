@@ -295,12 +295,13 @@ def measure_bubble(ctx, pipe: Pipe, wl, ms: list[int], mb_rows: int, reps: int) 
             wall = all_max(time.perf_counter() - t0)
             busy = sum(e[4] - e[3] for e in pipe.trace.events)
             if r:
-                per.append((wall, busy, list(pipe.trace.events)))
+                per.append((wall, busy, list(pipe.trace.events), t0))
             pipe.zero_grad()
         per.sort(key=lambda x: x[0])
-        wall, busy, events = per[0]  # the least-disturbed step (as in common.lockstep_timer)
+        wall, busy, events, t0 = per[0]  # the least-disturbed step (common.lockstep_timer)
+        # t0: perf_counter is CLOCK_MONOTONIC, one clock for every process on this machine
         rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "mb_rows": mb_rows, "dp": pipe.dp,
-                     "wall_s": wall, "busy_s": busy,
+                     "wall_s": wall, "busy_s": busy, "t0": t0,
                      "bubble": 1 - busy / wall, "claimed_bubble": (pipe.S - 1) / (m + pipe.S - 1),
                      "samples_per_s": m * mb_rows * pipe.dp / wall, "events": events})
     return rows

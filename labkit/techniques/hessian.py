@@ -46,7 +46,7 @@ def _sdpa_math():
 
 def linear_weights(model: nn.Module, layers: str = "blocks") -> dict[str, nn.Parameter]:
     """The weights whose precision is chosen: ``{layer name: weight}``."""
-    sel = Q._select(Q.FakeQuantConfig(layers=layers))
+    sel = Q.linear_selector(layers, skip=(Q.FakeQuantLinear,))
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and sel(name, m):

@@ -330,11 +330,22 @@ class FakeQuantLinear(nn.Linear):
                             c.group_size, c.symmetric)
 
 
-def _select(config: FakeQuantConfig):
+def linear_selector(layers: str = "blocks", exact: bool = False, skip: tuple = ()):
+    """The one rule for which linears a quantization technique takes, as a
+    :func:`~labkit.techniques.registry.swap_modules` ``select(name, module)``.
+
+    ``layers="blocks"``: linears inside the transformer blocks, named ``blocks.N...`` in
+    labkit's model and ``encoder.layer.N...`` in Hugging Face BERT (all-MiniLM-L6-v2);
+    ``"all"``: every linear (pooler and head too). ``exact``: only plain ``nn.Linear``
+    (not a subclass another technique swapped in); ``skip``: classes never taken."""
+    V.choice("layers", layers, LAYERS)
+
     def select(name, m):
-        if not isinstance(m, nn.Linear) or isinstance(m, FakeQuantLinear):
+        if not isinstance(m, nn.Linear) or isinstance(m, skip):
             return False
-        return config.layers == "all" or name.startswith("blocks.") or ".layer." in name
+        if exact and type(m) is not nn.Linear:
+            return False
+        return layers == "all" or name.startswith("blocks.") or ".layer." in name
     return select
 
 
@@ -343,7 +354,7 @@ def fake_quantize_(model: nn.Module, config: FakeQuantConfig) -> nn.Module:
     """Swap selected linears for :class:`FakeQuantLinear` (weights quantized now;
     activation quantizers need :func:`calibrate` before use)."""
     known = set()
-    swapped = swap_modules(model, _select(config),
+    swapped = swap_modules(model, linear_selector(config.layers, skip=(FakeQuantLinear,)),
                            lambda name, m: (known.add(name),
                                             FakeQuantLinear.from_linear(
                                                 m, config, config.bits_for(name)))[1])
@@ -467,6 +478,7 @@ __all__ = [
     "fake_quant_tensor",
     "fake_quantize",
     "fake_quantize_",
+    "linear_selector",
     "qparams",
     "qrange",
     "quantize",
