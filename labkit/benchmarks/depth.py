@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .. import depth_lab as L
+from ..labs import depth as L
 from .. import measure
 from ..model import build
 from ..techniques import cqil_dist as CD

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from . import data as D
-from . import measure, zoo
-from . import model as M
-from . import train as T
-from . import validate as V
-from .techniques import (
+from .. import data as D
+from .. import measure, zoo
+from .. import model as M
+from .. import train as T
+from .. import validate as V
+from ..techniques import (
     CQILConfig,
     EarlyExitConfig,
     LayerDropConfig,
@@ -33,9 +33,9 @@ from .techniques import (
     LoRAConfig,
     apply_,
 )
-from .techniques import cqil as C
-from .techniques import early_exit as E
-from .techniques.layerdrop import evenly_spread
+from ..techniques import cqil as C
+from ..techniques import early_exit as E
+from ..techniques.layerdrop import evenly_spread
 
 CODE_VERSION = 1  # bump when training here changes, so stale caches are not reused
 
@@ -277,7 +277,7 @@ def calibration_rows(model, calib: dict, test: dict) -> tuple[list[dict], dict]:
 def minilm_similarity(n: int = 32):
     """Adjacent-layer input similarity of the pretrained MiniLM on real sentences, or
     ``(None, reason)`` when the extra is missing."""
-    from . import pretrained as P
+    from .. import pretrained as P
 
     if not P.minilm_available():
         return None, P.INSTALL_HINT
