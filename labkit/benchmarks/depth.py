@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..labs import depth as L
 from .. import measure
+from ..labs import depth as L
 from ..model import build
 from ..techniques import cqil_dist as CD
 from ..techniques import early_exit as E
