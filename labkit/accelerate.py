@@ -133,27 +133,29 @@ def choose(site: Site, args: tuple, kwargs: dict, margin: float, rounds: int,
     return row
 
 
-def accelerate(model: nn.Module, inputs: tuple, sites: Callable[[str, nn.Module], Site | None],
+def accelerate(model: nn.Module, inputs: tuple,
+               sites: Callable[[nn.Module], Callable[[str, nn.Module], Site | None]],
                margin: float = 0.05, rounds: int = 3, min_run_time: float = 0.02,
                timer=None, atol: float | None = None, verify: bool = True,
                verify_rounds: int = 5, kwargs: dict | None = None) -> list[dict]:
     """Accelerate ``model`` in place by the rule of this module; returns the rows (also
     stored as ``model.acceleration``).
 
-    ``sites(name, module)`` returns a :class:`Site` for each module to accelerate (None
-    elsewhere; a site's submodules are not visited). Each module is offered once, under its
+    ``sites(model)`` returns ``site(name, module)``, which returns a :class:`Site` for each
+    module to accelerate (None elsewhere; a site's submodules are not visited). Each module is offered once, under its
     first name, even when it is used at several places."""
     V.number("margin", margin, 0.0, 1.0, hi_open=True)
     V.integer("rounds", rounds, 1)
     V.integer("verify_rounds", verify_rounds, 1)
     kwargs = dict(kwargs or {})
     model.eval()
+    site_of = sites(model)
     found: dict[str, Site] = {}
     skip: tuple[str, ...] = ()
     for name, mod in model.named_modules():  # deduplicated: a shared module once
         if name == "" or (skip and name.startswith(skip)):
             continue
-        site = sites(name, mod)
+        site = site_of(name, mod)
         if site is not None:
             found[name] = site
             skip = (*skip, name + ".")

@@ -148,7 +148,7 @@ def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
                 "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic")),
                 "int8_weight_only": apply_(copy.deepcopy(model), I.Int8Config("weight_only"))}
     td = copy.deepcopy(model)
-    swap_modules(td, Q.linear_selector("blocks", exact=True),
+    swap_modules(td, Q.linear_selector(td, exact=True),
                  lambda n, m: I.AcceleratedLinear(m, "torch_dynamic"))
     variants["torch_dynamic"] = td
     notes = {"torch_dynamic": "; ".join(sorted({w for m in td.modules()

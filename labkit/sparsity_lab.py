@@ -24,25 +24,25 @@ import torch
 
 from . import measure
 from . import validate as V
+from .labs.workloads import TASKS, Workload, baseline_workload, workload
 from .model import ModelConfig, build
 from .techniques import sparsity as S
 from .techniques.registry import apply_
 from .train import Callback, evaluate
-from .workloads import TASKS, Workload, baseline_workload, workload
 
 
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
                     method: str = "magnitude", l1_lambda: float = 1e-4, n: int = 2, m: int = 4,
                     block: int = 16, scope: str = "layer",
-                    targets: str = "ffn") -> S.SparsityConfig:
+                    parts: tuple = ("ffn",)) -> S.SparsityConfig:
     """A config whose gradual schedule (10 pruning steps) ends at 60% of ``steps``."""
     V.integer("steps", steps, 1)
     prune_steps = max(1, min(10, int(0.6 * steps)))
     every = max(1, int(0.6 * steps) // prune_steps)
-    if structure == "head" and targets == "ffn":
-        targets = "attn"
+    if structure == "head" and "attn" not in parts:
+        parts = ("attn",)  # heads live in the attention
     return S.SparsityConfig(sparsity=sparsity, structure=structure, method=method,
-                            scope=scope, targets=targets, n=n, m=m, block=block,
+                            scope=scope, parts=parts, n=n, m=m, block=block,
                             l1_lambda=l1_lambda, prune_steps=prune_steps, prune_every=every)
 
 

@@ -109,3 +109,14 @@ def test_overlap_of_two_ranks_from_their_traces(M):
     turns = [{"t0": 0.0, "wall_s": 4.0, "events": [("F", 0, 0, 0.0, 1.0), ("B", 0, 0, 3.0, 4.0)]},
              {"t0": 0.0, "wall_s": 4.0, "events": [("F", 1, 0, 1.0, 2.0), ("B", 1, 0, 2.0, 3.0)]}]
     assert lab.overlap(turns) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_spec_counts_every_parameter_of_a_labkit_model(kind):
+    from labkit.model import build, count_params, preset
+
+    cfg = preset("tiny", kind=kind)
+    spec = SIM.spec_of(cfg, 32)
+    assert spec.params() == count_params(build(cfg))
+    one = SIM.simulate(spec, _cal(), batch=8)
+    assert one["state_bytes_per_device"] == 16 * spec.params()  # fp32 w + g + AdamW 2x

@@ -29,6 +29,7 @@ def test_bubble_rows_carry_the_gpipe_formula(res):
         assert r["gpipe_bubble"] == pytest.approx((r["S"] - 1) / (r["M"] + r["S"] - 1))
         assert 0.0 <= r["measured_bubble"] < 1.0 and r["eq10_bubble"] == 0.0
         assert 0.0 <= r["measured_overlap"] <= 1.0
+        assert 0.0 < r["cpu_share_in_compute"] <= 1.05  # CPU seconds per wall second
         assert r["gpipe_overlap"] == pytest.approx((r["M"] - 1) / (r["M"] + 1))
     assert res["metrics"]["bubble_gpipe_m1"] == 0.5
 
@@ -48,6 +49,9 @@ def test_simulator_is_labelled_and_checked(res):
     scaled = _section(res, "scaling_simulated")
     assert max(r["devices"] for r in scaled) == 1024 and all(r["simulated"] for r in scaled)
     assert res["metrics"]["simulated_7b_step_s"] > 0
+    mem = _section(res, "simulator_memory_error")
+    assert {r["label"] for r in mem} == {"ddp x2", "tensor x2", "pipeline x2"}
+    assert res["metrics"]["simulator_memory_max_abs_relative_error"] <= 0.2  # a count
 
 
 def test_live_board_was_fed(res):

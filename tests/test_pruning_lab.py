@@ -10,8 +10,8 @@ from labkit.validate import LabkitConfigError
 @pytest.mark.parametrize("structure", S.STRUCTURES)
 def test_auto_method_is_valid_for_every_structure(structure):
     method = PL.method_for(structure, "auto")
-    targets = "attn" if structure == "head" else "ffn"
-    cfg = S.SparsityConfig(sparsity=0.9, structure=structure, method=method, targets=targets)
+    parts = ("attn",) if structure == "head" else ("ffn",)
+    cfg = S.SparsityConfig(sparsity=0.9, structure=structure, method=method, parts=parts)
     assert cfg.method == ("magnitude" if structure == "nm" else "gradual")
     assert PL.method_for(structure, "l1") == "l1"
 

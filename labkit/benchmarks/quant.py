@@ -141,14 +141,26 @@ def linear_rows(quick: bool, rounds: int, mrt: float):
     return rows, best, compile_s, ops, (d_in, d_out)
 
 
+class _OneLinear(nn.Module):
+    """A one-block model whose only layer is the FFN ``up`` linear (what accelerate sees)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Module()])
+        self.blocks[0].ffn = nn.Module()
+        self.blocks[0].ffn.up = nn.Linear(d_in, d_out)
+
+    def forward(self, x):  # (B, d_in) -> (B, d_out)
+        return self.blocks[0].ffn.up(x)
+
+
 def batch1_after_accelerate(d_in, d_out, rounds, mrt):
     """A model of one linear, accelerated at batch 1: per-layer choice + model check."""
-    model = nn.Sequential()
-    model.add_module("blocks", nn.Sequential(nn.Linear(d_in, d_out)))
+    model = _OneLinear(d_in, d_out)
     x = torch.randn(1, d_in)
     acc, report, notes = _accelerated(model, (x,), mrt, rounds)
     res = _side_by_side({"fp32": _call(model, x), "accelerated": _call(acc, x),
-                         "int8_dynamic": _call(I.AcceleratedLinear(model[0][0],
+                         "int8_dynamic": _call(I.AcceleratedLinear(model.blocks[0].ffn.up,
                                                                    "int8_dynamic"), x)},
                         rounds, mrt)
     chosen = _chosen(report)
@@ -167,7 +179,7 @@ def model_rows(quick: bool, rounds: int, mrt: float):
     variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
                 "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic"))}
     td = copy.deepcopy(model)
-    swap_modules(td, linear_selector("blocks", exact=True),
+    swap_modules(td, linear_selector(td, exact=True),
                  lambda n, m: I.AcceleratedLinear(m, "torch_dynamic"))
     variants["torch_dynamic"] = td
     variants["accelerated"], acc_rows, notes = _accelerated(model, (ids,), mrt / 10, rounds)

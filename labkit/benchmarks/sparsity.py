@@ -172,14 +172,15 @@ def ffn_compaction(d_model: int = 768, d_ff: int = 3072, tokens: int = TOKENS,
                    sparsity: float = 0.5, rounds: int = 5, min_run_time: float = 0.1):
     """Dense GELU MLP vs the same MLP with ``sparsity`` of its hidden neurons removed."""
     torch.manual_seed(0)
-    holder = nn.Module()
-    holder.ffn = MLP(d_model, d_ff).eval()
-    dense = copy.deepcopy(holder.ffn).requires_grad_(False)
+    holder = nn.Module()  # one block holding the FFN: what SparsityConfig's parts select
+    holder.blocks = nn.ModuleList([nn.Module()])
+    holder.blocks[0].ffn = MLP(d_model, d_ff).eval()
+    dense = copy.deepcopy(holder.blocks[0].ffn).requires_grad_(False)
     x = torch.randn(tokens, d_model)
     R.apply_(holder, S.SparsityConfig(sparsity=sparsity, structure="neuron"))
     with torch.no_grad():
-        ref = holder.ffn(x)
-    comp = S.convert(holder, "compacted-dense").ffn
+        ref = holder.blocks[0].ffn(x)
+    comp = S.convert(holder, "compacted-dense").blocks[0].ffn
     torch.testing.assert_close(comp(x), ref, atol=1e-4, rtol=1e-3)
     t = _time_layers({"dense": dense, "compacted": comp}, x, rounds, min_run_time)
     return t.ratio["compacted"], t, comp.up.out_features

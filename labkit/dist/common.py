@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .. import validate as V
 from ..model import PRESETS
-from ..workloads import TASKS, workload
+from ..labs.workloads import TASKS, workload
 
 
 def check_common(config: dict, world_size: int, batch_divisor: int = 1) -> None:

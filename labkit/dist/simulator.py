@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from .. import validate as V
-from ..model import Block, BlockExecutor, ModelConfig, build, preset
-from .common import lockstep_timer
+from ..model import Block, BlockExecutor, ModelConfig, build
+from .common import lockstep_timer, setup
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,14 @@ class Spec:
     vocab: int = 32000
     seq: int = 2048
     gated: bool = True
+    extra_params: int = 0  # positions, pooler, head, norms, biases (kept whole here)
 
     def block_params(self) -> int:
         return 4 * self.d_model ** 2 + (3 if self.gated else 2) * self.d_model * self.d_ff
 
     def params(self) -> int:
-        return self.n_layers * self.block_params() + self.vocab * self.d_model
+        return self.n_layers * self.block_params() + self.vocab * self.d_model + \
+            self.extra_params
 
     def block_flops_per_token(self) -> float:
         """Forward FLOPs of one block per token: 2 per weight, plus attention's
@@ -62,9 +64,14 @@ class Spec:
 
 
 def spec_of(cfg: ModelConfig, seq: int) -> Spec:
-    return Spec(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
-                cfg.vocab_size if cfg.kind == "decoder" else cfg.num_labels, seq,
+    """The :class:`Spec` of a labkit model, its small parameters counted (meta tensors)."""
+    from ..model import count_params
+
+    with torch.device("meta"):
+        total = count_params(build(cfg, seed=None))
+    spec = Spec(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.vocab_size, seq,
                 cfg.kind == "decoder")
+    return dataclasses.replace(spec, extra_params=total - spec.params())
 
 
 def spec_from(raw: dict) -> Spec:
@@ -179,10 +186,10 @@ def calibrate(ctx) -> dict:
     :class:`Calibration` (every rank measures; :func:`fit` takes the median)."""
     cfg = ctx.config
     seq, reps = cfg.get("seq", 32), cfg.get("reps", 5)
-    mc = preset(cfg.get("size", "tiny"), kind="decoder" if cfg.get("task") == "lm"
-                else "encoder", max_len=max(seq, 8))
+    _, model = setup({**cfg, "n_train": 64})  # the very model the other experiments run
+    mc = model.cfg
     torch.manual_seed(0)
-    block, model = Block(mc), build(mc, seed=0)
+    block = Block(mc)
     model.set_executor(_NoBlocks())
     out = {"rank": ctx.rank, "seq": seq, "cfg": dataclasses.asdict(mc), "block": [],
            "ends": [], "all_reduce": [], "p2p": []}
@@ -340,7 +347,7 @@ def simulate(spec: Spec, cal: Calibration, dp: int = 1, tp: int = 1, pp: int = 1
     run = play(times, microbatches, schedule, cal.send(act / tp) if pp > 1 else 0.0)
     block_p = spec.block_params()
     # the busiest device: the first stage's blocks (1/tp of them) and the embedding
-    held = (base + (extra > 0)) * block_p / tp + spec.vocab * spec.d_model
+    held = (base + (extra > 0)) * block_p / tp + spec.vocab * spec.d_model + spec.extra_params
     grad_ar = cal.all_reduce(4 * held, dp)
     in_flight = microbatches if schedule == "gpipe" else min(pp, microbatches)
     act_bytes = (in_flight * (base + (extra > 0)) * tokens * cal.act_bytes_per_token_dim

@@ -39,8 +39,8 @@ from torch import nn
 
 from .. import accelerate as A
 from .. import validate as V
-from .quant import linear_selector
-from .registry import register, register_expected, swap_modules
+from .quant import linear_selector, linear_shapes
+from .registry import register, register_expected, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
 CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")
@@ -137,20 +137,21 @@ class Int8Config:
     """Real INT8 through torchao on every selected linear.
 
     mode: ``dynamic`` (int8 activations computed per call, int8 weights) or
-    ``weight_only``; layers: ``blocks`` or ``all``."""
+    ``weight_only``; ``layers``/``parts``: which linears (the registry's vocabulary)."""
 
     mode: str = "dynamic"
-    layers: str = "blocks"
+    layers: tuple[int, ...] = ()
+    parts: tuple[str, ...] = ("attn", "ffn")
 
     def __post_init__(self):
         V.choice("mode", self.mode, MODES)
-        V.choice("layers", self.layers, ("blocks", "all"))
+        scope_fields(self)
 
 
 @register(Int8Config)
 def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
     cand = "int8_dynamic" if config.mode == "dynamic" else "int8_weight_only"
-    swap_modules(model, linear_selector(config.layers, exact=True),
+    swap_modules(model, linear_selector(model, config.layers, config.parts, exact=True),
                  lambda n, m: AcceleratedLinear(m, cand))
     return model
 
@@ -159,9 +160,7 @@ def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
 def expected(model_cfg, config: Int8Config) -> dict:
     """Weight bytes of the quantized linears: int8 codes + fp32 scale + int8 zero point
     per output row (what torchao's Int8Tensor stores)."""
-    from .quant import _linear_shapes
-
-    shapes = _linear_shapes(model_cfg, config.layers)
+    shapes = linear_shapes(model_cfg, config.layers, config.parts)
     n = sum(a * b for a, b in shapes.values())
     rows = sum(a for a, _ in shapes.values())
     q = n + rows * (4 + 1)
@@ -190,7 +189,8 @@ class AccelerateConfig:
     seq_len: int = 32
     candidates: tuple = CANDIDATES
     min_run_time: float = 0.05
-    layers: str = "blocks"
+    layers: tuple[int, ...] = ()
+    parts: tuple[str, ...] = ("attn", "ffn")
 
     def __post_init__(self):
         V.integer("batch_size", self.batch_size, 1)
@@ -200,34 +200,38 @@ class AccelerateConfig:
         for c in self.candidates:
             V.choice("candidates", c, CANDIDATES)
         V.number("min_run_time", self.min_run_time, 0.0, lo_open=True)
-        V.choice("layers", self.layers, ("blocks", "all"))
+        scope_fields(self)
 
 
-def sites(candidates=CANDIDATES, layers: str = "blocks"):
+def sites(candidates=CANDIDATES, layers: tuple = (), parts: tuple = ("attn", "ffn")):
     """The :func:`labkit.accelerate.accelerate` sites: each selected plain linear, with one
     :class:`AcceleratedLinear` per candidate; ``fp32`` is the current path."""
     for c in candidates:
         V.choice("candidates", c, CANDIDATES)
-    select = linear_selector(layers, exact=True)
     cands = tuple(dict.fromkeys(("fp32", *candidates)))  # fp32 is what others must beat
 
-    def site(name, m):
-        if not select(name, m):
-            return None
-        return A.Site(name, m, {c: AcceleratedLinear(m, c) for c in cands}, "fp32")
-    return site
+    def for_model(model):
+        select = linear_selector(model, layers, parts, exact=True)
+
+        def site(name, m):
+            if not select(name, m):
+                return None
+            return A.Site(name, m, {c: AcceleratedLinear(m, c) for c in cands}, "fp32")
+        return site
+    return for_model
 
 
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
-                min_run_time: float = 0.05, layers: str = "blocks",
-                check_model: bool = True, margin: float = 0.05, rounds: int = 3,
+                min_run_time: float = 0.05, layers: tuple = (),
+                parts: tuple = ("attn", "ffn"), check_model: bool = True, margin: float = 0.05, rounds: int = 3,
                 timer=None, kwargs=None) -> list[dict]:
     """Per layer: keep the fastest candidate measured side by side on the layer's real
     input when it beats fp32 by ``margin``; per model: revert to fp32 when the result got
     slower end to end (a warning and a recorded row). The rule and the row schema are
     :mod:`labkit.accelerate`'s, shared with sparsity."""
     V.number("margin", margin, 0.0, 1.0)
-    return A.accelerate(model, inputs, sites(candidates, layers), margin=margin,
+    return A.accelerate(model, inputs, sites(candidates, layers, parts),
+                        margin=margin,
                         rounds=rounds, min_run_time=min_run_time, timer=timer,
                         verify=check_model, verify_rounds=max(rounds, 3), kwargs=kwargs)
 
@@ -238,7 +242,7 @@ def _accelerate_cfg(model: nn.Module, config: AccelerateConfig) -> nn.Module:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(6, vocab, (config.batch_size, config.seq_len), generator=g)
     model.accelerate_report = accelerate_(model, (ids,), config.candidates,
-                                          config.min_run_time, config.layers)
+                                          config.min_run_time, config.layers, config.parts)
     return model
 
 

@@ -41,12 +41,12 @@ from .. import kernels as K
 from .. import validate as V
 from ..model import MLP, Attention
 from . import masks as MK
-from .registry import register, swap_modules
+from .registry import linears, register, scope_fields, swap_modules
 
 STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron", "head")
 METHODS = ("magnitude", "gradual", "l1")
 SCOPES = ("layer", "global")
-TARGETS = ("ffn", "attn", "all")
+SPARSE_PARTS = ("attn", "ffn")  # where pruning applies (registry vocabulary, coarse parts)
 LINEAR_PATHS = K.LINEAR_PATHS
 PATHS = K.LINEAR_PATHS
 NM_CPU_NOTE = K.NM_CPU_NOTE
@@ -55,10 +55,10 @@ NM_CPU_NOTE = K.NM_CPU_NOTE
 _RULES = (
     ("initial_sparsity", lambda c: c.initial_sparsity > c.sparsity,
      lambda c: f"a sparsity <= sparsity={c.sparsity}"),
-    ("targets", lambda c: c.structure == "head" and c.targets == "ffn",
-     lambda c: "'attn' or 'all' for structure='head'"),
-    ("targets", lambda c: c.structure == "neuron" and c.targets == "attn",
-     lambda c: "'ffn' or 'all' for structure='neuron'"),
+    ("parts", lambda c: c.structure == "head" and "attn" not in c.parts,
+     lambda c: "parts with 'attn' for structure='head'"),
+    ("parts", lambda c: c.structure == "neuron" and "ffn" not in c.parts,
+     lambda c: "parts with 'ffn' for structure='neuron'"),
     ("scope", lambda c: c.scope == "global" and c.structure != "unstructured",
      lambda c: "'layer' (global ranking is for structure='unstructured')"),
     ("method", lambda c: c.method == "gradual" and c.structure == "nm",
@@ -69,7 +69,8 @@ _RULES = (
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    """Prune the ``targets`` linears of a model to ``sparsity`` with ``structure``.
+    """Prune the linears of ``parts`` (``"attn"``, ``"ffn"``) in the blocks ``layers``
+    (``()``: every block) to ``sparsity`` with ``structure``.
 
     ``n``/``m`` are used by ``nm`` (sparsity is then 1 - n/m), ``block`` by ``block``,
     ``l1_lambda`` by ``l1``; ``initial_sparsity``, ``start_step``, ``prune_steps`` (n) and
@@ -79,7 +80,8 @@ class SparsityConfig:
     structure: str = "unstructured"
     method: str = "magnitude"
     scope: str = "layer"
-    targets: str = "ffn"
+    parts: tuple[str, ...] = ("ffn",)
+    layers: tuple[int, ...] = ()
     n: int = 2
     m: int = 4
     block: int = 32
@@ -94,7 +96,7 @@ class SparsityConfig:
         V.choice("structure", self.structure, STRUCTURES)
         V.choice("method", self.method, METHODS)
         V.choice("scope", self.scope, SCOPES)
-        V.choice("targets", self.targets, TARGETS)
+        scope_fields(self, SPARSE_PARTS)
         MK.check_nm(self.n, self.m)
         MK.check_block(self.block)
         V.number("l1_lambda", self.l1_lambda, 0.0)
@@ -150,13 +152,6 @@ class MaskedLinear(nn.Linear):
         return self.parametrizations.weight.original
 
 
-def _selected(name: str, module: nn.Module, targets: str) -> bool:
-    if not isinstance(module, nn.Linear) or isinstance(module, MaskedLinear):
-        return False
-    owner = name.split(".")[-2] if "." in name else ""
-    return owner in {"ffn": ("ffn",), "attn": ("attn",), "all": ("ffn", "attn")}[targets]
-
-
 def masked_linears(model: nn.Module) -> dict[str, MaskedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
 
@@ -164,8 +159,9 @@ def masked_linears(model: nn.Module) -> dict[str, MaskedLinear]:
 def attach(model: nn.Module, config: SparsityConfig) -> list[str]:
     """Swap the targeted linears for :class:`MaskedLinear` with all-ones masks (a shared
     module is visited once: its linears are already masked the second time)."""
+    chosen = {id(m) for m in linears(model, config.layers, config.parts).values()}
     return swap_modules(
-        model, lambda name, m: _selected(name, m, config.targets),
+        model, lambda name, m: id(m) in chosen and not isinstance(m, MaskedLinear),
         lambda name, m: MaskedLinear.from_linear(m, config.structure, config.n, config.m,
                                                  config.block))
 
@@ -311,7 +307,7 @@ def sites(paths=PATHS):
             cands, current = _linear_candidates(mod, paths)
             return A.Site(name, mod, cands, current)
         return None
-    return site
+    return lambda model: site
 
 
 def accelerate(model: nn.Module, *inputs, paths=PATHS, rounds: int = 3,
@@ -368,8 +364,32 @@ from .sparsity_expected import expected
 
 storage_bytes = K.storage_bytes
 
-__all__ = ["LINEAR_PATHS", "METHODS", "NM_CPU_NOTE", "PATHS", "SCOPES", "STRUCTURES",
-           "TARGETS", "GradualPruning", "MaskedLinear", "SparsityConfig", "accelerate",
-           "actual_sparsity", "attach", "chosen_paths", "compact_neurons_", "compute_masks",
-           "convert", "cubic_schedule", "expected", "l1_penalty", "owner_groups", "prune",
-           "set_masks", "sites", "sparsify_", "storage_bytes", "train_sparse"]
+__all__ = [
+    "LINEAR_PATHS",
+    "METHODS",
+    "NM_CPU_NOTE",
+    "PATHS",
+    "SCOPES",
+    "SPARSE_PARTS",
+    "STRUCTURES",
+    "GradualPruning",
+    "MaskedLinear",
+    "SparsityConfig",
+    "accelerate",
+    "actual_sparsity",
+    "attach",
+    "chosen_paths",
+    "compact_neurons_",
+    "compute_masks",
+    "convert",
+    "cubic_schedule",
+    "expected",
+    "l1_penalty",
+    "owner_groups",
+    "prune",
+    "set_masks",
+    "sites",
+    "sparsify_",
+    "storage_bytes",
+    "train_sparse",
+]

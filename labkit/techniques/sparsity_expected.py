@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from . import masks as MK
-from .registry import register_expected
+from .registry import block_indices, register_expected
 from .sparsity import SparsityConfig
 
 
@@ -28,9 +28,9 @@ def expected(model_cfg, config: SparsityConfig) -> dict:
     gated = model_cfg.kind == "decoder"
     ffn = [(f, d)] * (2 if gated else 1) + [(d, f)]
     attn = [(d, d)] * 4
-    shapes = (ffn if config.targets in ("ffn", "all") else []) + \
-             (attn if config.targets in ("attn", "all") else [])
-    shapes = shapes * model_cfg.n_layers
+    n_layers = len(block_indices(model_cfg.n_layers, config.layers))
+    shapes = (ffn if "ffn" in config.parts else []) + (attn if "attn" in config.parts else [])
+    shapes = shapes * n_layers
     dense_w = sum(r * c for r, c in shapes)
     s, st = config.sparsity, config.structure
     kept_w = 0
@@ -64,19 +64,19 @@ def expected(model_cfg, config: SparsityConfig) -> dict:
     if st == "neuron":
         kf = f - MK.n_pruned(s, f)
         per = (2 if gated else 1) * kf * d + d * kf
-        kept_w += per * model_cfg.n_layers
-        sparse_bytes += 4 * per * model_cfg.n_layers
-        if config.targets == "all":
-            kept_w += 4 * d * d * model_cfg.n_layers
-            sparse_bytes += 4 * 4 * d * d * model_cfg.n_layers
+        kept_w += per * n_layers
+        sparse_bytes += 4 * per * n_layers
+        if "attn" in config.parts:
+            kept_w += 4 * d * d * n_layers
+            sparse_bytes += 4 * 4 * d * d * n_layers
     if st == "head":
         h = model_cfg.n_heads
         kh = h - MK.n_pruned(s, h)
         per = 4 * d * kh * model_cfg.head_dim
-        kept_w += per * model_cfg.n_layers
-        sparse_bytes += 4 * per * model_cfg.n_layers
-        if config.targets == "all":
-            fw = sum(r * c for r, c in ffn) * model_cfg.n_layers
+        kept_w += per * n_layers
+        sparse_bytes += 4 * per * n_layers
+        if "ffn" in config.parts:
+            fw = sum(r * c for r, c in ffn) * n_layers
             kept_w += fw
             sparse_bytes += 4 * fw
     out = {"weights_dense": dense_w, "weights_nonzero": kept_w,
