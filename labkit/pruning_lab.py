@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import accelerate as A
+from . import figures as F
 from . import measure, zoo
 from . import sparsity_lab as L
 from . import validate as V
@@ -213,9 +214,6 @@ def curve_figure(curves: list[dict], sparsities, structures):
     spars = sorted(sparsities)
     fig = make_subplots(rows=1, cols=max(1, len(spars)),
                         subplot_titles=[f"MLP sparsity {s:.0%}" for s in spars])
-    palette = dict(zip(["dense", "small-dense", *structures],
-                       ["black", "gray", "#1f77b4", "#d62728", "#2ca02c", "#9467bd",
-                        "#ff7f0e", "#8c564b"]))
     for i, s in enumerate(spars, start=1):
         runs: dict = {}
         for r in curves:
@@ -226,11 +224,11 @@ def curve_figure(curves: list[dict], sparsities, structures):
             fig.add_trace(go.Scatter(
                 x=[q["step"] for q in pts], y=[q["eval_loss"] for q in pts], name=name,
                 mode="lines", legendgroup=st, showlegend=(i == 1 or st != "dense"),
-                line={"color": palette.get(st),
+                line={"color": F.color(st),
                       "dash": "dot" if st in ("dense", "small-dense") else None}), 1, i)
     fig.update_yaxes(title_text="eval loss", row=1, col=1)
     fig.update_xaxes(title_text="step")
-    fig.update_layout(height=380, legend={"orientation": "h", "y": -0.25})
+    F.layout(fig)
     return fig
 
 

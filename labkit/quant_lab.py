@@ -14,6 +14,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from . import accelerate as A
+from . import figures as F
 from . import measure, train
 from . import validate as V
 from .data import batches
@@ -244,7 +245,8 @@ def sensitivity_figure(sens: list[dict]):
     names = [r["layer"] for r in sens]
     fig.add_bar(x=names, y=[r["avg_trace"] for r in sens], name="trace / n", row=1, col=1)
     fig.add_bar(x=names, y=[r["bits"] for r in sens], name="bits", row=1, col=2)
-    fig.update_layout(height=360, showlegend=False)
+    F.layout(fig)
+    fig.update_layout(showlegend=False)
     return fig
 
 
@@ -259,17 +261,16 @@ def latency_figure(lat: list[dict], preset: str):
                     name=v, error_y={"type": "data", "symmetric": False,
                                      "array": [r["max_ms"] - r["latency_ms"] for r in rs],
                                      "arrayminus": [r["latency_ms"] - r["min_ms"] for r in rs]})
-    fig.update_layout(title=f"latency, {preset} encoder (ms, median of paired rounds, "
-                      "bars min-max; lower is better)", barmode="group", height=360)
-    return fig
+    fig.update_layout(barmode="group")
+    return F.style(F.layout(fig, title=f"latency, {preset} encoder (ms, median of paired "
+                            "rounds, bars min-max; lower is better)"))
 
 
 def memory_figure(mem: list[dict]):
     import plotly.graph_objects as go
 
     fig = go.Figure(go.Bar(x=[r["variant"] for r in mem], y=[r["bytes_per_param"] for r in mem]))
-    fig.update_layout(title="bytes per parameter (block linears)", height=340)
-    return fig
+    return F.layout(fig, title="bytes per parameter (block linears)")
 
 
 def memory_metrics(mem: list[dict], granularity: str) -> dict:

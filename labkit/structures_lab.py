@@ -6,14 +6,13 @@ both side by side through :func:`labkit.measure.paired`.
 """
 from __future__ import annotations
 
+from . import figures as F
 from . import kernels as K
 from . import validate as V
 from .benchmarks import sparsity as B
 from .techniques import sparsity as S
 
 SWEEP_STRUCTURES = (*B.STRUCTURE_PATHS, "nm")
-PATH_COLORS = {"csr": "#1f77b4", "bsr": "#d62728", "block-gathered-dense": "#ff7f0e",
-               "compacted-dense": "#2ca02c", "nm-simulated": "#9467bd", "dense": "black"}
 
 
 def shapes(text: str, block: int) -> list[tuple[int, int]]:
@@ -60,7 +59,7 @@ def sweep_figure(sweep: list[dict]):
         for path, g in groups.items():
             g = sorted(g, key=lambda r: r["sparsity"])
             name, x = f"{path} {shp}", [r["sparsity"] for r in g]
-            style = {"color": PATH_COLORS.get(path), "dash": dashes[j % len(dashes)]}
+            style = {"color": F.color(path), "dash": dashes[j % len(dashes)]}
             kw = {"name": name, "legendgroup": name, "mode": "lines+markers", "line": style}
             if all(r["speed_measured"] for r in g):
                 fig.add_trace(go.Scatter(x=x, y=[r["speedup"] for r in g], **kw), 1, 1)
@@ -72,7 +71,7 @@ def sweep_figure(sweep: list[dict]):
     fig.add_hline(y=1.0, line_dash="dot", row=1, col=3)
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_xaxes(title_text="sparsity")
-    fig.update_layout(height=420, legend={"orientation": "h", "y": -0.3})
+    F.layout(fig)
     return fig
 
 
@@ -101,12 +100,10 @@ def latency_figure(rows: list[dict], title: str):
     fig = make_subplots(rows=1, cols=2, subplot_titles=[
         "inference time (ms), band = min-max over rounds",
         "time relative to dense in the same round (1 / paired speedup)"])
-    palette = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2",
-               "#17becf"]
-    for i, line in enumerate(dict.fromkeys(r["line"] for r in rows)):
+    for line in dict.fromkeys(r["line"] for r in rows):
         g = sorted((r for r in rows if r["line"] == line), key=lambda r: r["sparsity"])
         x = [r["sparsity"] for r in g]
-        color = "black" if line == "dense" else palette[i % len(palette)]
+        color = F.color(line)  # the house colour of this series, the same in every figure
         dash = "dot" if line == "dense" else None
         name = line + ("" if all(r["speed_measured"] for r in g)
                        else " (simulated, speed not measured)")
@@ -120,7 +117,7 @@ def latency_figure(rows: list[dict], title: str):
         fig.add_trace(go.Scatter(x=x, y=[1 / r["speedup"] for r in g], name=name,
                                  mode="lines+markers", line={"color": color, "dash": dash},
                                  legendgroup=line, showlegend=False), 1, 2)
-    fig.update_layout(title=title, height=420, legend={"orientation": "h", "y": -0.25})
+    F.layout(fig, title=title)
     fig.update_xaxes(title_text="MLP sparsity")
     return fig
 
@@ -147,5 +144,5 @@ def metrics(sweep: list[dict], be: list[dict], fig_rows: list[dict]) -> dict:
     return m
 
 
-__all__ = ["PATH_COLORS", "SWEEP_STRUCTURES", "block_summary", "latency_figure", "lines",
+__all__ = ["SWEEP_STRUCTURES", "block_summary", "latency_figure", "lines",
            "metrics", "shapes", "sweep_figure"]

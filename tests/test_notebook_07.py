@@ -29,6 +29,7 @@ def test_bubble_rows_carry_the_gpipe_formula(res):
         assert r["gpipe_bubble"] == pytest.approx((r["S"] - 1) / (r["M"] + r["S"] - 1))
         assert 0.0 <= r["measured_bubble"] < 1.0 and r["eq10_bubble"] == 0.0
         assert 0.0 <= r["measured_overlap"] <= 1.0
+        assert 0.0 < r["cpu_share_in_compute"] <= 1.05  # CPU seconds per wall second
         assert r["gpipe_overlap"] == pytest.approx((r["M"] - 1) / (r["M"] + 1))
     assert res["metrics"]["bubble_gpipe_m1"] == 0.5
 

@@ -60,9 +60,9 @@ def test_quality_rows_cover_every_variant(res):
 
 
 @pytest.mark.parametrize("params,allowed", [
-    (dict(start=4, end=4), "less than end=4"), (dict(end=9), "at most the number of blocks"),
-    (dict(P=1), ">= 2"), (dict(start=6, P=3), "[2, end - start = 2]"), (dict(D=-1), ">= 0"),
-    (dict(lora_rank=0), "[1, 1024]")])
+    ({"start": 4, "end": 4}, "less than end=4"), ({"end": 9}, "at most the number of blocks"),
+    ({"P": 1}, ">= 2"), ({"start": 6, "P": 3}, "[2, end - start = 2]"), ({"D": -1}, ">= 0"),
+    ({"lora_rank": 0}, "[1, 1024]")])
 def test_bad_parameter_fails_naming_it(run_notebook, params, allowed):
     from labkit.report import NotebookFailed
 

@@ -13,8 +13,8 @@ Targets, each measured side by side in this one run:
    2 threads. Two ranks under torchrun (gloo, one thread each) hold two blocks of the group
    each; one all-reduce per step. The ideal cut ``(end - start)(1 - 1/P) / L = 25%`` and
    the cost of one all-reduce measured alone are beside it. Latency does not depend on the
-   weights, so the decoder is untrained (``d_model=512``, 16 heads, ``d_ff=2048``,
-   128 tokens: a block costs a few ms, well above an all-reduce).
+   weights, so the decoder is untrained (``d_model=384``, 12 heads, ``d_ff=1536``,
+   64 tokens: a block costs a few ms, well above an all-reduce).
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .. import depth_lab as L
 from .. import measure
+from ..labs import depth as L
 from ..model import build
-from ..techniques import early_exit as E
 from ..techniques import cqil_dist as CD
+from ..techniques import early_exit as E
 
 REQ_BLOCKS = 1.5
 REQ_ACC_LOSS = 0.01
@@ -70,7 +70,7 @@ def early_exit_part(quick: bool, rounds: int) -> tuple[list[dict], dict]:
 
 def cqil_part(quick: bool, rounds: int) -> tuple[list[dict], dict]:
     n, start, end = 8, 4, 8
-    d, heads, ff, seq = (128, 4, 512, 64) if quick else (512, 16, 2048, 128)
+    d, heads, ff, seq = (128, 4, 512, 64) if quick else (384, 12, 1536, 64)
     model = build("tiny", kind="decoder", n_layers=n, d_model=d, n_heads=heads, d_ff=ff,
                   max_len=seq, vocab_size=1024, seed=0).eval()
     ids = torch.randint(0, 1024, (1, seq))
@@ -80,8 +80,8 @@ def cqil_part(quick: bool, rounds: int) -> tuple[list[dict], dict]:
 
     res = launch("labkit.techniques.cqil_dist:run",
                  {"model": str(folder / "job.pt"), "groups": [[start, end]], "n_layers": n,
-                  "reps": 3 if quick else 10, "rounds": rounds}, nproc=2,
-                 run_dir=folder / "run", validate=CD.validate)
+                  "reps": 3 if quick else 5, "rounds": rounds}, nproc=2,
+                 run_dir=folder / "run", validate=CD.validate, timeout=900.0)
     row = CD.summarize(res.result)[0]
     ideal = (end - start) * (1 - 1 / 2) / n
     cut = row["latency_cut"]
@@ -98,7 +98,7 @@ def cqil_part(quick: bool, rounds: int) -> tuple[list[dict], dict]:
 
 
 def run(quick: bool = False) -> dict:
-    rounds = 1 if quick else 5
+    rounds = 1 if quick else 3
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the in-process timings; the CQIL part sets its own
     try:

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from .. import validate as V
-from ..model import PRESETS
 from ..labs.workloads import TASKS, workload
+from ..model import PRESETS
 
 
 def check_common(config: dict, world_size: int, batch_divisor: int = 1) -> None:

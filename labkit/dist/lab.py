@@ -104,6 +104,8 @@ def bubble(ranks: list[dict]) -> pd.DataFrame:
         rows.append({"S": S, "M": M, "measured_bubble": sum(p["bubble"] for p in per) / len(per),
                      "gpipe_bubble": (S - 1) / (M + S - 1), "eq10_bubble": 0.0,
                      "measured_overlap": overlap(per), "gpipe_overlap": _ideal_overlap(S, M),
+                     "cpu_share_in_compute": sum(p.get("cpu_share", float("nan"))
+                                                 for p in per) / len(per),
                      "measured_step_s": wall, "eq10_step_s": busy / S,
                      "gpipe_step_s": busy / S * (M + S - 1) / M,
                      "samples_per_s": row["samples_per_s"]})
@@ -163,6 +165,10 @@ def ddp_scaling(ranks: list[dict]) -> dict:
     return {"one_rank_s": s["one_rank_full_batch"], "ddp_s": s["ddp"],
             "ddp_no_sync_s": s["ddp_no_sync"], "all_reduce_s": s["all_reduce_grads"],
             "two_over_one_rank_step_ratio": s["ddp"] / s["one_rank_full_batch"],
+            # N ranks computing B/N rows each at once, vs one rank alone on B rows: 1.0
+            # when every rank has a core of its own; more when they share the cores
+            "concurrent_compute_slowdown": s["ddp_no_sync"] * len(ranks)
+            / s["one_rank_full_batch"],
             "speedup": t["speedup_vs_one_rank"], "scaling_efficiency": t["scaling_efficiency"],
             "verdict": speedup_verdict(t["speedup_vs_one_rank"],
                                        flop_ratio=len(ranks)),  # > N ranks' worth: noise

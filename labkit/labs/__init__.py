@@ -5,4 +5,5 @@
 * :mod:`.workloads`: the decoder LM or the encoder on synthetic NLI, sized for a preset.
 * :mod:`.attention`: attention maps, spectra and low-rank errors (notebooks 01, 02).
 * :mod:`.ffn`: FFN spectra, SVD sweeps, claimed vs measured, size sweeps (notebook 03).
+* :mod:`.depth`: cached depth baselines, LayerDrop / early-exit / CQIL sweeps (notebooks 08, 09).
 """

@@ -14,22 +14,28 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from . import data as D
-from . import measure
-from . import model as M
-from . import train as T
-from . import validate as V
-from . import zoo
-from .techniques import (CQILConfig, EarlyExitConfig, LayerDropConfig, LayerPruneConfig,
-                         LoRAConfig, apply_)
-from .techniques import cqil as C
-from .techniques import early_exit as E
-from .techniques.layerdrop import evenly_spread
+from .. import data as D
+from .. import measure, zoo
+from .. import model as M
+from .. import train as T
+from .. import validate as V
+from ..techniques import (
+    CQILConfig,
+    EarlyExitConfig,
+    LayerDropConfig,
+    LayerPruneConfig,
+    LoRAConfig,
+    apply_,
+)
+from ..techniques import cqil as C
+from ..techniques import early_exit as E
+from ..techniques.layerdrop import evenly_spread
 
 CODE_VERSION = 1  # bump when training here changes, so stale caches are not reused
 
@@ -99,8 +105,8 @@ def trained_lm(n_layers: int = 8, p: float = 0.0, steps: int = 400, size: str = 
     V.integer("n_layers", n_layers, 2)
     V.number("p", p, 0.0, 1.0, hi_open=True)
     V.integer("steps", steps, 1)
-    args = dict(kind="lm", n_layers=n_layers, p=p, steps=steps, size=size, seq_len=seq_len,
-                batch_size=batch_size, lr=lr, n_eval=n_eval, seed=seed)
+    args = {"kind": "lm", "n_layers": n_layers, "p": p, "steps": steps, "size": size, "seq_len": seq_len,
+                "batch_size": batch_size, "lr": lr, "n_eval": n_eval, "seed": seed}
     corpus = D.load_lm_corpus(seed=seed)
     cfg = M.preset(size, kind="decoder", n_layers=n_layers, vocab_size=len(corpus.tokenizer),
                    max_len=seq_len)
@@ -110,9 +116,9 @@ def trained_lm(n_layers: int = 8, p: float = 0.0, steps: int = 400, size: str = 
     if p > 0:
         apply_(model, LayerDropConfig(p=p))
     out = _train_or_load(f"lm{n_layers}-p{p}", args, model,
-                         dict(train_batches=D.lm_batches(corpus.train, batch_size, seq_len,
+                         {"train_batches": D.lm_batches(corpus.train, batch_size, seq_len,
                                                          seed=seed),
-                              steps=steps, lr=lr, seed=seed, eval_every=max(1, steps // 5)),
+                              "steps": steps, "lr": lr, "seed": seed, "eval_every": max(1, steps // 5)},
                          lambda: T.evaluate(model, eval_set), board,
                          series or f"LayerDrop p={p}", eval_set, corpus)
     model.set_executor(M.BlockExecutor())  # every block at inference
@@ -128,18 +134,18 @@ def trained_sdn(n_layers: int = 6, steps: int = 1500, size: str = "tiny",
     first half calibrates temperatures, the second measures, see :func:`split_eval`)."""
     V.integer("n_layers", n_layers, 2)
     V.integer("steps", steps, 1)
-    args = dict(kind="sdn", n_layers=n_layers, steps=steps, size=size, task=task,
-                n_train=n_train, n_eval=n_eval, max_len=max_len, batch_size=batch_size, lr=lr,
-                seed=seed)
+    args = {"kind": "sdn", "n_layers": n_layers, "steps": steps, "size": size, "task": task,
+                "n_train": n_train, "n_eval": n_eval, "max_len": max_len, "batch_size": batch_size, "lr": lr,
+                "seed": seed}
     pairs = D.load_task(task, n_train=n_train, n_eval=n_eval, max_len=max_len, seed=seed)
     cfg = M.preset(size, kind="encoder", n_layers=n_layers, vocab_size=len(pairs.tokenizer),
                    num_labels=pairs.num_labels, max_len=max_len)
     model = M.build(cfg, seed=seed)
     apply_(model, EarlyExitConfig(q=0.9))
     return _train_or_load(f"sdn{n_layers}", args, model,
-                          dict(train_batches=D.batches(pairs.train, batch_size, seed=seed),
-                               steps=steps, lr=lr, seed=seed, eval_every=max(1, steps // 5),
-                               strategy=E.SDNStrategy(steps)),
+                          {"train_batches": D.batches(pairs.train, batch_size, seed=seed),
+                               "steps": steps, "lr": lr, "seed": seed, "eval_every": max(1, steps // 5),
+                               "strategy": E.SDNStrategy(steps)},
                           lambda: T.evaluate(model, pairs.eval), board, series, pairs.eval,
                           pairs)
 
@@ -181,7 +187,7 @@ def prune_rows(models: dict, kept_counts, eval_set, sample, rounds: int = 3,
             rows.append({"model": label, "blocks_kept": k, "kept": list(keep),
                          "eval_loss": eval_loss(m, eval_set), "params": M.count_params(m)})
             if label == next(iter(models)):  # the same architecture: time it once
-                fns[f"{k} blocks"] = (lambda mm: lambda: mm(*sample))(m)
+                fns[f"{k} blocks"] = partial(m, *sample)
     lat = paired_latency(fns, rounds, min_run_time)
     for r in rows:
         t = lat[f"{r['blocks_kept']} blocks"]
@@ -271,7 +277,7 @@ def calibration_rows(model, calib: dict, test: dict) -> tuple[list[dict], dict]:
 def minilm_similarity(n: int = 32):
     """Adjacent-layer input similarity of the pretrained MiniLM on real sentences, or
     ``(None, reason)`` when the extra is missing."""
-    from . import pretrained as P
+    from .. import pretrained as P
 
     if not P.minilm_available():
         return None, P.INSTALL_HINT
@@ -366,7 +372,7 @@ def attach_latency(rows: list[dict], model, sample, process_rows: list[dict], ro
     models' timed side by side with the sequential model in this process."""
     drops = {tuple(r["keep"]): pruned(model, r["keep"]) for r in rows if "keep" in r}
     fns = {"sequential": lambda: model(*sample),
-           **{str(k): (lambda mm: lambda: mm(*sample))(m) for k, m in drops.items()}}
+           **{str(k): partial(m, *sample) for k, m in drops.items()}}
     lat = paired_latency(fns, rounds, min_run_time)
     cut = {(r["start"], r["P"]): r["latency_cut"] for r in process_rows}
     for r in rows:
