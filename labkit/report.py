@@ -15,12 +15,11 @@ import html
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
 from . import validate as V
-from .notebook import write_json_atomic
+from .notebook import atomic_write, write_json_atomic
 
 
 def notebooks_dir() -> Path:
@@ -185,16 +184,7 @@ def notebook_html(executed) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _new_folder(base: Path) -> Path:
