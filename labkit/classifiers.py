@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from . import train as T
 from . import validate as V
 from . import zoo
 from .labs.workloads import Workload
+from .notebook import atomic_write
 
 MODELS = ("tiny", "minilm")
 TASKS = ("nli", "qnli")
@@ -110,17 +110,6 @@ def real_text_params(defined: dict, source_dir: str | None, model: str | None) -
     return out
 
 
-def _save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:  # write then rename: a crash or a parallel run never leaves a half-written file
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 class CacheWarning(UserWarning):
     """A cached classifier could not be used; it is retrained."""
 
@@ -189,7 +178,7 @@ def _cached(name: str, args: dict, pairs: D.PairTask, model: M.Transformer, trai
     metrics, extra = train_fn()
     record = {"config": asdict(model.cfg), "state": model.state_dict(), "metrics": metrics,
               "args": args, **extra}
-    _save(path, record)
+    atomic_write(path, lambda tmp: torch.save(record, tmp))
     return record, False, path
 
 
