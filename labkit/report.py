@@ -26,10 +26,15 @@ from .notebook import write_json_atomic
 
 
 def notebooks_dir() -> Path:
-    """The notebooks folder: ``$LABKIT_NOTEBOOKS`` or the repository's ``notebooks/``."""
+    """The notebooks folder: ``$LABKIT_NOTEBOOKS``, else the copy shipped in an installed
+    wheel (``labkit/_shipped/notebooks``, see setup.py), else the source tree's
+    ``notebooks/`` (a checkout or an editable install)."""
     env = os.environ.get("LABKIT_NOTEBOOKS")
     if env:
         return Path(env)
+    shipped = Path(__file__).resolve().parent / "_shipped" / "notebooks"
+    if shipped.is_dir():
+        return shipped
     return Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -144,7 +149,7 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
             ", ".join(available(path.parent)) or f"the notebooks in {path.parent}"))
     params = dict(params or {})
     check_parameters(path, params)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # papermill runs inside the notebook's folder
     out_dir.mkdir(parents=True, exist_ok=True)
     name = path.stem
     executed = out_dir / f"{name}.ipynb"
@@ -229,7 +234,7 @@ class NothingRan(V.LabkitConfigError):
 
 def check_out(out) -> Path:
     """The parent folder of report folders: an existing folder or a path to create."""
-    base = Path(out) if out is not None else Path.cwd() / "reports"
+    base = (Path(out) if out is not None else Path("reports")).expanduser().absolute()
     if base.exists() and not base.is_dir():
         raise V.LabkitConfigError("out", str(base),
                                   "a folder to put report folders in (this path is a file)")
