@@ -23,7 +23,7 @@ from . import validate as V
 from .model import ModelConfig, build, count_params, preset
 from .techniques import factorized_ffn as FF
 from .techniques import sharing as S
-from .techniques.registry import apply_
+from .techniques.registry import FFN_LINEARS, apply_, expected
 from .train import evaluate, fit
 from .workloads import TASKS, Workload, workload  # noqa: F401  re-exported for notebooks
 
@@ -73,7 +73,7 @@ def ffn_weights(model) -> list[tuple[str, torch.Tensor]]:
     """``(name, weight)`` of every dense FFN linear (``up``/``gate``/``down``), once each."""
     seen, out = set(), []
     for i, block in enumerate(model.blocks):
-        for name in FF.FFN_LINEARS:
+        for name in FFN_LINEARS:
             lin = getattr(block.ffn, name, None)
             w = getattr(lin, "weight", None)
             if isinstance(w, torch.Tensor) and id(w) not in seen:
@@ -124,9 +124,9 @@ def svd_sweep(dense, work: Workload, ranks) -> list[dict]:
     return rows
 
 
-def variant_expected(cfg: ModelConfig, configs) -> dict:
-    """The analytic totals of a list of factorized/sharing configs (dense when empty)."""
-    return S.expected_stack(cfg, list(configs))
+def variant_expected(cfg: ModelConfig, configs, seq_len: int | None = None) -> dict:
+    """The analytic totals of a list of technique configs (dense when empty)."""
+    return expected(cfg, *configs, seq_len=seq_len)
 
 
 def claimed_vs_measured(work: Workload, variants: dict, models: dict | None = None,
@@ -135,29 +135,26 @@ def claimed_vs_measured(work: Workload, variants: dict, models: dict | None = No
     FLOPs of one forward on ``work.sample``, and the latency ratio measured side by side
     (each variant timed right after the dense one, median of ``torch.utils.benchmark``)."""
     ids, mask = work.sample
-    tokens = ids.numel()
     inputs = (ids,) if mask is None else (ids, mask)
     models = dict(models or {})
     for label, configs in variants.items():
         models.setdefault(label, build_variant(work.cfg, configs))
     dense = models.get("dense") or build_variant(work.cfg, ())
     dense_flops = measure.forward_flops(dense, *inputs)
-    dense_claim = variant_expected(work.cfg, ())
     rows = []
     for label, configs in variants.items():
         m = models[label].eval()
-        claim = variant_expected(work.cfg, configs)
+        claim = variant_expected(work.cfg, configs, seq_len=ids.shape[1])
         counted_flops = measure.forward_flops(m, *inputs)
-        # the analytic FLOPs: the counted dense forward minus the analytic FFN saving
-        claimed_flops = dense_flops - tokens * (dense_claim["ffn_flops_per_token"]
-                                                - claim["ffn_flops_per_token"])
+        claimed_flops = ids.shape[0] * claim["flops_after"]  # per sequence x batch
         t_dense = measure.latency(dense, *inputs, label="dense", min_run_time=min_run_time)
         t = measure.latency(m, *inputs, label=label, min_run_time=min_run_time)
         rows.append({
-            "variant": label, "params_claimed": claim["params"], "params_counted": count_params(m),
-            "bytes_claimed": claim["bytes"], "bytes_counted": measure.model_bytes(m)["total"],
+            "variant": label, "params_claimed": claim["params_after"],
+            "params_counted": count_params(m),
+            "bytes_claimed": claim["bytes_after"], "bytes_counted": measure.model_bytes(m)["total"],
             "params_ratio_claimed": claim["params_ratio"],
-            "ffn_flops_ratio_claimed": claim["ffn_flops_ratio"],
+            "ffn_flops_ratio_claimed": claim["parts"]["ffn"]["flops_ratio"],
             "flops_claimed": claimed_flops, "flops_counted": counted_flops,
             "flops_ratio_counted": dense_flops / counted_flops,
             "latency_ms": t.median_ms, "dense_latency_ms": t_dense.median_ms,
@@ -166,20 +163,22 @@ def claimed_vs_measured(work: Workload, variants: dict, models: dict | None = No
     return rows
 
 
-def size_sweep(sizes, kind: str = "decoder", rank_fraction: float = 0.25, mode: str = "all",
+def size_sweep(sizes, kind: str = "decoder", rank_fraction: float = 0.25,
+               mode: str | tuple = ("attn", "ffn"),
                batch: int = 1, tokens: int = 128, min_run_time: float = 0.2,
                rounds: int = 3) -> list[dict]:
     """Latency, weight bytes and peak activation memory of dense, factorized (rank
     ``rank_fraction * d_model``) and shared models at preset ``sizes``; each speedup is the
     median over ``rounds`` of dense/variant timed back to back."""
     V.number("rank_fraction", rank_fraction, 0.0, 1.0, lo_open=True)
-    V.choice("mode", mode, S.MODES)
+    share = S.SharingConfig(mode)
+    mode = ",".join(share.parts)
     rows = []
     for size in sizes:
         cfg = preset(size, kind=kind, max_len=max(tokens, 8))
         rank = max(1, round(rank_fraction * cfg.d_model))
         variants = {"dense": [], f"factorized r={rank}": [FF.FactorizedFFNConfig(rank=rank)],
-                    f"shared ({mode})": [S.SharingConfig(mode)]}
+                    f"shared ({mode})": [share]}
         ids = torch.randint(6, cfg.vocab_size, (batch, tokens),
                             generator=torch.Generator().manual_seed(0))
         models = {k: build_variant(cfg, v).eval() for k, v in variants.items()}
@@ -193,7 +192,7 @@ def size_sweep(sizes, kind: str = "decoder", rank_fraction: float = 0.25, mode: 
             rows.append({
                 "size": size, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                 "variant": label.split(" ")[0], "label": label, "tokens": batch * tokens,
-                "params": count_params(m), "params_claimed": claim["params"],
+                "params": count_params(m), "params_claimed": claim["params_after"],
                 "weight_bytes": measure.model_bytes(m)["total"],
                 "peak_activation_bytes": measure.peak_activation_bytes(m, ids),
                 "flops": measure.forward_flops(m, ids),

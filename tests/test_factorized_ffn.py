@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import measure
+from labkit import accounting, measure
 from labkit.model import MLP, build, count_params, preset
 from labkit.techniques import factorized_ffn as FF
 from labkit.techniques.registry import apply_, expected
@@ -86,19 +86,21 @@ def test_random_from_linear_keeps_bias_not_weights():
 def test_params_analytic_equals_counted(kind, rank):
     cfg = preset("tiny", kind=kind)
     dense = build(cfg)
-    assert count_params(dense) == FF.totals(FF.breakdown(cfg))["params"]
+    assert count_params(dense) == accounting.params(cfg)
     model = apply_(build(cfg), FF.FactorizedFFNConfig(rank=rank))
     e = expected(cfg, FF.FactorizedFFNConfig(rank=rank))
-    assert count_params(model) == e["params"]
-    assert e["params_dense"] == count_params(dense)
-    assert measure.model_bytes(model)["total"] == e["bytes"]
+    assert count_params(model) == e["params_after"]
+    assert e["params_before"] == count_params(dense)
+    assert measure.model_bytes(model)["total"] == e["bytes_after"]
     # the per-MLP formula of the docstring: 2 r (d + d_ff) a matrix pair, 3 matrices if gated
     d, f = cfg.d_model, cfg.d_ff
     mats = 3 if kind == "decoder" else 2
     bias = 0 if kind == "decoder" else d + f
     for block in model.blocks:
         assert sum(p.numel() for p in block.ffn.parameters()) == mats * rank * (d + f) + bias
-    assert e["ffn_params_ratio"] == pytest.approx(e["ffn_params_dense"] / e["ffn_params"])
+    ffn = e["parts"]["ffn"]
+    assert ffn["params_ratio"] == pytest.approx(ffn["params_before"] / ffn["params_after"])
+    assert ffn["params_after"] == cfg.n_layers * (mats * rank * (d + f) + bias)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -109,13 +111,15 @@ def test_flops_analytic_equals_measured(kind):
     dense, low = build(cfg), apply_(build(cfg), conf)
     e = expected(cfg, conf)
     tokens = ids.numel()
+    ffn = e["parts"]["ffn"]
+    per_token = {k: ffn[k] // e["seq_len"] for k in ("flops_before", "flops_after")}
     saved = measure.forward_flops(dense, ids) - measure.forward_flops(low, ids)
-    assert saved == tokens * (e["ffn_flops_per_token_dense"] - e["ffn_flops_per_token"])
+    assert saved == tokens * (per_token["flops_before"] - per_token["flops_after"])
     # one FFN alone: exactly the analytic per-token FLOPs
     x = torch.randn(2, 16, cfg.d_model)
-    per_layer = e["ffn_flops_per_token"] // cfg.n_layers
+    per_layer = per_token["flops_after"] // cfg.n_layers
     assert measure.flops(lambda: low.blocks[0].ffn(x)) == tokens * per_layer
-    assert e["ffn_flops_ratio"] == pytest.approx(
+    assert ffn["flops_ratio"] == pytest.approx(
         (cfg.d_model * cfg.d_ff) / (8 * (cfg.d_model + cfg.d_ff)))
 
 
@@ -159,7 +163,7 @@ def test_layers_subset_and_forward_signature():
     model = apply_(build(cfg), conf)
     kinds = [type(b.ffn.up).__name__ for b in model.blocks]
     assert kinds == ["Linear", "LowRankLinear", "Linear", "LowRankLinear"]
-    assert count_params(model) == expected(cfg, conf)["params"]
+    assert count_params(model) == expected(cfg, conf)["params_after"]
     ids = _ids(cfg)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, -3:] = True
@@ -184,8 +188,9 @@ def test_training_updates_factors():
 
 @pytest.mark.parametrize("field,kwargs", [
     ("rank", {"rank": 0}), ("rank", {"rank": -3}), ("rank", {"rank": 2.5}),
-    ("init", {"rank": 4, "init": "kaiming"}), ("layers", {"rank": 4, "layers": ()}),
-    ("layers", {"rank": 4, "layers": (0, -1)}), ("layers", {"rank": 4, "layers": "0"}),
+    ("init", {"rank": 4, "init": "kaiming"}), ("layers", {"rank": 4, "layers": (1, 1)}),
+    ("layers", {"rank": 4, "layers": (0, -1)}), ("layers", {"rank": 4, "layers": "x"}),
+    ("parts", {"rank": 4, "parts": ("attn",)}), ("parts", {"rank": 4, "parts": ()}),
 ])
 def test_bad_config_names_field(field, kwargs):
     with pytest.raises(LabkitConfigError) as e:

@@ -59,19 +59,25 @@ def test_padding_does_not_leak():
 
 
 @pytest.mark.parametrize("share", ["none", "kv", "layerwise"])
-@pytest.mark.parametrize("layers", [None, (1,)])
+@pytest.mark.parametrize("layers", [(), (1,)])
 def test_expected_matches_counted_params_and_flops(share, layers):
     cfg = LowRankAttentionConfig(k=16, share=share, layers=layers, seq_len=96)
     dense, lin = _model(), _model()
     apply_(lin, cfg)
     e = expected(lin.cfg, cfg)
-    assert M.count_params(lin) - M.count_params(dense) == e["params_delta"]
+    assert e["seq_len"] == 96  # the projection length fixes the counted forward pass
+    assert M.count_params(lin) - M.count_params(dense) == e["params_after"] - e["params_before"]
+    assert M.count_params(lin) == e["params_after"]
     assert measure.model_bytes(lin)["total"] - measure.model_bytes(dense)["total"] == \
-        e["bytes_delta"]
+        e["bytes_after"] - e["bytes_before"]
     ids = torch.randint(6, 200, (1, 96))
     counted = measure.forward_flops(lin, ids) - measure.forward_flops(dense, ids)
-    assert counted == e["flops_delta"] < 0
-    assert e["attention_flops_core"] == 2 * 2 * 96 * 16 * 64 * e["layers"]
+    assert counted == e["flops_after"] - e["flops_before"] < 0
+    n_conv = len(layers) or lin.cfg.n_layers
+    core = e["parts"]["attn_core"]
+    # SDPA over k keys plus the E K and F V projections, per converted layer
+    assert core["flops_after"] - (lin.cfg.n_layers - n_conv) * 2 * 2 * 96 * 96 * 64 == \
+        (2 * 2 * 96 * 16 * 64 + 2 * 2 * 16 * 96 * 64) * n_conv
     if share == "layerwise":
         es = {id(b.attn.E) for b in lin.blocks if isinstance(b.attn, LinformerAttention)}
         assert len(es) == 1
@@ -119,7 +125,7 @@ def test_spectrum_of_real_attention_maps():
 @pytest.mark.parametrize("kw,field", [
     ({"k": 0}, "k"), ({"k": -3}, "k"), ({"k": 65, "seq_len": 64}, "k"),
     ({"k": 8, "share": "headwise"}, "share"), ({"k": 8, "seq_len": 0}, "seq_len"),
-    ({"k": 8, "layers": ()}, "layers"), ({"k": 8, "layers": (-1,)}, "layers"),
+    ({"k": 8, "layers": (0, 0)}, "layers"), ({"k": 8, "layers": (-1,)}, "layers"),
 ])
 def test_bad_configs_name_the_field(kw, field):
     with pytest.raises(LabkitConfigError) as e:

@@ -74,7 +74,7 @@ def test_size_sweep(res):
 
 
 def test_svd_init_and_attention_sharing(run_notebook):
-    res = run_notebook(NAME, init="svd", sharing="attention", rank=16)
+    res = run_notebook(NAME, init="svd", sharing="attn", rank=16)
     m = res["metrics"]
     assert m["params_claimed_equals_counted"] is True
     # compress-then-fine-tune starts from the trained dense model
@@ -84,7 +84,7 @@ def test_svd_init_and_attention_sharing(run_notebook):
 
 
 @pytest.mark.parametrize("param,value,allowed", [
-    ("rank", 1000, "[1, 64]"), ("sharing", "both", "'all', 'ffn', 'attention'")])
+    ("rank", 1000, "[1, 64]"), ("sharing", "both", "'attn,ffn', 'ffn', 'attn'")])
 def test_bad_parameter_fails_naming_it(run_notebook, param, value, allowed):
     from labkit.report import NotebookFailed
 

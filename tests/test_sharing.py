@@ -21,27 +21,33 @@ def _batch(cfg, b=2, n=12):
     return {"input_ids": ids[:, :-1], "labels": torch.randint(0, cfg.num_labels, (b,))}
 
 
+PART_SETS = (("attn", "ffn"), ("ffn",), ("attn",))
+
+
 def _parts(mode):
-    return {"all": ("attn", "ffn"), "ffn": ("ffn",), "attention": ("attn",)}[mode]
+    return mode
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", S.MODES)
+@pytest.mark.parametrize("mode", PART_SETS)
 def test_params_analytic_equals_counted(kind, mode):
     cfg = preset("small", kind=kind)  # 4 layers
     model = apply_(build(cfg), S.SharingConfig(mode))
     e = expected(cfg, S.SharingConfig(mode))
-    assert count_params(model) == e["params"]
-    assert measure.model_bytes(model)["total"] == e["bytes"]
+    assert count_params(model) == e["params_after"]
+    assert measure.model_bytes(model)["total"] == e["bytes_after"]
     # L x -> 1 x for the shared part
     L = cfg.n_layers
-    shared = sum({"attn": FF.attn_params(cfg), "ffn": FF.ffn_params(cfg)}[p] for p in _parts(mode))
-    assert e["params_dense"] - e["params"] == (L - 1) * shared
+    one = build(cfg).blocks[0]
+    shared = sum(sum(p.numel() for p in getattr(one, part).parameters()) for part in mode)
+    assert e["params_before"] - e["params_after"] == (L - 1) * shared
     # FLOPs do not change
-    assert e["ffn_flops_per_token"] == e["ffn_flops_per_token_dense"]
+    assert e["flops_after"] == e["flops_before"]
+    ids = torch.randint(6, 200, (1, e["seq_len"]))
+    assert measure.forward_flops(model, ids) == e["flops_after"]
 
 
-@pytest.mark.parametrize("mode", S.MODES)
+@pytest.mark.parametrize("mode", PART_SETS)
 def test_tensors_really_tied(mode):
     model = apply_(build("small"), S.SharingConfig(mode))
     b0 = model.blocks[0]
@@ -62,7 +68,7 @@ def test_tensors_really_tied(mode):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_of_shared_weight_sums_layers_and_updates_once(kind):
     cfg = preset("tiny", kind=kind)
-    shared = apply_(build(cfg, seed=0), S.SharingConfig("all"))
+    shared = apply_(build(cfg, seed=0), S.SharingConfig(("attn", "ffn")))
     # the same function with untied copies: each layer owns a copy of block 0's weights
     untied = copy.deepcopy(shared)
     for b in untied.blocks[1:]:
@@ -85,7 +91,7 @@ def test_gradient_of_shared_weight_sums_layers_and_updates_once(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode", S.MODES)
+@pytest.mark.parametrize("mode", PART_SETS)
 @pytest.mark.parametrize("order", ["factorize-first", "share-first"])
 def test_composes_with_factorized_ffn(kind, mode, order):
     cfg = preset("small", kind=kind)
@@ -95,51 +101,52 @@ def test_composes_with_factorized_ffn(kind, mode, order):
     model = build(cfg)
     for c in configs:
         apply_(model, c)
-    e = S.expected_stack(cfg, configs)
-    assert count_params(model) == e["params"]
+    e = expected(cfg, *configs)
+    assert count_params(model) == e["params_after"]
     assert all(isinstance(b.ffn.up, FF.LowRankLinear) for b in model.blocks)
     if "ffn" in _parts(mode):
         assert all(b.ffn is model.blocks[0].ffn for b in model.blocks)
     # both orders give the same parameter count, and the forward signature is kept
-    other = S.expected_stack(cfg, configs[::-1])
-    assert other["params"] == e["params"]
+    other = expected(cfg, *configs[::-1])
+    assert other["params_after"] == e["params_after"]
     batch = _batch(cfg)
     mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
     out = model(batch["input_ids"], mask)
     assert out.shape == ((2, cfg.num_labels) if kind == "encoder"
                          else (2, batch["input_ids"].shape[1], cfg.vocab_size))
     ids = batch["input_ids"]
-    want = (ids.numel() * (e["ffn_flops_per_token_dense"] - e["ffn_flops_per_token"]))
+    ffn = e["parts"]["ffn"]
+    want = ids.numel() * (ffn["flops_before"] - ffn["flops_after"]) // e["seq_len"]
     assert measure.forward_flops(build(cfg), ids) - measure.forward_flops(model, ids) == want
 
 
 def test_share_then_factorize_one_layer_factorizes_the_shared_ffn():
     cfg = preset("small")
-    model = apply_(build(cfg), S.SharingConfig("ffn"))
+    model = apply_(build(cfg), S.SharingConfig(("ffn",)))
     conf = FF.FactorizedFFNConfig(rank=8, layers=(2,))
     with pytest.warns(UserWarning, match="shared by blocks"):
         apply_(model, conf)
     assert all(isinstance(b.ffn.up, FF.LowRankLinear) for b in model.blocks)
-    assert count_params(model) == S.expected_stack(cfg, [S.SharingConfig("ffn"), conf])["params"]
+    assert count_params(model) == expected(cfg, S.SharingConfig(("ffn",)), conf)["params_after"]
 
 
 def test_sharing_twice_is_idempotent_and_flops_unchanged():
     cfg = preset("tiny")
-    model = apply_(build(cfg), S.SharingConfig("ffn"))
+    model = apply_(build(cfg), S.SharingConfig(("ffn",)))
     n = count_params(model)
-    apply_(model, S.SharingConfig("ffn"))
+    apply_(model, S.SharingConfig(("ffn",)))
     assert count_params(model) == n
-    apply_(model, S.SharingConfig("attention"))
-    assert count_params(model) == expected(cfg, S.SharingConfig("all"))["params"]
+    apply_(model, S.SharingConfig(("attn",)))
+    assert count_params(model) == expected(cfg, S.SharingConfig(("attn", "ffn")))["params_after"]
     ids = _batch(cfg)["input_ids"]
     assert measure.forward_flops(model, ids) == measure.forward_flops(build(cfg), ids)
 
 
-@pytest.mark.parametrize("mode", ["both", "layers", "", None, 1])
-def test_unknown_mode_raises_naming_field(mode):
+@pytest.mark.parametrize("parts", [("both",), ("attn.q",), (), None, 1, ("ffn", "ffn")])
+def test_unknown_parts_raise_naming_field(parts):
     with pytest.raises(LabkitConfigError) as e:
-        S.SharingConfig(mode)
-    assert e.value.name == "mode" and "'all', 'ffn', 'attention'" in str(e.value)
+        S.SharingConfig(parts)
+    assert e.value.name == "parts" and "'attn', 'ffn'" in str(e.value)
 
 
 def test_one_layer_model_refused():
@@ -148,8 +155,19 @@ def test_one_layer_model_refused():
         apply_(build(cfg), S.SharingConfig())
     with pytest.raises(LabkitConfigError, match="n_layers"):
         expected(cfg, S.SharingConfig())
+    with pytest.raises(LabkitConfigError, match="layers"):  # one selected block: nothing to share
+        expected(preset("tiny"), S.SharingConfig(layers=(1,)))
 
 
-def test_expected_stack_rejects_unknown_config():
-    with pytest.raises(TypeError, match="composes"):
-        S.expected_stack(preset("tiny"), [object()])
+def test_share_a_subset_of_layers():
+    cfg = preset("small")  # 4 layers
+    conf = S.SharingConfig(("ffn",), layers=(1, 2, 3))
+    model = apply_(build(cfg), conf)
+    assert model.blocks[0].ffn is not model.blocks[1].ffn
+    assert model.blocks[1].ffn is model.blocks[2].ffn is model.blocks[3].ffn
+    assert count_params(model) == expected(cfg, conf)["params_after"]
+
+
+def test_expected_rejects_unknown_config():
+    with pytest.raises(TypeError, match="no expected"):
+        expected(preset("tiny"), S.SharingConfig(), object())

@@ -40,7 +40,7 @@ def test_attention_then_2_4_sparsity_then_int8(attention):
 def test_factorize_share_and_fake_quant_keep_training():
     m = M.build("tiny", kind="decoder", max_len=32)
     apply_(m, FactorizedFFNConfig(rank=8))
-    apply_(m, SharingConfig(mode="ffn"))
+    apply_(m, SharingConfig(parts=("ffn",)))
     apply_(m, FakeQuantConfig(bits=4))
     assert m.blocks[0].ffn is m.blocks[1].ffn
     x = _ids(m)

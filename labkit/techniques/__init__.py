@@ -3,16 +3,21 @@
 Importing this package registers every technique, so ``apply_(model, Config(...))`` works
 for any of them, and ``registered()`` lists them.
 """
+from .cqil import CQILConfig, LoRAConfig
+from .early_exit import EarlyExitConfig
 from .factorized_ffn import FactorizedFFNConfig
 from .int8 import AccelerateConfig, Int8Config
 from .kernel_attention import KernelAttentionConfig
+from .layerdrop import LayerDropConfig, LayerPruneConfig
 from .low_rank_attention import LowRankAttentionConfig
 from .quant import FakeQuantConfig
-from .registry import apply_, expected, register, register_expected, registered, swap_modules
+from .registry import (PARTS, apply_, check, expected, linears, modules, register,
+                       register_expected, registered, swap_modules)
 from .sharing import SharingConfig
 from .sparsity import SparsityConfig
 
-__all__ = ["apply_", "expected", "register", "register_expected", "registered", "swap_modules",
+__all__ = ["PARTS", "apply_", "check", "expected", "linears", "modules", "register", "register_expected", "registered", "swap_modules",
            "FactorizedFFNConfig", "SharingConfig", "LowRankAttentionConfig",
            "KernelAttentionConfig", "SparsityConfig", "FakeQuantConfig", "Int8Config",
-           "AccelerateConfig"]
+           "AccelerateConfig", "LayerDropConfig", "LayerPruneConfig", "EarlyExitConfig",
+           "CQILConfig", "LoRAConfig"]

@@ -26,7 +26,6 @@ at ``r = d/4`` with ``d_ff = 4d`` the FLOP ratio is 3.2x.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -36,10 +35,11 @@ from torch import nn
 
 from .. import validate as V
 from ..model import MLP, ModelConfig
-from .registry import register, register_expected, swap_modules
+from ..accounting import register_account
+from .registry import (block_indices, expand_parts, linears, modules, register, scope_fields,
+                       swap_modules)
 
 INITS = ("random", "svd")
-FFN_LINEARS = ("up", "gate", "down")
 # the std of the dense init in labkit.model.Transformer._init; a random factorisation
 # matches it in the product U V^T
 DENSE_INIT_STD = 0.02
@@ -109,69 +109,62 @@ def svd_error(weight: torch.Tensor, rank: int) -> float:
     return float((s[rank:].square().sum() / s.square().sum()).sqrt())
 
 
+FFN_PARTS = ("ffn", "ffn.up", "ffn.gate", "ffn.down")
+
+
 @dataclass(frozen=True)
 class FactorizedFFNConfig:
     """Replace the FFN linears (``up``/``gate``/``down`` of :class:`labkit.model.MLP`) with
     rank-``rank`` :class:`LowRankLinear` layers.
 
     ``init``: ``"random"`` (train from scratch) or ``"svd"`` (truncated SVD of the trained
-    dense weights). ``layers``: block indices to factorize, or ``None`` for every block.
-    ``rank`` is checked against ``min(d_model, d_ff)`` when applied (the config does not
-    know the model).
+    dense weights). ``layers``: block indices to factorize (``()``: every block); ``parts``:
+    ``("ffn",)`` for every FFN linear, or some of ``"ffn.up"``, ``"ffn.gate"``,
+    ``"ffn.down"``. ``rank`` is checked against ``min(d_model, d_ff)`` by :meth:`check`
+    (the config does not know the model).
     """
 
     rank: int = 16
     init: str = "random"
-    layers: tuple | None = None
+    layers: tuple[int, ...] = ()
+    parts: tuple[str, ...] = ("ffn",)
 
     def __post_init__(self):
         V.integer("rank", self.rank, 1)
         V.choice("init", self.init, INITS)
-        object.__setattr__(self, "layers", V.layer_indices("layers", self.layers))
+        scope_fields(self, FFN_PARTS)
 
     def check(self, model_cfg: ModelConfig) -> None:
-        """Model-dependent checks: the rank and the layer indices must fit the model."""
+        """Model-dependent checks: the rank must fit the model (``layers`` is checked by
+        :func:`labkit.techniques.registry.check`, which calls this)."""
         top = min(model_cfg.d_model, model_cfg.d_ff)
         if self.rank > top:
             raise V.LabkitConfigError(
                 "rank", self.rank, f"an integer in [1, {top}] = min(d_model, d_ff); "
                 f"a rank above the dimension cannot be reached by U V^T")
-        if self.layers is not None:
-            for i in self.layers:
-                V.integer("layers", i, 0, model_cfg.n_layers - 1)
-
-    def selected(self, n_layers: int) -> list[int]:
-        return list(range(n_layers)) if self.layers is None else sorted(set(self.layers))
-
-
-_FFN_NAME = re.compile(r"^(?:.*\.)?blocks\.(\d+)\.ffn$")
 
 
 @register(FactorizedFFNConfig)
 def factorize_ffn_(model: nn.Module, config: FactorizedFFNConfig) -> nn.Module:
-    """Swap the ``nn.Linear`` layers of every selected :class:`labkit.model.MLP` in place.
+    """Swap the selected ``nn.Linear`` layers of the selected FFNs in place.
 
     Shared FFNs (see :mod:`labkit.techniques.sharing`) are one module, so they are factorized
     once, and every block that uses them sees the change."""
-    cfg = model.cfg
-    config.check(cfg)
-    want = set(config.selected(cfg.n_layers))
-    mlps: dict[str, int] = {}  # MLP name -> block index
-    owners: dict[int, set[int]] = {}  # id(MLP) -> blocks that use it
-    for name, m in model.named_modules(remove_duplicate=False):
-        hit = _FFN_NAME.match(name)
-        if hit and isinstance(m, MLP):
-            mlps[name] = int(hit.group(1))
-            owners.setdefault(id(m), set()).add(int(hit.group(1)))
-    if not mlps:
+    ffns = modules(model, (), ("ffn",))  # every block's FFN, to see which are shared
+    if not any(isinstance(m, MLP) for m in ffns.values()):
         raise TypeError("factorize_ffn_ found no labkit.model.MLP at blocks.<i>.ffn to factorize "
                         "(was the FFN already replaced by another technique?)")
+    want = set(block_indices(model.cfg.n_layers, config.layers))
+    owners: dict[int, set[int]] = {}  # id(MLP) -> blocks that use it
+    for name, m in ffns.items():
+        owners.setdefault(id(m), set()).add(int(name.split(".")[-2]))
     for users in owners.values():
         if (users & want) and not users <= want:
             warnings.warn(f"the FFN shared by blocks {sorted(users)} is factorized for all of "
                           f"them although layers={config.layers} selects only some",
-                          stacklevel=2)
-    targets = {f"{name}.{lin}" for name, i in mlps.items() if i in want for lin in FFN_LINEARS}
+                          stacklevel=3)
+    targets = {name for name, m in linears(model, config.layers, config.parts).items()
+               if isinstance(m, nn.Linear)}
     swapped = swap_modules(
         model, lambda name, m: name in targets and isinstance(m, nn.Linear),
         lambda name, m: LowRankLinear.from_linear(m, config.rank, config.init))
@@ -183,106 +176,15 @@ def factorize_ffn_(model: nn.Module, config: FactorizedFFNConfig) -> nn.Module:
 
 # --------------------------------------------------------------------------- analytic counts
 
-def ffn_matrices(cfg: ModelConfig) -> list[tuple[int, int, bool]]:
-    """``(in, out, bias)`` of each FFN linear of one block."""
-    d, f = cfg.d_model, cfg.d_ff
-    if cfg.kind == "decoder":  # SwiGLU, no biases
-        return [(d, f, False), (d, f, False), (f, d, False)]
-    return [(d, f, True), (f, d, True)]
-
-
-def ffn_params(cfg: ModelConfig, rank: int | None = None) -> int:
-    """Parameters of one block's FFN, dense (``rank=None``) or factorized at ``rank``."""
-    total = 0
-    for i, o, b in ffn_matrices(cfg):
-        total += (i * o if rank is None else rank * (i + o)) + (o if b else 0)
-    return total
-
-
-def ffn_flops_per_token(cfg: ModelConfig, rank: int | None = None) -> int:
-    """Matmul FLOPs of one block's FFN for one token (2 per multiply-add)."""
-    return sum(2 * (i * o if rank is None else rank * (i + o)) for i, o, _ in ffn_matrices(cfg))
-
-
-def attn_params(cfg: ModelConfig) -> int:
-    return 4 * (cfg.d_model * cfg.d_model + cfg.d_model)
-
-
-def norm_params(cfg: ModelConfig) -> int:
-    """Both norms of one block (LayerNorm has a bias, RMSNorm does not)."""
-    return 2 * (cfg.d_model if cfg.kind == "decoder" else 2 * cfg.d_model)
-
-
-def outside_blocks(cfg: ModelConfig) -> tuple[int, int]:
-    """``(parameters, buffer bytes)`` outside the blocks (embeddings, final norm, heads; the
-    decoder's rotary tables). No technique here touches them, so they are counted on a
-    meta-device build (no memory, no compute) rather than re-derived from the model code."""
-    from ..model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    inside = {id(p) for p in model.blocks.parameters()}
-    params = {id(p): p for p in model.parameters() if id(p) not in inside}  # tied once
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return sum(p.numel() for p in params.values()), buffers
-
-
-def breakdown(cfg: ModelConfig) -> dict:
-    """Dense per-layer parameter and FLOP breakdown, the base other techniques edit."""
-    n = cfg.n_layers
-    other, buffer_bytes = outside_blocks(cfg)
-    return {"n_layers": n, "attn_params_per_layer": [attn_params(cfg)] * n,
-            "ffn_params_per_layer": [ffn_params(cfg)] * n,
-            "norm_params_per_layer": [norm_params(cfg)] * n, "other_params": other,
-            "ffn_flops_per_token_per_layer": [ffn_flops_per_token(cfg)] * n, "shared": (),
-            "buffer_bytes": buffer_bytes}
-
-
-def totals(b: dict, dense: dict | None = None, bytes_per_param: int = 4) -> dict:
-    """Whole-model ``params``/``bytes`` (parameters and buffers)/FFN FLOPs from a breakdown
-    (and ratios to ``dense``)."""
-    params = (b["other_params"] + sum(b["attn_params_per_layer"]) + sum(b["ffn_params_per_layer"])
-              + sum(b["norm_params_per_layer"]))
-    out = {**b, "params": params, "bytes": params * bytes_per_param + b["buffer_bytes"],
-           "ffn_params": sum(b["ffn_params_per_layer"]),
-           "ffn_flops_per_token": sum(b["ffn_flops_per_token_per_layer"])}
-    if dense is not None:
-        out.update(params_dense=dense["params"], bytes_dense=dense["bytes"],
-                   ffn_params_dense=dense["ffn_params"],
-                   ffn_flops_per_token_dense=dense["ffn_flops_per_token"],
-                   params_ratio=dense["params"] / params,
-                   ffn_params_ratio=dense["ffn_params"] / out["ffn_params"],
-                   ffn_flops_ratio=dense["ffn_flops_per_token"] / out["ffn_flops_per_token"])
-    return out
-
-
-def factorize_breakdown(cfg: ModelConfig, config: FactorizedFFNConfig, base: dict) -> dict:
-    """``base`` (a breakdown) with the selected layers' FFNs factorized. If the FFN is
-    already shared (``"ffn" in base["shared"]``), the one shared module is factorized when
-    any layer is selected, and only layer 0 counts its parameters."""
-    out = {k: (list(v) if isinstance(v, list) else v) for k, v in base.items()}
-    selected = config.selected(cfg.n_layers)
-    if "ffn" in out.get("shared", ()):
-        selected = list(range(cfg.n_layers)) if selected else []
-    for i in selected:
-        if out["ffn_params_per_layer"][i] or "ffn" not in out.get("shared", ()):
-            out["ffn_params_per_layer"][i] = ffn_params(cfg, config.rank)
-        out["ffn_flops_per_token_per_layer"][i] = ffn_flops_per_token(cfg, config.rank)
-    return out
-
-
-@register_expected(FactorizedFFNConfig)
-def expected(model_cfg: ModelConfig, config: FactorizedFFNConfig, base: dict | None = None) -> dict:
-    """Analytic parameters, fp32 bytes and FFN matmul FLOPs per token, before and after.
-
-    Keys: ``params``, ``bytes``, ``ffn_params``, ``ffn_flops_per_token`` (after), the same
-    with ``_dense`` (before), ratios ``params_ratio``/``ffn_params_ratio``/``ffn_flops_ratio``
-    (dense / factorized), and the per-layer breakdown. ``base``: the breakdown of an
-    already-transformed model (another ``expected`` result) to compose techniques."""
-    config.check(model_cfg)
-    dense = totals(breakdown(model_cfg))
-    start = breakdown(model_cfg) if base is None else {k: base[k] for k in breakdown(model_cfg)}
-    return totals(factorize_breakdown(model_cfg, config, start), dense)
+@register_account(FactorizedFFNConfig)
+def _account(table, model_cfg: ModelConfig, config: FactorizedFFNConfig) -> None:
+    """Every selected FFN linear becomes rank ``r``: ``r (in + out)`` weights, ``2 r (in +
+    out)`` FLOPs a token. A shared FFN is one object in the table, factorized once."""
+    for i in block_indices(model_cfg.n_layers, config.layers):
+        for part in expand_parts(config.parts):
+            row = table.blocks[i].ffn.get(part.split(".")[1])
+            if row is not None:
+                row.rank = config.rank
 
 
 def break_even_rank(d_in: int, d_out: int) -> float:
@@ -297,16 +199,12 @@ def best_rank_for_ratio(d_in: int, d_out: int, ratio: float) -> int:
 
 
 __all__ = [
+    "FFN_PARTS",
     "FactorizedFFNConfig",
+    "INITS",
     "LowRankLinear",
     "best_rank_for_ratio",
     "break_even_rank",
-    "breakdown",
-    "expected",
-    "factorize_breakdown",
     "factorize_ffn_",
-    "ffn_flops_per_token",
-    "ffn_params",
     "svd_error",
-    "totals",
 ]

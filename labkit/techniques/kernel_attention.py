@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from .. import validate as V
 from ..model import Attention, ModelConfig
-from .registry import register, register_expected, swap_modules
+from ..accounting import AttentionCore, register_account
+from .registry import block_indices, register, scope_fields, swap_modules
 
 FEATURE_MAPS = ("elu", "favor", "trig")
 NEAR_ZERO = 1e-3  # |denominator| below this fraction of the median |denominator|
@@ -59,7 +60,7 @@ class KernelAttentionConfig:
     num_features: int = 64
     seed: int = 0
     chunk_size: int = 64
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         V.choice("feature_map", self.feature_map, FEATURE_MAPS)
@@ -70,19 +71,11 @@ class KernelAttentionConfig:
                                       "of num_features/2 frequencies)")
         V.integer("seed", self.seed, 0)
         V.integer("chunk_size", self.chunk_size, 1)
-        object.__setattr__(self, "layers", V.layer_indices("layers", self.layers))
+        scope_fields(self)
 
     def feature_dim(self, head_dim: int) -> int:
         """The feature dimension ``m`` actually used for heads of size ``head_dim``."""
         return head_dim if self.feature_map == "elu" else self.num_features
-
-    def resolve_layers(self, model_cfg: ModelConfig) -> list[int]:
-        layers = list(range(model_cfg.n_layers)) if self.layers is None else list(self.layers)
-        for i in layers:
-            if i >= model_cfg.n_layers:
-                raise V.LabkitConfigError("layers", self.layers,
-                                          f"block indices in [0, {model_cfg.n_layers - 1}]")
-        return layers
 
 
 # --------------------------------------------------------------------------- feature maps
@@ -216,7 +209,7 @@ class KernelAttention(Attention):
 @register(KernelAttentionConfig)
 def kernel_attention_(model, config: KernelAttentionConfig):
     """Replace the attention of the chosen blocks with :class:`KernelAttention`."""
-    layers = config.resolve_layers(model.cfg)
+    layers = block_indices(model.cfg.n_layers, config.layers)
     wanted = {f"blocks.{i}.attn": i for i in layers}
 
     def select(name, m):
@@ -260,30 +253,19 @@ def kernel_attention_flops(n: int, head_dim: int, n_heads: int, feature_map: str
     return h * (proj + core)
 
 
-@register_expected(KernelAttentionConfig)
-def expected(model_cfg: ModelConfig, config: KernelAttentionConfig) -> dict:
-    """Analytic change for one forward pass of batch 1 at ``n = max_len``. Parameters do not
-    change (random features are buffers: ``bytes_delta``). Dense attention FLOPs are what
-    the FLOP counter reports for SDPA (``4 n^2 D``, also when causal)."""
-    n, h, dh = model_cfg.max_len, model_cfg.n_heads, model_cfg.head_dim
-    nl = len(config.resolve_layers(model_cfg))
-    causal = model_cfg.kind == "decoder"
+@register_account(KernelAttentionConfig)
+def _account(table, model_cfg: ModelConfig, config: KernelAttentionConfig) -> None:
+    """Per converted block: :func:`kernel_attention_flops` at the table's ``n``; no
+    parameters; the random features ``omega`` are fp32 buffers."""
+    h, dh = model_cfg.n_heads, model_cfg.head_dim
     m = config.feature_dim(dh)
-    dense = 2 * 2 * n * n * model_cfg.d_model
-    ours = kernel_attention_flops(n, dh, h, config.feature_map, m, causal, config.chunk_size)
-    buf = 0 if config.feature_map == "elu" else \
-        (m if config.feature_map == "favor" else m // 2) * dh
-    return {
-        "n": n, "m": m, "layers": nl, "causal": causal,
-        "params_delta": 0,
-        "bytes_delta": buf * 4 * nl,  # fp32 random-feature buffers
-        "attention_flops_dense": dense * nl,
-        "attention_flops": ours * nl,
-        "flops_delta": (ours - dense) * nl,
-        "attention_flops_ratio": ours / dense,
-        "score_elements_dense": h * n * n,
-        "state_elements": h * m * dh,
-    }
+    causal = model_cfg.kind == "decoder"
+    rows = 0 if config.feature_map == "elu" else (m if config.feature_map == "favor" else m // 2)
+    for i in block_indices(model_cfg.n_layers, config.layers):
+        table.blocks[i].attn["core"] = AttentionCore(
+            kernel_attention_flops(table.n, dh, h, config.feature_map, m, causal,
+                                   config.chunk_size),
+            buffer_bytes=4 * rows * dh, kind=f"kernel:{config.feature_map}")
 
 
 # --------------------------------------------------------------------------- analysis

@@ -37,7 +37,8 @@ from torch import nn
 
 from .. import validate as V
 from ..model import Attention, ModelConfig
-from .registry import register, register_expected, swap_modules
+from ..accounting import AttentionCore, register_account, sdpa_flops
+from .registry import block_indices, register, scope_fields, swap_modules
 
 SHARE_MODES = ("none", "kv", "layerwise")
 
@@ -47,13 +48,13 @@ class LowRankAttentionConfig:
     """Linformer attention with ``k`` projected rows.
 
     ``seq_len`` is the projection length ``n`` (default: the model's ``max_len``);
-    ``layers`` picks the blocks to convert (default: all).
+    ``layers`` picks the blocks to convert (``()``: every block).
     """
 
     k: int = 32
     share: str = "none"
     seq_len: int | None = None
-    layers: tuple[int, ...] | None = None
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         V.integer("k", self.k, 1)
@@ -64,29 +65,28 @@ class LowRankAttentionConfig:
                 raise V.LabkitConfigError(
                     "k", self.k, f"a rank k <= seq_len={self.seq_len} (the projection "
                                  "cannot have more rows than the sequence it summarises)")
-        object.__setattr__(self, "layers", V.layer_indices("layers", self.layers))
+        scope_fields(self)
 
-    def resolve(self, model_cfg: ModelConfig) -> tuple[int, list[int]]:
-        """``(n, layer indices)`` for a model, checking the fields against it."""
+    def length(self, model_cfg: ModelConfig) -> int:
+        """The projection length ``n``: ``seq_len``, or the model's ``max_len``."""
+        return self.seq_len if self.seq_len is not None else model_cfg.max_len
+
+    def check(self, model_cfg: ModelConfig) -> None:
+        """Model checks (called by ``apply_`` and ``expected``): an encoder, ``n`` within
+        the model's ``max_len``, ``k <= n``."""
         if model_cfg.kind == "decoder":
             raise V.LabkitConfigError(
                 "kind", model_cfg.kind,
                 "an encoder model: Linformer projects keys/values along the sequence, which "
                 "mixes future tokens into every position, so it cannot be causal "
                 "(use KernelAttentionConfig for decoders)")
-        n = self.seq_len if self.seq_len is not None else model_cfg.max_len
+        n = self.length(model_cfg)
         if n > model_cfg.max_len:
             raise V.LabkitConfigError("seq_len", n,
                                       f"at most the model's max_len={model_cfg.max_len}")
         if self.k > n:
             raise V.LabkitConfigError("k", self.k, f"a rank k <= n={n} (the sequence length "
                                                    "the projection summarises)")
-        layers = list(range(model_cfg.n_layers)) if self.layers is None else list(self.layers)
-        for i in layers:
-            if i >= model_cfg.n_layers:
-                raise V.LabkitConfigError("layers", self.layers,
-                                          f"block indices in [0, {model_cfg.n_layers - 1}]")
-        return n, layers
 
 
 def _projection(k: int, n: int) -> nn.Parameter:
@@ -142,7 +142,7 @@ class LinformerAttention(Attention):
 @register(LowRankAttentionConfig)
 def low_rank_attention_(model, config: LowRankAttentionConfig):
     """Replace the attention of the chosen blocks with :class:`LinformerAttention`."""
-    n, layers = config.resolve(model.cfg)
+    n, layers = config.length(model.cfg), block_indices(model.cfg.n_layers, config.layers)
     shared = _projection(config.k, n) if config.share == "layerwise" else None
     if shared is not None:
         shared.data = shared.data.to(next(model.parameters()).device)
@@ -166,33 +166,21 @@ def low_rank_attention_(model, config: LowRankAttentionConfig):
     return model
 
 
-@register_expected(LowRankAttentionConfig)
-def expected(model_cfg: ModelConfig, config: LowRankAttentionConfig) -> dict:
-    """Analytic change for one forward pass of batch 1 at the projection length ``n``.
-
-    ``attention_flops_*`` count the score and weighted-sum matmuls plus (for Linformer)
-    the ``E K`` and ``F V`` projections, summed over the converted layers; the Q/K/V/O
-    linear layers are unchanged and left out."""
-    n, layers = config.resolve(model_cfg)
-    d, k, nl = model_cfg.d_model, config.k, len(layers)
-    per_layer = {"none": 2 * k * n, "kv": k * n, "layerwise": 0}[config.share]
-    params_delta = per_layer * nl + (k * n if config.share == "layerwise" else 0)
-    dense = 2 * 2 * n * n * d
-    core = 2 * 2 * n * k * d
-    proj = 2 * 2 * k * n * d
-    return {
-        "n": n, "k": k, "layers": nl,
-        "params_delta": params_delta,
-        "bytes_delta": params_delta * 4,  # fp32
-        "attention_flops_dense": dense * nl,
-        "attention_flops_core": core * nl,
-        "projection_flops": proj * nl,
-        "attention_flops": (core + proj) * nl,
-        "flops_delta": (core + proj - dense) * nl,
-        "attention_flops_ratio": (core + proj) / dense,
-        "score_elements_dense": model_cfg.n_heads * n * n,
-        "score_elements": model_cfg.n_heads * n * k,
-    }
+@register_account(LowRankAttentionConfig)
+def _account(table, model_cfg: ModelConfig, config: LowRankAttentionConfig) -> None:
+    """Per converted block, at ``N`` tokens: SDPA over ``k`` keys ``4 N k D`` plus the
+    ``E K`` and ``F V`` projections ``2 * 2 k N D``; parameters ``E``, ``F`` (``k n``
+    each; ``E = F`` with ``share="kv"``; one ``E`` for every layer with ``"layerwise"``)."""
+    n, N, k, d = config.length(model_cfg), table.n, config.k, model_cfg.d_model
+    for i in block_indices(model_cfg.n_layers, config.layers):
+        if config.share == "layerwise":
+            own = {"linformer.E": k * n}
+        else:
+            own = {f"linformer.{i}.E": k * n}
+            if config.share == "none":
+                own[f"linformer.{i}.F"] = k * n
+        table.blocks[i].attn["core"] = AttentionCore(
+            sdpa_flops(N, k, d) + 2 * 2 * k * N * d, own, kind="linformer")
 
 
 __all__ = [

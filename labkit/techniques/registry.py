@@ -1,4 +1,5 @@
-"""The technique registry: a validated config dataclass plus a registered module swap.
+"""The technique registry: a validated config dataclass, a registered module swap, one
+vocabulary for *where* a technique applies and one model-check hook.
 
 Usage, in the spirit of torchao's ``quantize_(model, Config())``::
 
@@ -6,10 +7,26 @@ Usage, in the spirit of torchao's ``quantize_(model, Config())``::
     def _apply(model, config): ...          # swaps modules in place
 
     apply_(model, LowRankAttentionConfig(k=64))
-    expected(model.cfg, LowRankAttentionConfig(k=64))  # analytic parameter/FLOP change
+    expected(model.cfg, LowRankAttentionConfig(k=64))  # analytic params/FLOPs/bytes
+
+Where a technique applies is said with two plain-literal config fields, the same in every
+technique:
+
+* ``layers: tuple[int, ...] = ()``: block indices; ``()`` means every block.
+* ``parts: tuple[str, ...]``: from :data:`PARTS`, coarse (``"attn"``, ``"ffn"``, ``"head"``
+  for the linears outside the blocks) or fine (``"attn.q"``, ``"ffn.up"``, ...).
+
+:func:`scope_fields` validates them in a config's ``__post_init__``; :func:`modules` and
+:func:`linears` turn ``(model, layers, parts)`` into the modules they name.
+
+The model check: :func:`check` validates ``layers`` against the model and then calls the
+config's own ``check(model_cfg)`` (a rank above the dimension, a decoder for an
+encoder-only technique). Both :func:`apply_` and :func:`expected` call it, so a bad value
+fails with the same :class:`~labkit.validate.LabkitConfigError` everywhere.
 
 Every swap goes through :func:`swap_modules`, the single shared walker, so techniques
-compose: each one only replaces the modules its ``select`` picks.
+compose: each one only replaces the modules its ``select`` picks, and a module used in
+several places (cross-layer sharing) is replaced once, by one new module, everywhere.
 """
 from __future__ import annotations
 
@@ -18,9 +35,146 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .. import validate as V
+
 _APPLY: dict[type, Callable] = {}
 _EXPECTED: dict[type, Callable] = {}
 
+# ---------------------------------------------------------------------------- where
+
+ATTN_LINEARS = ("q", "k", "v", "o")
+FFN_LINEARS = ("up", "gate", "down")
+PARTS = ("attn", *(f"attn.{x}" for x in ATTN_LINEARS),
+         "ffn", *(f"ffn.{x}" for x in FFN_LINEARS), "head")
+
+
+def layers_field(value, name: str = "layers") -> tuple[int, ...]:
+    """A tuple of distinct block indices >= 0, sorted; ``()`` means every block. A string
+    ``"0,2"`` (a notebook parameter) is read as ``(0, 2)``, ``""`` as ``()``."""
+    if isinstance(value, str):
+        try:
+            value = tuple(int(x) for x in value.replace(" ", "").split(",") if x)
+        except ValueError:
+            raise V.LabkitConfigError(name, value, "comma-separated block indices, e.g. "
+                                      "'0,2' ('' = every block)") from None
+    if isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, tuple):
+        raise V.LabkitConfigError(name, value, "a tuple of block indices (() = every block)")
+    out = tuple(V.integer(name, i, 0) for i in value)
+    if len(set(out)) != len(out):
+        raise V.LabkitConfigError(name, value, "distinct block indices")
+    return tuple(sorted(out))
+
+
+def parts_field(value, allowed: tuple[str, ...] = PARTS, name: str = "parts") -> tuple[str, ...]:
+    """A non-empty tuple of distinct names from ``allowed`` (a subset of :data:`PARTS`).
+    A string ``"attn,ffn"`` (a notebook parameter) is read as ``("attn", "ffn")``."""
+    if isinstance(value, str):
+        value = tuple(x for x in value.replace(" ", "").split(",") if x)
+    if isinstance(value, list):
+        value = tuple(value)
+    if not isinstance(value, tuple) or not value or len(set(value)) != len(value):
+        raise V.LabkitConfigError(name, value, "a non-empty tuple of distinct names from "
+                                  + ", ".join(repr(a) for a in allowed))
+    for p in value:
+        if p not in allowed:
+            raise V.LabkitConfigError(name, value, "names from " +
+                                      ", ".join(repr(a) for a in allowed))
+    return value
+
+
+def scope_fields(config, allowed_parts: tuple[str, ...] | None = None) -> None:
+    """Validate and normalise a frozen config's ``layers`` (and ``parts``, when it has one)
+    in ``__post_init__``."""
+    if hasattr(config, "layers"):
+        object.__setattr__(config, "layers", layers_field(config.layers))
+    if hasattr(config, "parts"):
+        object.__setattr__(config, "parts",
+                           parts_field(config.parts, allowed_parts or PARTS))
+
+
+def block_indices(n_layers: int, layers: tuple[int, ...] = ()) -> list[int]:
+    """The block indices ``layers`` names in a model of ``n_layers`` blocks (checked)."""
+    for i in layers:
+        if i >= n_layers:
+            raise V.LabkitConfigError("layers", layers,
+                                      f"block indices in [0, {n_layers - 1}] (() = every block)")
+    return list(layers) if layers else list(range(n_layers))
+
+
+def expand_parts(parts: tuple[str, ...]) -> list[str]:
+    """Fine part names (``"attn.q"``, ...) a tuple of parts covers, in :data:`PARTS` order;
+    ``"head"`` stays as it is."""
+    out = []
+    for p in parts:
+        if p == "attn":
+            out += [f"attn.{x}" for x in ATTN_LINEARS]
+        elif p == "ffn":
+            out += [f"ffn.{x}" for x in FFN_LINEARS]
+        else:
+            out.append(p)
+    return [p for p in PARTS if p in set(out)]
+
+
+def _blocks(model: nn.Module):
+    """``(prefix, blocks, attn name map, ffn name map)`` for labkit's Transformer or a
+    Hugging Face BERT (e.g. the pretrained MiniLM): the one place their names differ."""
+    if hasattr(model, "blocks"):
+        return "blocks", model.blocks, {"attn": "attn", **{f"attn.{x}": f"attn.{x}"
+                                                           for x in ATTN_LINEARS}}, \
+            {"ffn": "ffn", **{f"ffn.{x}": f"ffn.{x}" for x in FFN_LINEARS}}
+    enc = getattr(model, "encoder", None)
+    if enc is not None and hasattr(enc, "layer"):
+        prefix = "encoder.layer" if not hasattr(model, "bert") else "bert.encoder.layer"
+        return prefix, enc.layer, {"attn": "attention", "attn.q": "attention.self.query",
+                                   "attn.k": "attention.self.key",
+                                   "attn.v": "attention.self.value",
+                                   "attn.o": "attention.output.dense"}, \
+            {"ffn.up": "intermediate.dense", "ffn.down": "output.dense"}
+    raise TypeError(f"{type(model).__name__} has neither labkit's .blocks nor a BERT "
+                    "encoder.layer list: no parts to select")
+
+
+def _get(module: nn.Module, dotted: str):
+    for attr in dotted.split("."):
+        module = getattr(module, attr, None)
+        if module is None:
+            return None
+    return module
+
+
+def modules(model: nn.Module, layers: tuple[int, ...] = (),
+            parts: tuple[str, ...] = ("attn", "ffn")) -> dict[str, nn.Module]:
+    """``{qualified name: module}`` for every part in every selected block, as named
+    (``"attn"`` gives the attention module, ``"attn.q"`` its query linear). A module shared
+    by several blocks appears under each name. ``"head"``: the linears outside the blocks."""
+    prefix, blocks, amap, fmap = _blocks(model)
+    out = {}
+    for i in block_indices(len(blocks), layers):
+        for p in parts:
+            if p == "head":
+                continue
+            local = (amap if p.startswith("attn") else fmap).get(p)
+            m = _get(blocks[i], local) if local else None
+            if m is not None:
+                out[f"{prefix}.{i}.{local}"] = m
+    if "head" in parts:
+        inside = {id(m) for m in blocks.modules()}
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and id(m) not in inside and not name.startswith(prefix):
+                out[name] = m
+    return out
+
+
+def linears(model: nn.Module, layers: tuple[int, ...] = (),
+            parts: tuple[str, ...] = ("attn", "ffn")) -> dict[str, nn.Module]:
+    """Like :func:`modules` with coarse parts expanded to their linears: the weight
+    matrices that sparsity, quantisation or factorisation act on."""
+    return modules(model, layers, tuple(expand_parts(parts)))
+
+
+# ---------------------------------------------------------------------------- registry
 
 def register(config_cls: type, expected_fn: Callable | None = None):
     """Decorator: register ``fn(model, config) -> model`` as the way to apply ``config_cls``."""
@@ -48,12 +202,25 @@ def registered() -> list[str]:
     return sorted(c.__name__ for c in _APPLY)
 
 
+def check(config, model_cfg) -> None:
+    """The one model check: ``layers`` within the model, then ``config.check(model_cfg)``.
+    Raises :class:`~labkit.validate.LabkitConfigError` naming the field, value and range."""
+    if model_cfg is None:
+        return
+    if hasattr(config, "layers") and isinstance(config.layers, tuple):
+        block_indices(model_cfg.n_layers, config.layers)
+    own = getattr(config, "check", None)
+    if callable(own):
+        own(model_cfg)
+
+
 def apply_(model: nn.Module, config) -> nn.Module:
     """Apply a technique config to ``model`` in place and return it."""
     fn = _APPLY.get(type(config))
     if fn is None:
         raise TypeError(f"no technique is registered for {type(config).__name__}; "
                         f"registered: {registered()}")
+    check(config, getattr(model, "cfg", None))
     out = fn(model, config)
     applied = list(getattr(model, "applied_techniques", []))
     applied.append({"technique": type(config).__name__, **dataclasses.asdict(config)})
@@ -61,25 +228,45 @@ def apply_(model: nn.Module, config) -> nn.Module:
     return out if out is not None else model
 
 
-def expected(model_cfg, config) -> dict:
-    """Analytic change a config makes to a model of ``model_cfg`` (params, FLOPs, bytes)."""
-    fn = _EXPECTED.get(type(config))
-    if fn is None:
-        raise TypeError(f"no expected() is registered for {type(config).__name__}")
-    return fn(model_cfg, config)
+def expected(model_cfg, *configs, seq_len: int | None = None) -> dict:
+    """Analytic params/FLOPs/bytes before and after applying ``configs`` in order to a model
+    of ``model_cfg``: :func:`labkit.accounting.expected`, one schema for every technique.
+
+    A technique not yet ported to :mod:`labkit.accounting` (only a
+    :func:`register_expected` function) is answered by that function, alone."""
+    from .. import accounting
+
+    if all(accounting.accountable(c) for c in configs):
+        return accounting.expected(model_cfg, *configs, seq_len=seq_len)
+    if len(configs) == 1 and type(configs[0]) in _EXPECTED:
+        check(configs[0], model_cfg)
+        return _EXPECTED[type(configs[0])](model_cfg, configs[0])
+    names = [type(c).__name__ for c in configs]
+    raise TypeError(f"no expected() is registered for {names} (a stack needs every "
+                    "technique to register a labkit.accounting account function)")
 
 
 def swap_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
                  make: Callable[[str, nn.Module], nn.Module]) -> list[str]:
     """Replace every submodule ``m`` named ``name`` with ``make(name, m)`` where
-    ``select(name, m)``. Children of a replaced module are not visited. Returns the names."""
-    swapped = []
+    ``select(name, m)``. Children of a replaced module are not visited. A module reached
+    under several names (shared across blocks) is made once and that one replacement is
+    set everywhere, so sharing survives the swap. Returns the names replaced."""
+    swapped, made, new_ids = [], {}, set()
 
     def walk(parent: nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if select(name, child):
-                setattr(parent, child_name, make(name, child))
+            if id(child) in new_ids:
+                continue
+            if id(child) in made:
+                setattr(parent, child_name, made[id(child)])
+                swapped.append(name)
+            elif select(name, child):
+                new = make(name, child)
+                made[id(child)] = new
+                new_ids.add(id(new))
+                setattr(parent, child_name, new)
                 swapped.append(name)
             else:
                 walk(child, name)

@@ -1,0 +1,199 @@
+"""CQIL across processes: ``P`` ranks each hold their blocks of a group, one all-reduce of
+the deltas per step (Zou et al., ACL 2024; see :mod:`labkit.techniques.cqil`).
+
+Launched by :func:`labkit.dist.launch` (torchrun, gloo on CPU, one thread per rank)::
+
+    launch("labkit.techniques.cqil_dist:run", {"model": path, "groups": [[4, 8]], ...},
+           nproc=P)
+
+Rank 0 runs the blocks before the group, broadcasts their output ``x``; in every step rank
+``r`` runs block ``start + s P + r`` (the reference code's dealing) on ``x`` and the ranks
+all-reduce ``f_r(x) - x``, so every rank holds ``x + sum_i (f_i(x) - x)``; rank 0 runs the
+blocks after the group and the head. Each rank keeps only its own group blocks (the others
+are deleted), so a rank's weights are ``1/P`` of the group's. Bypass ``D > 0`` needs the
+step's attention outputs before the MLPs: one all-gather more per step.
+
+Timing, side by side in one launch: per group, rounds in rotated order of the sequential
+model on rank 0 with 1 and with 2 threads (the other ranks wait in a barrier), and CQIL on
+all ranks; each the median of ``reps`` forwards; plus one all-reduce of a ``(B, N, D)``
+tensor alone. Cost per step: one block + one all-reduce; per forward one broadcast.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import validate as V
+from ..model import BlockContext, ModelConfig, Transformer
+from .cqil import block_parts, check_group, steps_of
+
+
+def save_job(path, model: Transformer, ids: torch.Tensor) -> Path:
+    """What the ranks load: the model's config and weights and the input ids."""
+    import dataclasses
+
+    path = Path(path)
+    torch.save({"config": dataclasses.asdict(model.cfg), "state": model.state_dict(),
+                "ids": ids}, path)
+    return path
+
+
+def validate(config: dict, world_size: int) -> None:
+    """Checked by the launcher before any process starts."""
+    groups = config.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise V.LabkitConfigError("groups", groups, "a non-empty list of [start, end(, D)]")
+    n = config.get("n_layers")
+    for g in groups:
+        if not isinstance(g, (list, tuple)) or len(g) not in (2, 3):
+            raise V.LabkitConfigError("groups", groups, "a list of [start, end] or "
+                                                        "[start, end, D]")
+        check_group(g[0], g[1], world_size, n, g[2] if len(g) == 3 else config.get("D", 0))
+    V.integer("reps", config.get("reps", 5), 1)
+    V.integer("rounds", config.get("rounds", 3), 1)
+
+
+def _step(model, own: dict, idx: list[int], x, ctx, rank: int, world: int, d: int):
+    """One step on this rank: its block's delta, all-reduced over the ranks."""
+    j = idx[rank] if rank < len(idx) else None  # a short last step leaves ranks idle
+    if d == 0:
+        delta = ctx.call(own[j], x) - x if j is not None else torch.zeros_like(x)
+    else:
+        # the attention outputs of the step, all ranks', feed the later blocks' MLPs
+        if j is not None:
+            b = own[j]
+            a = b.drop(b.attn(b.norm1(x), key_padding_mask=ctx.key_padding_mask,
+                              rope=ctx.rope))
+        else:
+            a = torch.zeros_like(x)
+        attn = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(attn, a.contiguous())
+        attn = attn[:len(idx)]
+        if j is not None:
+            pos = idx.index(j)
+            byp = sum(attn[max(0, pos - d):pos]) if pos else None
+            y, _ = block_parts(own[j], x, ctx, byp)
+            delta = y - x
+        else:
+            delta = torch.zeros_like(x)
+    dist.all_reduce(delta)
+    return x + delta
+
+
+def cqil_forward(model: Transformer, own: dict, start: int, end: int, ids, d: int = 0,
+                 outside_threads: int = 1):
+    """The distributed CQIL forward; logits on rank 0 (None on the others)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ctx = BlockContext(None, model.rope)
+    if rank == 0:
+        torch.set_num_threads(outside_threads)
+        x = model.embed(ids)
+        if model.pos is not None:
+            x = x + model.pos(torch.arange(ids.shape[1]))
+        x = model.embed_norm(x)
+        for i in range(start):
+            x = ctx.call(model.blocks[i], x)  # (B, N, D)
+        torch.set_num_threads(1)
+    else:
+        x = torch.empty(ids.shape[0], ids.shape[1], model.cfg.d_model)
+    dist.broadcast(x, 0)
+    for idx in steps_of(start, end, world):
+        x = _step(model, own, idx, x, ctx, rank, world, d)
+    if rank != 0:
+        return None
+    torch.set_num_threads(outside_threads)
+    for i in range(end, len(model.blocks)):
+        x = ctx.call(model.blocks[i], x)
+    h = model.norm(x)
+    out = model.head(torch.tanh(model.pooler(h[:, 0]))) if model.cfg.kind == "encoder" \
+        else model.head(h)
+    torch.set_num_threads(1)
+    return out
+
+
+def _median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run(ctx) -> dict:
+    """Worker entry: exactness output for each group, then side-by-side timings."""
+    cfg = ctx.config
+    job = torch.load(cfg["model"], weights_only=True)
+    model = Transformer(ModelConfig(**job["config"]))
+    model.load_state_dict(job["state"])
+    model.eval()
+    ids = job["ids"]
+    rank, world = ctx.rank, ctx.world_size
+    reps, rounds = int(cfg.get("reps", 5)), int(cfg.get("rounds", 3))
+    out = {"rank": rank, "groups": []}
+    for g in cfg["groups"]:
+        start, end = g[0], g[1]
+        d = int(g[2]) if len(g) == 3 else int(cfg.get("D", 0))
+        own = {j: model.blocks[j] for s in steps_of(start, end, world) for j in s
+               if s.index(j) == rank}
+        group_params = sum(p.numel() for j in own for p in own[j].parameters())
+        with torch.inference_mode():
+            logits = cqil_forward(model, own, start, end, ids, d)
+            if rank == 0 and cfg.get("save_outputs"):
+                torch.save(logits, Path(ctx.run_dir) / f"cqil-{start}-{end}-{d}.pt")
+            times = {"seq_1thread": [], "seq_2threads": [], "cqil": [], "cqil_outside2": [],
+                     "allreduce": []}
+
+            def seq(threads):
+                if rank == 0:
+                    torch.set_num_threads(threads)
+                    t = _median_time(lambda: model(ids), reps)
+                    torch.set_num_threads(1)
+                else:
+                    t = 0.0
+                dist.barrier()
+                return t
+
+            x = torch.zeros(ids.shape[0], ids.shape[1], model.cfg.d_model)
+            fns = {"seq_1thread": lambda: seq(1), "seq_2threads": lambda: seq(2),
+                   "cqil": lambda: _median_time(
+                       lambda: cqil_forward(model, own, start, end, ids, d), reps),
+                   "cqil_outside2": lambda: _median_time(
+                       lambda: cqil_forward(model, own, start, end, ids, d, 2), reps),
+                   "allreduce": lambda: _median_time(lambda: dist.all_reduce(x.clone()), reps)}
+            names = list(fns)
+            for r in range(rounds):
+                for k in names[r % len(names):] + names[:r % len(names)]:
+                    dist.barrier()
+                    times[k].append(fns[k]())
+        out["groups"].append({"start": start, "end": end, "P": world, "D": d,
+                              "own_blocks": sorted(own), "own_group_params": group_params,
+                              "times": times})
+        ctx.emit("group", start=start, end=end)
+    return out
+
+
+def summarize(result: dict) -> list[dict]:
+    """Per group: medians over rounds (rank 0's clock), the paired speedups of CQIL over
+    the sequential model, and the all-reduce cost."""
+    r0 = next(r for r in result["ranks"] if r["rank"] == 0)
+    rows = []
+    for g in r0["groups"]:
+        t = g["times"]
+        n = len(t["cqil"])
+        best_cqil = [min(t["cqil"][i], t["cqil_outside2"][i]) for i in range(n)]
+        best_seq = [min(t["seq_1thread"][i], t["seq_2threads"][i]) for i in range(n)]
+        ratio = [best_cqil[i] / best_seq[i] for i in range(n)]
+        rows.append({"start": g["start"], "end": g["end"], "P": g["P"], "D": g["D"],
+                     "seq_1thread_ms": 1e3 * statistics.median(t["seq_1thread"]),
+                     "seq_2threads_ms": 1e3 * statistics.median(t["seq_2threads"]),
+                     "cqil_ms": 1e3 * statistics.median(best_cqil),
+                     "allreduce_ms": 1e3 * statistics.median(t["allreduce"]),
+                     "latency_cut": 1 - statistics.median(ratio),
+                     "latency_cut_min": 1 - max(ratio), "latency_cut_max": 1 - min(ratio),
+                     "rounds": n})
+    return rows
