@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -273,3 +274,31 @@ def test_out_must_be_a_folder(folder, tmp_path, monkeypatch):
         with pytest.raises(LabkitConfigError, match="out=.*file"):
             R.report(out=out, profile="fast")
     assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_equations_and_plots_render_offline_in_a_browser(first_report):
+    """Headless chromium, every request outside the report folder recorded: MathJax
+    typesets the TeX into SVG and plotly draws the figure, with no network."""
+    import shutil
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(chromium).exists():
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            remote = []
+            page.on("request", lambda r: r.url.startswith(("file:", "data:"))
+                    or remote.append(r.url))
+            page.goto((first_report / "01_tiny.html").as_uri())
+            page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise",
+                                   timeout=60_000)
+            page.evaluate("MathJax.startup.promise")
+            assert page.locator("mjx-container svg").count() >= 1
+            assert page.locator(".js-plotly-plot .main-svg").count() >= 1
+            assert "$a^2$" not in page.inner_text("body")  # typeset, not raw TeX
+            assert remote == []
+        finally:
+            browser.close()
