@@ -79,7 +79,7 @@ class Linear:
     @property
     def flops(self) -> int:
         per_token = 2 * self.weight_params
-        return int(round(self.tokens * per_token * self.flop_fraction))
+        return round(self.tokens * per_token * self.flop_fraction)
 
 
 @dataclass
@@ -276,6 +276,18 @@ def linear_shapes(cfg: ModelConfig, head: bool = False) -> dict[str, tuple[int, 
     return out
 
 
-__all__ = ["AttentionCore", "Block", "Linear", "PART_NAMES", "Table", "accountable",
-           "expected", "linear_shapes", "params", "register_account", "sdpa_flops",
-           "summary", "table"]
+__all__ = [
+    "PART_NAMES",
+    "AttentionCore",
+    "Block",
+    "Linear",
+    "Table",
+    "accountable",
+    "expected",
+    "linear_shapes",
+    "params",
+    "register_account",
+    "sdpa_flops",
+    "summary",
+    "table",
+]

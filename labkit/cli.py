@@ -3,7 +3,7 @@
     labkit report [NOTEBOOK ...] [--out DIR] [--profile fast|full] [-p NAME VALUE ...]
     labkit run NOTEBOOK [-p NAME VALUE ...] [--out DIR] [--profile fast|full]
     labkit bench NAME [--json] [--quick]
-    labkit lab
+    labkit lab [JUPYTERLAB ARGS ...]
 
 Notebook names are stems of ``notebooks/*.ipynb`` (``01_low_rank_attention``) or a unique
 prefix (``01``); ``$LABKIT_NOTEBOOKS`` points at another folder. Benchmarks are the modules
@@ -15,7 +15,6 @@ import argparse
 import ast
 import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -74,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quick", action="store_true", help="a few-seconds smoke run")
 
-    sub.add_parser("lab", help="start JupyterLab on the notebooks folder")
+    sub.add_parser("lab", help="start JupyterLab on the notebooks folder; other arguments "
+                               "go to JupyterLab (--no-browser --port 8890)")
     return ap
 
 
@@ -117,7 +117,10 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.command != "lab":  # only `lab` passes arguments on (to JupyterLab)
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "report":
             return _report(args, args.notebooks or None)
@@ -126,8 +129,9 @@ def main(argv=None) -> int:
         if args.command == "bench":
             return _bench(args)
         if args.command == "lab":
-            folder = R.notebooks_dir()
-            return subprocess.call(["jupyter", "lab", f"--notebook-dir={folder}"])
+            from .launcher import lab
+
+            return lab(R.notebooks_dir(), extra)
     except V.LabkitConfigError as e:
         print(f"labkit: error: {e}", file=sys.stderr)
         return 2

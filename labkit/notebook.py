@@ -22,9 +22,11 @@ from . import validate as V
 from .measure import environment
 
 
-def start(params: dict, spec: dict, seed: int | None = 0, threads: int | None = None) -> dict:
-    """Validate notebook parameters against ``spec`` (see :func:`labkit.validate.params`)."""
-    values = V.params(params, spec)
+def start(params: dict, spec: dict | None = None, seed: int | None = 0,
+          threads: int | None = None) -> dict:
+    """Validate notebook parameters against ``spec`` (see :func:`labkit.validate.params`);
+    without one, against :func:`declared` (the ``parameters`` cell's own annotations)."""
+    values = V.params(params, declared(params) if spec is None else spec)
     if seed is not None:
         torch.manual_seed(seed)
     if threads:
@@ -58,6 +60,56 @@ def shared_plotly_renderer() -> str:
         pio.renderers["labkit_shared"] = renderer
     return "plotly_mimetype+labkit_shared"
 
+# Ranges of the knobs many notebooks share, declared once here. A notebook's other
+# parameters are type-checked from their annotation in the ``parameters`` cell, and a
+# technique's fields are range-checked by its config (see :func:`config`).
+KNOBS = {
+    "steps": ("int", 1, None), "batch_size": ("int", 1, 4096), "lr": ("float", 0.0, 1.0, True),
+    "eval_every": ("int", 1, None), "n_eval": ("int", 1, None), "n_train": ("int", 1, None),
+    "threads": ("int", 0, 256), "seed": ("int", 0, None), "rounds": ("int", 1, 100),
+    "min_run_time": ("float", 0.0, 60.0, True), "seq_len": ("int", 8, 4096),
+    "max_len": ("int", 8, 4096),
+}
+_KINDS = {int: ("int",), float: ("float",), bool: ("bool",), str: ("str",)}
+
+
+def declared(namespace: dict) -> dict:
+    """The parameter spec a notebook declares once, in its ``parameters`` cell: every name
+    annotated there (``rank: int = 32``, kept in the namespace's ``__annotations__`` even
+    when papermill injects new values), its kind from the annotation, ranges from
+    :data:`KNOBS` for the shared knobs."""
+    spec = {}
+    for name, kind in namespace.get("__annotations__", {}).items():
+        if kind not in _KINDS:
+            raise TypeError(f"parameter {name}: annotate flat literals only (int, float, "
+                            f"bool, str), not {kind!r}")
+        spec[name] = KNOBS.get(name, _KINDS[kind])
+    if not spec:
+        raise TypeError("no annotated parameters found: write the parameters cell as "
+                        "`name: type = value` lines")
+    return spec
+
+
+def config(cls, params: dict, *names: str, model_cfg=None, **fields: str):
+    """Build the technique config ``cls`` from notebook parameters: ``names`` are
+    parameters named like the config's fields, ``fields`` maps a field to the parameter
+    that feeds it (``parts="sharing"``). With ``model_cfg`` the one model check
+    (:func:`labkit.techniques.registry.check`) runs too. A bad value fails here, naming
+    the notebook parameter, its value and what the config allows."""
+    from .techniques.registry import check
+
+    source = {n: n for n in names} | fields
+    try:
+        made = cls(**{f: params[p] for f, p in source.items()})
+        if model_cfg is not None:
+            check(made, model_cfg)
+        return made
+    except V.LabkitConfigError as e:
+        param = source.get(e.name)
+        if param is not None and param != e.name:
+            raise V.LabkitConfigError(param, params[param], e.allowed) from None
+        raise
+
 
 def _clean(value):
     """JSON-safe: numbers stay numbers, NaN/inf become None, tensors become lists."""
@@ -79,19 +131,32 @@ def _clean(value):
     return str(value)
 
 
-def write_json_atomic(path, payload) -> Path:
-    """Write JSON to a temp file beside ``path`` and rename: a failure leaves the old file."""
+def atomic_write(path, write, mode: int | None = 0o644) -> Path:
+    """Write ``path`` through ``write(tmp_path)`` on a temp file beside it, then rename: a
+    crash, a bad value or a parallel run never leaves a half-written file, and the old
+    file survives a failure. The one atomic write of labkit (JSON, text, checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path, payload) -> Path:
+    """Write JSON atomically (:func:`atomic_write`)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+
+    return atomic_write(path, write)
 
 
 def finish(out: str, notebook: str, params: dict, metrics: dict, rows=None,

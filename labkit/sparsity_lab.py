@@ -24,24 +24,25 @@ import torch
 
 from . import measure
 from . import validate as V
+from .labs.workloads import TASKS, Workload, baseline_workload, workload
 from .model import ModelConfig, build
 from .techniques import sparsity as S
 from .techniques.registry import apply_
-from .train import evaluate
-from .workloads import TASKS, Workload, baseline_workload, workload  # noqa: F401  re-exported
+from .train import Callback, evaluate
+
 
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
                     method: str = "magnitude", l1_lambda: float = 1e-4, n: int = 2, m: int = 4,
                     block: int = 16, scope: str = "layer",
-                    targets: str = "ffn") -> S.SparsityConfig:
+                    parts: tuple = ("ffn",)) -> S.SparsityConfig:
     """A config whose gradual schedule (10 pruning steps) ends at 60% of ``steps``."""
     V.integer("steps", steps, 1)
     prune_steps = max(1, min(10, int(0.6 * steps)))
     every = max(1, int(0.6 * steps) // prune_steps)
-    if structure == "head" and targets == "ffn":
-        targets = "attn"
+    if structure == "head" and "attn" not in parts:
+        parts = ("attn",)  # heads live in the attention
     return S.SparsityConfig(sparsity=sparsity, structure=structure, method=method,
-                            scope=scope, targets=targets, n=n, m=m, block=block,
+                            scope=scope, parts=parts, n=n, m=m, block=block,
                             l1_lambda=l1_lambda, prune_steps=prune_steps, prune_every=every)
 
 
@@ -86,13 +87,18 @@ def train_one(work: Workload, config: S.SparsityConfig | None, steps: int, lr: f
         S.attach(model, config)  # all-ones masks; train_sparse prunes on the method's plan
         model.applied_techniques = [{"technique": type(config).__name__,
                                      **dataclasses.asdict(config)}]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             res = S.train_sparse(model, config, batches, steps, eval_fn=ev,
                                  eval_every=eval_every, callbacks=callbacks, lr=lr,
                                  prune_at=prune_at, seed=seed)
+        for w in caught:  # recorded in the run's row, and still shown
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        notes = sorted({str(w.message).splitlines()[0][:160] for w in caught})
+        return {"model": model, "result": res, "final": res.final,
+                "sparsity": S.actual_sparsity(model), "warnings": "; ".join(notes)}
     return {"model": model, "result": res, "final": res.final,
-            "sparsity": S.actual_sparsity(model)}
+            "sparsity": S.actual_sparsity(model), "warnings": ""}
 
 
 def prune_from(work: Workload, init, config: S.SparsityConfig | None, steps: int,
@@ -121,7 +127,7 @@ def prune_from(work: Workload, init, config: S.SparsityConfig | None, steps: int
                      prune_at=prune_at, init=init)
 
 
-class _BoardLog:
+class _BoardLog(Callback):
     """Train loss every step; eval loss/accuracy/sparsity at each evaluation."""
 
     def __init__(self, board, series):
@@ -203,9 +209,9 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
                         rounds: int = 5, min_run_time: float = 0.05, block: int = 32,
                         seed: int = 0) -> list[dict]:
     """Inference time of the model with its MLPs pruned, for each ``(structure, path)`` in
-    ``lines`` and each sparsity, side by side with the dense model in interleaved rounds.
-    Rows carry the median and quartiles (error bands) and the paired speedup. N:M lines are
-    simulated on CPU and say so (their speed is not a measurement of N:M kernels)."""
+    ``lines`` and each sparsity, side by side with the dense model
+    (:func:`labkit.measure.paired`). Rows carry the median, its min and max over rounds
+    (error bands) and the paired speedup. N:M lines are simulated on CPU and say so."""
     rows = []
     dense = build(cfg, seed=seed).eval().requires_grad_(False)
 
@@ -216,7 +222,7 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
         return run
 
     for s in sparsities:
-        mods = {"dense": dense}
+        mods, notes = {"dense": dense}, {}
         for st, path in lines:
             kw = {}
             if st == "nm":
@@ -224,26 +230,29 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
                 kw = {"n": n, "m": m}
             model = copy.deepcopy(dense)
             apply_(model, S.SparsityConfig(sparsity=s, structure=st, block=block, **kw))
+            key = f"{st} / {path}"
             if path == "accelerate":
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    S.accelerate(model, *inputs, rounds=2, min_run_time=0.01, verify=True,
-                                 verify_rounds=3)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    acc = S.accelerate(model, *inputs, rounds=2, min_run_time=0.01,
+                                       verify=True, verify_rounds=3)
+                notes[key] = "; ".join(sorted({str(w.message)[:160] for w in caught} | {
+                    r["warnings"] for r in acc if r.get("warnings")}))
             else:
                 S.convert(model, path)
-            mods[(st, path)] = model
-        times = S.paired_times({k: call(v) for k, v in mods.items()}, rounds, min_run_time)
-        for k, t in times.items():
-            st, path = ("dense", "dense") if k == "dense" else k
+            mods[key] = model
+        p = measure.paired({k: call(v) for k, v in mods.items()}, reference="dense",
+                           rounds=rounds, min_run_time=min_run_time)
+        for k, sec in p.seconds.items():
+            st, path = ("dense", "dense") if k == "dense" else k.split(" / ")
             measured = st != "nm"
             paths = sorted(set(measure.kernel_paths(mods[k]).values()))
-            rows.append({"sparsity": s, "structure": st, "path": path,
-                         "line": "dense" if k == "dense" else f"{st} / {path}",
-                         "median_ms": t["median_s"] * 1e3, "q1_ms": t["q1_s"] * 1e3,
-                         "q3_ms": t["q3_s"] * 1e3,
-                         "speedup": S.paired_speedup(times, "dense", k),
+            rows.append({"sparsity": s, "structure": st, "path": path, "line": k,
+                         "median_ms": sec * 1e3, "min_ms": p.spread[k][0] * 1e3,
+                         "max_ms": p.spread[k][1] * 1e3, "speedup": p.ratio[k],
                          "speed_measured": measured, "kernel_paths": ", ".join(paths),
-                         "note": "" if measured else S.NM_CPU_NOTE})
+                         "note": "" if measured else S.NM_CPU_NOTE,
+                         "warnings": notes.get(k, "")})
     return rows
 
 

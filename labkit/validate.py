@@ -6,7 +6,6 @@ cells with a message a person can act on.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -101,7 +100,3 @@ def params(names_and_values: dict[str, Any], spec: dict[str, tuple]) -> dict[str
             raise TypeError(f"unknown parameter kind {kind!r} for {name}")
     return out
 
-
-def replace(config, **changes):
-    """``dataclasses.replace`` that re-runs validation (frozen configs validate in __post_init__)."""
-    return dataclasses.replace(config, **changes)

@@ -5,8 +5,14 @@ import torch
 
 from labkit import accounting, measure
 from labkit import model as M
-from labkit.techniques import (FactorizedFFNConfig, KernelAttentionConfig,
-                               LowRankAttentionConfig, SharingConfig, apply_, expected)
+from labkit.techniques import (
+    FactorizedFFNConfig,
+    KernelAttentionConfig,
+    LowRankAttentionConfig,
+    SharingConfig,
+    apply_,
+    expected,
+)
 
 STACKS = {
     "dense": [],

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from labkit import attention_lab as AL
+from labkit.labs import attention as AL
 from labkit.pretrained import minilm_available
 
 

@@ -23,9 +23,20 @@ def test_quick_structure_and_sanity():
             assert row["median_ms"] > 0 and row["kernel_path"]
     # sizes are counted, not timed: these hold on any machine
     byts = {t["target"]: t for t in r["targets"] if "bytes" in t["target"]}
-    assert all(t["met"] for t in byts.values())
+    assert byts["INT8 weight bytes / fp32, block linears (scales + zero points counted)"]["met"]
+    # INT8 + 50% structured sparsity: reported for the whole model and the block linears,
+    # each named (issue 10.5); the 0.15 bound holds for the one FFN matrix it was measured on
+    ratio = {row["variant"]: row["ratio"] for row in r["rows"] if row["section"] == "bytes"}
+    one = ratio["int8 + 50% rows / fp32, one FFN up matrix (counted)"]
+    block = byts["INT8 + 50% structured sparsity bytes / fp32, block linears"]["measured"]
+    whole = byts["INT8 + 50% structured sparsity bytes / fp32, whole model"]["measured"]
+    assert one <= 0.15 < block < whole
+    assert whole < ratio["int8 / fp32, whole model (counted)"]
     claim = next(row for row in r["rows"] if row["variant"].startswith("paper claim"))
     assert abs(claim["ratio"] - 0.5) < 0.02
     # the accelerated batch-1 model ran the path accelerate chose
     b1 = [row for row in r["rows"] if row["section"] == "batch1"]
     assert len({row["chosen"] for row in b1}) == 1
+    # like with like: every speedup names its reference, eager vs eager here (quick)
+    assert all(row["mode"] == "eager" and row["reference"] == "fp32"
+               for row in r["rows"] if "speedup_vs_fp32" in row)

@@ -129,8 +129,10 @@ def test_bench_overhead_quick_json(capsys):
         assert t["met"] == (t["measured"] <= t["required"])
 
 
-def test_lab_starts_jupyterlab_on_the_notebooks_folder(notebooks, monkeypatch):
+def test_lab_passes_unknown_arguments_to_jupyterlab(notebooks, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda argv: calls.append(argv) or 0)
-    assert main(["lab"]) == 0
-    assert calls == [["jupyter", "lab", f"--notebook-dir={notebooks}"]]
+    monkeypatch.setattr("labkit.launcher.lab",
+                        lambda folder, extra: calls.append((folder, extra)) or 0)
+    assert main(["lab", "--no-browser", "--port", "8890"]) == 0
+    assert calls == [(notebooks, ["--no-browser", "--port", "8890"])]
+    assert main(["bench", "overhead", "--no-browser"]) == 2  # only `lab` passes arguments on

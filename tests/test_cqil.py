@@ -130,12 +130,12 @@ def test_recovery_by_self_distillation_through_lora_reduces_the_kl():
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(start=4, end=4), "start=4.*less than end=4"),
-    (dict(start=5, end=3), "start=5"),
-    (dict(start=0, end=4, P=1), r"P=1.*>= 2"),
-    (dict(start=0, end=4, P=5), r"P=5.*\[2, end - start = 4\]"),
-    (dict(start=0, end=4, D=-1), "D=-1.*>= 0"),
-    (dict(start=-1, end=4), "start=-1")])
+    ({"start": 4, "end": 4}, "start=4.*less than end=4"),
+    ({"start": 5, "end": 3}, "start=5"),
+    ({"start": 0, "end": 4, "P": 1}, r"P=1.*>= 2"),
+    ({"start": 0, "end": 4, "P": 5}, r"P=5.*\[2, end - start = 4\]"),
+    ({"start": 0, "end": 4, "D": -1}, "D=-1.*>= 0"),
+    ({"start": -1, "end": 4}, "start=-1")])
 def test_bad_group(kw, match):
     with pytest.raises(LabkitConfigError, match=match):
         CQILConfig(**kw)

@@ -58,3 +58,29 @@ def test_multi_node_command_uses_the_rendezvous():
     i = cmd.index("--rdzv-endpoint")
     assert cmd[i + 1] == "node0:29500" and cmd[cmd.index("--nnodes") + 1] == "2"
     assert cmd[cmd.index("-m", 3) + 1] == "labkit.dist.worker"
+
+
+_SUMMARY = """Failures:
+[1]:
+  time      : 2026-11-22_05:00:00
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : {code} (pid: 2)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-22_05:00:00
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 1)
+"""
+
+
+def test_the_killed_rank_is_named_even_when_its_peer_failed_first():
+    from labkit.dist.launcher import _failure
+
+    # torchrun saw rank 0 fail first (its peer vanished), but rank 1 was killed: rank 1
+    e = _failure(1, [_SUMMARY.format(code=-9)], [], 30)
+    assert e.rank == 1 and "SIGKILL" in str(e)
+    # a rank the agent itself terminated (SIGTERM) is not the culprit: the root cause is
+    assert _failure(1, [_SUMMARY.format(code=-15)], [], 30).rank == 0

@@ -80,6 +80,8 @@ def test_bad_degrees_are_refused():
         tp_validate({"size": "tiny", "degree": 8}, 8)
     with pytest.raises(LabkitConfigError, match="stages"):
         pp_validate({"size": "tiny", "stages": 4}, 4)  # 2 blocks
+    with pytest.raises(LabkitConfigError, match="stages=3.*divisor of the 4 blocks"):
+        pp_validate({"size": "small", "stages": 3, "batch": 12}, 3)
     with pytest.raises(LabkitConfigError, match="microbatches"):
         pp_validate({"schedule": "1f1b", "microbatches": 1}, 2)
     with pytest.raises(LabkitConfigError, match="batch"):

@@ -78,7 +78,7 @@ def test_ece_low_when_calibrated_high_when_overconfident_and_fixed_by_temperatur
     y = torch.multinomial(z.softmax(-1), 1, generator=g).squeeze(1)
     good = E.reliability(z.softmax(-1), y)["ece"]
     bad = E.reliability((z * 4).softmax(-1), y)
-    assert good < 0.02 < 0.1 < bad["ece"]
+    assert good < 0.02 and bad["ece"] > 0.1
     assert sum(r["count"] for r in bad["bins"]) == len(y)
     t = E.fit_temperatures((z * 4)[None], y)
     assert E.reliability((z * 4 / t).softmax(-1), y)["ece"] < 0.02

@@ -5,7 +5,7 @@ import torch
 
 from labkit import measure
 from labkit import model as M
-from labkit.attention_lab import attention_maps, low_rank_error, rank_for_energy, spectrum_rows
+from labkit.labs.attention import attention_maps, low_rank_error, rank_for_energy, spectrum_rows
 from labkit.techniques import apply_, expected
 from labkit.techniques.kernel_attention import KernelAttention, KernelAttentionConfig
 from labkit.techniques.low_rank_attention import LinformerAttention, LowRankAttentionConfig

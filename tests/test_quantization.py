@@ -11,6 +11,7 @@ from labkit.techniques import apply_, expected
 from labkit.techniques import hessian as H
 from labkit.techniques import int8 as I
 from labkit.techniques import quant as Q
+from labkit.techniques import sparsity as S
 from labkit.validate import LabkitConfigError
 
 
@@ -161,7 +162,7 @@ def test_int8_plus_sparsity_bytes():
 def test_compact_ffn_is_real_and_counted():
     m = M.build("tiny")
     before = M.count_params(m)
-    I.compact_ffn_rows_(m, 0.5)
+    S.compact_neurons_(m, 0.5)
     f = m.cfg.d_ff
     assert m.blocks[0].ffn.up.out_features == f // 2
     assert m.blocks[0].ffn.down.in_features == f // 2

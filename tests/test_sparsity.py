@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 import labkit.model as Mo
+from labkit import kernels as K
 from labkit.techniques import masks as MK
 from labkit.techniques import registry as R
 from labkit.techniques import sparsity as S
 from labkit.validate import LabkitConfigError
 
 STRUCTS = [("unstructured", {}), ("nm", {}), ("nm", {"n": 1, "m": 4}), ("block", {"block": 16}),
-           ("row", {}), ("column", {}), ("neuron", {}), ("head", {"targets": "attn"})]
+           ("row", {}), ("column", {}), ("neuron", {}), ("head", {"parts": ("attn",)})]
 
 
 def _model(kind="encoder"):
@@ -101,8 +102,7 @@ def test_every_path_agrees_with_masked_layer(structure, kw):
             torch.testing.assert_close(mm(ids), ref, atol=1e-5, rtol=1e-4, msg=path)
         assert S.actual_sparsity(mm) == pytest.approx(S.actual_sparsity(m), abs=1e-6)
     # accelerate: measured choice, outputs unchanged, a path recorded for every layer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True):  # a revert warns; the rows record it
         rows = S.accelerate(m, ids, rounds=1, min_run_time=0.002, verify=True, verify_rounds=1)
     with torch.no_grad():
         torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-4)
@@ -127,7 +127,7 @@ def test_sparsity_zero_equals_dense():
             continue
         mm = _model("decoder")
         R.apply_(mm, S.SparsityConfig(sparsity=0.0, structure=structure,
-                                      **{**kw, "targets": "all"}))
+                                      **{**kw, "parts": ("attn", "ffn")}))
         assert S.actual_sparsity(mm) == 0.0
         with torch.no_grad():
             torch.testing.assert_close(mm(ids), ref)
@@ -205,7 +205,7 @@ def test_storage_bytes_counts_indices():
     with torch.no_grad():
         lin.weight.copy_(w)
     from labkit.measure import model_bytes
-    counted = model_bytes(S.CSRLinear(lin))
+    counted = model_bytes(K.CSRLinear(lin))
     assert counted["float32"] == 4 * nnz + 4 * 64  # values + bias
     assert counted["int64"] == csr["index"]
 
@@ -218,7 +218,7 @@ def test_storage_bytes_counts_indices():
     ({"method": "lottery"}, "method"),
     ({"l1_lambda": -1e-4}, "l1_lambda"),
     ({"block": 0}, "block"),
-    ({"structure": "head"}, "targets"),
+    ({"structure": "head"}, "parts"),
     ({"scope": "global", "structure": "block"}, "scope"),
     ({"initial_sparsity": 0.6, "sparsity": 0.5}, "initial_sparsity"),
     ({"method": "gradual", "structure": "nm"}, "method"),
@@ -237,3 +237,17 @@ def test_bad_shape_dependent_input(cfg, name):
     with pytest.raises(LabkitConfigError) as e:
         R.apply_(_model(), cfg)
     assert e.value.name == name
+
+
+def test_layers_and_parts_select_where_pruning_applies():
+    m = _model("decoder")
+    cfg = S.SparsityConfig(sparsity=0.5, parts=("attn", "ffn"), layers=(1,))
+    R.apply_(m, cfg)
+    lins = S.masked_linears(m)
+    assert lins and all(n.startswith("blocks.1.") for n in lins)
+    assert {n.split(".")[2] for n in lins} == {"attn", "ffn"}
+    e = R.expected(m.cfg, cfg)
+    assert e["weights_dense"] == sum(lin.weight.numel() for lin in lins.values())
+    with pytest.raises(LabkitConfigError) as err:
+        R.apply_(_model(), S.SparsityConfig(layers=(7,)))
+    assert err.value.name == "layers"

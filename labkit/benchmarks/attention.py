@@ -1,9 +1,9 @@
 """Attention benchmark: dense SDPA vs kernel attention (ELU+1) vs Linformer, side by side.
 
-One attention op, 8 heads of dim 64, batch 1, fp32, CPU, at n = 512 ... 4096; medians of
-``torch.utils.benchmark`` (via :func:`labkit.measure.time_fn`) for every method in one
-process, in rounds with a rotated order, so the speedups are ratios measured side by side
-(the median over rounds of the per-round ratio). The full run sweeps one thread and the
+One attention op, 8 heads of dim 64, batch 1, fp32, CPU, at n = 512 ... 4096; every method
+timed side by side by :func:`labkit.measure.paired` (``torch.utils.benchmark`` medians, in
+rounds with a rotated order), so the speedups are the median over rounds of the per-round
+ratio. The full run sweeps one thread and the
 current thread count (see :func:`run`).
 
 Two scopes, both reported:
@@ -22,7 +22,6 @@ of the sweep from which a method stays faster than SDPA.
 from __future__ import annotations
 
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -100,34 +99,27 @@ def _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes, m
                                                                     kk, v)
                     else:
                         calls[scope, name] = (lambda m=mod, x=x: m(x))
-            timings: dict = {key: [] for key in calls}
-            keys = list(calls)
-            for i in range(rounds):
-                for scope, name in keys[i % len(keys):] + keys[:i % len(keys)]:
+            shapes = f"B={batch},H={n_heads},N={n},Dh={head_dim}"
+            for scope in scopes:  # each scope's ratios against its own SDPA, side by side
+                names = [name for sc, name in calls if sc == scope]
+                res = measure.paired({name: calls[scope, name] for name in names}, "sdpa",
+                                     rounds, min_run_time / rounds)
+                for name in names:
                     fn = calls[scope, name]
-                    timings[scope, name].append(measure.time_fn(
-                        fn, f"{scope}:{name}", min_run_time=min_run_time / rounds,
-                        shapes=f"B={batch},H={n_heads},N={n},Dh={head_dim}", dtype="float32"))
-            medians = {key: statistics.median(t.median_ms for t in ts)
-                       for key, ts in timings.items()}
-            for (scope, name), fn in calls.items():
-                ts = timings[scope, name]
-                mod = mods["linformer" if name == "linformer-core" else name]
-                med = medians[scope, name]
-                row = {"scope": scope, "method": name, "n": n, "median_ms": med,
-                       "min_ms": min(t.median_ms for t in ts),
-                       "max_ms": max(t.median_ms for t in ts),
-                       "runs": sum(t.runs for t in ts), "rounds": rounds,
-                       "threads": ts[0].threads, "batch": batch, "heads": n_heads,
-                       "head_dim": head_dim, "dtype": "float32",
-                       "kernel_path": getattr(mod, "kernel_path", "sdpa"),
-                       "includes": _includes(scope, name),
-                       "speedup": statistics.median(
-                           b.median_ms / t.median_ms
-                           for b, t in zip(timings[scope, "sdpa"], ts, strict=True))}
-                if memory:
-                    row["peak_bytes"] = measure.peak_memory(fn)
-                rows.append(row)
+                    mod = mods["linformer" if name == "linformer-core" else name]
+                    lo, hi = res.spread[name]
+                    row = {"scope": scope, "method": name, "n": n,
+                           "median_ms": res.seconds[name] * 1e3, "min_ms": lo * 1e3,
+                           "max_ms": hi * 1e3, "rounds": rounds, "threads": res.threads,
+                           "batch": batch, "heads": n_heads, "head_dim": head_dim,
+                           "dtype": "float32", "shapes": shapes,
+                           "kernel_path": getattr(mod, "kernel_path", "sdpa"),
+                           "includes": _includes(scope, name), "speedup": res.ratio[name],
+                           "speedup_min": res.ratio_spread[name][0],
+                           "speedup_max": res.ratio_spread[name][1]}
+                    if memory:
+                        row["peak_bytes"] = measure.peak_memory(fn)
+                    rows.append(row)
     return rows
 
 

@@ -32,7 +32,6 @@ current thread count, and reports both.
 from __future__ import annotations
 
 import os
-import statistics
 
 import torch
 
@@ -59,22 +58,6 @@ def make_pair(d_model: int, d_ff: int, rank: int, gated: bool = False, seed: int
         if lin is not None:
             setattr(low, name, LowRankLinear.from_linear(lin, rank, "svd").eval())
     return dense, low
-
-
-def _call(module, x):
-    return lambda: module(x)
-
-
-def _paired_rounds(calls: dict, rounds: int, min_run_time: float, shapes: str) -> dict:
-    """``{key: [Timing per round]}``: every call timed once a round, order rotated."""
-    keys = list(calls)
-    out = {k: [] for k in keys}
-    for i in range(rounds):
-        shift = i % len(keys)
-        for k in keys[shift:] + keys[:shift]:
-            out[k].append(measure.time_fn(calls[k], str(k), min_run_time=min_run_time,
-                                          shapes=shapes, dtype="float32"))
-    return out
 
 
 def sweep(shapes=SHAPES, tokens=TOKENS, rank_fractions=RANK_FRACTIONS, scopes=("ffn", "matmul"),
@@ -106,35 +89,37 @@ def _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated, 
                 for r in [None, *ranks]:
                     mlp = dense if r is None else pairs[r][1]
                     mods[scope, r] = mlp if scope == "ffn" else mlp.up
-            calls = {k: _call(m, x) for k, m in mods.items()}
+            calls = {k: (lambda m=m, x=x: m(x)) for k, m in mods.items()}
             with torch.inference_mode():
-                timings = _paired_rounds(calls, rounds, min_run_time / rounds,
-                                         f"T={t},d={d},d_ff={f}")
                 counted = {k: measure.flops(fn) for k, fn in calls.items()}
-                for (scope, r), fn in calls.items():
-                    ts = timings[scope, r]
-                    base = timings[scope, None]
-                    ratios = [b.median_s / m.median_s for b, m in zip(base, ts)]
-                    fl, fl_dense = counted[scope, r], counted[scope, None]
-                    mod = mods[scope, r]
-                    row = {"scope": scope, "d_model": d, "d_ff": f, "tokens": t,
-                           "method": "dense" if r is None else "factorized",
-                           "rank": r, "rank_fraction": None if r is None else r / d,
-                           "median_ms": statistics.median(m.median_ms for m in ts),
-                           "min_ms": min(m.median_ms for m in ts),
-                           "max_ms": max(m.median_ms for m in ts),
-                           "runs": sum(m.runs for m in ts), "rounds": rounds,
-                           "threads": ts[0].threads, "dtype": "float32", "gated": gated,
-                           "flops": fl, "flop_ratio": fl_dense / fl,
-                           "speedup": statistics.median(ratios),
-                           "params": sum(p.numel() for p in mod.parameters()),
-                           "kernel_path": getattr(
-                               getattr(mod, "up", mod), "kernel_path", "dense: one matmul")}
-                    row["efficiency"] = row["speedup"] / row["flop_ratio"]
-                    row["gflops_per_s"] = fl / (row["median_ms"] * 1e-3) / 1e9
-                    if memory:
-                        row["peak_bytes"] = measure.peak_memory(fn)
-                    rows.append(row)
+                for scope in scopes:  # each scope against its own dense, side by side
+                    keys = [r for sc, r in calls if sc == scope]
+                    res = measure.paired({r: calls[scope, r] for r in keys}, None, rounds,
+                                         min_run_time / rounds)
+                    for r in keys:
+                        fn, mod = calls[scope, r], mods[scope, r]
+                        fl, fl_dense = counted[scope, r], counted[scope, None]
+                        lo, hi = res.spread[r]
+                        row = {"scope": scope, "d_model": d, "d_ff": f, "tokens": t,
+                               "method": "dense" if r is None else "factorized",
+                               "rank": r, "rank_fraction": None if r is None else r / d,
+                               "median_ms": res.seconds[r] * 1e3, "min_ms": lo * 1e3,
+                               "max_ms": hi * 1e3, "rounds": rounds, "threads": res.threads,
+                               "shapes": f"T={t},d={d},d_ff={f}", "dtype": "float32",
+                               "gated": gated, "flops": fl, "flop_ratio": fl_dense / fl,
+                               "speedup": res.ratio[r], "speedup_min": res.ratio_spread[r][0],
+                               "speedup_max": res.ratio_spread[r][1],
+                               "params": sum(p.numel() for p in mod.parameters()),
+                               "kernel_path": getattr(
+                                   getattr(mod, "up", mod), "kernel_path", "dense: one matmul")}
+                        row["efficiency"] = row["speedup"] / row["flop_ratio"]
+                        row["verdict"] = measure.speedup_verdict(
+                            row["speedup"], (row["speedup_min"], row["speedup_max"]),
+                            row["flop_ratio"]) if r is not None else "reference"
+                        row["gflops_per_s"] = fl / (row["median_ms"] * 1e-3) / 1e9
+                        if memory:
+                            row["peak_bytes"] = measure.peak_memory(fn)
+                        rows.append(row)
     return rows
 
 

@@ -6,15 +6,15 @@ over sparsity 0.1 ... 0.99, for
 
 * ``unstructured`` on ``csr`` (torch.sparse_csr, ``W_csr @ x^T``),
 * ``block`` (32 x 32) on ``bsr`` (torch.sparse_bsr) and ``block-gathered-dense`` (labkit's
-  bucketed gather + batched dense matmul, :class:`~labkit.techniques.sparsity.
+  bucketed gather + batched dense matmul, :class:`~labkit.kernels.
   BlockGatheredLinear`),
 * ``row`` (whole output neurons) on ``compacted-dense`` (the kept rows as a smaller matrix),
 * ``nm`` (2:4, 1:4, 1:8) on ``nm-simulated``: torch's semi-structured kernels are CUDA only,
   so on a CPU the rows say so and carry no speedup.
 
-Side by side: each round times dense and every path once, order rotated between rounds; a
-speedup is the median over rounds of the per-round ratio dense / path (times are medians of
-``torch.utils.benchmark`` via :func:`labkit.measure.time_fn`). Bytes are values plus index
+Side by side (:func:`labkit.measure.paired`): each round times dense and every path once,
+order rotated between rounds; a speedup is the median over rounds of the per-round ratio
+dense / path (times are medians of ``torch.utils.benchmark``), with its min and max. Bytes are values plus index
 metadata per path (int64 indices, as torch stores them). The break-even sparsity of a path is
 the lowest swept sparsity from which on it is at least as fast as dense.
 
@@ -31,6 +31,8 @@ import warnings
 import torch
 from torch import nn
 
+from .. import accelerate as A
+from .. import kernels as K
 from .. import measure
 from .. import validate as V
 from ..model import MLP, ModelConfig, Transformer
@@ -59,17 +61,21 @@ def _masked_linear(out_f: int, in_f: int, structure: str, sparsity: float, block
 
 def _bytes(mod: nn.Module, path: str, weight, block: int, n: int, m: int) -> int:
     if path == "nm-simulated":
-        return S.storage_bytes(weight, "nm", n=n, m=m)["total"]
+        return K.storage_bytes(weight, "nm", n=n, m=m)["total"]
     return measure.model_bytes(mod)["total"]
 
 
-def _time_layers(mods: dict, x, rounds: int, min_run_time: float) -> dict:
-    def call(mod):
-        def run():
-            with torch.inference_mode():
-                mod(x)
-        return run
-    return S.paired_times({k: call(v) for k, v in mods.items()}, rounds, min_run_time)
+def _call(mod, *inputs):
+    def run():
+        with torch.inference_mode():
+            mod(*inputs)
+    return run
+
+
+def _time_layers(mods: dict, x, rounds: int, min_run_time: float) -> measure.Paired:
+    """Every module on ``x`` side by side (:func:`labkit.measure.paired`), dense first."""
+    return measure.paired({k: _call(v, x) for k, v in mods.items()}, reference="dense",
+                          rounds=rounds, min_run_time=min_run_time)
 
 
 def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
@@ -105,13 +111,13 @@ def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
                     ref = lin(x)
                     paths = ("nm-simulated",) if st == "nm" else STRUCTURE_PATHS[st]
                     for p in paths:
-                        mod = S.linear_path(lin, p, block=block, n=n, m=m)
+                        mod = K.linear_path(lin, p, block=block, n=n, m=m)
                         torch.testing.assert_close(mod(x), ref, atol=1e-4, rtol=1e-3)
-                        mods[st, p] = mod
-                        meta[st, p] = (st, p, n, m, lin.weight)
+                        mods[f"{st}/{p}"] = mod
+                        meta[f"{st}/{p}"] = (st, p, n, m, lin.weight)
                 times = _time_layers(mods, x, rounds, min_run_time)
                 dense_bytes = out_f * in_f * 4
-                for key, t in times.items():
+                for key, sec in times.seconds.items():
                     st, p, n, m, w = meta[key] if key != "dense" else meta["dense"]
                     nnz = int(w.count_nonzero())
                     measured = p != "nm-simulated"
@@ -123,16 +129,15 @@ def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
                                                                   if st == "block" else ""),
                         "sparsity": sp if key != "dense" else 0.0,
                         "sweep_sparsity": sp, "path": p,
-                        "median_ms": t["median_s"] * 1e3, "q1_ms": t["q1_s"] * 1e3,
-                        "q3_ms": t["q3_s"] * 1e3, "rounds": rounds,
-                        "speedup": (S.paired_speedup(times, "dense", key) if measured
-                                    else None),
+                        "median_ms": sec * 1e3, "min_ms": times.spread[key][0] * 1e3,
+                        "max_ms": times.spread[key][1] * 1e3, "rounds": rounds,
+                        "speedup": times.ratio[key] if measured else None,
                         "speed_measured": measured,
-                        "gflops_effective": 2 * tokens * out_f * in_f / t["median_s"] / 1e9,
-                        "gflops_useful": 2 * tokens * nnz / t["median_s"] / 1e9,
+                        "gflops_effective": 2 * tokens * out_f * in_f / sec / 1e9,
+                        "gflops_useful": 2 * tokens * nnz / sec / 1e9,
                         "bytes": b, "bytes_vs_dense": b / dense_bytes,
                         "threads": torch.get_num_threads(),
-                        "note": S.NM_CPU_NOTE if not measured else ""})
+                        "note": K.NM_CPU_NOTE if not measured else ""})
         return rows
     finally:
         torch.set_num_threads(before)
@@ -158,7 +163,7 @@ def break_even(rows: list[dict]) -> list[dict]:
         out.append({"shape": shape, "structure": st, "path": p, "break_even_sparsity": be,
                     "max_speedup": max((r["speedup"] or 0.0) for r in rs) if be is not None
                     or rs[0]["speed_measured"] else None,
-                    "note": "" if rs[0]["speed_measured"] else S.NM_CPU_NOTE})
+                    "note": "" if rs[0]["speed_measured"] else K.NM_CPU_NOTE})
     return out
 
 
@@ -167,15 +172,18 @@ def ffn_compaction(d_model: int = 768, d_ff: int = 3072, tokens: int = TOKENS,
                    sparsity: float = 0.5, rounds: int = 5, min_run_time: float = 0.1):
     """Dense GELU MLP vs the same MLP with ``sparsity`` of its hidden neurons removed."""
     torch.manual_seed(0)
-    holder = nn.Module()
-    holder.ffn = MLP(d_model, d_ff).eval()
-    dense = copy.deepcopy(holder.ffn).requires_grad_(False)
-    R.apply_(holder, S.SparsityConfig(sparsity=sparsity, structure="neuron"))
-    comp = S.CompactedMLP.of(S._bake(holder.ffn))
+    holder = nn.Module()  # one block holding the FFN: what SparsityConfig's parts select
+    holder.blocks = nn.ModuleList([nn.Module()])
+    holder.blocks[0].ffn = MLP(d_model, d_ff).eval()
+    dense = copy.deepcopy(holder.blocks[0].ffn).requires_grad_(False)
     x = torch.randn(tokens, d_model)
-    torch.testing.assert_close(comp(x), holder.ffn(x), atol=1e-4, rtol=1e-3)
+    R.apply_(holder, S.SparsityConfig(sparsity=sparsity, structure="neuron"))
+    with torch.no_grad():
+        ref = holder.blocks[0].ffn(x)
+    comp = S.convert(holder, "compacted-dense").blocks[0].ffn
+    torch.testing.assert_close(comp(x), ref, atol=1e-4, rtol=1e-3)
     t = _time_layers({"dense": dense, "compacted": comp}, x, rounds, min_run_time)
-    return S.paired_speedup(t, "dense", "compacted"), t, comp.up.out_features
+    return t.ratio["compacted"], t, comp.up.out_features
 
 
 def block_sparse(out_f: int = 3072, in_f: int = 768, tokens: int = TOKENS,
@@ -185,10 +193,10 @@ def block_sparse(out_f: int = 3072, in_f: int = 768, tokens: int = TOKENS,
     lin = _masked_linear(out_f, in_f, "block", sparsity, block, gen=gen)
     dense = _masked_linear(out_f, in_f, "unstructured", 0.0, block, gen=gen)
     x = torch.randn(tokens, in_f, generator=gen)
-    mods = {"dense": dense, "bsr": S.BSRLinear(lin, block),
-            "block-gathered-dense": S.BlockGatheredLinear(lin, block)}
+    mods = {"dense": dense, "bsr": K.BSRLinear(lin, block),
+            "block-gathered-dense": K.BlockGatheredLinear(lin, block)}
     t = _time_layers(mods, x, rounds, min_run_time)
-    return {k: S.paired_speedup(t, "dense", k) for k in mods if k != "dense"}, t
+    return {k: t.ratio[k] for k in mods if k != "dense"}, t
 
 
 def accelerate_floor(model_cfg: ModelConfig, sparsities, structures, batch: int = 4,
@@ -206,22 +214,20 @@ def accelerate_floor(model_cfg: ModelConfig, sparsities, structures, batch: int 
             model = copy.deepcopy(dense)
             extra = {"block": 32} if st == "block" else {}
             R.apply_(model, S.SparsityConfig(sparsity=s, structure=st, **extra))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 acc = S.accelerate(model, ids, rounds=rounds, min_run_time=min_run_time)
-
-            def call(mm):
-                def run():
-                    with torch.inference_mode():
-                        mm(ids)
-                return run
-            t = S.paired_times({"dense": call(dense), "accelerated": call(model)},
-                               final_rounds, final_min_run_time)
+            t = measure.paired({"dense": _call(dense, ids), "accelerated": _call(model, ids)},
+                               rounds=final_rounds, min_run_time=final_min_run_time)
             paths = S.chosen_paths(acc)
+            notes = sorted({str(w.message) for w in caught} | {
+                r["warnings"] for r in acc if r.get("warnings")})
             rows.append({"structure": st, "sparsity": s,
-                         "speedup": S.paired_speedup(t, "dense", "accelerated"),
-                         "dense_ms": t["dense"]["median_s"] * 1e3,
-                         "accelerated_ms": t["accelerated"]["median_s"] * 1e3,
+                         "speedup": t.ratio["accelerated"],
+                         "dense_ms": t.seconds["dense"] * 1e3,
+                         "accelerated_ms": t.seconds["accelerated"] * 1e3,
+                         "reverted": bool(A.summary(acc)["reverted"]),
+                         "warnings": "; ".join(notes),
                          "paths": ", ".join(sorted(set(paths.values()))),
                          "paths_per_layer": paths})
     return rows
@@ -260,7 +266,7 @@ def run(quick: bool = False) -> dict:
             torch.set_num_threads(th)
             sp, t, kept = ffn_compaction(**ffn)
             rows.append({"table": "target_ffn", "threads": th, "speedup": sp, "kept_neurons":
-                         kept, **{f"{k}_ms": v["median_s"] * 1e3 for k, v in t.items()}})
+                         kept, **{f"{k}_ms": v * 1e3 for k, v in t.seconds.items()}})
             targets.append({"target": f"compacted FFN at 50% neuron sparsity vs dense FFN "
                             f"(threads={th})", "measured": sp, "required": 1.8, "unit": "x",
                             "met": bool(sp >= 1.8),
@@ -269,7 +275,7 @@ def run(quick: bool = False) -> dict:
             sps, t = block_sparse(**bs)
             rows.append({"table": "target_bsr", "threads": th, **{f"speedup_{k}": v for k, v
                                                                   in sps.items()},
-                         **{f"{k}_ms": v["median_s"] * 1e3 for k, v in t.items()}})
+                         **{f"{k}_ms": v * 1e3 for k, v in t.seconds.items()}})
             for k, v in sps.items():
                 targets.append({
                     "target": f"block-sparse 32x32 at 90% vs dense, path {k} (threads={th})",
@@ -295,9 +301,9 @@ def run(quick: bool = False) -> dict:
     gen = torch.Generator().manual_seed(0)
     out_f, in_f = (3072, 768) if not quick else (256, 128)
     w = _masked_linear(out_f, in_f, "unstructured", 0.9, 32, gen=gen).weight
-    dense_b = S.storage_bytes(w, "dense")["total"]
-    csr = S.storage_bytes(w, "csr")
-    csr32 = S.storage_bytes(w, "csr", index_bytes=4)
+    dense_b = K.storage_bytes(w, "dense")["total"]
+    csr = K.storage_bytes(w, "csr")
+    csr32 = K.storage_bytes(w, "csr", index_bytes=4)
     rows.append({"table": "target_memory", "dense_bytes": dense_b, "csr_values": csr["values"],
                  "csr_index_int64": csr["index"], "csr_total_int64": csr["total"],
                  "csr_total_int32": csr32["total"]})

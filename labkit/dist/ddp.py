@@ -109,10 +109,9 @@ class Checkpoint(T.Callback):
             self.ctx.emit("checkpoint", step=step)
 
 
-def gradient_check(ctx, model, ddp, batch) -> float:
+def gradient_check(ctx, model, plain, ddp, batch) -> float:
     """Max |grad_DDP - grad_one_process| after one step on the same global batch."""
-    ref = copy.deepcopy(model)
-    ref.zero_grad(set_to_none=True)
+    ref = copy.deepcopy(plain)
     ref.loss(batch).backward()
     model.zero_grad(set_to_none=True)
     part = shard(batch, ctx.rank, ctx.world_size)
@@ -122,12 +121,12 @@ def gradient_check(ctx, model, ddp, batch) -> float:
     return diff
 
 
-def timings(ctx, model, ddp, batch, rounds: int, reps: int) -> dict:
+def timings(ctx, model, plain, ddp, batch, rounds: int, reps: int) -> dict:
     """Step time of N-rank DDP (B/N rows each), the same without its all-reduce
     (``no_sync``), one rank alone on all B rows, and a bare all-reduce of every gradient,
     timed side by side in rotated rounds (:func:`labkit.measure.paired`, lock-step)."""
     part = shard(batch, ctx.rank, ctx.world_size)
-    single = copy.deepcopy(model)
+    single = plain
     flat = torch.zeros(sum(p.numel() for p in model.parameters()))
 
     def ddp_step():
@@ -157,11 +156,12 @@ def run(ctx) -> dict:
     cfg = ctx.config
     wl, model = setup(cfg)
     model.to(ctx.device)
+    plain = copy.deepcopy(model)  # one process's model: copied before DDP hooks its params
     ddp = DDP(model)
     out: dict = {"rank": ctx.rank, "n_params": sum(p.numel() for p in model.parameters())}
     stream = wl.make_batches(cfg.get("seed", 0))
     if cfg.get("check", True):
-        out["grad_max_abs_diff"] = gradient_check(ctx, model, ddp, next(stream))
+        out["grad_max_abs_diff"] = gradient_check(ctx, model, plain, ddp, next(stream))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.get("lr", 1e-3))
     ckpt = ctx.run_dir / "ddp_checkpoint.pt"
     start_step = 0
@@ -190,7 +190,7 @@ def run(ctx) -> dict:
                memory=state_bytes(model, opt), rows_per_rank=rows)
     out["weights_checksum"] = float(sum(p.double().sum() for p in model.parameters()))
     if cfg.get("rounds", 0):
-        out["timing"] = timings(ctx, model, ddp, next(stream), cfg["rounds"], cfg.get("reps", 3))
+        out["timing"] = timings(ctx, model, plain, ddp, next(stream), cfg["rounds"], cfg.get("reps", 3))
     return out
 
 

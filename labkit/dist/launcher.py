@@ -133,8 +133,7 @@ def _validate(nproc, timeout, max_restarts, port, nnodes, rdzv_endpoint, threads
         raise V.LabkitConfigError("nnodes", nnodes, "1 unless rdzv_endpoint is given")
 
 
-_FAILED_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
-_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
 
 
 def _reader(stream, q: queue.Queue):
@@ -252,14 +251,21 @@ def _launch_once(experiment, config, nproc, backend, timeout, wall_timeout, on_e
 
 def _failure(code: int, log: list[str], events: list[dict], timeout: float) -> LaunchError:
     text = "".join(log)
-    text = text[text.find("Root Cause"):] if "Root Cause" in text else text
+    summary = text[text.rfind("Failures:"):] if "Failures:" in text else text
     errors = [e for e in events if e.get("event") == "error"]
-    m = _FAILED_RANK.search(text)
-    rank = int(m.group(1)) if m else (errors[0]["rank"] if errors else None)
-    ec = _EXITCODE.search(text)
-    what = f"exit code {ec.group(1)}" if ec else f"torchrun exit code {code}"
-    if ec and int(ec.group(1)) < 0:
-        what += f" (killed by signal {signal.Signals(-int(ec.group(1))).name})"
+    # torchrun's "root cause" is the first failure it observed, which races: a rank whose
+    # peer was killed can exit (connection closed) before the kill is noticed. A rank
+    # killed by a signal other than the agent's own SIGTERM is the culprit; else the root.
+    failures = [(int(r), int(c)) for r, c in _FAILURE.findall(summary)]
+    root = summary[summary.find("Root Cause"):] if "Root Cause" in summary else summary
+    first = _FAILURE.search(root)
+    killed = [f for f in failures if f[1] < 0 and f[1] != -signal.SIGTERM]
+    pick = killed[0] if killed else ((int(first.group(1)), int(first.group(2))) if first
+                                     else None)
+    rank = pick[0] if pick else (errors[0]["rank"] if errors else None)
+    what = f"exit code {pick[1]}" if pick else f"torchrun exit code {code}"
+    if pick and pick[1] < 0:
+        what += f" (killed by signal {signal.Signals(-pick[1]).name})"
     msg = f"rank {rank} failed first ({what})"
     mine = [e for e in errors if e.get("rank") == rank] or errors
     if mine:

@@ -62,6 +62,9 @@ def validate(config: dict, world_size: int, dp: int | None = None) -> None:
     if stages * virtual > layers:
         raise V.LabkitConfigError("stages", stages, f"at most {layers // virtual} (the model "
                                   f"has {layers} blocks, {virtual} stage(s) per rank)")
+    if layers % (stages * virtual):  # equal stages: the bubble formula assumes them
+        raise V.LabkitConfigError("stages", stages, f"a divisor of the {layers} blocks "
+                                  f"({virtual} stage(s) per rank)")
     if schedule in ("1f1b", "interleaved") and m < stages:
         raise V.LabkitConfigError("microbatches", m, f">= stages={stages} for {schedule}")
     for mm in config.get("sweep_m", []):
@@ -147,26 +150,31 @@ class Trace:
         self.events: list[tuple] = []  # (kind "F"/"B", stage, microbatch, start, end)
         self.masks = None
         self.t0 = 0.0
+        self.cpu = self.span = 0.0  # CPU seconds the process got inside compute spans
 
     def instrument(self, stage: PipelineStage, index: int):
         fwd, bwd = stage.forward_one_chunk, stage.backward_one_chunk
 
         def forward_one_chunk(fwd_chunk_id, *a, **k):
             stage.submod.mask = None if self.masks is None else self.masks[fwd_chunk_id]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = fwd(fwd_chunk_id, *a, **k)
-            self.events.append(("F", index, fwd_chunk_id, t - self.t0,
-                                time.perf_counter() - self.t0))
+            self._add("F", index, fwd_chunk_id, t, c)
             return out
 
         def backward_one_chunk(bwd_chunk_id, *a, **k):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = bwd(bwd_chunk_id, *a, **k)
-            self.events.append(("B", index, bwd_chunk_id, t - self.t0,
-                                time.perf_counter() - self.t0))
+            self._add("B", index, bwd_chunk_id, t, c)
             return out
 
         stage.forward_one_chunk, stage.backward_one_chunk = forward_one_chunk, backward_one_chunk
+
+    def _add(self, kind, stage, mb, t, c):
+        end = time.perf_counter()
+        self.cpu += time.process_time() - c
+        self.span += end - t
+        self.events.append((kind, stage, mb, t - self.t0, end - self.t0))
 
 
 class Pipe:
@@ -288,18 +296,25 @@ def measure_bubble(ctx, pipe: Pipe, wl, ms: list[int], mb_rows: int, reps: int) 
         for r in range(reps + 1):  # the first is warm-up (shape inference, allocations)
             batch = _take(stream, m * mb_rows * pipe.dp)
             pipe.trace.events.clear()
+            pipe.trace.cpu = pipe.trace.span = 0.0
             dist.barrier()
             pipe.trace.t0 = t0 = time.perf_counter()
             pipe.step(batch, sched)
-            dist.barrier()
-            wall = time.perf_counter() - t0
+            # the step ends when the last rank ends: its span, agreed outside the timing
+            wall = all_max(time.perf_counter() - t0)
             busy = sum(e[4] - e[3] for e in pipe.trace.events)
             if r:
-                per.append((wall, busy, list(pipe.trace.events)))
+                per.append((wall, busy, list(pipe.trace.events), t0,
+                            pipe.trace.cpu / max(pipe.trace.span, 1e-12)))
             pipe.zero_grad()
         per.sort(key=lambda x: x[0])
-        wall, busy, events = per[len(per) // 2]  # the median step
-        rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "wall_s": wall, "busy_s": busy,
+        wall, busy, events, t0, cpu_share = per[0]  # the least-disturbed step
+        # t0: perf_counter is CLOCK_MONOTONIC, one clock for every process on this machine
+        rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "mb_rows": mb_rows, "dp": pipe.dp,
+                     "wall_s": wall, "busy_s": busy, "t0": t0,
+                     # CPU time / wall time inside compute: < 1 means the rank was
+                     # waiting for a core (a machine shared with other jobs)
+                     "cpu_share": cpu_share,
                      "bubble": 1 - busy / wall, "claimed_bubble": (pipe.S - 1) / (m + pipe.S - 1),
                      "samples_per_s": m * mb_rows * pipe.dp / wall, "events": events})
     return rows

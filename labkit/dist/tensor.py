@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from .. import validate as V
 from ..model import PRESETS
-from .common import all_max, check_common, setup, state_bytes
+from .common import all_max, check_common, lockstep_timer, setup, state_bytes
 
 
 def validate(config: dict, world_size: int) -> None:
@@ -119,6 +119,15 @@ def run(ctx) -> dict:
         losses.append(float(loss))
         ctx.emit(step=step, loss=float(loss), step_s=dt, samples_per_s=len(b["input_ids"]) / dt)
     out["losses"] = losses
+    if cfg.get("rounds", 0):  # fwd + bwd step time, every rank in lock-step
+        b = next(stream)
+
+        def step():
+            model.loss(b).backward()
+        timer = lockstep_timer(cfg.get("reps", 3))
+        times = sorted(timer("tp", step, 0) for _ in range(cfg["rounds"]))
+        out["step_s"] = times[len(times) // 2]
+        model.zero_grad(set_to_none=True)
     if not losses:
         mem = state_bytes(model)
     full = state_bytes(ref)["param_bytes"]

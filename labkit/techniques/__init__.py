@@ -11,13 +11,43 @@ from .kernel_attention import KernelAttentionConfig
 from .layerdrop import LayerDropConfig, LayerPruneConfig
 from .low_rank_attention import LowRankAttentionConfig
 from .quant import FakeQuantConfig
-from .registry import (PARTS, apply_, check, expected, linears, modules, register,
-                       register_expected, registered, swap_modules)
+from .registry import (
+                       PARTS,
+                       apply_,
+                       check,
+                       expected,
+                       linears,
+                       modules,
+                       register,
+                       register_expected,
+                       registered,
+                       swap_modules,
+)
 from .sharing import SharingConfig
 from .sparsity import SparsityConfig
 
-__all__ = ["PARTS", "apply_", "check", "expected", "linears", "modules", "register", "register_expected", "registered", "swap_modules",
-           "FactorizedFFNConfig", "SharingConfig", "LowRankAttentionConfig",
-           "KernelAttentionConfig", "SparsityConfig", "FakeQuantConfig", "Int8Config",
-           "AccelerateConfig", "LayerDropConfig", "LayerPruneConfig", "EarlyExitConfig",
-           "CQILConfig", "LoRAConfig"]
+__all__ = [
+                       "PARTS",
+                       "AccelerateConfig",
+                       "CQILConfig",
+                       "EarlyExitConfig",
+                       "FactorizedFFNConfig",
+                       "FakeQuantConfig",
+                       "Int8Config",
+                       "KernelAttentionConfig",
+                       "LayerDropConfig",
+                       "LayerPruneConfig",
+                       "LoRAConfig",
+                       "LowRankAttentionConfig",
+                       "SharingConfig",
+                       "SparsityConfig",
+                       "apply_",
+                       "check",
+                       "expected",
+                       "linears",
+                       "modules",
+                       "register",
+                       "register_expected",
+                       "registered",
+                       "swap_modules",
+]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -115,6 +116,10 @@ def cqil_forward(model: Transformer, own: dict, start: int, end: int, ids, d: in
     return out
 
 
+def _allreduce_copy(x):
+    dist.all_reduce(x.clone())
+
+
 def _median_time(fn, reps: int) -> float:
     ts = []
     for _ in range(reps):
@@ -159,12 +164,11 @@ def run(ctx) -> dict:
                 return t
 
             x = torch.zeros(ids.shape[0], ids.shape[1], model.cfg.d_model)
-            fns = {"seq_1thread": lambda: seq(1), "seq_2threads": lambda: seq(2),
-                   "cqil": lambda: _median_time(
-                       lambda: cqil_forward(model, own, start, end, ids, d), reps),
-                   "cqil_outside2": lambda: _median_time(
-                       lambda: cqil_forward(model, own, start, end, ids, d, 2), reps),
-                   "allreduce": lambda: _median_time(lambda: dist.all_reduce(x.clone()), reps)}
+            fwd = partial(cqil_forward, model, own, start, end, ids, d)
+            fns = {"seq_1thread": partial(seq, 1), "seq_2threads": partial(seq, 2),
+                   "cqil": partial(_median_time, fwd, reps),
+                   "cqil_outside2": partial(_median_time, partial(fwd, 2), reps),
+                   "allreduce": partial(_median_time, partial(_allreduce_copy, x), reps)}
             names = list(fns)
             for r in range(rounds):
                 for k in names[r % len(names):] + names[:r % len(names)]:

@@ -29,6 +29,7 @@ exited samples: the active rows shrink at every exit (per-sample masks, not a pa
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -255,7 +256,7 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> di
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
     rows, ece = [], 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         sel = (conf > lo) & (conf <= hi)
         n = int(sel.sum())
         if n:
@@ -271,7 +272,7 @@ def simulate(logits: torch.Tensor, labels: torch.Tensor, q: float, exits: tuple,
     """Accuracy and mean blocks executed of the exit rule on precomputed exit logits
     ``(K + 1, n, C)``; the measured per-sample runs (:func:`predict`) must agree with it."""
     V.number("q", q, 0.0, 1.0, lo_open=True)
-    k1, n, _ = logits.shape
+    k1, _n, _ = logits.shape
     t = torch.ones(k1) if temperature is None else temperature
     probs = (logits / t[:, None, None]).softmax(-1)  # (K + 1, n, C)
     conf = probs.amax(-1)

@@ -34,10 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..model import MLP, ModelConfig
 from ..accounting import register_account
-from .registry import (block_indices, expand_parts, linears, modules, register, scope_fields,
-                       swap_modules)
+from ..model import MLP, ModelConfig
+from .registry import (
+    block_indices,
+    expand_parts,
+    linears,
+    modules,
+    register,
+    scope_fields,
+    swap_modules,
+)
 
 INITS = ("random", "svd")
 # the std of the dense init in labkit.model.Transformer._init; a random factorisation
@@ -200,8 +207,8 @@ def best_rank_for_ratio(d_in: int, d_out: int, ratio: float) -> int:
 
 __all__ = [
     "FFN_PARTS",
-    "FactorizedFFNConfig",
     "INITS",
+    "FactorizedFFNConfig",
     "LowRankLinear",
     "best_rank_for_ratio",
     "break_even_rank",

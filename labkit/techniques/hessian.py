@@ -44,9 +44,10 @@ def _sdpa_math():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def linear_weights(model: nn.Module, layers: str = "blocks") -> dict[str, nn.Parameter]:
+def linear_weights(model: nn.Module, layers: tuple = (),
+                   parts: tuple = ("attn", "ffn")) -> dict[str, nn.Parameter]:
     """The weights whose precision is chosen: ``{layer name: weight}``."""
-    sel = Q._select(Q.FakeQuantConfig(layers=layers))
+    sel = Q.linear_selector(model, layers, parts, skip=(Q.FakeQuantLinear,))
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and sel(name, m):
@@ -130,7 +131,7 @@ def exact_hessian(loss_fn, param: torch.Tensor) -> torch.Tensor:
 
 def sensitivity(model: nn.Module, loss_fn, samples: int = 16, eig_iters: int = 0,
                 bits=(2, 3, 4, 8), granularity: str = "channel", group_size: int = 1,
-                symmetric: bool = True, layers: str = "blocks", seed: int = 0,
+                symmetric: bool = True, layers: tuple = (), seed: int = 0,
                 trace_group: int | None = None) -> list[dict]:
     """One row per layer: Hessian trace (and top eigenvalue), parameter count, and
     ``omega_<b>`` = trace/n * ||Q_b(W) - W||^2 for each candidate bit-width, ranked.

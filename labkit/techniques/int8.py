@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import accelerate as A
 from .. import validate as V
-from ..measure import capture_inputs, time_fn
-from .registry import register, register_expected, swap_modules
+from .quant import linear_selector, linear_shapes
+from .registry import register, register_expected, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
 CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")
@@ -98,11 +99,13 @@ def make_candidate(lin: nn.Linear, candidate: str) -> nn.Module:
     if candidate == "bf16":
         return CastLinear(lin)
     if candidate == "torch_dynamic":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*deprecated")  # recorded in the path
-            return torch.ao.quantization.quantize_dynamic(
+        # torch warns that quantize_dynamic is deprecated: kept as a row note, not hidden
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mod = torch.ao.quantization.quantize_dynamic(
                 nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
+        mod.labkit_warnings = sorted({str(w.message).splitlines()[0] for w in caught})
+        return mod
     from torchao.quantization import quantize_
 
     holder = nn.Sequential(lin)
@@ -119,6 +122,7 @@ class AcceleratedLinear(nn.Module):
         self.candidate = candidate
         self.inner = make_candidate(lin, candidate)
         self.kernel_path = kernel_path_of(candidate)
+        self.labkit_warnings = list(getattr(self.inner, "labkit_warnings", ()))
         self.timings = dict(timings or {})
 
     def forward(self, x):
@@ -128,33 +132,27 @@ class AcceleratedLinear(nn.Module):
         return f"{self.in_features}->{self.out_features}, path={self.candidate}"
 
 
-def _selector(layers: str):
-    def select(name, m):
-        if type(m) is not nn.Linear:
-            return False
-        return layers == "all" or name.startswith("blocks.") or ".layer." in name
-    return select
-
-
 @dataclass(frozen=True)
 class Int8Config:
     """Real INT8 through torchao on every selected linear.
 
     mode: ``dynamic`` (int8 activations computed per call, int8 weights) or
-    ``weight_only``; layers: ``blocks`` or ``all``."""
+    ``weight_only``; ``layers``/``parts``: which linears (the registry's vocabulary)."""
 
     mode: str = "dynamic"
-    layers: str = "blocks"
+    layers: tuple[int, ...] = ()
+    parts: tuple[str, ...] = ("attn", "ffn")
 
     def __post_init__(self):
         V.choice("mode", self.mode, MODES)
-        V.choice("layers", self.layers, ("blocks", "all"))
+        scope_fields(self)
 
 
 @register(Int8Config)
 def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
     cand = "int8_dynamic" if config.mode == "dynamic" else "int8_weight_only"
-    swap_modules(model, _selector(config.layers), lambda n, m: AcceleratedLinear(m, cand))
+    swap_modules(model, linear_selector(model, config.layers, config.parts, exact=True),
+                 lambda n, m: AcceleratedLinear(m, cand))
     return model
 
 
@@ -162,9 +160,7 @@ def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
 def expected(model_cfg, config: Int8Config) -> dict:
     """Weight bytes of the quantized linears: int8 codes + fp32 scale + int8 zero point
     per output row (what torchao's Int8Tensor stores)."""
-    from .quant import _linear_shapes
-
-    shapes = _linear_shapes(model_cfg, config.layers)
+    shapes = linear_shapes(model_cfg, config.layers, config.parts)
     n = sum(a * b for a, b in shapes.values())
     rows = sum(a for a, _ in shapes.values())
     q = n + rows * (4 + 1)
@@ -183,21 +179,6 @@ def matmul_ops(module: nn.Module, x: torch.Tensor) -> list[str]:
     return sorted(n for n in names if any(k in n for k in keys))
 
 
-def time_candidates(lin: nn.Linear, x: torch.Tensor, candidates=CANDIDATES[:4],
-                    min_run_time: float = 0.1) -> dict[str, float]:
-    """Median seconds of ``lin`` on each path, on input ``x``, measured side by side."""
-    out = {}
-    for c in candidates:
-        mod = make_candidate(lin, c)
-
-        def call(mod=mod):
-            with torch.inference_mode():
-                mod(x)
-
-        out[c] = time_fn(call, c, min_run_time=min_run_time).median_s
-    return out
-
-
 @dataclass(frozen=True)
 class AccelerateConfig:
     """Measure-and-keep: time each selected linear on every candidate path with the input
@@ -208,7 +189,8 @@ class AccelerateConfig:
     seq_len: int = 32
     candidates: tuple = CANDIDATES
     min_run_time: float = 0.05
-    layers: str = "blocks"
+    layers: tuple[int, ...] = ()
+    parts: tuple[str, ...] = ("attn", "ffn")
 
     def __post_init__(self):
         V.integer("batch_size", self.batch_size, 1)
@@ -218,63 +200,40 @@ class AccelerateConfig:
         for c in self.candidates:
             V.choice("candidates", c, CANDIDATES)
         V.number("min_run_time", self.min_run_time, 0.0, lo_open=True)
-        V.choice("layers", self.layers, ("blocks", "all"))
+        scope_fields(self)
+
+
+def sites(candidates=CANDIDATES, layers: tuple = (), parts: tuple = ("attn", "ffn")):
+    """The :func:`labkit.accelerate.accelerate` sites: each selected plain linear, with one
+    :class:`AcceleratedLinear` per candidate; ``fp32`` is the current path."""
+    for c in candidates:
+        V.choice("candidates", c, CANDIDATES)
+    cands = tuple(dict.fromkeys(("fp32", *candidates)))  # fp32 is what others must beat
+
+    def for_model(model):
+        select = linear_selector(model, layers, parts, exact=True)
+
+        def site(name, m):
+            if not select(name, m):
+                return None
+            return A.Site(name, m, {c: AcceleratedLinear(m, c) for c in cands}, "fp32")
+        return site
+    return for_model
 
 
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
-                min_run_time: float = 0.05, layers: str = "blocks",
-                check_model: bool = True, margin: float = 0.05) -> list[dict]:
-    """Per layer: keep the fastest candidate measured on the layer's real input; a path
-    other than fp32 must beat fp32 by ``margin`` in two timings (the second a re-check
-    side by side), so timer noise does not swap in a slower kernel.
-    Per model: if the result is slower than the original end to end, revert (a warning
-    and a recorded path, not silence). Returns tidy rows, one per layer (+ one model row)."""
-    for c in candidates:
-        V.choice("candidates", c, CANDIDATES)
+                min_run_time: float = 0.05, layers: tuple = (),
+                parts: tuple = ("attn", "ffn"), check_model: bool = True, margin: float = 0.05, rounds: int = 3,
+                timer=None, kwargs=None) -> list[dict]:
+    """Per layer: keep the fastest candidate measured side by side on the layer's real
+    input when it beats fp32 by ``margin``; per model: revert to fp32 when the result got
+    slower end to end (a warning and a recorded row). The rule and the row schema are
+    :mod:`labkit.accelerate`'s, shared with sparsity."""
     V.number("margin", margin, 0.0, 1.0)
-    select = _selector(layers)
-    xs = {name: args[0].clone() for name, (args, _) in capture_inputs(
-        model, inputs, {n: m for n, m in model.named_modules() if select(n, m)}).items()}
-    original = copy.deepcopy(model) if check_model else None
-    rows, choice = [], {}
-    for name, x in xs.items():
-        lin = model.get_submodule(name)
-        t = time_candidates(lin, x.clone(), candidates, min_run_time)
-        best = min(t, key=t.get)
-        if "fp32" in t and best != "fp32":
-            again = time_candidates(lin, x.clone(), ("fp32", best), min_run_time)
-            if not (t[best] < (1 - margin) * t["fp32"]
-                    and again[best] < (1 - margin) * again["fp32"]):
-                best = "fp32"
-        choice[name] = (best, t)
-        rows.append({"layer": name, "shape": f"{tuple(x.shape)}x{tuple(lin.weight.shape)}",
-                     "chosen": best, "kernel_path": kernel_path_of(best),
-                     **{f"{c}_ms": v * 1e3 for c, v in t.items()},
-                     "speedup_vs_fp32": t.get("fp32", float("nan")) / t[best]})
-    swap_modules(model, lambda n, m: n in choice,
-                 lambda n, m: AcceleratedLinear(m, choice[n][0], choice[n][1]))
-    if check_model:
-        def run(m):
-            def call():
-                with torch.inference_mode():
-                    m(*inputs)
-            return call
-
-        mrt = max(4 * min_run_time, 0.05)
-        t0 = time_fn(run(original), "fp32 model", min_run_time=mrt).median_s
-        t1 = time_fn(run(model), "accelerated", min_run_time=mrt).median_s
-        t0 = min(t0, time_fn(run(original), "fp32 model", min_run_time=mrt).median_s)
-        kept = "accelerated"
-        if t1 > t0:
-            warnings.warn(f"accelerate_: per-layer choices made the model slower end to end "
-                          f"({t1 * 1e3:.3f} ms vs fp32 {t0 * 1e3:.3f} ms); reverting to fp32")
-            swap_modules(model, lambda n, m: isinstance(m, AcceleratedLinear),
-                         lambda n, m: AcceleratedLinear(original.get_submodule(n), "fp32",
-                                                             m.timings))
-            kept = "fp32 (reverted)"
-        rows.append({"layer": "<model>", "chosen": kept, "fp32_ms": t0 * 1e3,
-                     "accelerated_ms": t1 * 1e3, "speedup_vs_fp32": t0 / t1})
-    return rows
+    return A.accelerate(model, inputs, sites(candidates, layers, parts),
+                        margin=margin,
+                        rounds=rounds, min_run_time=min_run_time, timer=timer,
+                        verify=check_model, verify_rounds=max(rounds, 3), kwargs=kwargs)
 
 
 @register(AccelerateConfig)
@@ -283,7 +242,7 @@ def _accelerate_cfg(model: nn.Module, config: AccelerateConfig) -> nn.Module:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(6, vocab, (config.batch_size, config.seq_len), generator=g)
     model.accelerate_report = accelerate_(model, (ids,), config.candidates,
-                                          config.min_run_time, config.layers)
+                                          config.min_run_time, config.layers, config.parts)
     return model
 
 
@@ -335,43 +294,6 @@ def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n:
             "total": total, "fp32": 4 * rows * cols, "ratio": total / (4 * rows * cols)}
 
 
-def compact_ffn_rows_(model: nn.Module, sparsity: float = 0.5) -> list[str]:
-    """Structured 50% sparsity made real: prune FFN hidden neurons with the sparsity
-    lab's row mask (``up``/``gate`` rows by |W| score, the matching ``down`` columns) and
-    drop them, so the smaller dense matrices are what INT8 then stores."""
-    from ..model import MLP
-    from .masks import check_sparsity, row_mask
-
-    check_sparsity(sparsity)
-    done = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, MLP):
-            continue
-        score = mod.up.weight.detach().abs()
-        if mod.gate is not None:
-            score = score + mod.gate.weight.detach().abs()
-        keep = row_mask(score, sparsity)[:, 0]  # (d_ff,)
-        idx = keep.nonzero().squeeze(1)
-        with torch.no_grad():
-            for attr in ("up", "gate"):
-                lin = getattr(mod, attr)
-                if lin is None:
-                    continue
-                new = nn.Linear(lin.in_features, len(idx), bias=lin.bias is not None)
-                new.weight.copy_(lin.weight[idx])
-                if lin.bias is not None:
-                    new.bias.copy_(lin.bias[idx])
-                setattr(mod, attr, new)
-            down = mod.down
-            new = nn.Linear(len(idx), down.out_features, bias=down.bias is not None)
-            new.weight.copy_(down.weight[:, idx])
-            if down.bias is not None:
-                new.bias.copy_(down.bias)
-            mod.down = new
-        done.append(name)
-    return done
-
-
 __all__ = [
     "CANDIDATES",
     "AccelerateConfig",
@@ -379,11 +301,10 @@ __all__ = [
     "CastLinear",
     "Int8Config",
     "accelerate_",
-    "compact_ffn_rows_",
     "cpu_int8_isa",
     "int8_weight_bytes",
     "kernel_path_of",
     "make_candidate",
     "matmul_ops",
-    "time_candidates",
+    "sites",
 ]

@@ -23,8 +23,9 @@ Feature maps (``m`` = ``num_features``):
   softmax, a different, always-positive kernel; ``num_features`` does not apply).
 * ``"favor"``: positive orthogonal random features
   ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)`` with ``x`` scaled by ``d^-1/4`` and ``W``
-  (m x d) blocks of orthogonal rows with chi-distributed norms; an unbiased, always positive
-  estimator of the softmax kernel.
+  (m x d) blocks of orthogonal rows (Haar, QR with fixed signs) with chi-distributed norms;
+  an unbiased, always positive estimator of the softmax kernel, since for ``w ~ N(0, I)``
+  ``E[exp(w.x - |x|^2/2) exp(w.y - |y|^2/2)] = exp(x . y)``.
 * ``"trig"``: ``phi(x) = exp(|x|^2 / 2) [sin(W x), cos(W x)] / sqrt(m / 2)`` with ``m / 2``
   Gaussian frequencies: unbiased for the softmax kernel too, but not positive, so the
   denominator ``phi(Q)(phi(K)^T 1)`` can be negative or near zero. Every forward counts such
@@ -43,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import validate as V
-from ..model import Attention, ModelConfig
 from ..accounting import AttentionCore, register_account
+from ..model import Attention, ModelConfig
 from .registry import block_indices, register, scope_fields, swap_modules
 
 FEATURE_MAPS = ("elu", "favor", "trig")
@@ -82,19 +83,30 @@ class KernelAttentionConfig:
 
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
     """(m, d) rows in blocks of ``d`` orthogonal directions, each row scaled to the norm of
-    a Gaussian vector, so marginally every row is N(0, I) (Performer's ORF)."""
+    a Gaussian vector, so marginally every row is N(0, I) (Performer's ORF).
+
+    The orthogonal block is Haar-distributed only when the QR factor's signs are fixed:
+    LAPACK's Householder QR returns ``R`` with a sign pattern on its diagonal that depends
+    on the input, so ``Q`` alone leans its rows to one side and the kernel estimate is
+    biased. Multiplying ``Q``'s columns by ``sign(diag R)`` makes ``Q R`` unique with a
+    positive diagonal and ``Q`` uniform (Mezzadri 2007, "How to generate random matrices
+    from the classical compact groups")."""
     blocks = []
     for _ in range(math.ceil(m / d)):
-        q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator))
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=generator))
+        q = q * torch.sign(torch.diagonal(r))  # (d, d), Haar: see the docstring
         blocks.append(q.T)
     w = torch.cat(blocks)[:m]  # (m, d)
     norms = torch.randn(m, d, generator=generator).norm(dim=1)  # (m,)
     return w * norms[:, None]
 
 
-def feature_map(x: torch.Tensor, kind: str, omega: torch.Tensor | None, is_query: bool):
+def feature_map(x: torch.Tensor, kind: str, omega: torch.Tensor | None, is_query: bool,
+                stabilise: bool = True):
     """phi(x) for x (B, H, N, d) -> (B, H, N, m). For the random maps the rows are shifted by
-    a stabiliser (per row for queries, one per head for keys) that cancels in the ratio."""
+    a stabiliser (per row for queries, one per head for keys) that cancels in the ratio;
+    ``stabilise=False`` returns the plain features, whose dot products
+    ``phi(q) . phi(k)`` are unbiased estimates of ``exp(q . k / sqrt(d))``."""
     if kind == "elu":
         return F.elu(x).add_(1.0)  # in place: one allocation less per call
     d = x.shape[-1]
@@ -103,6 +115,8 @@ def feature_map(x: torch.Tensor, kind: str, omega: torch.Tensor | None, is_query
     sq = 0.5 * (x * x).sum(-1, keepdim=True)  # (B, H, N, 1)
     if kind == "favor":
         logits = proj - sq
+        if not stabilise:
+            return logits.exp() / math.sqrt(omega.shape[0])
         with torch.no_grad():  # a constant shift that cancels in the ratio: no gradient
             stab = logits.amax(-1, keepdim=True) if is_query else \
                 logits.amax((-2, -1), keepdim=True)
@@ -110,7 +124,8 @@ def feature_map(x: torch.Tensor, kind: str, omega: torch.Tensor | None, is_query
         return logits.sub_(stab + 0.5 * math.log(omega.shape[0])).exp_()
     # trig: exp(|x|^2/2) [sin, cos] / sqrt(m/2)
     with torch.no_grad():
-        stab = sq if is_query else sq.amax(-2, keepdim=True)
+        stab = torch.zeros_like(sq) if not stabilise else sq if is_query else \
+            sq.amax(-2, keepdim=True)
     scale = torch.exp(sq - stab) / math.sqrt(omega.shape[0])
     return torch.cat((torch.sin(proj), torch.cos(proj)), -1) * scale
 

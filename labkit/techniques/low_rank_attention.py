@@ -5,7 +5,7 @@ Complexity", arXiv:2006.04768.
 
 Idea: the ``n x n`` softmax attention matrix ``P = softmax(Q K^T / sqrt(d))`` of a trained
 transformer is approximately low rank (its singular values decay fast; see
-:func:`labkit.attention_lab.spectrum_rows`). Linformer projects keys and values along the
+:func:`labkit.labs.attention.spectrum_rows`). Linformer projects keys and values along the
 *sequence* axis with learned ``k x n`` matrices ``E`` and ``F`` before attending, so every
 query attends to ``k`` mixed "summary" rows instead of ``n`` tokens:
 
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..model import Attention, ModelConfig
 from ..accounting import AttentionCore, register_account, sdpa_flops
+from ..model import Attention, ModelConfig
 from .registry import block_indices, register, scope_fields, swap_modules
 
 SHARE_MODES = ("none", "kv", "layerwise")

@@ -45,11 +45,18 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import validate as V
-from .registry import register, register_expected, swap_modules
+from .registry import (
+    block_indices,
+    expand_parts,
+    linears,
+    register,
+    register_expected,
+    scope_fields,
+    swap_modules,
+)
 
 GRANULARITIES = ("tensor", "channel", "group")
 CALIBRATIONS = ("minmax", "percentile")
-LAYERS = ("blocks", "all")
 SCALE_BYTES = 4  # fp32 scale per granule
 ZERO_POINT_BYTES = 1  # int8/uint8 zero point per granule (asymmetric only)
 
@@ -190,10 +197,11 @@ class FakeQuantConfig:
     bits: weight bits (2..8); granularity: tensor | channel | group (``group_size``
     consecutive output channels share a range, Q-BERT); activations: also fake-quantize
     each linear's input at ``act_bits`` (ranges from calibration batches, per tensor);
-    calibration: minmax | percentile (``percentile`` of |x|); layers: ``blocks`` (the
-    transformer blocks only, the usual choice: embeddings and head stay fp32) or ``all``.
-    ``bits_by_layer`` overrides ``bits`` per layer name (a mixed-precision assignment,
-    e.g. from :func:`labkit.techniques.hessian.assign_bits`).
+    calibration: minmax | percentile (``percentile`` of |x|); ``layers`` (block indices,
+    ``()`` = every block) and ``parts`` (``attn``, ``ffn``, ``head`` or fine names such as
+    ``ffn.up``) say which linears, in the registry's vocabulary. ``bits_by_layer``
+    overrides ``bits`` per layer name (a mixed-precision assignment, e.g. from
+    :func:`labkit.techniques.hessian.assign_bits`).
     """
 
     bits: int = 8
@@ -204,7 +212,8 @@ class FakeQuantConfig:
     act_bits: int = 8
     calibration: str = "minmax"
     percentile: float = 99.9
-    layers: str = "blocks"
+    layers: tuple[int, ...] = ()
+    parts: tuple[str, ...] = ("attn", "ffn")
     bits_by_layer: tuple = ()  # ((layer name, bits), ...)
 
     def __post_init__(self):
@@ -216,7 +225,7 @@ class FakeQuantConfig:
         check_bits("act_bits", self.act_bits)
         V.choice("calibration", self.calibration, CALIBRATIONS)
         V.number("percentile", self.percentile, 50.0, 100.0)
-        V.choice("layers", self.layers, LAYERS)
+        scope_fields(self)
         for item in self.bits_by_layer:
             if not (isinstance(item, (tuple, list)) and len(item) == 2
                     and isinstance(item[0], str)):
@@ -330,11 +339,19 @@ class FakeQuantLinear(nn.Linear):
                             c.group_size, c.symmetric)
 
 
-def _select(config: FakeQuantConfig):
+def linear_selector(model: nn.Module, layers: tuple = (), parts: tuple = ("attn", "ffn"),
+                    exact: bool = False, skip: tuple = ()):
+    """The one rule for which linears a quantization technique takes, as a
+    :func:`~labkit.techniques.registry.swap_modules` ``select(name, module)``: the linears
+    of ``parts`` in the blocks ``layers`` (the registry's vocabulary, which also reads a
+    Hugging Face BERT such as all-MiniLM-L6-v2). ``exact``: only plain ``nn.Linear`` (not a
+    subclass another technique swapped in); ``skip``: classes never taken."""
+    chosen = {id(m) for m in linears(model, layers, parts).values()}
+
     def select(name, m):
-        if not isinstance(m, nn.Linear) or isinstance(m, FakeQuantLinear):
+        if id(m) not in chosen or not isinstance(m, nn.Linear) or isinstance(m, skip):
             return False
-        return config.layers == "all" or name.startswith("blocks.") or ".layer." in name
+        return not exact or type(m) is nn.Linear
     return select
 
 
@@ -343,7 +360,8 @@ def fake_quantize_(model: nn.Module, config: FakeQuantConfig) -> nn.Module:
     """Swap selected linears for :class:`FakeQuantLinear` (weights quantized now;
     activation quantizers need :func:`calibrate` before use)."""
     known = set()
-    swapped = swap_modules(model, _select(config),
+    swapped = swap_modules(model, linear_selector(model, config.layers, config.parts,
+                                                  skip=(FakeQuantLinear,)),
                            lambda name, m: (known.add(name),
                                             FakeQuantLinear.from_linear(
                                                 m, config, config.bits_for(name)))[1])
@@ -420,27 +438,27 @@ def quantized_bytes(model: nn.Module) -> dict:
             "quantized_ratio": (q_codes + q_meta) / fp32_q if fp32_q else float("nan")}
 
 
-def _linear_shapes(model_cfg, layers: str = "blocks") -> dict[str, tuple[int, int]]:
-    d, f = model_cfg.d_model, model_cfg.d_ff
-    shapes = {}
-    for i in range(model_cfg.n_layers):
-        for p in ("q", "k", "v", "o"):
-            shapes[f"blocks.{i}.attn.{p}"] = (d, d)
-        shapes[f"blocks.{i}.ffn.up"] = (f, d)
-        if model_cfg.kind == "decoder":
-            shapes[f"blocks.{i}.ffn.gate"] = (f, d)
-        shapes[f"blocks.{i}.ffn.down"] = (d, f)
-    if layers == "all" and model_cfg.kind == "encoder":
-        shapes["pooler"] = (d, d)
-        shapes["head"] = (model_cfg.num_labels, d)
-    return shapes
+def linear_shapes(model_cfg, layers: tuple = (), parts: tuple = ("attn", "ffn")) -> dict:
+    """``{name: (out, in)}`` of the linears ``layers``/``parts`` select, read off
+    :func:`labkit.accounting.linear_shapes` (the one shape table)."""
+    from ..accounting import linear_shapes as shapes_of
+
+    idx = set(block_indices(model_cfg.n_layers, layers))
+    fine = set(expand_parts(parts))
+    head = "head" in fine and model_cfg.kind == "encoder"  # a decoder's LM head is tied
+    out = {}
+    for name, shape in shapes_of(model_cfg, head=head).items():
+        bits = name.split(".")
+        if bits[0] != "blocks" or (int(bits[1]) in idx and ".".join(bits[2:4]) in fine):
+            out[name] = shape
+    return out
 
 
 @register_expected(FakeQuantConfig)
 def expected(model_cfg, config: FakeQuantConfig) -> dict:
     """Analytic: parameters and FLOPs unchanged (simulation); deployed weight bytes of the
     quantized linears including scales and zero points."""
-    shapes = _linear_shapes(model_cfg, config.layers)
+    shapes = linear_shapes(model_cfg, config.layers, config.parts)
     codes = meta = n = 0
     for name, shape in shapes.items():
         if config.granularity == "group" and shape[0] % config.group_size:
@@ -467,6 +485,8 @@ __all__ = [
     "fake_quant_tensor",
     "fake_quantize",
     "fake_quantize_",
+    "linear_selector",
+    "linear_shapes",
     "qparams",
     "qrange",
     "quantize",

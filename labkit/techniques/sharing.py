@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .. import validate as V
-from ..model import ModelConfig
 from ..accounting import register_account
+from ..model import ModelConfig
 from .registry import block_indices, register, scope_fields, swap_modules
 
 SHARE_PARTS = ("attn", "ffn")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import data
-from . import validate as V
-from .model import ModelConfig, preset
+from .. import data
+from .. import validate as V
+from ..model import ModelConfig, preset
 
 TASKS = ("lm", "nli")
 

@@ -1,0 +1,249 @@
+"""One autotuner for every real fast path: measure each candidate where it runs, keep what
+is faster, and never leave the model slower than it was.
+
+labkit simulates a technique first (masks, fake quantization) and then *accelerates* it to
+a real execution path (sparse kernels, compacted dense, INT8, bf16). Which path is fast
+depends on the layer's shape, its input, the CPU and the load, so it is measured, not
+guessed. The rule, the same for sparsity and INT8:
+
+1. per site (a linear, or an FFN / attention module): time every candidate path on the
+   input the site really receives in ``model(*inputs)``, side by side
+   (:func:`labkit.measure.paired`: rotated rounds, medians);
+2. a candidate replaces the ``current`` path only if its median time is below
+   ``(1 - margin)`` of the current path's: below that, timer noise decides, and the
+   current path is the safe choice;
+3. the whole model is then re-timed side by side against the model on the current paths,
+   and every site is reverted when the choice made it slower (a warning, recorded in the
+   ``<model>`` row).
+
+A module used at several places (cross-layer sharing) is one site: it is timed once and
+replaced once, at every place it is used, so sharing survives acceleration.
+
+Rows (one schema): per site ``{"layer", "current", "chosen", "kernel_path", "speedup",
+"speedup_min", "speedup_max", "<candidate>_ms"..., "candidates", "aliases", "warnings"}``
+and one ``{"layer": "<model>", "current", "chosen", "current_ms", "accelerated_ms",
+"speedup", "speedup_min", "speedup_max", "reverted", "warnings"}``; ``chosen`` is always a
+candidate name (``"per-layer"`` for a kept model-level choice). ``speedup`` is the median
+over rounds of the per-round ratio ``current / chosen``.
+
+Timing is injectable: ``timer(name, fn, min_run_time) -> seconds`` with names
+``"<layer>/<candidate>"`` per site and ``"<model>/current"``, ``"<model>/accelerated"`` for
+the whole-model check, so tests decide the timings and check the choice and the revert.
+
+Complexity: sites x candidates x rounds timed calls of one layer, plus 2 x rounds whole-model
+calls.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import measure
+from . import validate as V
+
+MODEL = "<model>"
+
+
+@dataclass
+class Site:
+    """One place to accelerate: its candidates by name (``current`` among them)."""
+
+    name: str
+    module: nn.Module
+    candidates: dict
+    current: str
+
+
+def aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): [every name it is reachable under]}`` (shared modules have several)."""
+    out: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(mod), []).append(name)
+    return out
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace(model: nn.Module, old: nn.Module, new: nn.Module, names=None) -> list[str]:
+    """Put ``new`` wherever ``old`` is used (every alias); returns the names."""
+    names = names if names is not None else aliases(model).get(id(old), [])
+    for n in names:
+        set_module(model, n, new)
+    return names
+
+
+def _max_err(got, ref) -> float:
+    return float((got.float() - ref.float()).abs().max())
+
+
+def _runner(mod, args, kwargs):
+    def run():
+        with torch.inference_mode():
+            mod(*args, **kwargs)
+    return run
+
+
+def choose(site: Site, args: tuple, kwargs: dict, margin: float, rounds: int,
+           min_run_time: float, timer=None, atol: float | None = None) -> dict:
+    """Time ``site``'s candidates side by side on ``(args, kwargs)`` and return its row.
+
+    With ``atol``, a candidate whose output differs from the site's own by more than
+    ``atol`` (+ 1e-3 relative) is dropped, and the row says so."""
+    cands, notes = dict(site.candidates), []
+    for k, c in cands.items():  # warnings raised while a candidate was built
+        notes += [f"{k}: {w[:90]}" for w in getattr(c, "labkit_warnings", ())]
+    if atol is not None:
+        with torch.no_grad():
+            ref = site.module(*args, **kwargs)
+            for k in list(cands):
+                got = cands[k](*args, **kwargs)
+                if not torch.allclose(got, ref, atol=atol, rtol=1e-3):
+                    notes.append(f"{k} dropped: disagrees with the layer "
+                                 f"(max err {_max_err(got, ref):.2e})")
+                    if k != site.current:
+                        del cands[k]
+    row = {"layer": site.name, "current": site.current, "chosen": site.current,
+           "candidates": ", ".join(cands)}
+    if len(cands) > 1:
+        wrapped = None if timer is None else (
+            lambda name, fn, mrt: timer(f"{site.name}/{name}", fn, mrt))
+        p = measure.paired({k: _runner(c, args, kwargs) for k, c in cands.items()},
+                           reference=site.current, rounds=rounds, min_run_time=min_run_time,
+                           timer=wrapped)
+        best = min(cands, key=lambda k: p.seconds[k])
+        if p.seconds[best] < (1.0 - margin) * p.seconds[site.current]:
+            row["chosen"] = best
+        row.update({f"{k}_ms": p.seconds[k] * 1e3 for k in cands})
+        row.update(speedup=p.ratio[row["chosen"]], speedup_min=p.ratio_spread[row["chosen"]][0],
+                   speedup_max=p.ratio_spread[row["chosen"]][1])
+    else:
+        row["chosen"] = next(iter(cands))
+        row.update(speedup=None, speedup_min=None, speedup_max=None)
+        notes.append("one candidate: nothing to time")
+    row["warnings"] = "; ".join(notes)
+    return row
+
+
+def accelerate(model: nn.Module, inputs: tuple,
+               sites: Callable[[nn.Module], Callable[[str, nn.Module], Site | None]],
+               margin: float = 0.05, rounds: int = 3, min_run_time: float = 0.02,
+               timer=None, atol: float | None = None, verify: bool = True,
+               verify_rounds: int = 5, kwargs: dict | None = None) -> list[dict]:
+    """Accelerate ``model`` in place by the rule of this module; returns the rows (also
+    stored as ``model.acceleration``).
+
+    ``sites(model)`` returns ``site(name, module)``, which returns a :class:`Site` for each
+    module to accelerate (None elsewhere; a site's submodules are not visited). Each module is offered once, under its
+    first name, even when it is used at several places."""
+    V.number("margin", margin, 0.0, 1.0, hi_open=True)
+    V.integer("rounds", rounds, 1)
+    V.integer("verify_rounds", verify_rounds, 1)
+    kwargs = dict(kwargs or {})
+    model.eval()
+    site_of = sites(model)
+    found: dict[str, Site] = {}
+    skip: tuple[str, ...] = ()
+    for name, mod in model.named_modules():  # deduplicated: a shared module once
+        if name == "" or (skip and name.startswith(skip)):
+            continue
+        site = site_of(name, mod)
+        if site is not None:
+            found[name] = site
+            skip = (*skip, name + ".")
+    call = (lambda *a: model(*a, **kwargs)) if kwargs else model  # e.g. a BERT's model(**batch)
+    captured = measure.capture_inputs(call, inputs, {n: s.module for n, s in found.items()})
+    names = aliases(model)
+    rows, placed = [], {}
+    for name, site in found.items():
+        if name not in captured:  # never called on these inputs: nothing to measure
+            rows.append({"layer": name, "current": site.current, "chosen": site.current,
+                         "warnings": "not called by model(*inputs): left as it was"})
+            continue
+        args, kw = captured[name]
+        row = choose(site, args, {**kw}, margin, rounds, min_run_time, timer, atol)
+        at = names[id(site.module)]
+        new = site.candidates[row["chosen"]]
+        replace(model, site.module, new, at)
+        placed[name] = (at, site)
+        row.update(kernel_path=_path_of(new, row["chosen"]), aliases=", ".join(at))
+        rows.append(row)
+    changed = [r for r in rows if r["chosen"] != r["current"]]
+    if verify and changed:
+        rows.append(_verify(model, inputs, kwargs, placed, rows, verify_rounds, min_run_time,
+                            timer))
+    elif verify:
+        rows.append(summary(rows))
+    model.acceleration = rows
+    return rows
+
+
+def _path_of(mod: nn.Module, name: str) -> str:
+    path = getattr(mod, "kernel_path", None)
+    return path if isinstance(path, str) else name
+
+
+def _verify(model, inputs, kwargs, placed, rows, rounds, min_run_time, timer) -> dict:
+    """Whole model on the chosen paths vs on the current paths, side by side; revert when
+    slower."""
+    reference = copy.deepcopy(model)
+    currents = {}
+    for name, (at, site) in placed.items():
+        cur = copy.deepcopy(site.candidates[site.current])  # one copy per site: sharing kept
+        currents[name] = cur
+        for n in at:
+            set_module(reference, n, cur)
+    wrapped = None if timer is None else (
+        lambda name, fn, mrt: timer(f"{MODEL}/{name}", fn, mrt))
+    p = measure.paired({"current": _runner(reference, inputs, kwargs),
+                        "accelerated": _runner(model, inputs, kwargs)}, reference="current",
+                       rounds=rounds, min_run_time=min_run_time, timer=wrapped)
+    ratio = p.ratio["accelerated"]
+    current = rows[0]["current"] if rows else "current"
+    row = {"layer": MODEL, "current": current, "chosen": "per-layer",
+           "current_ms": p.seconds["current"] * 1e3,
+           "accelerated_ms": p.seconds["accelerated"] * 1e3, "speedup": ratio,
+           "speedup_min": p.ratio_spread["accelerated"][0],
+           "speedup_max": p.ratio_spread["accelerated"][1], "reverted": ratio < 1.0,
+           "warnings": ""}
+    if row["reverted"]:
+        msg = (f"the per-layer choice ran the whole model at {ratio:.2f}x the current paths "
+               f"(median of {rounds} paired rounds); every layer reverted to its current path")
+        warnings.warn(msg, stacklevel=3)
+        row.update(chosen=current, warnings=msg)
+        for r in rows:
+            if r["layer"] in placed:
+                at, site = placed[r["layer"]]
+                new = site.candidates[site.current]
+                replace(model, model.get_submodule(at[0]), new, at)
+                r.update(chosen=site.current, kernel_path=_path_of(new, site.current),
+                         reverted=True)
+    return row
+
+
+def chosen_paths(rows: list[dict]) -> dict[str, str]:
+    """``{layer: kernel path}`` of what :func:`accelerate` left in the model."""
+    return {r["layer"]: r["kernel_path"] for r in rows
+            if r["layer"] != MODEL and "kernel_path" in r}
+
+
+def summary(rows: list[dict]) -> dict:
+    """The ``<model>`` row (or a no-change row when no site changed path)."""
+    for r in rows:
+        if r["layer"] == MODEL:
+            return r
+    current = rows[0]["current"] if rows else ""
+    return {"layer": MODEL, "current": current, "chosen": current, "speedup": 1.0,
+            "reverted": False, "warnings": "no layer changed path: nothing to re-time"}
+
+
+__all__ = ["MODEL", "Site", "accelerate", "aliases", "choose", "chosen_paths", "replace",
+           "set_module", "summary"]

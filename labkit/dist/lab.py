@@ -1,0 +1,289 @@
+"""What notebook 07 and ``labkit bench parallel`` share: one launch that carries every
+measurement (calibration, DDP, tensor parallel, pipeline sweeps), tidy tables from its
+result, the simulator fitted on it, and the figures (live loss/throughput per rank, the
+pipeline Gantt from what ran, bubble vs M, simulated scaling curves)."""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .. import validate as V
+from ..measure import speedup_verdict
+from . import simulator as SIM
+from .launcher import launch
+
+STRATEGIES = ("ddp", "tensor", "pipeline")
+
+
+def parts(task: str = "nli", size: str = "tiny", seq: int = 32, batch: int = 8,
+          steps: int = 20, stages: int = 2, microbatches: int = 4, schedule: str = "gpipe",
+          sweep_m: tuple = (1, 2, 4, 8), mb_rows: int = 4, reps: int = 3,
+          strategies: tuple = STRATEGIES) -> list[dict]:
+    """The suite: calibration, then each strategy's exactness check, training steps
+    (streamed) and timings, and the GPipe sweep over M at S = ``stages``."""
+    for s in strategies:
+        V.choice("strategy", s, STRATEGIES)
+    common = {"task": task, "size": size, "seq": seq}
+    out = [{"name": "calibrate", "experiment": "calibrate",
+            "config": {**common, "rows": [1, 2, 4, 8], "reps": reps}}]
+    if "ddp" in strategies:
+        out.append({"name": "ddp", "experiment": "ddp", "config": {
+            **common, "batch": batch, "steps": steps, "rounds": 1, "reps": reps}})
+    if "tensor" in strategies:
+        out.append({"name": "tensor", "experiment": "tensor", "config": {
+            **common, "batch": batch, "steps": steps, "rounds": 1, "reps": reps}})
+    if "pipeline" in strategies:
+        out.append({"name": "pipeline", "experiment": "pipeline", "config": {
+            **common, "batch": batch, "steps": steps, "stages": stages,
+            "microbatches": microbatches, "schedule": schedule}})
+        out.append({"name": "sweep", "experiment": "pipeline", "config": {
+            **common, "batch": batch, "steps": 0, "check": False, "stages": stages,
+            "microbatches": min(sweep_m), "schedule": "gpipe", "sweep_m": list(sweep_m),
+            "mb_rows": mb_rows, "reps": reps}})
+    return out
+
+
+def run(nproc: int = 2, on_event=None, timeout: float = 120.0, **kwargs):
+    """One launch of :func:`parts` on ``nproc`` ranks; returns the LaunchResult."""
+    r = launch("suite", {"parts": parts(**kwargs)}, nproc=nproc, timeout=timeout,
+               on_event=on_event)
+    r.result["loadavg"] = os.getloadavg()  # how busy the machine was (shared box)
+    return r
+
+
+def board_callback(board, every: int = 1):
+    """Route streamed step lines to a :class:`labkit.ui.LiveBoard` with panels ``loss``
+    and ``throughput``: one series per experiment and rank."""
+    current = {}
+
+    def on_event(e):
+        if e.get("event") == "part":
+            current[e["rank"]] = e["name"]
+        elif e.get("event") == "step" and e["step"] % every == 0:
+            name = f"{current.get(e['rank'], '?')} r{e['rank']}"
+            if e.get("loss") is not None:
+                board.log("loss", name, e["step"], e["loss"])
+            if e.get("samples_per_s"):
+                board.log("throughput", name, e["step"], e["samples_per_s"])
+    return on_event
+
+
+# ------------------------------------------------------------------ tables
+
+def correctness(ranks: list[dict]) -> pd.DataFrame:
+    rows = []
+    for key in ("ddp", "tensor", "pipeline"):
+        if key in ranks[0]:
+            rows.append({"strategy": key,
+                         "grad_max_abs_diff": max(r[key]["grad_max_abs_diff"] for r in ranks),
+                         "output_or_loss_diff": max(r[key].get("output_max_abs_diff",
+                                                               r[key].get("loss_abs_diff", 0))
+                                                    for r in ranks),
+                         "tolerance": 1e-5 if key == "tensor" else 1e-6})
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["exact"] = (df.grad_max_abs_diff <= df.tolerance) & \
+            (df.output_or_loss_diff <= df.tolerance)
+    return df
+
+
+def bubble(ranks: list[dict]) -> pd.DataFrame:
+    """Measured GPipe bubble per M (mean over ranks) next to (S-1)/(M+S-1) and the
+    bubble-free Eq. 10 (step = M micro-batches' work / S)."""
+    if "sweep" not in ranks[0]:
+        return pd.DataFrame()
+    rows = []
+    for i, row in enumerate(ranks[0]["sweep"]["bubble"]):
+        per = [r["sweep"]["bubble"][i] for r in ranks]
+        S, M = row["S"], row["M"]
+        busy = sum(p["busy_s"] for p in per)  # all stages' work of the step
+        wall = max(p["wall_s"] for p in per)
+        rows.append({"S": S, "M": M, "measured_bubble": sum(p["bubble"] for p in per) / len(per),
+                     "gpipe_bubble": (S - 1) / (M + S - 1), "eq10_bubble": 0.0,
+                     "measured_overlap": overlap(per), "gpipe_overlap": _ideal_overlap(S, M),
+                     "cpu_share_in_compute": sum(p.get("cpu_share", float("nan"))
+                                                 for p in per) / len(per),
+                     "measured_step_s": wall, "eq10_step_s": busy / S,
+                     "gpipe_step_s": busy / S * (M + S - 1) / M,
+                     "samples_per_s": row["samples_per_s"]})
+    df = pd.DataFrame(rows)
+    df["relative_error_vs_gpipe"] = (df.measured_bubble - df.gpipe_bubble) / df.gpipe_bubble
+    return df
+
+
+def overlap(per_rank: list[dict]) -> float | None:
+    """Share of the step during which at least two ranks computed at once, from the traces
+    (absolute times on this machine's monotonic clock); None for other rank counts."""
+    if len(per_rank) != 2 or any("t0" not in p for p in per_rank):
+        return None
+    a, b = ([(p["t0"] + e[3], p["t0"] + e[4]) for e in p["events"]] for p in per_rank)
+    both = sum(max(0.0, min(e1, e2) - max(s1, s2)) for s1, e1 in a for s2, e2 in b)
+    return both / max(p["wall_s"] for p in per_rank)
+
+
+def _ideal_overlap(S: int, M: int) -> float | None:
+    """Two equal stages under GPipe: both busy for (M - 1)/(M + 1) of the step."""
+    return (M - 1) / (M + 1) if S == 2 else None
+
+
+def memory(ranks: list[dict]) -> pd.DataFrame:
+    """Bytes each rank held (weights, gradients, AdamW state) vs what the strategy claims."""
+    rows = []
+    for r in ranks:
+        if "ddp" in r:
+            m = r["ddp"]["memory"]
+            rows.append({"strategy": "ddp", "rank": r["ddp"]["rank"],
+                         "measured_state_bytes": m["state_bytes"],
+                         "claimed_state_bytes": 16 * r["ddp"]["n_params"],
+                         "claim": "a full replica: 16 B/param"})
+        if "tensor" in r:
+            t = r["tensor"]
+            rows.append({"strategy": "tensor", "rank": t["rank"],
+                         "measured_state_bytes": t["memory"]["state_bytes"],
+                         "claimed_state_bytes": 4 * t["claimed_param_bytes"],
+                         "claim": "1/T of every weight (Eq. 8-9)"})
+        if "pipeline" in r:
+            p = r["pipeline"]
+            rows.append({"strategy": "pipeline", "rank": p["rank"],
+                         "measured_state_bytes": p["memory"]["state_bytes"],
+                         "claimed_state_bytes": 16 * p["claimed_params_per_rank"],
+                         "claim": "1/S of the weights (Eq. 8 layer-wise)"})
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["measured_over_claimed"] = df.measured_state_bytes / df.claimed_state_bytes
+    return df
+
+
+def ddp_scaling(ranks: list[dict]) -> dict:
+    t = ranks[0].get("ddp", {}).get("timing")
+    if not t:
+        return {}
+    s = t["seconds"]
+    return {"one_rank_s": s["one_rank_full_batch"], "ddp_s": s["ddp"],
+            "ddp_no_sync_s": s["ddp_no_sync"], "all_reduce_s": s["all_reduce_grads"],
+            "two_over_one_rank_step_ratio": s["ddp"] / s["one_rank_full_batch"],
+            # N ranks computing B/N rows each at once, vs one rank alone on B rows: 1.0
+            # when every rank has a core of its own; more when they share the cores
+            "concurrent_compute_slowdown": s["ddp_no_sync"] * len(ranks)
+            / s["one_rank_full_batch"],
+            "speedup": t["speedup_vs_one_rank"], "scaling_efficiency": t["scaling_efficiency"],
+            "verdict": speedup_verdict(t["speedup_vs_one_rank"],
+                                       flop_ratio=len(ranks)),  # > N ranks' worth: noise
+            "all_reduce_bytes": t["all_reduce_bytes"]}
+
+
+def calibration(result: dict) -> tuple[SIM.Calibration, SIM.Spec]:
+    ranks = result["ranks"]
+    cal = SIM.fit([r["calibrate"] for r in ranks], result["world_size"])
+    return cal, SIM.spec_from(ranks[0]["calibrate"])
+
+
+def simulator_errors(result: dict) -> pd.DataFrame:
+    """The simulator on every run this launch measured: relative error per configuration."""
+    cal, spec = calibration(result)
+    ranks, ws = result["ranks"], result["world_size"]
+    runs = []
+    sc = ddp_scaling(ranks)
+    batch = ranks[0]["ddp"]["rows_per_rank"] * ws if "ddp" in ranks[0] else None
+    if sc:
+        runs += [{"label": "1 rank, whole batch", "batch": batch, "measured_s": sc["one_rank_s"]},
+                 {"label": f"DDP x{ws}", "dp": ws, "batch": batch, "measured_s": sc["ddp_s"]}]
+    if "tensor" in ranks[0] and "step_s" in ranks[0]["tensor"]:
+        runs.append({"label": f"TP x{ws}", "tp": ws, "batch": batch or 8,
+                     "measured_s": ranks[0]["tensor"]["step_s"]})
+    b = bubble(ranks)
+    if not b.empty:
+        first = ranks[0]["sweep"]["bubble"][0]
+        mb = first["mb_rows"] * first["dp"]
+        for _, row in b.iterrows():
+            runs.append({"label": f"GPipe S={int(row.S)} M={int(row.M)}", "pp": int(row.S),
+                         "microbatches": int(row.M), "batch": int(mb * row.M),
+                         "schedule": "gpipe", "measured_s": row.measured_step_s,
+                         "bubble": row.measured_bubble})
+    df = pd.DataFrame(SIM.errors(cal, spec, runs))
+    df["simulated"] = True
+    return df
+
+
+def simulator_memory_errors(result: dict) -> pd.DataFrame:
+    """Simulated bytes of weights + gradients + AdamW state on the busiest device vs the
+    most any rank of this launch held, per strategy."""
+    cal, spec = calibration(result)
+    ranks, ws = result["ranks"], result["world_size"]
+    plans = {"ddp": {"dp": ws}, "tensor": {"tp": ws}, "pipeline": {"pp": ws}}
+    rows = []
+    for key, kw in plans.items():
+        if key not in ranks[0]:
+            continue
+        measured = max(r[key]["memory"]["state_bytes"] for r in ranks)
+        sim = SIM.simulate(spec, cal, batch=8 * ws, **kw)["state_bytes_per_device"]
+        rows.append({"label": f"{key} x{ws}", "measured_bytes": measured,
+                     "simulated_bytes": sim, "relative_error": (sim - measured) / measured,
+                     "simulated": True})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ figures
+
+def gantt(events_by_rank: dict, title: str = "pipeline schedule (what ran)") -> go.Figure:
+    """Bars of every micro-batch's forward (F) and backward (B) per rank, from the trace
+    (``(kind, stage, microbatch, start_s, end_s)`` tuples)."""
+    fig = go.Figure()
+    colors = {"F": "#636EFA", "B": "#EF553B"}
+    t0 = min((e[3] for evs in events_by_rank.values() for e in evs), default=0.0)
+    for rank, evs in sorted(events_by_rank.items()):
+        for kind in ("F", "B"):
+            sel = [e for e in evs if e[0] == kind]
+            fig.add_trace(go.Bar(
+                y=[f"rank {rank}"] * len(sel), x=[(e[4] - e[3]) * 1e3 for e in sel],
+                base=[(e[3] - t0) * 1e3 for e in sel], orientation="h",
+                marker_color=colors[kind], name={"F": "forward", "B": "backward"}[kind],
+                text=[f"{kind}{e[2]}" for e in sel], textposition="inside",
+                legendgroup=kind, showlegend=rank == min(events_by_rank)))
+    fig.update_layout(title=title, barmode="overlay", height=120 + 60 * len(events_by_rank),
+                      xaxis_title="ms since the step started")
+    return fig
+
+
+def bubble_figure(df: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=df.M, y=df.measured_bubble, name="measured", mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=df.M, y=df.gpipe_bubble, name="GPipe (S-1)/(M+S-1)",
+                             mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=df.M, y=df.eq10_bubble, name="Eq. 10 (no bubble term)",
+                             mode="lines"))
+    fig.update_layout(title="pipeline bubble vs micro-batches M", xaxis_title="M",
+                      yaxis_title="idle fraction", height=320)
+    return fig
+
+
+def scaling_figure(rows: list[dict], title: str = "") -> go.Figure:
+    """Simulated throughput and memory per device vs devices, one line per model x plan."""
+    df = pd.DataFrame(rows)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "samples/s (simulated)", "memory per device, GB (simulated)"))
+    for i, ((model, plan), g) in enumerate(df.groupby(["model", "plan"], sort=False)):
+        color = f"hsl({(i * 67) % 360},60%,45%)"
+        fig.add_trace(go.Scatter(x=g.devices, y=g.samples_per_s, name=f"{model} {plan}",
+                                 mode="lines+markers", line={"color": color},
+                                 legendgroup=f"{model}{plan}"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=g.devices, y=g.memory_bytes_per_device / 1e9,
+                                 name=f"{model} {plan}", mode="lines+markers",
+                                 line={"color": color}, legendgroup=f"{model}{plan}",
+                                 showlegend=False), row=1, col=2)
+    fig.update_xaxes(type="log", title_text="devices")
+    fig.update_yaxes(type="log")
+    fig.update_layout(title=title or "simulated scaling (calibrated on this machine)",
+                      height=380)
+    return fig
+
+
+def scaling(cal: SIM.Calibration, sizes=("125M", "1.3B", "7B"), **kw) -> list[dict]:
+    rows = []
+    for name in sizes:
+        for r in SIM.scaling(SIM.SIZES[name], cal, **kw):
+            rows.append({"model": name, **r})
+    return rows

@@ -1,0 +1,9 @@
+"""What the notebooks share, one module per family, on :mod:`labkit.labs.common`.
+
+* :mod:`.common`: build and train several variants on the same batches, summaries, claimed
+  vs counted, side-by-side timing with a noise verdict, small parameter helpers.
+* :mod:`.workloads`: the decoder LM or the encoder on synthetic NLI, sized for a preset.
+* :mod:`.attention`: attention maps, spectra and low-rank errors (notebooks 01, 02).
+* :mod:`.ffn`: FFN spectra, SVD sweeps, claimed vs measured, size sweeps (notebook 03).
+* :mod:`.depth`: cached depth baselines, LayerDrop / early-exit / CQIL sweeps (notebooks 08, 09).
+"""

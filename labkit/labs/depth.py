@@ -1,0 +1,387 @@
+"""What notebooks 08 (LayerDrop, early exit) and 09 (CQIL) share.
+
+* :func:`trained_lm` / :func:`trained_sdn`: the trained depth baselines (a decoder LM with
+  or without LayerDrop; an encoder with SDN exits), trained once per machine and cached
+  atomically under ``labkit.zoo.CACHE_DIR`` keyed by every argument and the torch version,
+  with their loss history so a cached run still draws its curves.
+* :func:`prune_rows`, :func:`exit_rows`, :func:`cqil_rows`: the sweeps; :func:`paired_latency`:
+  every variant timed side by side (:func:`labkit.measure.paired`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .. import data as D
+from .. import measure, zoo
+from .. import model as M
+from .. import train as T
+from .. import validate as V
+from ..techniques import (
+    CQILConfig,
+    EarlyExitConfig,
+    LayerDropConfig,
+    LayerPruneConfig,
+    LoRAConfig,
+    apply_,
+)
+from ..techniques import cqil as C
+from ..techniques import early_exit as E
+from ..techniques.layerdrop import evenly_spread
+
+CODE_VERSION = 1  # bump when training here changes, so stale caches are not reused
+
+
+@dataclass
+class Trained:
+    model: M.Transformer
+    history: list  # {"step", "split", "loss", ...} rows, as trained
+    metrics: dict  # final eval metrics
+    cached: bool
+    path: Path
+    eval_set: object  # what metrics were computed on
+    data: object  # the corpus or the pair task
+
+
+def _path(name: str, args: dict) -> Path:
+    blob = json.dumps({**args, "torch": torch.__version__.split("+")[0], "v": CODE_VERSION},
+                      sort_keys=True)
+    return Path(zoo.CACHE_DIR) / f"depth-{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
+
+
+def _save(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:  # write then rename: a crash never leaves a half-written cache file
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _replay(board, series: str, history: list) -> None:
+    if board is None:
+        return
+    for h in history:
+        if h["split"] == "train" and "loss" in board.panels:
+            board.log("loss", series, h["step"], h["loss"])
+        elif h["split"] == "eval":
+            for k, v in h.items():
+                if k in board.panels and k not in ("step", "split", "seconds"):
+                    board.log(k, f"{series} eval", h["step"], v)
+    board.flush()
+
+
+def _train_or_load(name, args, model, fit_kwargs, eval_fn, board, series, eval_set, data):
+    path = _path(name, args)
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state"])
+        model.eval()
+        _replay(board, series, saved["history"])
+        return Trained(model, saved["history"], saved["metrics"], True, path, eval_set, data)
+    cbs = [board.callback("loss", series, every=5)] if board is not None else []
+    res = T.fit(model, eval_fn=eval_fn, callbacks=cbs, progress=False, **fit_kwargs)
+    model.eval()
+    _save(path, {"state": model.state_dict(), "history": res.history, "metrics": res.final,
+                 "args": args})
+    return Trained(model, res.history, res.final, False, path, eval_set, data)
+
+
+def trained_lm(n_layers: int = 8, p: float = 0.0, steps: int = 400, size: str = "tiny",
+               seq_len: int = 32, batch_size: int = 16, lr: float = 3e-3, n_eval: int = 256,
+               seed: int = 0, board=None, series: str = "") -> Trained:
+    """A decoder LM of ``n_layers`` trained with LayerDrop rate ``p`` (0: plain), cached.
+    The returned model runs every block (the default executor)."""
+    V.integer("n_layers", n_layers, 2)
+    V.number("p", p, 0.0, 1.0, hi_open=True)
+    V.integer("steps", steps, 1)
+    args = {"kind": "lm", "n_layers": n_layers, "p": p, "steps": steps, "size": size, "seq_len": seq_len,
+                "batch_size": batch_size, "lr": lr, "n_eval": n_eval, "seed": seed}
+    corpus = D.load_lm_corpus(seed=seed)
+    cfg = M.preset(size, kind="decoder", n_layers=n_layers, vocab_size=len(corpus.tokenizer),
+                   max_len=seq_len)
+    model = M.build(cfg, seed=seed)
+    gen = D.lm_batches(corpus.eval, batch_size, seq_len, seed=seed + 1)
+    eval_set = [next(gen) for _ in range(max(1, n_eval // batch_size))]
+    if p > 0:
+        apply_(model, LayerDropConfig(p=p))
+    out = _train_or_load(f"lm{n_layers}-p{p}", args, model,
+                         {"train_batches": D.lm_batches(corpus.train, batch_size, seq_len,
+                                                         seed=seed),
+                              "steps": steps, "lr": lr, "seed": seed, "eval_every": max(1, steps // 5)},
+                         lambda: T.evaluate(model, eval_set), board,
+                         series or f"LayerDrop p={p}", eval_set, corpus)
+    model.set_executor(M.BlockExecutor())  # every block at inference
+    return out
+
+
+def trained_sdn(n_layers: int = 6, steps: int = 1500, size: str = "tiny",
+                task: str = "synthetic-qnli", n_train: int = 4000, n_eval: int = 500,
+                max_len: int = 48, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                board=None, series: str = "SDN") -> Trained:
+    """An encoder with an internal classifier after every block, trained jointly with the
+    SDN loss (weights growing over training), cached. ``eval_set``: held-out rows (the
+    first half calibrates temperatures, the second measures, see :func:`split_eval`)."""
+    V.integer("n_layers", n_layers, 2)
+    V.integer("steps", steps, 1)
+    args = {"kind": "sdn", "n_layers": n_layers, "steps": steps, "size": size, "task": task,
+                "n_train": n_train, "n_eval": n_eval, "max_len": max_len, "batch_size": batch_size, "lr": lr,
+                "seed": seed}
+    pairs = D.load_task(task, n_train=n_train, n_eval=n_eval, max_len=max_len, seed=seed)
+    cfg = M.preset(size, kind="encoder", n_layers=n_layers, vocab_size=len(pairs.tokenizer),
+                   num_labels=pairs.num_labels, max_len=max_len)
+    model = M.build(cfg, seed=seed)
+    apply_(model, EarlyExitConfig(q=0.9))
+    return _train_or_load(f"sdn{n_layers}", args, model,
+                          {"train_batches": D.batches(pairs.train, batch_size, seed=seed),
+                               "steps": steps, "lr": lr, "seed": seed, "eval_every": max(1, steps // 5),
+                               "strategy": E.SDNStrategy(steps)},
+                          lambda: T.evaluate(model, pairs.eval), board, series, pairs.eval,
+                          pairs)
+
+
+def split_eval(tensors: dict) -> tuple[dict, dict]:
+    """Held-out rows in two halves: calibration, then test."""
+    n = len(tensors["labels"]) // 2
+    return ({k: v[:n] for k, v in tensors.items()}, {k: v[n:] for k, v in tensors.items()})
+
+
+def eval_loss(model, eval_set) -> float:
+    return T.evaluate(model, eval_set)["loss"]
+
+
+def paired_latency(fns: dict, rounds: int = 3, min_run_time: float = 0.1) -> dict:
+    """``{name: row}``: every callable timed side by side (the first is the reference)."""
+    with torch.inference_mode():
+        res = measure.paired(fns, rounds=rounds, min_run_time=min_run_time)
+    return {r["variant"]: r for r in res.rows()}
+
+
+# ---- LayerDrop ------------------------------------------------------------------------
+
+def pruned(model, keep) -> M.Transformer:
+    """A copy of ``model`` with only the ``keep`` blocks (real removal)."""
+    return apply_(copy.deepcopy(model), LayerPruneConfig(keep=tuple(keep)))
+
+
+def prune_rows(models: dict, kept_counts, eval_set, sample, rounds: int = 3,
+               min_run_time: float = 0.05) -> list[dict]:
+    """Quality, parameters and side-by-side batch-``sample`` latency of every model in
+    ``models`` (``{label: trained model}``) pruned to each count in ``kept_counts``."""
+    rows, fns = [], {}
+    for label, model in models.items():
+        n = len(model.blocks)
+        for k in kept_counts:
+            keep = evenly_spread(n, k)
+            m = pruned(model, keep)
+            rows.append({"model": label, "blocks_kept": k, "kept": list(keep),
+                         "eval_loss": eval_loss(m, eval_set), "params": M.count_params(m)})
+            if label == next(iter(models)):  # the same architecture: time it once
+                fns[f"{k} blocks"] = partial(m, *sample)
+    lat = paired_latency(fns, rounds, min_run_time)
+    for r in rows:
+        t = lat[f"{r['blocks_kept']} blocks"]
+        r.update(latency_ms=t["median_ms"], speedup=t["speedup"])
+    return rows
+
+
+# ---- early exit -----------------------------------------------------------------------
+
+def exit_rows(model, test: dict, qs, calibrated: bool) -> list[dict]:
+    """Per threshold q: simulated and measured (batched, per-sample masks) accuracy and
+    mean blocks executed on ``test``; the two must agree."""
+    ex = model.executor
+    ex.calibrated = calibrated
+    z, y = E.exit_logits(model, test)
+    rows = []
+    for q in qs:
+        sim = E.simulate(z, y, q, ex.exits, ex.n_layers, ex.temps())
+        ex.q = q
+        logits, blocks = E.predict(model, test["input_ids"], test["padding_mask"])
+        rows.append({"q": q, "calibrated": calibrated, "accuracy": sim["accuracy"],
+                     "blocks": sim["blocks"],
+                     "measured_accuracy": float((logits.argmax(-1) == y).float().mean()),
+                     "measured_blocks": float(blocks.float().mean())})
+    return rows
+
+
+def exit_latency(model, test: dict, qs, batch: int = 64, singles: int = 16, rounds: int = 3,
+                 min_run_time: float = 0.05, calibrated: bool = False) -> list[dict]:
+    """Measured latency of early exit at each q vs the full model, side by side: a batch of
+    ``batch`` rows, and ``singles`` rows one at a time (batch 1)."""
+    ex = model.executor
+    ex.calibrated = calibrated
+    ids, mask = test["input_ids"], test["padding_mask"]
+    full = copy.deepcopy(model)
+    full.set_executor(M.BlockExecutor())  # the model without exit heads
+
+    def plain(rows_):
+        def go():
+            for r in rows_:
+                full(ids[r], mask[r])
+        return go
+
+    def run(q, rows_):
+        def go():
+            ex.q = q
+            for r in rows_:
+                E.predict(model, ids[r], mask[r])
+        return go
+
+    out = []
+    for scope, rows_ in (("batch", [slice(0, batch)]),
+                         ("batch 1", [slice(i, i + 1) for i in range(singles)])):
+        fns = {"full": plain(rows_), **{f"q={q}": run(q, rows_) for q in qs}}
+        lat = paired_latency(fns, rounds, min_run_time)
+        for q in qs:
+            t = lat[f"q={q}"]
+            out.append({"scope": scope, "q": q, "calibrated": calibrated,
+                        "latency_ms": t["median_ms"], "full_ms": lat["full"]["median_ms"],
+                        "speedup": t["speedup"], "speedup_min": t["speedup_min"],
+                        "speedup_max": t["speedup_max"]})
+    return out
+
+
+def calibration_rows(model, calib: dict, test: dict) -> tuple[list[dict], dict]:
+    """ECE per exit before/after fitting temperatures on ``calib``; reliability bins of the
+    first exit before and after. Leaves calibration on."""
+    z_cal, y_cal = E.exit_logits(model, calib)
+    t = E.fit_temperatures(z_cal, y_cal)
+    model.executor.temperature.copy_(t)
+    model.executor.calibrated = True
+    z, y = E.exit_logits(model, test)
+    rows, bins = [], {}
+    for k in range(z.shape[0]):
+        before = E.reliability(z[k].softmax(-1), y)
+        after = E.reliability((z[k] / t[k]).softmax(-1), y)
+        rows.append({"exit": k, "after_block": (list(model.executor.exits) + [len(
+            model.blocks) - 1])[k] + 1, "temperature": float(t[k]), "ece_before": before["ece"],
+            "ece_after": after["ece"], "accuracy": float((z[k].argmax(-1) == y).float().mean())})
+        if k == 0:
+            bins = {"before": before["bins"], "after": after["bins"]}
+    return rows, bins
+
+
+# ---- CQIL -----------------------------------------------------------------------------
+
+def minilm_similarity(n: int = 32):
+    """Adjacent-layer input similarity of the pretrained MiniLM on real sentences, or
+    ``(None, reason)`` when the extra is missing."""
+    from .. import pretrained as P
+
+    if not P.minilm_available():
+        return None, P.INSTALL_HINT
+    model, tok = P.load_minilm()
+    batch = P.encode(tok, P.sentences(n))
+    with torch.no_grad():
+        hs = model(**batch, output_hidden_states=True).hidden_states[:-1]  # block inputs
+    keep = batch["attention_mask"].bool()
+    flat = torch.stack([torch.nn.functional.normalize(h, dim=-1)[keep] for h in hs])
+    return torch.einsum("itd,jtd->ij", flat, flat) / flat.shape[1], "all-MiniLM-L6-v2"
+
+
+def recover(model, teacher, batches, steps: int, rank: int, temperature: float, lr: float,
+            full: bool = False, board=None, series: str = ""):
+    """Self-distillation from ``teacher`` through LoRA adapters of ``rank`` (or a full
+    fine-tune); adapters are merged afterwards, so inference costs nothing extra."""
+    if not full:
+        apply_(model, LoRAConfig(rank=rank))
+    cbs = [board.callback("loss", series, every=5)] if board is not None else []
+    res = T.fit(model, batches, steps=steps, lr=lr, strategy=C.DistillStrategy(teacher,
+                temperature), callbacks=cbs, progress=False)
+    if not full:
+        C.merge_lora_(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return res
+
+
+def cqil_rows(base: Trained, dropped_from: dict, starts, ps, end: int, recovery_steps: int,
+              rank: int, temperature: float, lr: float, d: int = 0, board=None,
+              seed: int = 0) -> list[dict]:
+    """Eval loss of CQIL, CQIL + recovery, and dropping the same number of blocks from the
+    group (from each model in ``dropped_from``) at each start layer and P."""
+    n = len(base.model.blocks)
+    corpus = base.data
+    rows = [{"variant": "sequential", "start": None, "P": 1, "blocks_saved": 0,
+             "ideal_cut": 0.0, "eval_loss": eval_loss(base.model, base.eval_set)}]
+    for start in starts:
+        for p in ps:
+            if p > end - start:
+                continue
+            saved = (end - start) - len(C.steps_of(start, end, p))
+            common = {"start": start, "end": end, "P": p, "D": d, "blocks_saved": saved,
+                      "ideal_cut": C.ideal_cut(n, start, end, p)}
+            m = apply_(copy.deepcopy(base.model), CQILConfig(start=start, end=end, P=p, D=d))
+            rows.append({"variant": "CQIL", **common, "eval_loss": eval_loss(m, base.eval_set)})
+            if recovery_steps:
+                recover(m, base.model, D.lm_batches(corpus.train, 16, base.model.cfg.max_len,
+                                                    seed=seed + 7),
+                        recovery_steps, rank, temperature, lr, board=board,
+                        series=f"recovery s={start} P={p}")
+                rows.append({"variant": "CQIL + recovery", **common,
+                             "eval_loss": eval_loss(m, base.eval_set)})
+            keep = drop_keep(n, start, end, saved)
+            for label, model in dropped_from.items():
+                rows.append({"variant": f"drop {saved} ({label})", **common, "keep": keep,
+                             "eval_loss": eval_loss(pruned(model, keep), base.eval_set)})
+    return rows
+
+
+def drop_keep(n: int, start: int, end: int, saved: int) -> list[int]:
+    """The blocks kept when ``saved`` blocks, evenly spread in ``[start, end)``, are dropped."""
+    group = list(range(start, end))
+    drop = {group[i] for i in evenly_spread(len(group), saved)} if saved else set()
+    return [i for i in range(n) if i not in drop]
+
+
+def cqil_group(base: Trained, start: int, end: int, p: int, d: int, recovery_steps: int,
+               rank: int, temperature: float, lr: float, full: bool = False, board=None,
+               seed: int = 0) -> dict:
+    """Eval loss of the sequential model, of CQIL on ``[start, end)`` and (with
+    ``recovery_steps``) after recovery; the ideal latency cut."""
+    m = apply_(copy.deepcopy(base.model), CQILConfig(start=start, end=end, P=p, D=d))
+    row = {"start": start, "end": end, "P": p, "D": d,
+           "sequential_loss": eval_loss(base.model, base.eval_set),
+           "cqil_loss": eval_loss(m, base.eval_set),
+           "ideal_cut": C.ideal_cut(len(base.model.blocks), start, end, p)}
+    if recovery_steps:
+        recover(m, base.model, D.lm_batches(base.data.train, 16, base.model.cfg.max_len,
+                                            seed=seed + 7),
+                recovery_steps, rank, temperature, lr, full=full, board=board,
+                series=f"[{start},{end}) P={p} D={d}")
+        row["recovered_loss"] = eval_loss(m, base.eval_set)
+    return row
+
+
+def attach_latency(rows: list[dict], model, sample, process_rows: list[dict], rounds: int = 3,
+                   min_run_time: float = 0.05) -> list[dict]:
+    """Add ``measured_speedup`` and ``ideal_speedup`` to quality rows: CQIL's from the
+    cross-process measurement (``process_rows`` of :func:`cqil_dist.summarize`), dropped
+    models' timed side by side with the sequential model in this process."""
+    drops = {tuple(r["keep"]): pruned(model, r["keep"]) for r in rows if "keep" in r}
+    fns = {"sequential": lambda: model(*sample),
+           **{str(k): partial(m, *sample) for k, m in drops.items()}}
+    lat = paired_latency(fns, rounds, min_run_time)
+    cut = {(r["start"], r["P"]): r["latency_cut"] for r in process_rows}
+    for r in rows:
+        if "keep" in r:
+            r["measured_speedup"] = lat[str(tuple(r["keep"]))]["speedup"]
+        elif r["variant"] == "sequential":
+            r["measured_speedup"] = 1.0
+        else:
+            c = cut.get((r["start"], r["P"]))
+            r["measured_speedup"] = 1 / (1 - c) if c is not None else None
+        r["ideal_speedup"] = 1 / (1 - r["ideal_cut"])
+    return rows

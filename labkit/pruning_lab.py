@@ -1,0 +1,236 @@
+"""What notebook 04 (sparsity and pruning) runs, so the notebook is a thin driver.
+
+:class:`PruningLab` holds the two workloads (the decoder LM trained from scratch, and the
+encoder on a sentence-pair task started from a trained, cached dense baseline) and the
+knobs; its methods build a validated :class:`~labkit.techniques.sparsity.SparsityConfig`
+(:meth:`config`), run one method (:meth:`run`), compare methods at one sparsity
+(:meth:`compare_methods`), run the survey's curve study (:meth:`curves`) and put claimed vs
+measured next to the kernel path ``accelerate`` chose (:meth:`claimed_vs_measured`).
+Figures and the headline metrics come from here too.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import accelerate as A
+from . import figures as F
+from . import measure, zoo
+from . import sparsity_lab as L
+from . import validate as V
+from .techniques import expected
+from .techniques import sparsity as S
+
+MLP_STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron")
+AUTO = "auto"
+
+
+def method_for(structure: str, method: str) -> str:
+    """``method`` itself, or for ``"auto"`` a method valid for the structure: gradual
+    pruning everywhere except N:M, whose fixed pattern a schedule cannot step through
+    (one-shot magnitude there)."""
+    V.choice("method", method, (AUTO, *S.METHODS))
+    if method != AUTO:
+        return method
+    return "magnitude" if structure == "nm" else "gradual"
+
+
+def floats(name: str, text: str, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    """A comma list of numbers in [lo, hi) (a notebook list parameter)."""
+    allowed = f"a comma list of numbers in [{lo:g}, {hi:g})"
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise V.LabkitConfigError(name, text, allowed) from None
+    if not vals or any(not lo <= v < hi for v in vals):
+        raise V.LabkitConfigError(name, text, allowed)
+    return vals
+
+
+def names(name: str, text: str, allowed) -> list[str]:
+    """A comma list of names, each one of ``allowed``."""
+    vals = [s.strip() for s in text.split(",") if s.strip()]
+    if not vals or any(v not in allowed for v in vals):
+        raise V.LabkitConfigError(name, text, "a comma list of " + ", ".join(allowed))
+    return vals
+
+
+def nli_baseline(task: str, source: str, vocab_size: int, steps: int, n_train: int,
+                 n_eval: int, seed: int, **zoo_kw):
+    """The trained dense encoder pruning and quantization start from (cached per machine,
+    :func:`labkit.zoo.trained_encoder`) on ``task`` from ``source`` with a word vocabulary
+    of ``vocab_size``."""
+    V.integer("vocab_size", vocab_size, 16)
+    kw = {"vocab_size": vocab_size} if vocab_size != 1024 else {}
+    try:
+        return zoo.trained_encoder(task, source=source, steps=steps, n_train=n_train,
+                                   n_eval=n_eval, seed=seed, progress=False, **kw, **zoo_kw)
+    except TypeError as e:  # a zoo without a vocabulary size: say so, never ignore it
+        if "vocab_size" not in str(e):
+            raise
+        raise V.LabkitConfigError("vocab_size", vocab_size, "1024 (this labkit.zoo cannot "
+                                  "train a baseline with another vocabulary)") from None
+
+
+class PruningLab:
+    """The knobs of notebook 04 and the workloads they run on."""
+
+    def __init__(self, p: dict, baseline):
+        self.p, self.baseline = p, baseline
+        self.work = {"lm": L.workload("lm", "tiny", p["batch_size"], p["seq_len"],
+                                      n_train=p["n_train"], n_eval=min(p["n_eval"], 256),
+                                      seed=p["seed"]),
+                     "nli": L.baseline_workload(baseline, 2 * p["batch_size"])}
+
+    def config(self, steps: int, structure=None, sparsity=None, method=None,
+               l1_lambda=None) -> S.SparsityConfig:
+        """The validated config for the knobs (bad knobs fail here, naming them)."""
+        p = self.p
+        structure = structure or p["structure"]
+        return L.sparsity_config(steps, p["sparsity"] if sparsity is None else sparsity,
+                                 structure, method_for(structure, method or p["method"]),
+                                 p["l1_lambda"] if l1_lambda is None else l1_lambda,
+                                 n=p["n"], m=p["m"], block=p["block"], scope=p["scope"])
+
+    def run(self, task: str, config, steps: int, board=None, label: str = "") -> dict:
+        """LM: a fresh model trained for ``steps`` (dense, or pruned by ``config``). NLI:
+        the trained baseline (``config=None``) or a pruned copy fine-tuned ``steps``."""
+        p = self.p
+        if task == "nli":
+            return L.prune_from(self.work[task], self.baseline.model, config, steps,
+                                p["finetune_lr"], p["eval_every"], p["seed"], board, label)
+        return L.train_one(self.work[task], config, steps, p["lr"], p["eval_every"],
+                           p["seed"], board, label)
+
+    def compare_methods(self, board=None) -> list[dict]:
+        """Dense and every method valid for the structure, same seed, batches and steps."""
+        rows, steps = [], self.p["method_steps"]
+        for t in L.TASKS:
+            for meth in [None, *S.METHODS]:
+                if meth == "gradual" and self.p["structure"] == "nm":
+                    continue  # N:M has one fixed sparsity: nothing to schedule
+                c = None if meth is None else self.config(steps, method=meth)
+                o = self.run(t, c, steps, board, f"{t}: {meth or 'dense'}")
+                rows.append({"task": t, "method": meth or "dense",
+                             "label": "dense" if c is None else f"{meth} {c.label}",
+                             "eval_loss": o["final"]["loss"],
+                             "accuracy": o["final"].get("accuracy"),
+                             "actual_sparsity": o["sparsity"],
+                             "warnings": o.get("warnings", "")})
+        return rows
+
+    def verdict(self, rows: list[dict]) -> list[dict]:
+        """Did gradual / L1 beat one-shot magnitude (lower eval loss)? With the NLI
+        accuracy change vs dense and its binomial standard error sqrt(p(1-p)/n)."""
+        n_eval = len(self.work["nli"].eval_set["labels"])
+        out = []
+        for t in L.TASKS:
+            by = {r["method"]: r for r in rows if r["task"] == t}
+            for meth in ("gradual", "l1"):
+                if meth not in by or "magnitude" not in by:
+                    continue
+                r, one = by[meth], by["magnitude"]
+                acc = r["accuracy"]
+                out.append({"task": t, "method": meth,
+                            "eval loss vs one-shot": r["eval_loss"] - one["eval_loss"],
+                            "accuracy vs dense": (acc - by["dense"]["accuracy"])
+                            if t == "nli" else None,
+                            "accuracy s.e.": (acc * (1 - acc) / n_eval) ** 0.5
+                            if t == "nli" else None,
+                            "beats one-shot (lower eval loss)":
+                            bool(r["eval_loss"] < one["eval_loss"])})
+        return out
+
+    def curves(self, structures, sparsities, board=None):
+        """The survey's loss curves (see :func:`labkit.sparsity_lab.curve_study`)."""
+        p = self.p
+        return L.curve_study(self.work["lm"], structures, sorted(sparsities), p["curve_steps"],
+                             p["lr"], max(1, min(p["eval_every"], p["curve_steps"] // 3)),
+                             p["seed"], block=p["block"], board=board)
+
+    def claimed_vs_measured(self, run: dict, config, task: str) -> tuple[list, list, dict]:
+        """``expected`` next to the counted non-zeros, then ``accelerate`` on the task's
+        sample: (claim rows, accelerate rows, numbers for the metrics)."""
+        model = run["model"]
+        claim = expected(model.cfg, config)
+        nonzero = sum(int(x.weight.detach().count_nonzero())
+                      for x in S.masked_linears(model).values())
+        sample = self.work[task].sample
+        with torch.no_grad():
+            ref = model(*sample)
+        rounds = self.p["accel_rounds"]
+        acc = S.accelerate(model, *sample, rounds=rounds, min_run_time=0.01,
+                           verify_rounds=max(2, rounds))
+        with torch.no_grad():
+            err = float((model(*sample) - ref).abs().max())
+        whole = A.summary(acc)
+        table = [
+            {"quantity": "MLP/attn weights pruned (non-zero)",
+             "claimed": claim["weights_nonzero"], "measured": nonzero},
+            {"quantity": "sparsity", "claimed": claim["sparsity"], "measured": run["sparsity"]},
+            {"quantity": "weight bytes in the structure's format",
+             "claimed": claim.get("bytes_sparse"), "measured": None},
+            {"quantity": "dense fp32 bytes of those weights", "claimed": claim["bytes_dense"],
+             "measured": None},
+            {"quantity": "model bytes after accelerate (all tensors)", "claimed": None,
+             "measured": measure.model_bytes(model)["total"]},
+            {"quantity": "speedup of the per-layer choice vs dense kernels (whole model)",
+             "claimed": None, "measured": whole["speedup"]},
+            {"quantity": "reverted to dense (the choice was slower)", "claimed": None,
+             "measured": whole["reverted"]},
+            {"quantity": "max |output change| after accelerate", "claimed": 0.0,
+             "measured": err}]
+        nums = {"claimed_nonzero": claim["weights_nonzero"], "counted_nonzero": nonzero,
+                "accelerate_speedup": whole["speedup"], "accelerate_reverted": whole["reverted"],
+                "accelerate_max_err": err, "paths": S.chosen_paths(acc)}
+        return table, acc, nums
+
+    def metrics(self, my_cfg, dense_run, my_run, method_rows, summary, claim) -> dict:
+        """The headline numbers notebook 04 writes (tests and the report read them)."""
+        m = {"my_eval_loss": my_run["final"]["loss"],
+             "my_dense_eval_loss": dense_run["final"]["loss"],
+             "my_actual_sparsity": my_run["sparsity"],
+             "my_target_sparsity": my_cfg.target_sparsity, "my_method": my_cfg.method,
+             "my_label": my_cfg.label,
+             **{k: v for k, v in claim.items() if k != "paths"},
+             "n_layers_accelerated": len(claim["paths"]),
+             "nli_baseline_steps": self.baseline.steps,
+             "nli_baseline_cached": self.baseline.cached,
+             "nli_baseline_accuracy": float(self.baseline.metrics["accuracy"])}
+        for r in method_rows:
+            m[f"{r['task']}_{r['method']}_eval_loss"] = float(r["eval_loss"])
+            m[f"{r['task']}_{r['method']}_sparsity"] = float(r["actual_sparsity"])
+            if r["task"] == "nli":
+                m[f"nli_{r['method']}_accuracy"] = float(r["accuracy"])
+        m.update({f"curve_{r['run']}_eval_loss": r["eval_loss"] for r in summary})
+        return m
+
+
+def curve_figure(curves: list[dict], sparsities, structures):
+    """One panel per sparsity: eval loss against step, a colour per structure, dense and
+    small-dense dotted."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    spars = sorted(sparsities)
+    fig = make_subplots(rows=1, cols=max(1, len(spars)),
+                        subplot_titles=[f"MLP sparsity {s:.0%}" for s in spars])
+    for i, s in enumerate(spars, start=1):
+        runs: dict = {}
+        for r in curves:
+            if r["target"] == s or r["structure"] == "dense":
+                runs.setdefault(r["run"], []).append(r)
+        for name, pts in runs.items():
+            st = pts[0]["structure"]
+            fig.add_trace(go.Scatter(
+                x=[q["step"] for q in pts], y=[q["eval_loss"] for q in pts], name=name,
+                mode="lines", legendgroup=st, showlegend=(i == 1 or st != "dense"),
+                line={"color": F.color(st),
+                      "dash": "dot" if st in ("dense", "small-dense") else None}), 1, i)
+    fig.update_yaxes(title_text="eval loss", row=1, col=1)
+    fig.update_xaxes(title_text="step")
+    F.layout(fig)
+    return fig
+
+
+__all__ = ["AUTO", "MLP_STRUCTURES", "PruningLab", "curve_figure", "floats", "method_for",
+           "names", "nli_baseline"]

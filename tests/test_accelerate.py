@@ -1,0 +1,153 @@
+"""The one autotuner, with an injected timer: given these timings, this path is chosen;
+given a slower whole model, everything reverts. For sparsity and for INT8, and with a
+shared FFN (ALBERT sharing) that must stay one module."""
+import warnings
+
+import pytest
+import torch
+
+import labkit.model as Mo
+from labkit import accelerate as A
+from labkit import kernels as K
+from labkit.techniques import SharingConfig, apply_
+from labkit.techniques import int8 as I
+from labkit.techniques import sparsity as S
+
+
+def _ids(m):
+    return torch.randint(4, m.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def fake_timer(per_path: dict, model: dict | None = None, default: float = 1.0):
+    """Seconds by candidate name (``"<layer>/<path>"`` -> path) and, for the whole-model
+    check, ``model={"current": s, "accelerated": s}``. Records every call."""
+    calls = []
+
+    def timer(name, fn, mrt):
+        calls.append(name)
+        layer, _, cand = name.rpartition("/")
+        if layer == A.MODEL:
+            return (model or {"current": 1.0, "accelerated": 0.5})[cand]
+        return per_path.get(cand, default)
+    timer.calls = calls
+    return timer
+
+
+def _pruned(structure="block", **kw):
+    m = Mo.build("tiny", kind="decoder", vocab_size=64).eval()
+    apply_(m, S.SparsityConfig(sparsity=0.75, structure=structure, **kw))
+    return m
+
+
+def test_sparsity_picks_the_fastest_path_by_the_timer():
+    m = _pruned(block=16)
+    ids = _ids(m)
+    with torch.no_grad():
+        ref = m(ids)
+    t = fake_timer({"dense": 1.0, "csr": 0.9, "bsr": 0.3, "block-gathered-dense": 0.5,
+                    "compacted-dense": 0.97})
+    rows = S.accelerate(m, ids, rounds=2, timer=t)
+    layers = [r for r in rows if r["layer"] != A.MODEL]
+    assert layers and all(r["chosen"] == "bsr" for r in layers)
+    assert all(isinstance(m.get_submodule(r["layer"]), K.BSRLinear) for r in layers)
+    assert all(r["speedup"] == pytest.approx(1 / 0.3) for r in layers)
+    model_row = rows[-1]
+    assert model_row["layer"] == A.MODEL and not model_row["reverted"]
+    assert model_row["chosen"] == "per-layer" and model_row["speedup"] == pytest.approx(2.0)
+    assert any(c.startswith(A.MODEL) for c in t.calls)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_sparsity_margin_keeps_dense_when_the_gain_is_noise():
+    m = _pruned(block=16)
+    rows = S.accelerate(m, _ids(m), rounds=2, margin=0.05,
+                        timer=fake_timer({"dense": 1.0, "bsr": 0.97}, default=2.0))
+    layers = [r for r in rows if r["layer"] != A.MODEL]
+    assert all(r["chosen"] == "dense" for r in layers)  # 3% faster is inside the margin
+    assert all(isinstance(m.get_submodule(r["layer"]), K.DenseLinear) for r in layers)
+    assert not any(isinstance(x, K.BSRLinear) for x in m.modules())
+
+
+def test_sparsity_whole_model_slower_reverts_every_layer():
+    m = _pruned(block=16)
+    t = fake_timer({"dense": 1.0, "bsr": 0.3}, default=2.0,
+                   model={"current": 1.0, "accelerated": 1.3})
+    with pytest.warns(UserWarning, match="reverted"):
+        rows = S.accelerate(m, _ids(m), rounds=2, timer=t)
+    model_row = rows[-1]
+    assert model_row["reverted"] and model_row["chosen"] == "dense"
+    assert model_row["speedup"] == pytest.approx(1 / 1.3)
+    assert "reverted" in model_row["warnings"]
+    layers = [r for r in rows if r["layer"] != A.MODEL]
+    assert all(r["chosen"] == "dense" and r["kernel_path"] == "dense" for r in layers)
+    assert not any(isinstance(x, K.BSRLinear) for x in m.modules())
+
+
+def test_int8_picks_by_timer_and_reverts_a_slower_model():
+    m = Mo.build("tiny").eval()
+    ids = _ids(m)
+    per = {"fp32": 1.0, "bf16": 0.9, "int8_dynamic": 0.4, "int8_weight_only": 0.8,
+           "torch_dynamic": 0.6}
+    rows = I.accelerate_(m, (ids,), rounds=2, timer=fake_timer(per))
+    layers = [r for r in rows if r["layer"] != A.MODEL]
+    assert len(layers) == 6 * m.cfg.n_layers
+    assert all(r["chosen"] == "int8_dynamic" for r in layers)
+    assert all(m.get_submodule(r["layer"]).candidate == "int8_dynamic" for r in layers)
+    assert not rows[-1]["reverted"]
+
+    m2 = Mo.build("tiny").eval()
+    with pytest.warns(UserWarning, match="reverted"):
+        rows = I.accelerate_(m2, (ids,), rounds=2, timer=fake_timer(
+            per, model={"current": 1.0, "accelerated": 1.1}))
+    assert rows[-1]["reverted"] and rows[-1]["chosen"] == "fp32"
+    layers = [r for r in rows if r["layer"] != A.MODEL]
+    assert all(r["chosen"] == "fp32" for r in layers)
+    assert all(m2.get_submodule(r["layer"]).candidate == "fp32" for r in layers)
+
+
+def test_int8_keeps_fp32_when_nothing_beats_it():
+    m = Mo.build("tiny").eval()
+    rows = I.accelerate_(m, (_ids(m),), rounds=2, timer=fake_timer(
+        {"fp32": 1.0}, default=1.5))
+    assert all(r["chosen"] == "fp32" for r in rows if r["layer"] != A.MODEL)
+    assert rows[-1]["chosen"] == "fp32" and not rows[-1]["reverted"]
+
+
+@pytest.mark.parametrize("winner", ["compacted-dense", "dense"])
+def test_shared_ffn_neuron_pruning_accelerate_stays_shared(winner):
+    m = Mo.build("tiny", vocab_size=64).eval()
+    apply_(m, SharingConfig(parts=("ffn",)))
+    before = Mo.count_params(m)
+    apply_(m, S.SparsityConfig(sparsity=0.5, structure="neuron"))
+    ids = _ids(m)
+    with torch.no_grad():
+        ref = m(ids)
+    loser = "dense" if winner == "compacted-dense" else "compacted-dense"
+    with warnings.catch_warnings(record=True):
+        rows = S.accelerate(m, ids, rounds=2, timer=fake_timer({winner: 0.2, loser: 1.0}))
+    ffns = {id(b.ffn) for b in m.blocks}
+    assert len(ffns) == 1  # every block still points at one module
+    ffn = m.blocks[0].ffn
+    sites = [r for r in rows if r["layer"] != A.MODEL]
+    assert [r["layer"] for r in sites] == ["blocks.0.ffn"]
+    assert sites[0]["aliases"] == ", ".join(f"blocks.{i}.ffn" for i in range(m.cfg.n_layers))
+    after = Mo.count_params(m)
+    if winner == "compacted-dense":
+        assert isinstance(ffn, K.CompactedMLP) and ffn.up.out_features == m.cfg.d_ff // 2
+        assert after < before
+    else:
+        assert after == before
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_ffn_convert_compacts_once():
+    m = Mo.build("tiny", vocab_size=64).eval()
+    apply_(m, SharingConfig(parts=("ffn",)))
+    before = Mo.count_params(m)
+    apply_(m, S.SparsityConfig(sparsity=0.5, structure="neuron"))
+    S.convert(m, "compacted-dense")
+    assert len({id(b.ffn) for b in m.blocks}) == 1
+    assert isinstance(m.blocks[1].ffn, K.CompactedMLP)
+    assert Mo.count_params(m) < before

@@ -1,0 +1,101 @@
+"""labkit.labs.common: the helpers every notebook shares."""
+import pytest
+import torch
+
+from labkit import model as M
+from labkit.labs import common as C
+from labkit.labs.workloads import workload
+from labkit.techniques import FactorizedFFNConfig, SharingConfig
+from labkit.validate import LabkitConfigError
+
+
+def test_train_variants_same_batches_and_summary():
+    work = workload("lm", "tiny", batch_size=4, seq_len=16, n_eval=8)
+    models = C.build_variants(work.cfg, {"a": None, "b": [], "c": FactorizedFFNConfig(rank=4)})
+    runs = C.train_variants(models, work.make_batches, 3, work.eval_set, before=True)
+    losses = {k: [h["loss"] for h in r["result"].history if h["split"] == "train"]
+              for k, r in runs.items()}
+    assert losses["a"] == losses["b"] != losses["c"]  # same init and batches for a and b
+    rows = C.summary(runs, window=2)
+    assert [r["variant"] for r in rows] == ["a", "b", "c"]
+    assert rows[2]["params"] < rows[0]["params"] and "before_eval_loss" in rows[0]
+
+
+def test_build_variants_copies_a_trained_model():
+    base = M.build("tiny", seed=3)
+    out = C.build_variants(base, {"dense": None, "shared": SharingConfig()})
+    assert out["dense"] is not base and out["shared"].blocks[1].ffn is out["shared"].blocks[0].ffn
+    assert base.blocks[1].ffn is not base.blocks[0].ffn  # the original is untouched
+
+
+def test_claimed_vs_counted_agree_on_a_batch():
+    dense = M.build("tiny")
+    configs = [FactorizedFFNConfig(rank=8), SharingConfig(("ffn",))]
+    model = C.build_variants(dense, {"v": configs})["v"]
+    ids = torch.randint(6, 200, (3, 40))
+    c = C.claimed_vs_counted(dense, model, configs, (ids,))
+    for q in ("params", "bytes", "flops"):
+        assert c[f"{q}_claimed_before"] == c[f"{q}_counted_before"]
+        assert c[f"{q}_claimed_after"] == c[f"{q}_counted_after"]
+    assert c["params_ratio_claimed"] > 1 and c["flops_ratio_claimed"] > 1
+
+
+def test_timed_flags_noise_with_an_injected_timer():
+    seconds = {"dense": [1.0, 1.0, 1.0], "fast": [0.5, 0.5, 0.5], "wild": [0.5, 2.0, 0.6],
+               "magic": [0.1, 0.1, 0.1]}
+    calls = {k: iter(v) for k, v in seconds.items()}
+
+    def timer(name, fn, mrt):
+        return next(calls[name])
+
+    models = {k: torch.nn.Identity() for k in seconds}
+    rows = {r["variant"]: r for r in C.timed(models, (torch.zeros(1),), "dense",
+                                             {"fast": 2.5, "wild": 2.5, "magic": 2.5},
+                                             rounds=3, timer=timer)}
+    assert rows["dense"]["verdict"] == "reference"
+    assert rows["fast"]["speedup"] == pytest.approx(2.0) and rows["fast"]["verdict"] == "measured"
+    assert rows["wild"]["verdict"].startswith("noise: spread")  # 2x, 0.5x, ...
+    assert rows["magic"]["verdict"].startswith("noise: above the FLOP ratio")  # 10x > 2.5x
+
+
+def test_small_helpers():
+    assert C.binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert C.int_list("ks", "8, 16,32", 1) == (8, 16, 32) == C.int_list("ks", [8, 16, 32])
+    with pytest.raises(LabkitConfigError, match="ks='8,x'"):
+        C.int_list("ks", "8,x")
+    with pytest.raises(LabkitConfigError, match="ks"):
+        C.int_list("ks", "8,0", 1)
+    rows = [{"layer": 0, "index": i, "energy": e} for i, e in enumerate([0.5, 0.95, 1.0], 1)]
+    assert C.rank_for_energy(rows, 0.9) == {0: 2}
+
+
+def test_notebook_parameters_declared_once():
+    from labkit import notebook as nb
+    from labkit.techniques import sharing as S
+
+    ns = {"__annotations__": {"rank": int, "lr": float, "sharing": str, "interactive": bool,
+                              "steps": int},
+          "rank": 8, "lr": 1e-3, "sharing": "ffn", "interactive": False, "steps": 5}
+    assert nb.declared(ns)["steps"] == nb.KNOBS["steps"] and nb.declared(ns)["rank"] == ("int",)
+    P = nb.start(ns, threads=None)
+    assert P == {k: ns[k] for k in ns["__annotations__"]}
+    with pytest.raises(LabkitConfigError, match="steps=0"):
+        nb.start({**ns, "steps": 0})
+    with pytest.raises(LabkitConfigError, match="rank='8'"):
+        nb.start({**ns, "rank": "8"})
+    share = nb.config(S.SharingConfig, P, parts="sharing", model_cfg=M.preset("tiny"))
+    assert share.parts == ("ffn",)
+    with pytest.raises(LabkitConfigError, match="sharing='both'.*'attn', 'ffn'"):
+        nb.config(S.SharingConfig, {**P, "sharing": "both"}, parts="sharing")
+    with pytest.raises(LabkitConfigError, match=r"rank=999 .*min\(d_model, d_ff\)"):
+        nb.config(FactorizedFFNConfig, {**P, "rank": 999}, "rank", model_cfg=M.preset("tiny"))
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    from labkit import notebook as nb
+
+    path = nb.write_json_atomic(tmp_path / "m.json", {"a": 1})
+    with pytest.raises(TypeError):
+        nb.write_json_atomic(path, {"a": object()})  # not JSON: fails mid-write
+    assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp file left
