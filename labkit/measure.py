@@ -179,10 +179,7 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def model_bytes(model: torch.nn.Module) -> dict:
-    """Parameter and buffer bytes by dtype, each storage counted once, plus ``total``.
-
-    Modules may add non-tensor metadata they own through a ``extra_bytes()`` method
-    (e.g. sparse index arrays stored as plain attributes)."""
+    """Parameter and buffer bytes by dtype, each storage counted once, plus ``total``."""
     seen, by = set(), defaultdict(int)
     for t in list(model.parameters()) + list(model.buffers()):
         key = id(t)
@@ -190,10 +187,6 @@ def model_bytes(model: torch.nn.Module) -> dict:
             continue
         seen.add(key)
         by[str(t.dtype).replace("torch.", "")] += tensor_bytes(t)
-    for m in model.modules():
-        if hasattr(m, "extra_bytes"):
-            for k, v in m.extra_bytes().items():
-                by[k] += v
     out = dict(by)
     out["total"] = sum(by.values())
     return out

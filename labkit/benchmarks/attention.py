@@ -1,5 +1,10 @@
 """Attention benchmark: dense SDPA vs kernel attention (ELU+1) vs Linformer, side by side.
 
+Papers: Katharopoulos et al. 2020, "Transformers are RNNs: Fast Autoregressive Transformers
+with Linear Attention" (ELU+1 feature map, ``O(n d^2)``); Wang et al. 2020, "Linformer:
+Self-Attention with Linear Complexity" (``E K``, ``F V`` projected to ``k`` rows,
+``O(n k d)``); against softmax attention through SDPA (``O(n^2 d)``).
+
 One attention op, 8 heads of dim 64, batch 1, fp32, CPU, at n = 512 ... 4096; every method
 timed side by side by :func:`labkit.measure.paired` (``torch.utils.benchmark`` medians, in
 rounds with a rotated order), so the speedups are the median over rounds of the per-round

@@ -1,11 +1,16 @@
 """FFN benchmark: a dense transformer MLP vs its factorized (low-rank) version, side by side.
 
+Paper: low-rank factorisation of weight matrices, ``W ~= U V^T`` (Sainath et al. 2013,
+"Low-rank matrix factorization for deep neural network training with high-dimensional
+output targets"; Denton et al. 2014 for SVD compression); FLOPs ``2 d d_ff`` -> ``2 r (d +
+d_ff)`` per token and matrix.
+
 One BERT-style GELU MLP (``up``: d -> d_ff, ``down``: d_ff -> d), fp32, CPU, inference, on
 ``(T, d)`` token activations, at d=768/d_ff=3072 (BERT-base) and d=1024/d_ff=4096
 (BERT-large), T = 512 and 2048 tokens, dense vs :class:`~labkit.techniques.factorized_ffn.
 LowRankLinear` factors at ranks d/8, d/4, d/2. FLOPs are counted by
 ``torch.utils.flop_counter`` (:func:`labkit.measure.flops`), times are medians of
-``torch.utils.benchmark`` (:func:`labkit.measure.time_fn`).
+``torch.utils.benchmark``, measured side by side by :func:`labkit.measure.paired`.
 
 Two scopes, both reported:
 

@@ -31,6 +31,7 @@ from .. import validate as V
 from ..accounting import sdpa_flops
 from ..model import Attention, preset
 from . import common as C
+from .figures import error_board, latency_board, spectrum_board  # noqa: F401  (re-exported)
 
 
 @torch.no_grad()
@@ -305,65 +306,6 @@ def latency_table(ns, config, min_run_time: float = 0.1, rounds: int = 2) -> lis
     return rows
 
 
-def latency_board(rows, title: str = "one attention op vs n"):
-    """Latency and peak memory against ``n`` on log-log axes, a series per method."""
-    from ..ui import LiveBoard
-
-    board = LiveBoard(panels=["latency ms", "peak MB"], title=title, live=False,
-                      xaxis={"latency ms": "n", "peak MB": "n"})
-    for r in rows:
-        board.log("latency ms", r["method"], r["n"], r["median_ms"])
-        board.log("peak MB", r["method"], r["n"], r["peak_bytes"] / 2 ** 20)
-    for c in (1, 2):
-        board.fig.update_xaxes(type="log", row=1, col=c)
-        board.fig.update_yaxes(type="log", row=1, col=c)
-    return board
-
-
-def spectrum_board(spec, err, ks):
-    """Singular values per layer (log) and the rank-k error of each method, mean over
-    layers."""
-    from ..ui import LiveBoard
-
-    board = LiveBoard(panels=["singular values", "rank-k error"], title="attention spectrum",
-                      live=False, xaxis={"singular values": "index i", "rank-k error": "k"},
-                      yaxis={"singular values": "sigma_i / sigma_1 (log)",
-                             "rank-k error": "||P - A_k|| / ||P||"})
-    for r in spec:
-        board.log("singular values", f"layer {r['layer']}", r["index"], r["sigma_rel"])
-    for method in ("svd", "linformer_jl", "random_subspace"):
-        for kk in ks:
-            vals = [r["rel_error"] for r in err if r["method"] == method and r["k"] == kk]
-            if vals:
-                board.log("rank-k error", method, kk, sum(vals) / len(vals))
-    board.fig.update_yaxes(type="log", row=1, col=1)
-    return board
-
-
-def error_board(err, inst, m_grid):
-    """Kernel-attention error against ``m`` (ELU+1 as a flat reference) and the fraction of
-    non-positive denominators against the q, k scale."""
-    from ..ui import LiveBoard
-
-    board = LiveBoard(panels=["error vs m", "trig instability"], live=False,
-                      title="kernel attention vs exact softmax",
-                      xaxis={"error vs m": "m", "trig instability": "q, k scale"},
-                      yaxis={"error vs m": "relative error (log)",
-                             "trig instability": "fraction of denominators <= 0"})
-    for r in err.itertuples():
-        if r.feature_map == "elu":  # ELU+1 has no m: drawn flat
-            for m in m_grid:
-                board.log("error vs m", "elu (no m)", m, r.rel_error)
-        else:
-            board.log("error vs m", r.feature_map, r.m, r.rel_error)
-    for r in inst.itertuples():
-        board.log("trig instability", r.feature_map, r.scale, r.nonpositive_frac)
-    board.fig.update_xaxes(type="log", row=1, col=1)
-    board.fig.update_yaxes(type="log", row=1, col=1)
-    board.fig.update_xaxes(type="log", row=1, col=2)
-    return board
-
-
 def swap_metrics(prefix: str, runs: dict, base_metrics: dict, claim: dict) -> dict:
     """The fine-tuning and claimed-vs-counted metrics notebooks 01 and 02 report for the
     dense copy and the swapped variant ``prefix`` (``runs``: dense first, then the variant;
@@ -401,6 +343,7 @@ def sweep_metrics(lat, method: str) -> dict:
             "peak_bytes_ratio_at_n_max": (at_max["sdpa"]["peak_bytes"] / top["peak_bytes"]
                                           if top else None),
             "crossover_n": cross["crossover_n"], "crossover_below_range": cross["below_range"]}
+
 
 
 loss_summary = C.summary

@@ -18,6 +18,7 @@ and :mod:`labkit.techniques.sharing` for the equations.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 
 import torch
@@ -30,6 +31,7 @@ from ..techniques import sharing as S
 from ..techniques.registry import FFN_LINEARS, apply_, check, expected
 from ..train import evaluate
 from . import common as C
+from .figures import size_figure, spectrum_figure  # noqa: F401  (re-exported)
 from .workloads import TASKS, Workload, workload
 
 
@@ -48,6 +50,7 @@ def train_variants(work: Workload, variants: dict, steps: int, lr: float = 3e-3,
              for label, configs in variants.items()}
     return C.train_variants(built, work.make_batches, steps, work.eval_set, lr, eval_every,
                             seed, board, progress=progress)
+
 
 
 summary = C.summary
@@ -212,57 +215,6 @@ def ranks_to_sweep(cfg: ModelConfig, rank: int) -> list[int]:
     return sorted({2 ** i for i in range(top.bit_length()) if 2 ** i <= top} | {rank, top})
 
 
-def spectrum_figure(spectrum: list[dict], svd_rows: list[dict]):
-    """Singular values of every trained FFN matrix (log), and the SVD-truncation weight
-    error and eval loss against rank, with the dense eval loss as a reference line."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[
-        "singular values of trained FFN weights (sigma_i / sigma_1)",
-        "SVD truncation vs rank (no fine-tuning)"], specs=[[{}, {"secondary_y": True}]])
-    by_matrix: dict = {}
-    for r in spectrum:
-        by_matrix.setdefault(r["matrix"], []).append(r)
-    for name, rs in by_matrix.items():
-        fig.add_trace(go.Scatter(x=[r["index"] for r in rs], y=[r["sigma_rel"] for r in rs],
-                                 name=name, mode="lines"), 1, 1)
-    low = [r for r in svd_rows if r["rank"] != "dense"]
-    dense_loss = next(r["eval_loss"] for r in svd_rows if r["rank"] == "dense")
-    fig.add_trace(go.Scatter(x=[r["rank"] for r in low], y=[r["weight_error"] for r in low],
-                             mode="lines+markers", name="weight error ||W-W_r||/||W||"), 1, 2)
-    fig.add_trace(go.Scatter(x=[r["rank"] for r in low], y=[r["eval_loss"] for r in low],
-                             mode="lines+markers", name="eval loss (SVD-truncated)"), 1, 2,
-                  secondary_y=True)
-    fig.add_hline(y=dense_loss, line_dash="dot", annotation_text="dense eval loss", row=1,
-                  col=2, secondary_y=True)
-    fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_xaxes(title_text="index i", row=1, col=1)
-    fig.update_xaxes(title_text="rank r", type="log", row=1, col=2)
-    fig.update_layout(height=380, legend={"orientation": "h", "y": -0.25})
-    return fig
-
-
-def size_figure(size_rows: list[dict]):
-    """Latency, weight bytes and peak activation bytes against preset size, a colour per
-    variant and one legend."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=3, subplot_titles=["latency (ms)", "weight bytes (MB)",
-                                                        "peak activation bytes (MB)"])
-    names = list(dict.fromkeys(r["variant"] for r in size_rows))
-    for variant in names:
-        rs = [r for r in size_rows if r["variant"] == variant]
-        for col, key, scale in ((1, "latency_ms", 1), (2, "weight_bytes", 1e-6),
-                                (3, "peak_activation_bytes", 1e-6)):
-            fig.add_trace(go.Scatter(x=[r["size"] for r in rs], y=[r[key] * scale for r in rs],
-                                     name=variant, legendgroup=variant, showlegend=col == 1,
-                                     mode="lines+markers"), 1, col)
-    fig.update_layout(height=360, legend={"orientation": "h", "y": -0.2})
-    return fig
-
-
 def metrics(task: str, labels: dict, runs: dict, cvm: list[dict], svd_rows: list[dict],
             size_rows: list[dict], rank: int, top: int, energy90: dict) -> dict:
     """Notebook 03's metrics: eval per variant, claimed vs counted per variant, SVD
@@ -293,7 +245,7 @@ def metrics(task: str, labels: dict, runs: dict, cvm: list[dict], svd_rows: list
         "svd_weight_error_at_rank": svd[rank]["weight_error"],
         "svd_eval_loss_at_rank": svd[rank]["eval_loss"],
         "svd_full_rank_loss_gap": abs(svd[top]["eval_loss"] - final["dense"]["loss"]),
-        "svd_weight_error_monotone": all(a >= b for a, b in zip(low, low[1:])),
+        "svd_weight_error_monotone": all(a >= b for a, b in itertools.pairwise(low)),
         "rank_for_90pct_energy_mean": sum(energy90.values()) / max(len(energy90), 1),
         "largest_fact_speedup": big["factorized"]["speedup"],
         "largest_share_speedup": big["shared"]["speedup"],
