@@ -15,14 +15,13 @@ import datetime as _dt
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from . import report_html as H
 from . import validate as V
+from .notebook import atomic_write, write_json_atomic
 from .report_html import notebook_html  # noqa: F401 - labkit.report.notebook_html
-from .notebook import write_json_atomic
 
 
 def notebooks_dir() -> Path:
@@ -192,16 +191,7 @@ def _slim_executed(executed: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _new_folder(base: Path) -> Path:

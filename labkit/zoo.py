@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from . import data as D
 from . import model as M
 from . import train as T
 from . import validate as V
+from .notebook import atomic_write
 
 
 class CacheWarning(UserWarning):
@@ -132,12 +132,7 @@ def trained_encoder(task: str = "synthetic-nli", source: str = "synthetic", pres
                    seed=seed, eval_fn=lambda: T.evaluate(model, pairs.eval),
                    eval_every=steps, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:  # write then rename: a crash or a parallel run never leaves a half-written file
-        torch.save({"config": asdict(cfg), "state": model.state_dict(),
-                    "metrics": result.final, "args": {**args, "source": source}}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # write then rename: a crash or a parallel run never leaves a half-written file
+    atomic_write(path, lambda tmp: torch.save({"config": asdict(cfg), "state": model.state_dict(),
+                                               "metrics": result.final, "args": {**args, "source": source}}, tmp))
     return Baseline(model, pairs, result.final, steps, False, path)
