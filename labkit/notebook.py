@@ -5,8 +5,8 @@
 * :func:`finish` writes the metrics JSON (atomically, never clobbering it on failure)
   that tests and ``labkit report`` read, and returns the closing table.
 
-The metrics JSON: ``{"notebook", "params", "metrics": {headline name: number},
-"rows": [tidy rows], "env": {...}}``.
+The metrics JSON: ``{"notebook", "params", "metrics": {name: number}, "headline": [the
+3-5 names the report index shows] or null, "rows": [tidy rows], "env": {...}}``.
 """
 from __future__ import annotations
 
@@ -34,16 +34,31 @@ def start(params: dict, spec: dict | None = None, seed: int | None = 0,
     try:
         import plotly.io as pio
 
-        # plotly's default renderer leaves figures blank in nbconvert HTML
-        pio.renderers.default = "notebook"
         from . import ui
 
+        headless = params.get("interactive") is False
+        # plotly's default renderer leaves figures blank in nbconvert HTML; headless runs
+        # (papermill, reports) share one plotly.js per report folder instead of embedding it
+        pio.renderers.default = shared_plotly_renderer() if headless else "notebook"
         # papermill kernels look live, but nobody renders their widgets: static boards
-        ui.set_headless(params.get("interactive") is False)
+        ui.set_headless(headless)
     except ImportError:  # pragma: no cover
         pass
     return values
 
+
+def shared_plotly_renderer() -> str:
+    """Register and name a plotly renderer for headless runs: plotly's JSON mimetype (which
+    JupyterLab draws) plus HTML that calls ``Plotly`` without embedding plotly.js (4.8 MB);
+    the report page loads plotly.js once from its ``assets/`` folder."""
+    import plotly.io as pio
+    from plotly.io.base_renderers import NotebookRenderer
+
+    if "labkit_shared" not in pio.renderers:
+        renderer = NotebookRenderer(include_plotlyjs=False)
+        renderer.global_init = False  # its activation would display plotly.js inline
+        pio.renderers["labkit_shared"] = renderer
+    return "plotly_mimetype+labkit_shared"
 
 # Ranges of the knobs many notebooks share, declared once here. A notebook's other
 # parameters are type-checked from their annotation in the ``parameters`` cell, and a
@@ -144,15 +159,28 @@ def write_json_atomic(path, payload) -> Path:
     return atomic_write(path, write)
 
 
-def finish(out: str, notebook: str, params: dict, metrics: dict, rows=None):
+def finish(out: str, notebook: str, params: dict, metrics: dict, rows=None,
+           headline=None):
     """Write the metrics JSON to ``out`` (skipped when empty) and return a DataFrame of
-    the headline metrics for display."""
+    the metrics for display.
+
+    ``headline``: the names of the 3-5 metrics the report's index shows for this notebook,
+    claimed vs measured first (the rest stay on the notebook's own page); stored in the
+    JSON as ``"headline"``. Without it, the index shows the first 5 with a note."""
     import pandas as pd
 
+    if headline is not None:
+        headline = list(headline)
+        if not 1 <= len(headline) <= 5 or len(set(headline)) != len(headline):
+            raise V.LabkitConfigError("headline", headline, "1 to 5 distinct metric names")
+        for name in headline:
+            if name not in metrics:
+                raise V.LabkitConfigError("headline", name,
+                                          "a key of metrics: " + ", ".join(map(str, metrics)))
     if rows is not None and hasattr(rows, "to_dict"):
         rows = rows.to_dict(orient="records")
     payload = {"notebook": notebook, "params": _clean(params), "metrics": _clean(metrics),
-               "rows": _clean(rows or []), "env": environment()}
+               "headline": headline, "rows": _clean(rows or []), "env": environment()}
     if out:
         write_json_atomic(out, payload)
     return pd.DataFrame([{"metric": k, "value": v} for k, v in payload["metrics"].items()])

@@ -4,29 +4,36 @@
   parameters its ``parameters`` cell does not define, and returns the metrics JSON the
   notebook wrote with :func:`labkit.notebook.finish`.
 * :func:`report` executes several notebooks into a fresh, timestamped folder: the executed
-  notebooks, one offline HTML page per notebook (plotly.js embedded), an ``index.html``
-  with every notebook's status and headline metrics, and ``results.jsonl`` with one tidy
-  row per notebook x metric plus the notebooks' own rows. Earlier folders are never touched.
+  notebooks, one offline HTML page per notebook sharing one plotly.js and one MathJax in
+  ``assets/`` (:mod:`labkit.report_html`), an ``index.html`` with every notebook's status
+  and its 3-5 headline metrics, and ``results.jsonl`` with one tidy row per notebook x
+  metric plus the notebooks' own rows. Earlier folders are never touched.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import os
-import re
+import shutil
 import time
 from pathlib import Path
 
+from . import report_html as H
 from . import validate as V
 from .notebook import atomic_write, write_json_atomic
+from .report_html import notebook_html  # noqa: F401 - labkit.report.notebook_html
 
 
 def notebooks_dir() -> Path:
-    """The notebooks folder: ``$LABKIT_NOTEBOOKS`` or the repository's ``notebooks/``."""
+    """The notebooks folder: ``$LABKIT_NOTEBOOKS``, else the copy shipped in an installed
+    wheel (``labkit/_shipped/notebooks``, see setup.py), else the source tree's
+    ``notebooks/`` (a checkout or an editable install)."""
     env = os.environ.get("LABKIT_NOTEBOOKS")
     if env:
         return Path(env)
+    shipped = Path(__file__).resolve().parent / "_shipped" / "notebooks"
+    if shipped.is_dir():
+        return shipped
     return Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -104,15 +111,34 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def quiet_kernel_manager(log_path: Path):
+    """A kernel manager whose kernel writes its stdout/stderr to ``log_path``: ipykernel's
+    "running over TCP without encryption" warning at every start and its "KeyboardInterrupt
+    caught in kernel" at shutdown are recorded there instead of filling the terminal.
+    (Cell outputs travel over the kernel's messages, not these streams.)"""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(log_path, "ab") as log:  # the kernel process keeps its own copy
+                kw["stdout"] = kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return QuietKernelManager
+
+
 def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
-                     timeout: float | None = None) -> dict:
+                     timeout: float | None = None, progress: str | None = None) -> dict:
     """Run ``path`` through papermill into ``out_dir`` with ``params`` (plus
     ``interactive=False`` and ``out=<out_dir>/<name>.metrics.json``).
 
     Returns the metrics JSON dict (``notebook, params, metrics, rows, env``) with
     ``"_executed"``: the executed notebook's path. On failure, raises
     :class:`NotebookFailed` (``raise_on_error``) or returns
-    ``{"notebook", "ok": False, "error", "_executed"}``.
+    ``{"notebook", "ok": False, "error", "_executed"}``. ``progress``: a label for a
+    per-cell progress bar (cells done, elapsed time), or None for no bar. The kernel's own
+    stderr goes to ``out_dir/kernels.log``; the executed notebook is stored without widget
+    state and without an inline copy of plotly.js.
     """
     import papermill as pm
 
@@ -122,18 +148,23 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
             ", ".join(available(path.parent)) or f"the notebooks in {path.parent}"))
     params = dict(params or {})
     check_parameters(path, params)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # papermill runs inside the notebook's folder
     out_dir.mkdir(parents=True, exist_ok=True)
     name = path.stem
     executed = out_dir / f"{name}.ipynb"
     metrics_path = (out_dir / f"{name}.metrics.json").resolve()
     metrics_path.unlink(missing_ok=True)  # never read a stale file from an earlier run
     inject = {**params, "interactive": False, "out": str(metrics_path)}
+    bar = {"desc": progress, "unit": "cell", "leave": False} if progress else False
     try:
-        pm.execute_notebook(
-            str(path), str(executed), parameters=inject, kernel_name="python3",
-            progress_bar=False, cwd=str(path.parent), execution_timeout=timeout,
-            store_widget_state=False)
+        try:
+            pm.execute_notebook(
+                str(path), str(executed), parameters=inject, kernel_name="python3",
+                progress_bar=bar, cwd=str(path.parent), execution_timeout=timeout,
+                store_widget_state=False,
+                kernel_manager_class=quiet_kernel_manager(out_dir / "kernels.log"))
+        finally:
+            _slim_executed(executed)
         if not metrics_path.is_file():
             raise RuntimeError(f"the notebook did not write its metrics JSON to {metrics_path}"
                                " (does it call labkit.notebook.finish(out, ...)?)")
@@ -148,39 +179,15 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
     return result
 
 
-# --------------------------------------------------------------------------- HTML
-
-_REMOTE_SCRIPT = re.compile(r'<script\b[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>', re.IGNORECASE)
-
-
-def _offline(page: str) -> str:
-    """Make an nbconvert page self-sufficient offline: plotly.js is already inline (the
-    ``notebook`` renderer embeds it once per notebook); drop require.js (nothing here uses
-    it) and plotly's per-figure MathJax 3 tag, and load nbconvert's MathJax ``async`` so
-    equations typeset when a network is there and nothing waits for it when not."""
-    def fix(m):
-        tag = m.group(0)
-        if "mathjax/2." in tag:
-            return tag.replace("<script ", "<script async ", 1)
-        return ""
-
-    return _REMOTE_SCRIPT.sub(fix, page)
-
-
-def notebook_html(executed) -> str:
-    """One self-contained HTML page for an executed notebook (nbconvert, lab template)."""
+def _slim_executed(executed: Path) -> None:
+    """Rewrite the executed notebook without widget state or inline plotly.js (atomic)."""
     import nbformat
-    from nbconvert import HTMLExporter
 
+    if not executed.is_file():
+        return
     nb = nbformat.read(str(executed), as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            # widget views (e.g. tqdm.auto bars) without stored state only keep the text
-            # of their first frame ("0/30"), which would misreport the run: drop them
-            cell.outputs = [o for o in cell.outputs
-                            if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
-    page, _ = HTMLExporter(template_name="lab", embed_images=True).from_notebook_node(nb)
-    return _offline(page)
+    if H.slim_notebook(nb):
+        _write_text_atomic(executed, nbformat.writes(nb))
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
@@ -202,94 +209,51 @@ def _new_folder(base: Path) -> Path:
     raise RuntimeError(f"could not create a new report folder under {base}")
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return html.escape(str(v))
-
-
-def _claims_html(entries: list[dict]) -> str:
-    """The one-page summary on top of the index: every claim a notebook checked (its rows
-    with ``table == "claims"``: claim, verdict, evidence), linked to the notebook's page."""
-    e = html.escape
-    rows = []
-    for r in entries:
-        link = f'<a href="{e(r["html"])}">{e(r["notebook"])}</a>' if r.get("html") else \
-            e(r["notebook"])
-        for c in r.get("claims") or []:
-            v = str(c.get("verdict", ""))
-            cls = "ok" if v == "holds" else "failed" if v.startswith("does not") else "partial"
-            rows.append(f"<tr><td>{e(str(c.get('claim', '')))}</td><td class='{cls}'>{e(v)}"
-                        f"</td><td class='small'>{e(str(c.get('evidence', '')))}</td>"
-                        f"<td>{link}</td></tr>")
-    if not rows:
-        return ""
-    return ("<h2>Claims and verdicts</h2><p class='small'>Each claim of the papers checked "
-            "on this machine; the figures are on the linked notebook page.</p><table><tr>"
-            "<th>claim</th><th>verdict</th><th>evidence</th><th>notebook</th></tr>"
-            + "".join(rows) + "</table>")
-
-
-def _index_html(folder: Path, entries: list[dict], profile: str, env: dict) -> str:
-    e = html.escape
-    rows = []
-    for r in entries:
-        status = ('<span class="ok">ok</span>' if r["ok"] else
-                  f'<span class="failed">failed</span><div class="err">{e(r["error"])}</div>')
-        links = []
-        if r.get("html"):
-            links.append(f'<a href="{e(r["html"])}">{e(r["notebook"])}</a>')
-        else:
-            links.append(e(r["notebook"]))
-        if r.get("ipynb"):
-            links.append(f'<a class="small" href="{e(r["ipynb"])}">ipynb</a>')
-        metrics = "".join(f"<tr><td>{e(str(k))}</td><td>{_fmt(v)}</td></tr>"
-                          for k, v in (r.get("metrics") or {}).items())
-        params = ", ".join(f"{e(str(k))}={_fmt(v)}" for k, v in (r.get("params") or {}).items()
-                           if k not in ("out", "interactive"))
-        rows.append(
-            f"<tr><td>{' '.join(links)}<div class='small'>{e(r['title'])}</div></td>"
-            f"<td>{status}</td><td>{r['seconds']:.1f}</td>"
-            f"<td><table class='m'>{metrics}</table></td><td class='small'>{params}</td></tr>")
-    envrows = "".join(f"<tr><td>{e(str(k))}</td><td>{_fmt(v)}</td></tr>" for k, v in env.items())
-    n_ok = sum(r["ok"] for r in entries)
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>labkit report {e(folder.name)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px;
-vertical-align: top; text-align: left; }} table.m td {{ border: none; padding: 0 8px 0 0; }}
-.ok {{ color: #070; font-weight: bold; }} .failed {{ color: #b00; font-weight: bold; }}
-.err {{ color: #b00; font-family: monospace; white-space: pre-wrap; max-width: 40em; }}
-.small {{ font-size: 85%; color: #555; }} .partial {{ color: #a60; font-weight: bold; }}
-</style></head><body>
-<h1>labkit report</h1>
-<p>{e(folder.name)} &middot; profile <b>{e(profile)}</b> &middot; {n_ok}/{len(entries)} notebooks
-ok &middot; every number was measured on the machine below; tidy rows in
-<a href="results.jsonl">results.jsonl</a>.</p>
-{_claims_html(entries)}
-<h2>Notebooks</h2>
-<table><tr><th>notebook</th><th>status</th><th>seconds</th><th>headline metrics</th>
-<th>parameters</th></tr>
-{''.join(rows)}
-</table>
-<h2>Environment</h2><table>{envrows}</table>
-</body></html>
-"""
-
-
 # --------------------------------------------------------------------------- report
 
+class NothingRan(V.LabkitConfigError):
+    """Every notebook stopped at a bad-input check in its first cells: nothing was measured,
+    so no report folder is kept. The message carries each notebook's error."""
+
+    def __init__(self, failures: list[dict]):
+        self.failures = failures
+        self.name, self.value, self.allowed = "notebooks", [f["notebook"] for f in failures], ""
+        ValueError.__init__(self, "; ".join(f"{f['notebook']}: {f['error']}" for f in failures)
+                            + " (nothing ran, so no report folder was written)")
+
+
+def check_out(out) -> Path:
+    """The parent folder of report folders: an existing folder or a path to create."""
+    base = (Path(out) if out is not None else Path("reports")).expanduser().absolute()
+    if base.exists() and not base.is_dir():
+        raise V.LabkitConfigError("out", str(base),
+                                  "a folder to put report folders in (this path is a file)")
+    for parent in base.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise V.LabkitConfigError("out", str(base), f"a folder path ({parent} is a file)")
+            break
+    return base
+
+
+def _config_failure(entry: dict) -> bool:
+    return not entry["ok"] and entry["error"].startswith("LabkitConfigError")
+
+
 def report(notebooks=None, out=None, profile: str = "full", params: dict | None = None,
-           timeout: float | None = None, source_dir=None, model: str | None = None) -> Path:
+           timeout: float | None = None, progress: bool = True, source_dir=None,
+           model: str | None = None) -> Path:
     """Execute ``notebooks`` (names, prefixes or paths; default all) into a new folder under
     ``out`` (default ``./reports``) and return that folder.
 
     ``profile="fast"`` uses each notebook's ``labkit.fast`` parameters, ``"full"`` its
     defaults; ``params`` override both for every notebook (checked before anything runs).
-    A failing notebook is marked failed in ``index.html`` and the others still run.
+    A failing notebook is marked failed in ``index.html`` and the others still run. If every
+    notebook fails a bad-input check (a ``LabkitConfigError``), nothing was measured: the new
+    folder is removed and :class:`NothingRan` is raised. Earlier folders are never touched.
+    ``progress`` shows the running notebook, its cells done and the elapsed time.
     ``source_dir`` (a folder with ``mnli/``, ``qnli/``) and ``model`` run the real-text
-    profile: each notebook that has those parameters gets them
+    profile: each notebook that has those parameters gets them and its backbone's recipe
     (:func:`labkit.classifiers.real_text_params`).
     """
     from tqdm.auto import tqdm
@@ -305,46 +269,61 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
     for p in paths:  # fail before running anything
         check_parameters(p, params)
         per_notebook[p] = real_text_params(notebook_parameters(p), source_dir, model)
-    folder = _new_folder(Path(out) if out is not None else Path.cwd() / "reports")
+    base = check_out(out)
+    base_existed = base.exists()
+    folder = _new_folder(base)
+    notes = H.write_assets(folder)
     entries, lines = [], []
-    for path in tqdm(paths, desc="report", unit="notebook"):
+    for i, path in enumerate(paths, start=1):
         name = path.stem
+        label = f"[{i}/{len(paths)}] {name}"
         merged = {**(fast_parameters(path) if profile == "fast" else {}), **per_notebook[path],
                   **params}
         t0 = time.perf_counter()
-        res = execute_notebook(path, folder, merged, raise_on_error=False, timeout=timeout)
+        res = execute_notebook(path, folder, merged, raise_on_error=False, timeout=timeout,
+                               progress=label if progress else None)
         seconds = time.perf_counter() - t0
         ok = res.get("ok", True)
+        if progress:
+            tqdm.write(f"{label}: {'ok' if ok else 'FAILED'} in {seconds:.1f} s")
         entry = {"notebook": name, "title": notebook_title(path), "ok": ok,
                  "error": res.get("error", ""), "seconds": seconds,
-                 "metrics": res.get("metrics", {}), "params": res.get("params", merged),
+                 "metrics": res.get("metrics", {}), "headline": res.get("headline"),
+                 "params": res.get("params", merged),
                  "claims": [r for r in res.get("rows", []) if r.get("table") == "claims"]}
         executed = Path(res["_executed"])
         if executed.is_file():
             entry["ipynb"] = executed.name
             try:
-                page = _write_text_atomic(folder / f"{name}.html", notebook_html(executed))
+                page = _write_text_atomic(folder / f"{name}.html", H.notebook_html(
+                    executed, mathjax=H.mathjax_source() is not None))
                 entry["html"] = page.name
             except Exception as exc:  # noqa: BLE001 - recorded, the report goes on
                 entry["ok"] = False
                 entry["error"] = (entry["error"] + "; " if entry["error"] else "") + \
                     f"HTML export failed: {_error_text(exc)}"
         entries.append(entry)
-        base = {"report": folder.name, "notebook": name, "profile": profile}
-        lines.append({**base, "kind": "status", "ok": entry["ok"], "error": entry["error"],
+        base_row = {"report": folder.name, "notebook": name, "profile": profile}
+        lines.append({**base_row, "kind": "status", "ok": entry["ok"], "error": entry["error"],
                       "seconds": seconds})
         for k, v in entry["metrics"].items():
-            lines.append({**base, "kind": "metric", "metric": k, "value": v})
+            lines.append({**base_row, "kind": "metric", "metric": k, "value": v,
+                          "headline": k in H.headline(entry["metrics"], entry["headline"])[0]})
         for row in res.get("rows", []):
-            lines.append({**row, **base, "kind": "row"})
+            lines.append({**row, **base_row, "kind": "row"})
         # rewrite both after every notebook: a crash leaves a consistent partial report
         _write_text_atomic(folder / "results.jsonl",
                            "".join(json.dumps(x) + "\n" for x in lines))
         _write_text_atomic(folder / "index.html",
-                           _index_html(folder, entries, profile, environment()))
+                           H.index_html(folder, entries, profile, environment(), notes))
+    if entries and all(_config_failure(e) for e in entries):
+        shutil.rmtree(folder)  # only the folder this call created
+        if not base_existed and not any(base.iterdir()):
+            base.rmdir()
+        raise NothingRan(entries)
     write_json_atomic(folder / "report.json", {
         "folder": str(folder), "profile": profile, "params": params, "env": environment(),
         "source_dir": None if source_dir is None else str(source_dir), "model": model,
-        "notebooks": entries})
+        "notes": notes, "notebooks": entries})
     os.chmod(folder / "report.json", 0o644)
     return folder

@@ -58,10 +58,49 @@ def test_run_bad_value_fails_with_the_notebooks_message(notebooks, tmp_path, cap
     code = main(["run", "01_tiny", "-p", "n", "0", "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert code == 2
-    assert "n=0 is not allowed: expected an integer in [1, 100]" in err
-    assert "index.html" in out  # the report folder is still written, marked failed
-    (folder,) = (tmp_path / "out").iterdir()
-    assert "failed" in (folder / "index.html").read_text()
+    assert ("labkit: error: 01_tiny: LabkitConfigError: n=0 is not allowed: "
+            "expected an integer in [1, 100]") in err
+    assert "Traceback" not in err and "no report folder was written" in err
+    assert not (tmp_path / "out").exists()  # nothing ran: no report folder is left
+
+
+def test_out_pointing_at_a_file_exits_2(notebooks, tmp_path, capsys):
+    (tmp_path / "f").write_text("keep me")
+    assert main(["report", "01", "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labkit: error: out=") and "is a file" in err
+    assert "Traceback" not in err and (tmp_path / "f").read_text() == "keep me"
+
+
+def test_bad_local_data_folder_exits_2_naming_file_and_row(tmp_path, capsys, monkeypatch):
+    """A notebook given a folder with a label out of range fails in its data cell, before
+    any training: exit 2, the file and row named, no report folder left."""
+    import json as _json
+
+    import nbformat
+
+    folder = tmp_path / "glue"
+    folder.mkdir()
+    rows = [{"premise": "a", "hypothesis": "b", "label": 0},
+            {"premise": "c", "hypothesis": "d", "label": 7}]
+    for split in ("train", "validation_matched"):
+        (folder / f"{split}.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    params = nbformat.v4.new_code_cell('source: str = ""\ninteractive: bool = True\nout: str = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "from labkit import data\ndata.load_task('mnli', source=source)")]
+    nbformat.write(nb, str(nbs / "01_data.ipynb"))
+    monkeypatch.setenv("LABKIT_NOTEBOOKS", str(nbs))
+    assert main(["run", "01", "-p", "source", str(folder), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "labkit: error: 01_data: LabkitConfigError:" in err
+    assert "train.jsonl row 2 column 'label'=7 is not allowed" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_run_with_parameters_writes_a_report(notebooks, tmp_path, capsys):

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from labkit import report as R
+from labkit import report_html as H
 from labkit.validate import LabkitConfigError
 
 SPEC = ('{"n": ("int", 1, 100), "scale": ("float", 0.0, None), '
@@ -24,7 +26,8 @@ def make_notebook(path, name, fast):
         'n: int = 5\nscale: float = 1.0\ninteractive: bool = True\nout: str = ""')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [
-        nbformat.v4.new_markdown_cell(f"# {name}\nA throwaway notebook for the report tests."),
+        nbformat.v4.new_markdown_cell(f"# {name}\nA throwaway notebook for the report tests, "
+                                      "with an equation: $a^2$."),
         params,
         nbformat.v4.new_code_cell(
             f"import labkit.notebook\nP = labkit.notebook.start(dict(globals()), {SPEC})"),
@@ -113,13 +116,49 @@ def test_report_folder_contents(first_report):
     assert first_report.name.startswith("report-")
 
 
-def test_html_is_offline_with_plot_data_and_plotlyjs(first_report):
+def test_html_is_offline_with_plot_data_and_shared_plotlyjs(first_report):
     page = (first_report / "01_tiny.html").read_text()
-    assert "plotly.js v" in page  # the library itself, inline
     assert "Plotly.newPlot" in page and "1014" in page  # the figure and its data (n=3)
-    remote = re.findall(r"<script\b[^>]*\bsrc=\"https?://[^>]*>", page)
-    assert all(" async " in tag and "mathjax" in tag for tag in remote), remote
+    assert '<script src="assets/plotly.min.js"' in page  # one shared copy, by relative path
+    assert "plotly.js v" in (first_report / "assets" / "plotly.min.js").read_text()[:2000]
+    assert not re.findall(r"(?:src|href)=[\"']?https?://", page)  # nothing from a network
+    assert "cdn" not in page.lower()
+    assert '<script defer src="assets/mathjax/tex-svg-full.js">' in page
+    assert "MathJax" in (first_report / "assets" / "mathjax" / "tex-svg-full.js").read_text()
+    assert "$a^2$" in page  # the TeX is left for MathJax to typeset in the browser
     assert "tinybar:" not in page  # stateless widget views are dropped, not shown stale
+
+
+def test_report_stores_plotlyjs_once_and_no_widget_state(first_report):
+    """A notebook's page and executed copy hold its figures, not plotly.js (4.8 MB)."""
+    sizes = {p.name: p.stat().st_size for p in first_report.iterdir() if p.is_file()}
+    assert all(size < 300_000 for size in sizes.values()), sizes
+    total = sum(p.stat().st_size for p in first_report.rglob("*") if p.is_file())
+    assert total < 8_000_000, total  # plotly.js 4.8 MB + MathJax 2.3 MB, once each
+    for name in ("01_tiny.ipynb", "02_broken.ipynb"):
+        executed = nbformat.read(str(first_report / name), as_version=4)
+        assert "widgets" not in executed.metadata
+        assert not any(H.is_inline_plotlyjs(o) for c in executed.cells
+                       if c.cell_type == "code" for o in c.outputs)
+    executed = nbformat.read(str(first_report / "01_tiny.ipynb"), as_version=4)
+    kinds = {k for c in executed.cells if c.cell_type == "code" for o in c.outputs
+             for k in o.get("data", {})}
+    assert "application/vnd.plotly.v1+json" in kinds  # JupyterLab still draws the figure
+
+
+def test_slim_notebook_drops_inline_plotlyjs_and_widget_state():
+    from plotly.offline import get_plotlyjs
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    cell = nbformat.v4.new_code_cell("x")
+    lib = nbformat.v4.new_output("display_data", {"text/html": f"<script>{get_plotlyjs()}</script>"})
+    fig = nbformat.v4.new_output("display_data", {"text/html": "<div>Plotly.newPlot(...)</div>"})
+    cell.outputs = [lib, fig]
+    nb.cells = [cell]
+    assert H.slim_notebook(nb) and "widgets" not in nb.metadata
+    assert nb.cells[0].outputs == [fig]
+    assert not H.slim_notebook(nb)
 
 
 def test_index_links_and_status(first_report):
@@ -144,14 +183,16 @@ def test_results_jsonl_rows(first_report):
 
 
 def test_second_report_leaves_the_first_untouched(first_report, folder, monkeypatch):
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first_report.iterdir()}
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first_report.rglob("*")
+              if p.is_file()}
     monkeypatch.setenv("LABKIT_NOTEBOOKS", str(folder))
-    second = R.report(["02"], out=first_report.parent, profile="fast")
+    second = R.report(["01"], out=first_report.parent, profile="fast", progress=False)
     assert second != first_report and second.parent == first_report.parent
-    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first_report.iterdir()}
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first_report.rglob("*")
+             if p.is_file()}
     assert after == before
-    assert {p.name for p in second.iterdir()} >= {"02_broken.ipynb", "index.html"}
-    assert not (second / "01_tiny.ipynb").exists()
+    assert {p.name for p in second.iterdir()} >= {"01_tiny.ipynb", "index.html"}
+    assert not (second / "02_broken.ipynb").exists()
 
 
 def test_new_folder_never_reuses_a_name(tmp_path):
@@ -166,3 +207,98 @@ def test_report_checks_parameters_and_profile_before_running(folder, tmp_path, m
     with pytest.raises(LabkitConfigError, match="rank=4"):
         R.report(out=tmp_path, params={"rank": 4})
     assert not any(tmp_path.iterdir())
+
+
+def test_index_shows_named_headline_metrics_else_first_five_with_a_note(tmp_path):
+    metrics = {f"m{i}": i for i in range(8)}
+    named = {"notebook": "a", "title": "A", "ok": True, "error": "", "seconds": 1.0,
+             "metrics": metrics, "headline": ["m6", "m2", "m7"], "html": "a.html"}
+    unnamed = {**named, "notebook": "b", "headline": None, "html": "b.html"}
+    page = H.index_html(tmp_path, [named], "fast", {})
+    table = page.split("<table class='m'>")[1].split("</table>")[0]
+    assert [int(x) for x in re.findall(r"<td>m(\d)</td>", table)] == [6, 2, 7]
+    assert '5 more metrics in <a href="a.html">its page</a>' in page
+    assert "no headline metrics named" not in page
+    page = H.index_html(tmp_path, [unnamed], "fast", {})
+    table = page.split("<table class='m'>")[1].split("</table>")[0]
+    assert [int(x) for x in re.findall(r"<td>m(\d)</td>", table)] == [0, 1, 2, 3, 4]
+    assert "no headline metrics named: the first 5 of 8 are shown" in page
+
+
+def test_finish_stores_and_checks_headline(tmp_path):
+    from labkit import notebook
+
+    out = tmp_path / "m.json"
+    notebook.finish(str(out), "nb", {}, {"claimed": 2.0, "measured": 1.5, "x": 1},
+                    headline=["claimed", "measured"])
+    assert json.loads(out.read_text())["headline"] == ["claimed", "measured"]
+    with pytest.raises(LabkitConfigError, match="headline='nope'.*claimed, measured, x"):
+        notebook.finish("", "nb", {}, {"claimed": 2.0, "measured": 1.5, "x": 1},
+                        headline=["nope"])
+    with pytest.raises(LabkitConfigError, match="1 to 5 distinct"):
+        notebook.finish("", "nb", {}, {f"m{i}": i for i in range(9)},
+                        headline=[f"m{i}" for i in range(6)])
+
+
+def test_progress_names_the_notebook_and_kernel_noise_goes_to_a_log(folder, tmp_path,
+                                                                    monkeypatch, capfd):
+    monkeypatch.setenv("LABKIT_NOTEBOOKS", str(folder))
+    done = R.report(["01"], out=tmp_path, profile="fast")
+    out, err = capfd.readouterr()
+    assert "[1/1] 01_tiny" in err and "cell" in err  # the running notebook, cells done
+    assert re.search(r"\[1/1\] 01_tiny: ok in \d+\.\d s", out + err)
+    assert "TCP" not in err and "KeyboardInterrupt" not in err
+    log = (done / "kernels.log").read_text()
+    assert "TCP" in log or log == ""  # ipykernel >= 7.3 warns there, older ones do not
+
+
+def test_config_failure_of_every_notebook_leaves_no_report_folder(folder, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("LABKIT_NOTEBOOKS", str(folder))
+    earlier = R._new_folder(tmp_path)
+    (earlier / "index.html").write_text("an earlier report")
+    with pytest.raises(R.NothingRan, match=r"02_broken: LabkitConfigError: n=0 is not allowed"
+                                           r".*no report folder was written"):
+        R.report(["02"], out=tmp_path, profile="fast", progress=False)
+    assert list(tmp_path.iterdir()) == [earlier]  # the earlier one is untouched
+    assert (earlier / "index.html").read_text() == "an earlier report"
+    with pytest.raises(R.NothingRan):
+        R.report(["02"], out=tmp_path / "new", profile="fast", progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_must_be_a_folder(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_NOTEBOOKS", str(folder))
+    (tmp_path / "file.txt").write_text("x")
+    for out in (tmp_path / "file.txt", tmp_path / "file.txt" / "sub"):
+        with pytest.raises(LabkitConfigError, match="out=.*file"):
+            R.report(out=out, profile="fast")
+    assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_equations_and_plots_render_offline_in_a_browser(first_report):
+    """Headless chromium, every request outside the report folder recorded: MathJax
+    typesets the TeX into SVG and plotly draws the figure, with no network."""
+    import shutil
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(chromium).exists():
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            remote = []
+            page.on("request", lambda r: r.url.startswith(("file:", "data:"))
+                    or remote.append(r.url))
+            page.goto((first_report / "01_tiny.html").as_uri())
+            page.wait_for_function("window.MathJax && MathJax.startup && MathJax.startup.promise",
+                                   timeout=60_000)
+            page.evaluate("MathJax.startup.promise")
+            assert page.locator("mjx-container svg").count() >= 1
+            assert page.locator(".js-plotly-plot .main-svg").count() >= 1
+            assert "$a^2$" not in page.inner_text("body")  # typeset, not raw TeX
+            assert remote == []
+        finally:
+            browser.close()

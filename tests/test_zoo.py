@@ -1,15 +1,84 @@
+import warnings
+
+import pytest
 import torch
 
+from labkit import data as D
 from labkit import zoo
+
+SMALL = dict(steps=5, n_train=100, n_eval=30, progress=False)
 
 
 def test_trained_baseline_is_cached_and_reloads_identically(tmp_path):
-    a = zoo.trained_encoder(steps=30, n_train=200, n_eval=50, progress=False, cache_dir=tmp_path)
+    a = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
     assert not a.cached and a.path.is_file() and 0 <= a.metrics["accuracy"] <= 1
-    b = zoo.trained_encoder(steps=30, n_train=200, n_eval=50, progress=False, cache_dir=tmp_path)
+    b = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
     assert b.cached and b.metrics == a.metrics
     for (n, p), (_, q) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(p, q), n
-    c = zoo.trained_encoder(steps=31, n_train=200, n_eval=50, progress=False, cache_dir=tmp_path)
+    c = zoo.trained_encoder(**{**SMALL, "steps": 6}, cache_dir=tmp_path)
     assert c.path != a.path and not c.cached
+    d = zoo.trained_encoder(**SMALL, cache_dir=tmp_path, vocab_size=40)
+    assert d.path != a.path and not d.cached and len(d.task.tokenizer) == 40
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _folder(path, label_of_first):
+    rows = D.synthetic_nli(60, seed=0, part="train")
+    rows[0] = {**rows[0], "label": label_of_first}
+    return D.write_local_glue(path, "mnli", {
+        "train": rows, "validation_matched": D.synthetic_nli(20, seed=0, part="eval")})
+
+
+def test_cache_key_follows_the_data_content_not_the_folder(tmp_path):
+    args = dict(task="mnli", steps=5, n_train=60, n_eval=20, progress=False,
+                cache_dir=tmp_path / "cache")
+    folder = _folder(tmp_path / "glue", 0)
+    a = zoo.trained_encoder(source=str(folder), **args)
+    same = _folder(tmp_path / "copy", 0)  # same rows, another path: the same weights
+    assert zoo.trained_encoder(source=str(same), **args).cached
+    _folder(folder, 1)  # one label edited in place: the old weights must not load
+    b = zoo.trained_encoder(source=str(folder), **args)
+    assert not b.cached and b.path != a.path
+
+
+def test_cache_key_includes_code_version(tmp_path, monkeypatch):
+    a = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
+    monkeypatch.setattr(zoo, "code_version", lambda: "0.0.0+changed")
+    b = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
+    assert not b.cached and b.path != a.path
+
+
+def test_code_version_changes_with_the_training_code(tmp_path, monkeypatch):
+    v1 = zoo.code_version()
+    fake = tmp_path / "labkit"
+    fake.mkdir()
+    for name in zoo._CODE:
+        (fake / name).write_bytes((zoo.Path(zoo.__file__).parent / name).read_bytes())
+    monkeypatch.setattr(zoo, "__file__", str(fake / "zoo.py"))
+    assert zoo.code_version() == v1
+    (fake / "train.py").write_text((fake / "train.py").read_text() + "\n# changed\n")
+    assert zoo.code_version() != v1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_cache_retrains_with_a_warning(tmp_path, damage):
+    a = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
+    blob = a.path.read_bytes()
+    a.path.write_bytes(blob[: len(blob) // 3] if damage == "truncate" else b"not a checkpoint")
+    with pytest.warns(zoo.CacheWarning, match="unusable.*retraining"):
+        b = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
+    assert not b.cached and b.metrics == a.metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", zoo.CacheWarning)
+        assert zoo.trained_encoder(**SMALL, cache_dir=tmp_path).cached  # repaired
+
+
+def test_default_cache_is_a_user_folder_or_labkit_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "c"))
+    assert zoo.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("LABKIT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    where = zoo.default_cache_dir()
+    assert where.name == "labkit" and str(where).startswith(str(tmp_path / "xdg"))
+    assert "site-packages" not in str(where)
