@@ -296,7 +296,7 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
             entry["ipynb"] = executed.name
             try:
                 page = _write_text_atomic(folder / f"{name}.html", H.notebook_html(
-                    executed, mathjax=H.mathjax_source() is not None))
+                    executed, mathjax=H.mathjax_source() is not None, folder=folder))
                 entry["html"] = page.name
             except Exception as exc:  # noqa: BLE001 - recorded, the report goes on
                 entry["ok"] = False

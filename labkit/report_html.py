@@ -13,6 +13,7 @@ figures keep plotly's own JSON mimetype, so JupyterLab still draws them.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import importlib.util
 import re
@@ -98,9 +99,29 @@ def offline(page: str, mathjax: bool = True) -> str:
     return page.replace("</head>", head + "</head>", 1)
 
 
-def notebook_html(executed, mathjax: bool = True) -> str:
+_HEAD_STYLE = re.compile(r"<style\b[^>]*>.*?</style>\s*", re.S | re.IGNORECASE)
+
+
+def share_styles(page: str, folder: Path) -> str:
+    """Move the ``<style>`` blocks of the page's head (nbconvert's lab theme, ~250 KB a
+    page) into one ``assets/lab-<hash>.css`` shared by every page with the same styles."""
+    head, sep, body = page.partition("</head>")
+    css = "\n".join(re.sub(r"^<style\b[^>]*>|</style>\s*$", "", m.group(0).strip())
+                    for m in _HEAD_STYLE.finditer(head))
+    if not sep or not css:
+        return page
+    name = f"{ASSETS}/lab-{hashlib.sha256(css.encode()).hexdigest()[:12]}.css"
+    target = folder / name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(css, encoding="utf-8")
+    head = _HEAD_STYLE.sub("", head)
+    return head + f'<link rel="stylesheet" href="{name}">\n' + sep + body
+
+
+def notebook_html(executed, mathjax: bool = True, folder: Path | None = None) -> str:
     """One offline HTML page for an executed notebook (nbconvert, lab template), using the
-    report folder's shared plotly.js and MathJax."""
+    report folder's shared plotly.js and MathJax (and, given ``folder``, shared styles)."""
     import nbformat
     from nbconvert import HTMLExporter
 
@@ -115,7 +136,8 @@ def notebook_html(executed, mathjax: bool = True) -> str:
     exporter = HTMLExporter(template_name="lab", embed_images=True, mathjax_url=MATHJAX_JS,
                             mermaid_js_url="", mermaid_layout_elk_js_url="")
     page, _ = exporter.from_notebook_node(nb)
-    return offline(page, mathjax)
+    page = offline(page, mathjax)
+    return share_styles(page, Path(folder)) if folder is not None else page
 
 
 # --------------------------------------------------------------------------- index

@@ -132,7 +132,9 @@ def test_html_is_offline_with_plot_data_and_shared_plotlyjs(first_report):
 def test_report_stores_plotlyjs_once_and_no_widget_state(first_report):
     """A notebook's page and executed copy hold its figures, not plotly.js (4.8 MB)."""
     sizes = {p.name: p.stat().st_size for p in first_report.iterdir() if p.is_file()}
-    assert all(size < 300_000 for size in sizes.values()), sizes
+    assert all(size < 100_000 for size in sizes.values()), sizes  # styles shared too
+    (css,) = (first_report / "assets").glob("lab-*.css")
+    assert f'href="assets/{css.name}"' in (first_report / "01_tiny.html").read_text()
     total = sum(p.stat().st_size for p in first_report.rglob("*") if p.is_file())
     assert total < 8_000_000, total  # plotly.js 4.8 MB + MathJax 2.3 MB, once each
     for name in ("01_tiny.ipynb", "02_broken.ipynb"):
