@@ -18,10 +18,6 @@ training arguments, labkit's code version and torch; an unreadable file retrains
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,68 +106,17 @@ def real_text_params(defined: dict, source_dir: str | None, model: str | None) -
     return out
 
 
-class CacheWarning(UserWarning):
-    """A cached classifier could not be used; it is retrained."""
-
-
-def _digest(pairs: D.PairTask) -> str:
-    """Content of the tokenised task: vocabulary, labels and every tensor (an edited data
-    file retrains; the folder's path does not matter)."""
-    h = hashlib.sha256(json.dumps([pairs.tokenizer.vocab, list(pairs.labels)]).encode())
-    for split in (pairs.train, pairs.eval):
-        for k in sorted(split):
-            t = split[k].contiguous()
-            h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _code() -> str:
-    """labkit's version and a digest of the code the weights depend on."""
-    from . import __version__
-
-    h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in ("model.py", "train.py", "baselines.py", "pretrained.py"):
-        h.update((here / name).read_bytes())
-    return f"{__version__}+{h.hexdigest()[:12]}"
-
-
-def _key(args: dict, pairs: D.PairTask) -> str:
-    blob = json.dumps({**args, "data": _digest(pairs), "code": _code(),
-                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _load(path: Path, cfg) -> dict | None:
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["config"] != asdict(cfg):
-            raise ValueError("its model config differs from this one")
-        return saved
-    except Exception as e:  # noqa: BLE001 - any unreadable cache means: train again
-        warnings.warn(f"classifier cache {path} is unusable ({type(e).__name__}: "
-                      f"{str(e)[:200]}); retraining and replacing it", CacheWarning,
-                      stacklevel=3)
-        return None
-
-
-def _cache_dir() -> Path:
-    # zoo's folder: $LABKIT_CACHE, else zoo's default (default_cache_dir() once the user
-    # cache folder lands in zoo, CACHE_DIR before)
-    env = os.environ.get("LABKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return zoo.default_cache_dir() if hasattr(zoo, "default_cache_dir") else Path(zoo.CACHE_DIR)
+CacheWarning = zoo.CacheWarning  # a cached classifier could not be used; it is retrained
+_CODE = ("model.py", "train.py", "baselines.py", "pretrained.py")
 
 
 def _cached(name: str, args: dict, pairs: D.PairTask, model: M.Transformer, train_fn,
             cache_dir) -> tuple[dict, bool, Path]:
     """Load ``model``'s trained weights from the cache or run ``train_fn() -> (metrics,
     extra)`` and save them. Returns (record, cached, path)."""
-    folder = Path(cache_dir) if cache_dir is not None else _cache_dir()
-    path = folder / f"{name}-{_key(args, pairs)}.pt"
-    saved = _load(path, model.cfg) if path.is_file() else None
+    folder = Path(cache_dir) if cache_dir is not None else zoo.default_cache_dir()
+    path = folder / f"{name}-{zoo.cache_key(args, pairs, _CODE)}.pt"
+    saved = zoo.load_checkpoint(path, model.cfg, "classifier") if path.is_file() else None
     if saved is not None:
         model.load_state_dict(saved["state"])
         return saved, True, path

@@ -65,11 +65,12 @@ class Baseline:
 _CODE = ("model.py", "train.py", "data.py")
 
 
-def code_version() -> str:
-    """labkit's version and a digest of the sources the trained weights depend on."""
+def code_version(files: tuple[str, ...] = _CODE) -> str:
+    """labkit's version and a digest of the sources (paths under labkit/) the trained
+    weights depend on."""
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in _CODE:
+    for name in files:
         h.update((here / name).read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
 
@@ -85,23 +86,35 @@ def data_digest(task: D.PairTask) -> str:
     return h.hexdigest()
 
 
-def _key(args: dict, task: D.PairTask) -> str:
-    blob = json.dumps({**args, "data": data_digest(task), "code": code_version(),
-                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+def cache_key(args: dict, task: D.PairTask | None = None,
+              code: tuple[str, ...] = _CODE) -> str:
+    """The cache key of a trained model: its training arguments, the data's content (when
+    ``task`` is given), labkit's code version over ``code`` and torch's version."""
+    blob = json.dumps({**args, "data": data_digest(task) if task is not None else None,
+                       "code": code_version(code), "torch": torch.__version__.split("+")[0]},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load(path: Path, cfg) -> dict | None:
-    """The saved checkpoint, or None (with a CacheWarning) when it cannot be used."""
+def _key(args: dict, task: D.PairTask) -> str:
+    return cache_key(args, task)
+
+
+def load_checkpoint(path: Path, cfg=None, what: str = "baseline") -> dict | None:
+    """The saved checkpoint, or None (with a CacheWarning) when it cannot be used: missing
+    keys, a truncated file, or (when ``cfg`` is given) another model config."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["config"] != asdict(cfg):
+        if cfg is not None and saved["config"] != asdict(cfg):
             raise ValueError("its model config differs from this one")
         return saved
     except Exception as e:  # noqa: BLE001 - any unreadable cache means: train again
-        warnings.warn(f"baseline cache {path} is unusable ({type(e).__name__}: {str(e)[:200]});"
+        warnings.warn(f"{what} cache {path} is unusable ({type(e).__name__}: {str(e)[:200]});"
                       " retraining and replacing it", CacheWarning, stacklevel=3)
         return None
+
+
+_load = load_checkpoint
 
 
 def trained_encoder(task: str = "synthetic-nli", source: str = "synthetic", preset: str = "tiny",

@@ -44,7 +44,7 @@ def test_cache_key_follows_the_data_content_not_the_folder(tmp_path):
 
 def test_cache_key_includes_code_version(tmp_path, monkeypatch):
     a = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
-    monkeypatch.setattr(zoo, "code_version", lambda: "0.0.0+changed")
+    monkeypatch.setattr(zoo, "code_version", lambda files=(): "0.0.0+changed")
     b = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
     assert not b.cached and b.path != a.path
 
@@ -82,3 +82,21 @@ def test_default_cache_is_a_user_folder_or_labkit_cache(tmp_path, monkeypatch):
     where = zoo.default_cache_dir()
     assert where.name == "labkit" and str(where).startswith(str(tmp_path / "xdg"))
     assert "site-packages" not in str(where)
+
+
+def test_depth_baselines_share_the_zoo_cache_and_retrain_when_corrupt(tmp_path, monkeypatch):
+    """labs.depth caches under zoo's folder, keyed with the code version; a truncated file
+    retrains with a CacheWarning instead of crashing."""
+    from labkit.labs import depth
+
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    first = depth.trained_lm(n_layers=2, steps=3, n_eval=16)
+    assert not first.cached and first.path.parent == tmp_path
+    assert depth.trained_lm(n_layers=2, steps=3, n_eval=16).cached
+    first.path.write_bytes(first.path.read_bytes()[:100])
+    with pytest.warns(zoo.CacheWarning, match="unusable"):
+        again = depth.trained_lm(n_layers=2, steps=3, n_eval=16)
+    assert not again.cached
+    assert depth.trained_lm(n_layers=2, steps=3, n_eval=16).cached
+    monkeypatch.setattr(zoo, "code_version", lambda files=(): "other")
+    assert not depth.trained_lm(n_layers=2, steps=3, n_eval=16).cached  # new code retrains

@@ -2,7 +2,8 @@
 
 * :func:`trained_lm` / :func:`trained_sdn`: the trained depth baselines (a decoder LM with
   or without LayerDrop; an encoder with SDN exits), trained once per machine and cached
-  atomically under ``labkit.zoo.CACHE_DIR`` keyed by every argument and the torch version,
+  atomically in labkit's cache folder (:func:`labkit.zoo.default_cache_dir`) keyed by every
+  argument, labkit's code version and the torch version (an unreadable file retrains),
   with their loss history so a cached run still draws its curves.
 * :func:`prune_rows`, :func:`exit_rows`, :func:`cqil_rows`: the sweeps; :func:`paired_latency`:
   every variant timed side by side (:func:`labkit.measure.paired`).
@@ -10,10 +11,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +22,7 @@ from .. import measure, zoo
 from .. import model as M
 from .. import train as T
 from .. import validate as V
+from ..notebook import atomic_write
 from ..techniques import (
     CQILConfig,
     EarlyExitConfig,
@@ -37,7 +35,6 @@ from ..techniques import cqil as C
 from ..techniques import early_exit as E
 from ..techniques.layerdrop import evenly_spread
 
-CODE_VERSION = 1  # bump when training here changes, so stale caches are not reused
 
 
 @dataclass
@@ -51,21 +48,12 @@ class Trained:
     data: object  # the corpus or the pair task
 
 
+_CODE = ("model.py", "train.py", "data.py", "techniques/layerdrop.py",
+         "techniques/early_exit.py", "labs/depth.py")
+
+
 def _path(name: str, args: dict) -> Path:
-    blob = json.dumps({**args, "torch": torch.__version__.split("+")[0], "v": CODE_VERSION},
-                      sort_keys=True)
-    return Path(zoo.CACHE_DIR) / f"depth-{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
-
-
-def _save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:  # write then rename: a crash never leaves a half-written cache file
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return zoo.default_cache_dir() / f"depth-{name}-{zoo.cache_key(args, code=_CODE)}.pt"
 
 
 def _replay(board, series: str, history: list) -> None:
@@ -83,8 +71,8 @@ def _replay(board, series: str, history: list) -> None:
 
 def _train_or_load(name, args, model, fit_kwargs, eval_fn, board, series, eval_set, data):
     path = _path(name, args)
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = zoo.load_checkpoint(path, what="depth baseline") if path.is_file() else None
+    if saved is not None:
         model.load_state_dict(saved["state"])
         model.eval()
         _replay(board, series, saved["history"])
@@ -92,8 +80,9 @@ def _train_or_load(name, args, model, fit_kwargs, eval_fn, board, series, eval_s
     cbs = [board.callback("loss", series, every=5)] if board is not None else []
     res = T.fit(model, eval_fn=eval_fn, callbacks=cbs, progress=False, **fit_kwargs)
     model.eval()
-    _save(path, {"state": model.state_dict(), "history": res.history, "metrics": res.final,
-                 "args": args})
+    payload = {"state": model.state_dict(), "history": res.history, "metrics": res.final,
+               "args": args}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return Trained(model, res.history, res.final, False, path, eval_set, data)
 
 
