@@ -49,14 +49,9 @@ class WarmupLinear(T.Callback):
 class AutocastStep(T.StepStrategy):
     """Forward and backward under CPU bf16 autocast (parameters and grads stay fp32)."""
 
-    def forward_backward(self, model, batch, state, callbacks, extra_loss=None):
+    def loss(self, model, batch, state):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model.loss(batch)
-            total = loss + extra_loss(model) if extra_loss is not None else loss
-        for cb in callbacks:
-            cb.before_backward(state, total)
-        total.float().backward()
-        return loss.detach().float()
+            return model.loss(batch).float()
 
 
 def trimmed_batches(tensors: dict, batch_size: int, seed: int = 0, pool: int = 32):

@@ -82,13 +82,18 @@ class Callback:
 class StepStrategy:
     """Forward and backward of one step; returns the (detached) task loss.
 
-    The default: ``model.loss(batch)`` (+ ``extra_loss(model)``), then ``backward``.
-    Override for a DDP-wrapped forward, a pipeline schedule or a distillation loss.
+    The default: :meth:`loss` (``model.loss(batch)``) + ``extra_loss(model)``, the
+    ``before_backward`` hooks, then ``backward``. Override :meth:`loss` for another
+    objective or forward (a DDP wrapper, distillation, SDN exits); override
+    ``forward_backward`` only where forward and backward are one call (a pipeline schedule).
     """
+
+    def loss(self, model, batch: dict, state: TrainState) -> torch.Tensor:
+        return model.loss(batch)
 
     def forward_backward(self, model, batch: dict, state: TrainState,
                          callbacks: list[Callback], extra_loss=None) -> torch.Tensor:
-        loss = model.loss(batch)
+        loss = self.loss(model, batch, state)
         total = loss + extra_loss(model) if extra_loss is not None else loss
         for cb in callbacks:
             cb.before_backward(state, total)

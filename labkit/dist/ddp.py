@@ -62,13 +62,8 @@ class DDPStrategy(T.StepStrategy):
     def __init__(self, ddp_model: DDP):
         self.ddp = ddp_model
 
-    def forward_backward(self, model, batch, state, callbacks, extra_loss=None):
-        loss = task_loss(model, self.ddp(batch["input_ids"], batch.get("padding_mask")), batch)
-        total = loss + extra_loss(model) if extra_loss is not None else loss
-        for cb in callbacks:
-            cb.before_backward(state, total)
-        total.backward()
-        return loss.detach()
+    def loss(self, model, batch, state):
+        return task_loss(model, self.ddp(batch["input_ids"], batch.get("padding_mask")), batch)
 
 
 class StreamSteps(T.Callback):

@@ -249,7 +249,7 @@ class DistillStrategy(StepStrategy):
         self.teacher = teacher.eval()
         self.t = V.number("temperature", temperature, 0.0, lo_open=True)
 
-    def forward_backward(self, model, batch, state, callbacks, extra_loss=None):
+    def loss(self, model, batch, state):
         ids, mask = batch["input_ids"], batch.get("padding_mask")
         with torch.no_grad():
             zt = self.teacher(ids, mask)
@@ -258,8 +258,4 @@ class DistillStrategy(StepStrategy):
         loss = F.kl_div(F.log_softmax(zs.reshape(-1, c) / self.t, -1),
                         F.log_softmax(zt.reshape(-1, c) / self.t, -1),
                         log_target=True, reduction="batchmean") * self.t ** 2
-        total = loss + extra_loss(model) if extra_loss is not None else loss
-        for cb in callbacks:
-            cb.before_backward(state, total)
-        total.backward()
-        return loss.detach()
+        return loss

@@ -178,19 +178,13 @@ class SDNStrategy(StepStrategy):
     def __init__(self, total_steps: int):
         self.total_steps = V.integer("steps", total_steps, 1)
 
-    def forward_backward(self, model, batch, state, callbacks, extra_loss=None):
+    def loss(self, model, batch, state):
         ex = model.executor
         logits = model(batch["input_ids"], batch.get("padding_mask"))  # (B, C)
         y = batch["labels"]
         final = F.cross_entropy(logits, y)
         w = sdn_weights(ex.exits, ex.n_layers, state.step / self.total_steps)
-        total = final + sum(wk * F.cross_entropy(z, y) for wk, z in zip(w, ex.internal))
-        if extra_loss is not None:
-            total = total + extra_loss(model)
-        for cb in callbacks:
-            cb.before_backward(state, total)
-        total.backward()
-        return total.detach()
+        return final + sum(wk * F.cross_entropy(z, y) for wk, z in zip(w, ex.internal))
 
 
 def freeze_backbone_(model) -> int:
