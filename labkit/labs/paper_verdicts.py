@@ -1,9 +1,9 @@
-"""Verdicts and figures of notebook 10 (:mod:`labkit.paper_lab`): each claim of the seed
+"""Verdicts and figures of notebook 10 (:mod:`labkit.labs.paper`): each claim of the seed
 paper turned into "holds" / "does not hold" / "holds only for ..." with the numbers it rests
 on, and Fig. 1 / Fig. 2 in the lab's plotly style (one colour per method)."""
 from __future__ import annotations
 
-from .paper_lab import METHODS
+from .paper import METHODS
 
 
 def verdict_fig1(rows: list[dict]) -> dict:
