@@ -12,8 +12,8 @@
 * :func:`timed`: latency of several models side by side (:func:`labkit.measure.paired`),
   each speedup with its spread and a verdict (:func:`labkit.measure.speedup_verdict`): a
   speedup inside its own spread or above the counted FLOP ratio is flagged as noise.
-* :func:`binomial_se`, :func:`rank_for_energy`, :func:`int_list`: small things two
-  notebooks would otherwise each write.
+* :func:`binomial_se`, :func:`rank_for_energy`, :func:`int_list`, :func:`float_list`,
+  :func:`name_list`: small things two notebooks would otherwise each write.
 """
 from __future__ import annotations
 
@@ -113,16 +113,18 @@ def claimed_vs_counted(dense, model, configs, inputs: tuple) -> dict:
 
 def timed(models: dict, inputs: tuple, reference: str | None = None,
           flop_ratios: dict | None = None, rounds: int = 3, min_run_time: float = 0.2,
-          timer=None) -> list[dict]:
-    """Inference latency of ``{label: model}`` on ``model(*inputs)``, measured side by side
+          timer=None, kwargs: dict | None = None) -> list[dict]:
+    """Inference latency of ``{label: model}`` on ``model(*inputs, **kwargs)``, measured side by side
     (:func:`labkit.measure.paired`: rotated rounds, median of per-round ratios). Each row:
     median and spread, ``speedup`` over ``reference`` (default: the first label) with its
     min/max over rounds, and ``verdict``: ``"measured"`` or why it is noise (its spread
     straddles 1x, or it beats the counted FLOP ratio ``flop_ratios[label]``)."""
+    kwargs = kwargs or {}
+
     def call(m):
         def run():
             with torch.inference_mode():
-                m(*inputs)
+                m(*inputs, **kwargs)
         return run
 
     res = measure.paired({k: call(m) for k, m in models.items()}, reference, rounds,
@@ -205,6 +207,28 @@ def int_list(name: str, value, lo: int | None = None, hi: int | None = None) -> 
     return tuple(V.integer(name, v, lo, hi) for v in value)
 
 
+def float_list(name: str, value, lo: float = 0.0, hi: float = 1.0) -> list[float]:
+    """A notebook parameter listing numbers in ``[lo, hi)``, ``"0.5,0.9"`` or ``(0.5, 0.9)``
+    (:class:`~labkit.validate.LabkitConfigError` naming it otherwise)."""
+    allowed = f"a comma list of numbers in [{lo:g}, {hi:g})"
+    try:
+        vals = [float(v) for v in (value.split(",") if isinstance(value, str) else value)
+                if str(v).strip()]
+    except (TypeError, ValueError):
+        raise V.LabkitConfigError(name, value, allowed) from None
+    if not vals or any(not lo <= v < hi for v in vals):
+        raise V.LabkitConfigError(name, value, allowed)
+    return vals
+
+
+def name_list(name: str, value: str, allowed) -> list[str]:
+    """A notebook parameter listing names, ``"csr,bsr"``, each one of ``allowed``."""
+    vals = [s.strip() for s in str(value).split(",") if s.strip()]
+    if not vals or any(v not in allowed for v in vals):
+        raise V.LabkitConfigError(name, value, "a comma list of " + ", ".join(allowed))
+    return vals
+
+
 def doubling(lo: int, hi: int, names=("seq_min", "seq_max"), floor: int = 2) -> list[int]:
     """``lo, 2 lo, 4 lo, ... <= hi``: a sweep of sizes from two notebook parameters (checked:
     ``floor <= lo <= hi``)."""
@@ -219,7 +243,9 @@ __all__ = [
     "claimed_vs_counted",
     "claimed_vs_measured",
     "doubling",
+    "float_list",
     "int_list",
+    "name_list",
     "rank_for_energy",
     "summary",
     "timed",
