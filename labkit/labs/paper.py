@@ -43,6 +43,7 @@ from .. import train as T
 from .. import validate as V
 from ..techniques import hessian as H
 from ..techniques import quant as Q
+from .common import choice_list, float_list, int_list
 
 METHODS = ("ours", "layerdrop", "qbert", "sdn")
 INT8_PATHS = ("fp32", "int8_dynamic", "torch_dynamic")
@@ -62,15 +63,6 @@ class Variant:
 
     def logits(self, ids, mask):
         return self.predict(ids, mask) if self.predict is not None else self.model(ids, mask)
-
-
-def check_sparsities(name: str, values) -> list[float]:
-    values = list(values)
-    if not values:
-        raise V.LabkitConfigError(name, values, "a non-empty list of numbers in (0, 1)")
-    for v in values:
-        V.number(name, v, 0.0, 1.0, lo_open=True, hi_open=True)
-    return values
 
 
 def block_linear_shapes(model: torch.nn.Module) -> dict:
@@ -239,22 +231,31 @@ def memory(model, sample: tuple) -> dict:
             "inference_peak_bytes": weights + act}
 
 
-def floats(name: str, text: str) -> list[float]:
-    """A comma-separated notebook parameter ``"0.1,0.2"`` -> [0.1, 0.2] (named error)."""
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise V.LabkitConfigError(name, text, "comma-separated numbers, e.g. '0.1,0.3,0.5'")
+TASKS = ("nli", "qnli", "mnli", "synthetic-nli", "synthetic-qnli")
 
 
-def ints(name: str, text: str, lo: int = 1) -> list[int]:
-    try:
-        out = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise V.LabkitConfigError(name, text, "comma-separated integers, e.g. '250,500'")
-    if not out or min(out) < lo:
-        raise V.LabkitConfigError(name, text, f"comma-separated integers >= {lo}")
-    return out
+def setup(params: dict) -> dict:
+    """Notebook 10's parameters past their types (:func:`labkit.notebook.declared`): the
+    lists parsed (``tasks``, ``methods``, ``sparsities``, ``sample_sizes``) and every range
+    checked before any work, each error naming the parameter, its value and what is allowed."""
+    from ..classifiers import MODELS
+
+    V.choice("model", params["model"], MODELS)
+    s_list = list(float_list("sparsities", params["sparsities"], 0.0, 1.0, True, True))
+    if params["operating_sparsity"] not in s_list:
+        raise V.LabkitConfigError("operating_sparsity", params["operating_sparsity"],
+                                  f"one of the swept sparsities {s_list}")
+    for name, lo, hi in (("baseline_steps", 0, None), ("hessian_samples", 1, 64),
+                         ("sdn_steps", 1, None), ("conv_steps", 1, None),
+                         ("conv_eval_every", 1, None)):
+        V.integer(name, params[name], lo, hi)
+    V.integer("n_eval", params["n_eval"], 8)
+    V.number("conv_lr", params["conv_lr"], 0.0, 1.0, lo_open=True)
+    V.number("target_accuracy", params["target_accuracy"], 0.0, 1.0)
+    return {"tasks": list(choice_list("tasks", params["tasks"], TASKS)),
+            "methods": list(choice_list("methods", params["methods"], METHODS)),
+            "sparsities": s_list,
+            "sample_sizes": list(int_list("sample_sizes", params["sample_sizes"], 8))}
 
 
 def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
@@ -296,7 +297,7 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
         cache["sdn_held_out"] = held_out
     accs.append({"method": "dense", "sparsity": 0.0, "task": task,
                  "accuracy": accuracy(base, eval_set)})
-    for s in check_sparsities("sparsities", sparsities):
+    for s in float_list("sparsities", sparsities, 0.0, 1.0, True, True):
         built = {}
         for method in methods:
             try:
