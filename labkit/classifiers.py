@@ -39,7 +39,7 @@ TASKS = ("nli", "qnli")
 # sized for a shared CPU (see the README for the accuracy it reaches and the cost).
 DEFAULTS = {
     "tiny": {"steps": 3000, "lr": 1e-3, "batch_size": 32, "max_len": 64},
-    "minilm": {"steps": 800, "lr": 1e-4, "batch_size": 32, "max_len": 128,
+    "minilm": {"steps": 400, "lr": 2e-4, "batch_size": 32, "max_len": 128,
                "eval_fraction": 0.1, "patience": 3},
 }
 MAX_LR = {"tiny": 1.0, "minilm": 5e-4}  # a pretrained BERT is destroyed by tiny's 1e-3

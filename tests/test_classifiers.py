@@ -217,17 +217,21 @@ def test_early_stopping_max_mode_keeps_the_highest_accuracy():
 
 def test_finetune_selects_on_a_held_out_part_of_train_never_on_eval(monkeypatch):
     """dev_fraction: every evaluation during training is on the held-out training rows;
-    the weights of the best dev accuracy are restored and only then scored on eval."""
+    training stops after `patience` evaluations without a better dev accuracy, the weights
+    of the best one are restored and only then scored, once, on eval."""
     from labkit import model as M
 
     task = D.load_task("synthetic-nli", n_train=200, n_eval=48, max_len=32, seed=0)
     net = M.build(M.preset("tiny", kind="encoder", num_labels=task.num_labels,
                            vocab_size=len(task.tokenizer), max_len=32), seed=0)
+    dev_accs = iter([0.3, 0.5, 0.4, 0.45, 0.9, 0.9])  # scripted: the best is the 2nd
     seen, real = [], B.evaluate
 
     def spy(model, tensors, **kw):
         out = real(model, tensors, **kw)
-        seen.append((len(tensors["labels"]), out["accuracy"],
+        if len(tensors["labels"]) == 20:  # the dev tenth of 200 training rows
+            out = {"loss": 1.0, "accuracy": next(dev_accs)}
+        seen.append((len(tensors["labels"]), out,
                      {k: v.clone() for k, v in model.state_dict().items()}))
         return out
 
@@ -235,15 +239,12 @@ def test_finetune_selects_on_a_held_out_part_of_train_never_on_eval(monkeypatch)
     r = B.finetune(net, task, steps=60, lr=3e-3, batch_size=8, eval_every=5, dev_fraction=0.1,
                    patience=2, freeze_embeddings=False, progress=False)
     *during, last = seen
-    assert {n for n, _, _ in during} == {20} and last[0] == 48  # dev rows, then eval once
-    accs = [a for _, a, _ in during]
-    best = max(range(len(accs)), key=lambda i: (accs[i], -i))  # first best
-    assert r.best_step == 5 * (best + 1) and r.dev == {"accuracy": accs[best]}
-    for k, v in net.state_dict().items():  # the restored weights are the best evaluation's
-        assert torch.equal(v, during[best][2][k]), k
-    assert r.final["accuracy"] == last[1]
-    if r.steps < 60:  # stopped early: exactly `patience` evaluations without improvement
-        assert len(accs) - 1 - best == 2
+    assert [n for n, _, _ in during] == [20] * 4 and last[0] == 48  # dev rows, then eval once
+    assert r.steps == 20 and r.best_step == 10 and r.dev == {"accuracy": 0.5}
+    for k, v in net.state_dict().items():  # the restored weights are the step-10 ones
+        assert torch.equal(v, during[1][2][k]), k
+    assert not torch.equal(during[1][2]["head.weight"], during[3][2]["head.weight"])
+    assert r.final == last[1]
 
 
 @needs_minilm
