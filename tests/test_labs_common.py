@@ -99,3 +99,21 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         nb.write_json_atomic(path, {"a": object()})  # not JSON: fails mid-write
     assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temp file left
+
+
+def test_list_parameters_parsed_once_naming_the_parameter():
+    from labkit.labs import common as C
+
+    assert C.float_list("sparsities", "0.1, 0.5", 0.0, 1.0, True, True) == (0.1, 0.5)
+    assert C.float_list("qs", (0.5, 1)) == (0.5, 1.0)
+    assert C.choice_list("tasks", "nli,qnli,nli", ("nli", "qnli")) == ("nli", "qnli")
+    for call, match in [
+            (lambda: C.float_list("sparsities", "0.2,lots"), "sparsities='0.2,lots'.*numbers"),
+            (lambda: C.float_list("sparsities", "0.2,1.0", 0.0, 1.0, True, True),
+             r"sparsities=1.0 .*\(0.0, 1.0\)"),
+            (lambda: C.int_list("kept_counts", " , "), "kept_counts=' , '.*non-empty"),
+            (lambda: C.int_list("kept_counts", "8,9", 1, 8), r"kept_counts=9 .*\[1, 8\]"),
+            (lambda: C.choice_list("methods", "ours,foo", ("ours", "sdn")),
+             "methods='foo'.*'ours', 'sdn'")]:
+        with pytest.raises(LabkitConfigError, match=match):
+            call()

@@ -25,8 +25,18 @@ def test_every_claim_has_a_verdict_with_numbers(res):
     for c in claims:
         assert c["verdict"] in VERDICTS or c["verdict"].startswith("holds only for"), c
         assert any(ch.isdigit() for ch in c["evidence"]), c
-    assert [res["metrics"][f"verdict_{i}"] for i in range(1, 5)] == [c["verdict"]
-                                                                      for c in claims]
+    assert [c["key"] for c in claims] == ["fig1", "memory", "accuracy", "fig2"]
+    assert [res["metrics"][f"verdict_{c['key']}"] for c in claims] == [c["verdict"]
+                                                                       for c in claims]
+
+
+def test_headline_names_the_claims_first(res):
+    from labkit.labs.paper_verdicts import HEADLINE
+
+    assert res["headline"] == list(HEADLINE) and 3 <= len(HEADLINE) <= 5
+    assert all(name in res["metrics"] for name in res["headline"])
+    assert all(res["metrics"][name] is not None for name in res["headline"])
+    assert res["headline"][0].startswith("verdict_")
 
 
 def test_fig1_times_every_method_at_every_sparsity_or_says_why_not(res):
@@ -73,6 +83,14 @@ def test_fig2_runs_four_sizes_per_method(res):
             assert 0 < r["steps_to_target"] <= r["steps"] and r["seconds_to_target"] > 0
 
 
-def test_bad_sparsity_list_fails_first_naming_the_parameter(run_notebook):
-    with pytest.raises(NotebookFailed, match="sparsities"):
-        run_notebook(NAME, sparsities="0.2,lots")
+@pytest.mark.parametrize("params,message", [
+    ({"sparsities": "0.2,lots"}, "sparsities='0.2,lots' is not allowed: expected comma-"),
+    ({"sparsities": "0.25,1.0"}, "sparsities=1.0 is not allowed: expected a number in (0.0, 1.0)"),
+    ({"operating_sparsity": 0.3}, "operating_sparsity=0.3 is not allowed: expected one of the"),
+    ({"methods": "ours,magic"}, "methods='magic' is not allowed: expected one of 'ours'"),
+    ({"sample_sizes": "64,4"}, "sample_sizes=4 is not allowed: expected an integer >= 8"),
+    ({"conv_lr": 0.0}, "conv_lr=0.0 is not allowed: expected a number in (0.0, 1.0]")])
+def test_bad_parameter_fails_first_naming_it(run_notebook, params, message):
+    with pytest.raises(NotebookFailed) as e:
+        run_notebook(NAME, **params)
+    assert message in str(e.value)

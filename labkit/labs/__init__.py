@@ -6,4 +6,6 @@
 * :mod:`.attention`: attention maps, spectra and low-rank errors (notebooks 01, 02).
 * :mod:`.ffn`: FFN spectra, SVD sweeps, claimed vs measured, size sweeps (notebook 03).
 * :mod:`.depth`: cached depth baselines, LayerDrop / early-exit / CQIL sweeps (notebooks 08, 09).
+* :mod:`.paper`, :mod:`.paper_verdicts`: the seed paper's figures, matched methods and verdicts
+  (notebook 10).
 """

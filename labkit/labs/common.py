@@ -12,8 +12,9 @@
 * :func:`timed`: latency of several models side by side (:func:`labkit.measure.paired`),
   each speedup with its spread and a verdict (:func:`labkit.measure.speedup_verdict`): a
   speedup inside its own spread or above the counted FLOP ratio is flagged as noise.
-* :func:`binomial_se`, :func:`rank_for_energy`, :func:`int_list`: small things two
-  notebooks would otherwise each write.
+* :func:`binomial_se`, :func:`rank_for_energy`: small things two notebooks would otherwise
+  each write; :func:`int_list`, :func:`float_list`, :func:`choice_list`: list parameters
+  (``"8,16,32"``) parsed and range-checked once, the error naming the parameter.
 """
 from __future__ import annotations
 
@@ -191,18 +192,50 @@ def rank_for_energy(rows, energy: float = 0.9, key: str = "layer") -> dict:
     return out
 
 
+def _items(name: str, value, example: str) -> list:
+    """A list parameter's items: ``"a, b,c"`` split on commas, or a tuple/list as given;
+    empty -> :class:`~labkit.validate.LabkitConfigError` naming ``name``."""
+    items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) \
+        else value
+    if not isinstance(items, (tuple, list)) or not items:
+        raise V.LabkitConfigError(name, value, f"a non-empty comma-separated list, e.g. "
+                                               f"'{example}'")
+    return list(items)
+
+
 def int_list(name: str, value, lo: int | None = None, hi: int | None = None) -> tuple[int, ...]:
     """A notebook parameter listing integers, ``"8,16,32"`` or ``(8, 16, 32)``, as a tuple
     of integers in ``[lo, hi]`` (:class:`~labkit.validate.LabkitConfigError` otherwise)."""
-    if isinstance(value, str):
-        try:
-            value = tuple(int(x) for x in value.replace(" ", "").split(",") if x)
-        except ValueError:
-            raise V.LabkitConfigError(name, value, "comma-separated integers, e.g. '8,16,32'") \
-                from None
-    if not isinstance(value, (tuple, list)) or not value:
-        raise V.LabkitConfigError(name, value, "a non-empty list of integers, e.g. '8,16,32'")
-    return tuple(V.integer(name, v, lo, hi) for v in value)
+    items = _items(name, value, "8,16,32")
+    try:
+        items = [int(x) if isinstance(x, str) else x for x in items]
+    except ValueError:
+        raise V.LabkitConfigError(name, value, "comma-separated integers, e.g. '8,16,32'") \
+            from None
+    return tuple(V.integer(name, v, lo, hi) for v in items)
+
+
+def float_list(name: str, value, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False, hi_open: bool = False) -> tuple[float, ...]:
+    """A notebook parameter listing numbers, ``"0.1,0.5"`` or ``(0.1, 0.5)``, as a tuple of
+    floats in the interval (``lo_open``/``hi_open`` exclude a bound), or a named error."""
+    items = _items(name, value, "0.1,0.3,0.5")
+    try:
+        items = [float(x) if isinstance(x, str) else x for x in items]
+    except ValueError:
+        raise V.LabkitConfigError(name, value, "comma-separated numbers, e.g. '0.1,0.3,0.5'") \
+            from None
+    return tuple(V.number(name, v, lo, hi, lo_open, hi_open) for v in items)
+
+
+def choice_list(name: str, value, allowed) -> tuple[str, ...]:
+    """A notebook parameter listing names, ``"nli,qnli"``, each one of ``allowed``, as a
+    tuple in the given order without repeats (a named error otherwise)."""
+    allowed = list(allowed)
+    items = _items(name, value, ",".join(map(str, allowed[:2])))
+    for x in items:
+        V.choice(name, x, allowed)
+    return tuple(dict.fromkeys(items))
 
 
 def doubling(lo: int, hi: int, names=("seq_min", "seq_max"), floor: int = 2) -> list[int]:
@@ -216,9 +249,11 @@ def doubling(lo: int, hi: int, names=("seq_min", "seq_max"), floor: int = 2) -> 
 __all__ = [
     "binomial_se",
     "build_variants",
+    "choice_list",
     "claimed_vs_counted",
     "claimed_vs_measured",
     "doubling",
+    "float_list",
     "int_list",
     "rank_for_energy",
     "summary",

@@ -1,9 +1,11 @@
-"""Verdicts and figures of notebook 10 (:mod:`labkit.paper_lab`): each claim of the seed
+"""Verdicts and figures of notebook 10 (:mod:`labkit.labs.paper`): each claim of the seed
 paper turned into "holds" / "does not hold" / "holds only for ..." with the numbers it rests
-on, and Fig. 1 / Fig. 2 in the lab's plotly style (one colour per method)."""
+on, Fig. 1 / Fig. 2 in the house style of :mod:`labkit.figures`, and the metrics
+the notebook reports (:func:`metrics`, the headline first)."""
 from __future__ import annotations
 
-from .paper_lab import METHODS
+from .. import figures as F
+from .paper import METHODS
 
 
 def verdict_fig1(rows: list[dict]) -> dict:
@@ -29,27 +31,27 @@ def verdict_fig1(rows: list[dict]) -> dict:
 
 def fig1(rows: list[dict], title: str = "Fig. 1: inference time vs sparsity"):
     """Median time per method against sparsity, the band between the fastest and slowest
-    round (plotly, one colour per method)."""
+    round, in the house style (:mod:`labkit.figures`: a method keeps its colour in every
+    figure, one legend, the cell's width, log axes where times span decades)."""
     import plotly.graph_objects as go
-    from plotly.colors import qualitative
 
     fig = go.Figure()
-    methods = [m for m in ("dense", *METHODS) if any(r.get("method") == m and
-                                                     r.get("status") == "measured"
-                                                     for r in rows)]
-    for i, m in enumerate(methods):
+    for m in _measured_methods(rows):
         pts = sorted((r["sparsity"], r["median_ms"], r["min_ms"], r["max_ms"]) for r in rows
                      if r.get("method") == m and r.get("status") == "measured")
         xs = [p[0] for p in pts]
-        colour = qualitative.Plotly[i % 10]
         fig.add_scatter(x=xs + xs[::-1], y=[p[3] for p in pts] + [p[2] for p in pts][::-1],
-                        fill="toself", line=dict(width=0), fillcolor=colour, opacity=0.2,
+                        fill="toself", line=dict(width=0), fillcolor=F.color(m), opacity=0.2,
                         showlegend=False, hoverinfo="skip", legendgroup=m)
-        fig.add_scatter(x=xs, y=[p[1] for p in pts], name=m, mode="lines+markers",
-                        line=dict(color=colour), legendgroup=m)
-    fig.update_layout(title=title, xaxis_title="sparsity s", yaxis_title="ms per batch",
-                      height=380)
-    return fig
+        fig.add_scatter(x=xs, y=[p[1] for p in pts], name=m, mode="lines+markers")
+    fig.update_xaxes(title_text="sparsity s")
+    fig.update_yaxes(title_text="ms per batch")
+    return F.style(F.layout(fig, title=title))
+
+
+def _measured_methods(rows: list[dict]) -> list[str]:
+    return [m for m in ("dense", *METHODS) if any(
+        r.get("method") == m and r.get("status") == "measured" for r in rows)]
 
 
 def _fmt_s(values) -> str:
@@ -78,14 +80,14 @@ def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
             v = ("holds only for: time falls for " + (", ".join(falling) or "no method")
                  + ("; ours fastest at every s" if f1["ours_fastest_everywhere"] else
                     "; ours not fastest at every s"))
-        out.append({"claim": "Fig. 1: inference time falls with sparsity for every method "
+        out.append({"key": "fig1", "claim": "Fig. 1: inference time falls with sparsity for every method "
                              "and is lowest for ours", "verdict": v, "evidence": ev})
     if mem:
         r_model, r_peak = mem["model_ratio"], mem["peak_ratio"]
         ok = [n for n, r in (("whole-model bytes", r_model), ("peak inference memory", r_peak))
               if r <= 0.5]
         v = "holds" if len(ok) == 2 else ("holds only for " + ok[0] if ok else "does not hold")
-        out.append({"claim": f"INT8 + {op:.0%} sparsity cuts memory by 50%", "verdict": v,
+        out.append({"key": "memory", "claim": f"INT8 + {op:.0%} sparsity cuts memory by 50%", "verdict": v,
                     "evidence": f"whole-model bytes x{r_model:.3f}, peak inference memory "
                                 f"x{r_peak:.3f} of dense"})
     if accs:
@@ -97,7 +99,7 @@ def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
                        f"{dense[r['task']]:.3f})" for r in at_op)
         v = ("holds" if at_op and len(close) == len(at_op) else "does not hold" if not close
              else "holds only for " + ", ".join(f"{r['method']} on {r['task']}" for r in close))
-        out.append({"claim": f"every method keeps accuracy within {tolerance:.0%} of dense "
+        out.append({"key": "accuracy", "claim": f"every method keeps accuracy within {tolerance:.0%} of dense "
                              f"at s={op:g}", "verdict": v, "evidence": ev})
     conv_m = [r for r in conv if r.get("status") == "measured"]
     if conv_m:
@@ -111,22 +113,42 @@ def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
         v = ("holds" if len(ours_wins) == len(sizes) else "does not hold" if not ours_wins
              else "holds only for n = " + _fmt_s(ours_wins))
         ev = "; ".join(f"n={n}: fastest {b or 'none reached the target'}" for n, b in wins)
-        out.append({"claim": "Fig. 2: ours reaches the target accuracy fastest at every "
+        out.append({"key": "fig2", "claim": "Fig. 2: ours reaches the target accuracy fastest at every "
                              "training-sample size", "verdict": v, "evidence": ev})
     return out
 
 
 def fig2(rows: list[dict], title: str = "Fig. 2: seconds to target vs training samples"):
+    """Seconds to the target accuracy against the training-sample size (log x), one
+    series per method in the house style; a gap where a method did not reach the target."""
     import plotly.graph_objects as go
-    from plotly.colors import qualitative
 
     fig = go.Figure()
-    for i, m in enumerate(m for m in ("dense", *METHODS)
-                          if any(r["method"] == m and r["status"] == "measured" for r in rows)):
+    for m in _measured_methods(rows):
         pts = sorted((r["n_train"], r["seconds_to_target"]) for r in rows
                      if r["method"] == m and r["status"] == "measured")
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=m,
-                        mode="lines+markers", line=dict(color=qualitative.Plotly[i % 10]))
-    fig.update_layout(title=title, xaxis_title="training pairs n", xaxis_type="log",
-                      yaxis_title="seconds to target (gap: not reached)", height=380)
-    return fig
+                        mode="lines+markers")
+    fig.update_xaxes(title_text="training pairs n", type="log")
+    fig.update_yaxes(title_text="seconds to target (gap: not reached)")
+    return F.style(F.layout(fig, title=title))
+
+
+CLAIMS = ("fig1", "memory", "accuracy", "fig2")
+HEADLINE = ("verdict_fig1", "verdict_fig2", "verdict_memory", "verdict_accuracy",
+            "memory_model_ratio")
+
+
+def metrics(times: list[dict], mem: dict, claims: list[dict], dense_accuracy: dict,
+            op: float) -> dict:
+    """Notebook 10's metrics, every one from the measured rows: the verdict of each claim
+    (``verdict_<key>``, None when the claim had nothing measured), the memory ratios, the
+    stack's measured speedup at the operating sparsity and each task's dense accuracy.
+    :data:`HEADLINE` names the ones the report's index shows."""
+    ours_op = [r for r in times if r.get("method") == "ours" and r.get("sparsity") == op
+               and r.get("status") == "measured"]
+    by_key = {c["key"]: c["verdict"] for c in claims}
+    return {**{f"verdict_{k}": by_key.get(k) for k in CLAIMS},
+            "memory_model_ratio": mem["model_ratio"], "memory_peak_ratio": mem["peak_ratio"],
+            "ours_speedup_at_op": ours_op[0]["speedup"] if ours_op else None,
+            **{f"dense_accuracy_{t}": a for t, a in dense_accuracy.items()}}

@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import measure
-from . import model as M
-from . import train as T
-from . import validate as V
-from .techniques import hessian as H
-from .techniques import quant as Q
+from .. import measure
+from .. import model as M
+from .. import train as T
+from .. import validate as V
+from ..techniques import hessian as H
+from ..techniques import quant as Q
+from .common import choice_list, float_list, int_list
 
 METHODS = ("ours", "layerdrop", "qbert", "sdn")
 INT8_PATHS = ("fp32", "int8_dynamic", "torch_dynamic")
@@ -64,15 +65,6 @@ class Variant:
         return self.predict(ids, mask) if self.predict is not None else self.model(ids, mask)
 
 
-def check_sparsities(name: str, values) -> list[float]:
-    values = list(values)
-    if not values:
-        raise V.LabkitConfigError(name, values, "a non-empty list of numbers in (0, 1)")
-    for v in values:
-        V.number(name, v, 0.0, 1.0, lo_open=True, hi_open=True)
-    return values
-
-
 def block_linear_shapes(model: torch.nn.Module) -> dict:
     return {n: tuple(w.shape) for n, w in H.linear_weights(model).items()}
 
@@ -88,9 +80,9 @@ def ours(base: M.Transformer, s: float, inputs: tuple, min_run_time: float = 0.0
     """Neurons pruned and removed at ``s``, then INT8. ``int8="accelerate"``: measured
     per-layer choice (for speed); ``"torchao"``: torchao W8A8 everywhere (for bytes,
     counted by :func:`labkit.measure.model_bytes`); ``"none"``: sparsity only."""
-    from .techniques import apply_
-    from .techniques.int8 import Int8Config, accelerate_
-    from .techniques.sparsity import compact_neurons_
+    from ..techniques import apply_
+    from ..techniques.int8 import Int8Config, accelerate_
+    from ..techniques.sparsity import compact_neurons_
 
     V.choice("int8", int8, ("accelerate", "torchao", "none"))
     m = copy.deepcopy(base).eval()
@@ -142,7 +134,7 @@ def qbert(base: M.Transformer, s: float, rows: list[dict], bits=(2, 3, 4, 8)) ->
 
 def kept_blocks(n_layers: int, s: float) -> tuple[int, ...]:
     """``n_layers - round(s n_layers)`` evenly spread block indices (LayerDrop's rule)."""
-    from .techniques.layerdrop import evenly_spread
+    from ..techniques.layerdrop import evenly_spread
 
     keep = n_layers - round(s * n_layers)
     if keep < 1:
@@ -154,8 +146,8 @@ def layerdrop(base: M.Transformer, s: float) -> Variant:
     """Blocks removed for real at inference (LayerDrop's pruning, ``LayerPruneConfig``).
     The base was fine-tuned without LayerDrop: the paper's point is that such a model
     degrades when pruned; notebook 08 trains with it."""
-    from .techniques import apply_
-    from .techniques.layerdrop import LayerPruneConfig
+    from ..techniques import apply_
+    from ..techniques.layerdrop import LayerPruneConfig
 
     m = copy.deepcopy(base).eval()
     keep = kept_blocks(base.cfg.n_layers, s)
@@ -167,8 +159,8 @@ def sdn_exits(base: M.Transformer, batches, steps: int, lr: float = 1e-3) -> M.T
     """A copy of ``base`` with SDN internal classifiers after every block but the last,
     trained on the frozen fine-tuned backbone (Kaya et al.'s frozen-backbone variant) with
     the SDN loss weights."""
-    from .techniques import apply_
-    from .techniques.early_exit import EarlyExitConfig, SDNStrategy, freeze_backbone_
+    from ..techniques import apply_
+    from ..techniques.early_exit import EarlyExitConfig, SDNStrategy, freeze_backbone_
 
     m = copy.deepcopy(base)
     apply_(m, EarlyExitConfig())
@@ -181,7 +173,7 @@ def sdn_exits(base: M.Transformer, batches, steps: int, lr: float = 1e-3) -> M.T
 def sdn(base: M.Transformer, s: float, trained: M.Transformer, held_out: dict) -> Variant:
     """Early exit at the threshold ``q`` whose average blocks run on ``held_out`` is closest
     to ``(1 - s) L`` (the exit rule simulated on the exits' logits, then run for real)."""
-    from .techniques.early_exit import exit_logits, predict, simulate
+    from ..techniques.early_exit import exit_logits, predict, simulate
 
     L = base.cfg.n_layers
     m = copy.deepcopy(trained).eval()
@@ -239,22 +231,31 @@ def memory(model, sample: tuple) -> dict:
             "inference_peak_bytes": weights + act}
 
 
-def floats(name: str, text: str) -> list[float]:
-    """A comma-separated notebook parameter ``"0.1,0.2"`` -> [0.1, 0.2] (named error)."""
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise V.LabkitConfigError(name, text, "comma-separated numbers, e.g. '0.1,0.3,0.5'")
+TASKS = ("nli", "qnli", "mnli", "synthetic-nli", "synthetic-qnli")
 
 
-def ints(name: str, text: str, lo: int = 1) -> list[int]:
-    try:
-        out = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise V.LabkitConfigError(name, text, "comma-separated integers, e.g. '250,500'")
-    if not out or min(out) < lo:
-        raise V.LabkitConfigError(name, text, f"comma-separated integers >= {lo}")
-    return out
+def setup(params: dict) -> dict:
+    """Notebook 10's parameters past their types (:func:`labkit.notebook.declared`): the
+    lists parsed (``tasks``, ``methods``, ``sparsities``, ``sample_sizes``) and every range
+    checked before any work, each error naming the parameter, its value and what is allowed."""
+    from ..classifiers import MODELS
+
+    V.choice("model", params["model"], MODELS)
+    s_list = list(float_list("sparsities", params["sparsities"], 0.0, 1.0, True, True))
+    if params["operating_sparsity"] not in s_list:
+        raise V.LabkitConfigError("operating_sparsity", params["operating_sparsity"],
+                                  f"one of the swept sparsities {s_list}")
+    for name, lo, hi in (("baseline_steps", 0, None), ("hessian_samples", 1, 64),
+                         ("sdn_steps", 1, None), ("conv_steps", 1, None),
+                         ("conv_eval_every", 1, None)):
+        V.integer(name, params[name], lo, hi)
+    V.integer("n_eval", params["n_eval"], 8)
+    V.number("conv_lr", params["conv_lr"], 0.0, 1.0, lo_open=True)
+    V.number("target_accuracy", params["target_accuracy"], 0.0, 1.0)
+    return {"tasks": list(choice_list("tasks", params["tasks"], TASKS)),
+            "methods": list(choice_list("methods", params["methods"], METHODS)),
+            "sparsities": s_list,
+            "sample_sizes": list(int_list("sample_sizes", params["sample_sizes"], 8))}
 
 
 def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
@@ -296,7 +297,7 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
         cache["sdn_held_out"] = held_out
     accs.append({"method": "dense", "sparsity": 0.0, "task": task,
                  "accuracy": accuracy(base, eval_set)})
-    for s in check_sparsities("sparsities", sparsities):
+    for s in float_list("sparsities", sparsities, 0.0, 1.0, True, True):
         built = {}
         for method in methods:
             try:
@@ -325,8 +326,8 @@ def training_form(method: str, model: M.Transformer, s: float, bits_by_layer=())
     """Apply ``method``'s training-time form to a fresh ``model`` in place; returns the
     callbacks training needs. ours: FFN width ``(1-s) d_ff`` and 8-bit fake quant (QAT);
     qbert: fake quant at the Hessian bit assignment; layerdrop/sdn: the depth techniques."""
-    from .techniques import apply_
-    from .techniques.sparsity import compact_neurons_
+    from ..techniques import apply_
+    from ..techniques.sparsity import compact_neurons_
 
     V.choice("method", method, ("dense", *METHODS))
     if method == "ours":
@@ -336,11 +337,11 @@ def training_form(method: str, model: M.Transformer, s: float, bits_by_layer=())
     elif method == "qbert":
         apply_(model, Q.FakeQuantConfig(bits=8, bits_by_layer=tuple(bits_by_layer)))
     elif method == "layerdrop":
-        from .techniques.layerdrop import LayerDropConfig
+        from ..techniques.layerdrop import LayerDropConfig
 
         apply_(model, LayerDropConfig(p=s))
     elif method == "sdn":
-        from .techniques.early_exit import EarlyExitConfig
+        from ..techniques.early_exit import EarlyExitConfig
 
         apply_(model, EarlyExitConfig())
     return []
@@ -370,7 +371,7 @@ def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: flo
             continue
         strategy = None
         if method == "sdn":
-            from .techniques.early_exit import SDNStrategy
+            from ..techniques.early_exit import SDNStrategy
 
             strategy = SDNStrategy(steps)
         goal = target if target > 0 else None
@@ -391,6 +392,6 @@ def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: flo
 
 
 def _batches(part: dict, batch_size: int, seed: int):
-    from .data import batches
+    from ..data import batches
 
     return batches(part, min(batch_size, len(part["labels"])), seed=seed)
