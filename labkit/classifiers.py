@@ -97,6 +97,8 @@ def real_text_params(defined: dict, source_dir: str | None, model: str | None) -
         raise V.LabkitConfigError("source_dir", source_dir,
                                   "a folder holding mnli/ and/or qnli/ GLUE-schema folders")
     out = {"source": str(root.resolve())} if "source" in defined else {}
+    if str(defined.get("task", "")).strip("'\"") == "lm" and "source" in defined:
+        out["task"] = "nli"  # an LM-first notebook (03) runs its classifier workload on real text
     if "model" in defined:
         out["model"] = V.choice("model", model or "minilm", MODELS)
         recipe = DEFAULTS[out["model"]]

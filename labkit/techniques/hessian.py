@@ -18,7 +18,7 @@ Hessian-vector product costs one extra backward pass (double backward, Pearlmutt
 Sensitivity of layer ``l`` at ``b`` bits (HAWQ-V2): ``Omega_l(b) = tr(H_ll)/n_l *
 ||Q_b(W_l) - W_l||^2``, the second-order loss increase of the quantization perturbation.
 :func:`assign_bits` minimises ``sum_l Omega_l(b_l)`` under a byte budget (counted with
-scales, :func:`labkit.techniques.quant.weight_bytes`) by greedy upgrades (to any wider
+scales, :func:`labkit.techniques.qmath.weight_bytes`) by greedy upgrades (to any wider
 width) with the best loss decrease per byte, starting from all-minimum bits.
 
 Complexity: each HVP ~ 2x a backward pass; trace: ``samples`` HVPs; eigenvalues:
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .. import validate as V
-from . import quant as Q
+from . import qmath as Q
+from .registry import linear_selector
 
 
 def _sdpa_math():
@@ -47,7 +48,7 @@ def _sdpa_math():
 def linear_weights(model: nn.Module, layers: tuple = (),
                    parts: tuple = ("attn", "ffn")) -> dict[str, nn.Parameter]:
     """The weights whose precision is chosen: ``{layer name: weight}``."""
-    sel = Q.linear_selector(model, layers, parts, skip=(Q.FakeQuantLinear,))
+    sel = linear_selector(model, layers, parts)
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and sel(name, m):

@@ -39,8 +39,8 @@ from torch import nn
 
 from .. import accelerate as A
 from .. import validate as V
-from .quant import linear_selector, linear_shapes
-from .registry import register, register_expected, scope_fields, swap_modules
+from .quant import linear_shapes
+from .registry import linear_selector, register, register_expected, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
 CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")

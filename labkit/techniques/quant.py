@@ -2,7 +2,8 @@
 
 Papers: Q-BERT (Shen et al., AAAI 2020, "Hessian Based Ultra Low Precision Quantization of
 BERT"), group-wise ranges; the INT8 weight/activation quantization of the LLM-optimisation
-paper; the straight-through estimator of Bengio et al. (2013).
+paper (whose title this repository does not record; see README); the straight-through
+estimator of Bengio et al. (2013).
 
 Idea: a real number ``x`` is mapped to one of ``2^b`` levels by an affine map with a scale
 ``s`` and zero point ``z`` shared by a *granule* of the tensor (the whole tensor, one output
@@ -10,13 +11,9 @@ channel, or a group of ``group_size`` consecutive output channels as in Q-BERT, 
 groups the rows of each projection, e.g. per head). *Fake* quantization rounds and
 dequantizes in floating point, so quality can be studied at any bit-width without a kernel;
 it saves neither memory nor time (see :mod:`labkit.techniques.int8` for the real path).
-
-Equations (per granule)::
-
-    symmetric:   s = max|x| / (2^(b-1) - 1),  z = 0,  q = clamp(round(x/s), -(2^(b-1)-1), 2^(b-1)-1)
-    asymmetric:  s = (max x - min x) / (2^b - 1),  z = round(-min x / s),
-                 q = clamp(round(x/s) + z, 0, 2^b - 1)
-    dequant:     x_hat = s (q - z);  |x - x_hat| <= s/2 inside the range
+The arithmetic (``s``, ``z``, ``q = clamp(round(x/s) + z)``, ``x_hat = s (q - z)``, packed
+bytes) is :mod:`labkit.techniques.qmath`; this module is the technique: the config, the
+weight and activation quantizers, the swap, calibration and the byte count of a model.
 
 Calibration picks the range: ``minmax`` uses the extremes, ``percentile`` clips at the
 p-th percentile of ``|x|`` (symmetric) or at the (100-p, p) percentiles (asymmetric).
@@ -29,14 +26,12 @@ recomputed from the float master weight, so QAT updates the master copy); activa
 
 Memory: a ``b``-bit tensor of ``n`` values packed densely takes ``ceil(n b / 8)`` bytes plus
 ``4`` bytes of fp32 scale per granule and ``1`` byte of zero point per granule when
-asymmetric (:func:`weight_bytes`).
+asymmetric (:func:`~labkit.techniques.qmath.weight_bytes`).
 
 Complexity: O(n) extra element-wise work per forward; no change in parameters or FLOPs.
 """
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,148 +40,25 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import validate as V
+from .qmath import (
+    CALIBRATIONS,
+    GRANULARITIES,
+    check_bits,
+    fake_quant_tensor,
+    fake_quantize,
+    qparams,
+    range_to_qparams,
+    weight_bytes,
+)
 from .registry import (
     block_indices,
     expand_parts,
-    linears,
+    linear_selector,
     register,
     register_expected,
     scope_fields,
     swap_modules,
 )
-
-GRANULARITIES = ("tensor", "channel", "group")
-CALIBRATIONS = ("minmax", "percentile")
-SCALE_BYTES = 4  # fp32 scale per granule
-ZERO_POINT_BYTES = 1  # int8/uint8 zero point per granule (asymmetric only)
-
-
-def check_bits(name: str, bits) -> int:
-    return V.integer(name, bits, 2, 8)
-
-
-# --------------------------------------------------------------------------- primitives
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range ``(qmin, qmax)`` of a ``bits``-bit code (symmetric drops -2^(b-1))."""
-    if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
-
-
-def _granules(x: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
-    """View ``x`` as (G, n) rows of values that share one range."""
-    if granularity == "tensor" or x.dim() < 2:
-        return x.reshape(1, -1)
-    rows = x.reshape(x.shape[0], -1)  # (out, in)
-    if granularity == "channel":
-        return rows
-    if rows.shape[0] % group_size:
-        raise V.LabkitConfigError("group_size", group_size,
-                                  f"a divisor of the {rows.shape[0]} output channels")
-    return rows.reshape(rows.shape[0] // group_size, -1)  # (out/g, g*in)
-
-
-def qparams(x: torch.Tensor, bits: int, symmetric: bool = True, granularity: str = "tensor",
-            group_size: int = 1, calibration: str = "minmax", percentile: float = 99.9):
-    """Scale and zero point per granule, shaped (G, 1), from the values of ``x``."""
-    check_bits("bits", bits)
-    V.choice("granularity", granularity, GRANULARITIES)
-    V.choice("calibration", calibration, CALIBRATIONS)
-    g = _granules(x.detach().float(), granularity, group_size)  # (G, n)
-    if calibration == "percentile":
-        p = percentile / 100.0
-        if symmetric:
-            hi = _quantile(g.abs(), p)
-            lo = -hi
-        else:
-            lo, hi = _quantile(g, 1 - p), _quantile(g, p)
-    else:
-        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
-    return range_to_qparams(lo, hi, bits, symmetric)
-
-
-def _quantile(g: torch.Tensor, p: float) -> torch.Tensor:
-    """Per-row quantile (G, 1); rows longer than torch.quantile's limit use a strided
-    sample of 2^24 values (a warning, not a silent change)."""
-    if g.shape[1] >= 2 ** 24:
-        warnings.warn(f"percentile calibration on {g.shape[1]} values per granule: using a "
-                      f"strided sample of 2^24 (torch.quantile's limit)")
-        g = g[:, :: g.shape[1] // 2 ** 24 + 1]
-    return torch.quantile(g, p, dim=1, keepdim=True)
-
-
-def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
-    qmin, qmax = qrange(bits, symmetric)
-    eps = torch.finfo(torch.float32).tiny
-    if symmetric:
-        scale = torch.maximum(hi.abs(), lo.abs()).clamp_min(eps) / qmax
-        zero = torch.zeros_like(scale)
-    else:
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # zero must be exactly representable
-        scale = (hi - lo).clamp_min(eps) / (qmax - qmin)
-        zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
-    return scale, zero
-
-
-def quantize(x, scale, zero, bits: int, symmetric: bool, granularity: str = "tensor",
-             group_size: int = 1) -> torch.Tensor:
-    """Integer codes of ``x`` (as float tensor of integers, same shape as ``x``)."""
-    qmin, qmax = qrange(bits, symmetric)
-    g = _granules(x, granularity, group_size)
-    return torch.clamp(torch.round(g / scale) + zero, qmin, qmax).reshape(x.shape)
-
-
-def dequantize(q, scale, zero, granularity: str = "tensor", group_size: int = 1):
-    g = _granules(q, granularity, group_size)
-    return ((g - zero) * scale).reshape(q.shape)
-
-
-class _RoundSTE(torch.autograd.Function):
-    """round() whose gradient is the identity (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def fake_quantize(x, scale, zero, bits: int, symmetric: bool, granularity: str = "tensor",
-                  group_size: int = 1) -> torch.Tensor:
-    """Quantize-dequantize in float with the STE; clipped values get zero gradient."""
-    qmin, qmax = qrange(bits, symmetric)
-    g = _granules(x, granularity, group_size)  # (G, n)
-    q = torch.clamp(_RoundSTE.apply(g / scale) + zero, qmin, qmax)
-    return ((q - zero) * scale).reshape(x.shape)
-
-
-def fake_quant_tensor(x, bits: int, symmetric: bool = True, granularity: str = "tensor",
-                      group_size: int = 1, calibration: str = "minmax",
-                      percentile: float = 99.9) -> torch.Tensor:
-    """One call: choose the range of ``x`` and return its fake-quantized copy."""
-    s, z = qparams(x, bits, symmetric, granularity, group_size, calibration, percentile)
-    return fake_quantize(x, s, z, bits, symmetric, granularity, group_size)
-
-
-def n_granules(shape, granularity: str, group_size: int) -> int:
-    if granularity == "tensor" or len(shape) < 2:
-        return 1
-    return shape[0] if granularity == "channel" else shape[0] // group_size
-
-
-def weight_bytes(shape, bits: int, granularity: str = "channel", group_size: int = 1,
-                 symmetric: bool = True) -> dict:
-    """Bytes of one quantized weight: packed codes plus scale/zero-point metadata."""
-    n = math.prod(shape)
-    g = n_granules(shape, granularity, group_size)
-    codes = math.ceil(n * bits / 8)
-    meta = g * (SCALE_BYTES + (0 if symmetric else ZERO_POINT_BYTES))
-    return {"params": n, "codes": codes, "metadata": meta, "total": codes + meta,
-            "bytes_per_param": (codes + meta) / n}
-
 
 # --------------------------------------------------------------------------- config
 
@@ -339,29 +211,12 @@ class FakeQuantLinear(nn.Linear):
                             c.group_size, c.symmetric)
 
 
-def linear_selector(model: nn.Module, layers: tuple = (), parts: tuple = ("attn", "ffn"),
-                    exact: bool = False, skip: tuple = ()):
-    """The one rule for which linears a quantization technique takes, as a
-    :func:`~labkit.techniques.registry.swap_modules` ``select(name, module)``: the linears
-    of ``parts`` in the blocks ``layers`` (the registry's vocabulary, which also reads a
-    Hugging Face BERT such as all-MiniLM-L6-v2). ``exact``: only plain ``nn.Linear`` (not a
-    subclass another technique swapped in); ``skip``: classes never taken."""
-    chosen = {id(m) for m in linears(model, layers, parts).values()}
-
-    def select(name, m):
-        if id(m) not in chosen or not isinstance(m, nn.Linear) or isinstance(m, skip):
-            return False
-        return not exact or type(m) is nn.Linear
-    return select
-
-
 @register(FakeQuantConfig)
 def fake_quantize_(model: nn.Module, config: FakeQuantConfig) -> nn.Module:
     """Swap selected linears for :class:`FakeQuantLinear` (weights quantized now;
     activation quantizers need :func:`calibrate` before use)."""
     known = set()
-    swapped = swap_modules(model, linear_selector(model, config.layers, config.parts,
-                                                  skip=(FakeQuantLinear,)),
+    swapped = swap_modules(model, linear_selector(model, config.layers, config.parts),
                            lambda name, m: (known.add(name),
                                             FakeQuantLinear.from_linear(
                                                 m, config, config.bits_for(name)))[1])
@@ -479,7 +334,6 @@ __all__ = [
     "FakeQuantLinear",
     "WeightFakeQuant",
     "calibrate",
-    "dequantize",
     "dequantize_",
     "expected",
     "fake_quant_tensor",
@@ -488,8 +342,6 @@ __all__ = [
     "linear_selector",
     "linear_shapes",
     "qparams",
-    "qrange",
-    "quantize",
     "quantized_bytes",
     "quantized_layers",
     "range_to_qparams",

@@ -174,6 +174,23 @@ def linears(model: nn.Module, layers: tuple[int, ...] = (),
     return modules(model, layers, tuple(expand_parts(parts)))
 
 
+def linear_selector(model: nn.Module, layers: tuple = (), parts: tuple = ("attn", "ffn"),
+                    exact: bool = True):
+    """The one rule for which linears a quantization technique takes, as a
+    :func:`swap_modules` ``select(name, module)``: the linears of ``parts`` in the blocks
+    ``layers`` (this vocabulary also reads a Hugging Face BERT such as all-MiniLM-L6-v2).
+    ``exact`` (default): only plain ``nn.Linear``, so a layer another technique swapped in
+    (masked, low-rank, already quantized) is left as it is; ``exact=False`` also takes
+    ``nn.Linear`` subclasses."""
+    chosen = {id(m) for m in linears(model, layers, parts).values()}
+
+    def select(name, m):
+        if id(m) not in chosen or not isinstance(m, nn.Linear):
+            return False
+        return not exact or type(m) is nn.Linear
+    return select
+
+
 # ---------------------------------------------------------------------------- registry
 
 def register(config_cls: type, expected_fn: Callable | None = None):
