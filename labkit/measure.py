@@ -267,6 +267,22 @@ def _register_cpu_sdpa_flops():
 _register_cpu_sdpa_flops()
 
 
+def _register_int_mm_flops():
+    """torch's flop counter has no formula for ``aten._int_mm`` (the s8s8 matmul torchao's
+    INT8 path runs), so INT8 models counted zero FLOPs in their linears: count 2 M K N."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_int_mm", None)
+    if op is not None and op not in fc.flop_registry:
+        @fc.register_flop_formula(op)
+        def _int_mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            m, k = a_shape
+            return 2 * m * k * b_shape[1]
+
+
+_register_int_mm_flops()
+
+
 def capture_inputs(model: torch.nn.Module, inputs: tuple, modules: dict) -> dict:
     """``{name: (args, kwargs)}``: what each of ``modules`` (``{name: module}``) receives
     first during one inference forward of ``model(*inputs)``, for timing layers on real input."""

@@ -190,8 +190,8 @@ def _account(table, model_cfg: ModelConfig, config: FactorizedFFNConfig) -> None
     for i in block_indices(model_cfg.n_layers, config.layers):
         for part in expand_parts(config.parts):
             row = table.blocks[i].ffn.get(part.split(".")[1])
-            if row is not None:
-                row.rank = config.rank
+            if row is not None and row.kind == "linear":  # as the swap: nn.Linear only
+                row.rank, row.kind = config.rank, "lowrank"
 
 
 def break_even_rank(d_in: int, d_out: int) -> float:

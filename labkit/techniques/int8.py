@@ -39,8 +39,8 @@ from torch import nn
 
 from .. import accelerate as A
 from .. import validate as V
-from .quant import linear_shapes
-from .registry import linear_selector, register, register_expected, scope_fields, swap_modules
+from ..accounting import register_account, rows
+from .registry import linear_selector, register, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
 CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")
@@ -156,16 +156,17 @@ def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
     return model
 
 
-@register_expected(Int8Config)
-def expected(model_cfg, config: Int8Config) -> dict:
-    """Weight bytes of the quantized linears: int8 codes + fp32 scale + int8 zero point
-    per output row (what torchao's Int8Tensor stores)."""
-    shapes = linear_shapes(model_cfg, config.layers, config.parts)
-    n = sum(a * b for a, b in shapes.values())
-    rows = sum(a for a, _ in shapes.values())
-    q = n + rows * (4 + 1)
-    return {"params_delta": 0, "flops_delta": 0, "quantized_params": n,
-            "weight_bytes_fp32": 4 * n, "weight_bytes": q, "bytes_ratio": q / (4 * n)}
+@register_account(Int8Config)
+def _account(table, model_cfg, config: Int8Config) -> dict:
+    """The plain linears the selector takes store int8 codes plus an fp32 scale and an int8
+    zero point per output row (what torchao's Int8Tensor stores): ``out (in + 5)`` bytes.
+    Multiply-adds are unchanged (int8 instead of fp32)."""
+    taken = [r for r in rows(table, config.layers, config.parts).values() if r.kind == "linear"]
+    n = sum(r.weight_params for r in taken)
+    for r in taken:
+        r.weight_bytes, r.kind = r.out_features * (r.in_features + 5), "int8"
+    q = sum(r.weight_bytes for r in taken)
+    return {"quantized_params": n, "weight_bytes_fp32": 4 * n, "weight_bytes": q}
 
 
 def matmul_ops(module: nn.Module, x: torch.Tensor) -> list[str]:
@@ -244,12 +245,6 @@ def _accelerate_cfg(model: nn.Module, config: AccelerateConfig) -> nn.Module:
     model.accelerate_report = accelerate_(model, (ids,), config.candidates,
                                           config.min_run_time, config.layers, config.parts)
     return model
-
-
-@register_expected(AccelerateConfig)
-def _accelerate_expected(model_cfg, config: AccelerateConfig) -> dict:
-    """Accelerate only changes kernels; bytes depend on the measured choice."""
-    return {"params_delta": 0, "flops_delta": 0}
 
 
 # --------------------------------------------------------------------------- memory

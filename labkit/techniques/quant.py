@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import validate as V
+from ..accounting import register_account, rows
 from .qmath import (
     CALIBRATIONS,
     GRANULARITIES,
@@ -50,15 +51,7 @@ from .qmath import (
     range_to_qparams,
     weight_bytes,
 )
-from .registry import (
-    block_indices,
-    expand_parts,
-    linear_selector,
-    register,
-    register_expected,
-    scope_fields,
-    swap_modules,
-)
+from .registry import linear_selector, register, scope_fields, swap_modules
 
 # --------------------------------------------------------------------------- config
 
@@ -293,29 +286,23 @@ def quantized_bytes(model: nn.Module) -> dict:
             "quantized_ratio": (q_codes + q_meta) / fp32_q if fp32_q else float("nan")}
 
 
-def linear_shapes(model_cfg, layers: tuple = (), parts: tuple = ("attn", "ffn")) -> dict:
-    """``{name: (out, in)}`` of the linears ``layers``/``parts`` select, read off
-    :func:`labkit.accounting.linear_shapes` (the one shape table)."""
-    from ..accounting import linear_shapes as shapes_of
-
-    idx = set(block_indices(model_cfg.n_layers, layers))
-    fine = set(expand_parts(parts))
-    head = "head" in fine and model_cfg.kind == "encoder"  # a decoder's LM head is tied
-    out = {}
-    for name, shape in shapes_of(model_cfg, head=head).items():
-        bits = name.split(".")
-        if bits[0] != "blocks" or (int(bits[1]) in idx and ".".join(bits[2:4]) in fine):
-            out[name] = shape
-    return out
+OBSERVER_BYTES = 16  # ActFakeQuant's state: fp32 lo and hi, an int64 batch count
 
 
-@register_expected(FakeQuantConfig)
-def expected(model_cfg, config: FakeQuantConfig) -> dict:
-    """Analytic: parameters and FLOPs unchanged (simulation); deployed weight bytes of the
-    quantized linears including scales and zero points."""
-    shapes = linear_shapes(model_cfg, config.layers, config.parts)
+@register_account(FakeQuantConfig)
+def _account(table, model_cfg, config: FakeQuantConfig) -> dict:
+    """Deployed bytes of the plain linears the selector takes: packed ``bits``-bit codes plus
+    a scale (and zero point) per granule, :func:`~labkit.techniques.qmath.weight_bytes`,
+    plus each activation observer's state; parameters and FLOPs unchanged (simulation)."""
+    taken = {n: r for n, r in rows(table, config.layers, config.parts).items()
+             if r.kind == "linear"}
+    unknown = sorted(set(dict(config.bits_by_layer)) - set(taken))
+    if unknown:
+        raise V.LabkitConfigError("bits_by_layer", unknown[0],
+                                  f"names of quantizable linears, e.g. {list(taken)[:3]}")
     codes = meta = n = 0
-    for name, shape in shapes.items():
+    for name, r in taken.items():
+        shape = (r.out_features, r.in_features)
         if config.granularity == "group" and shape[0] % config.group_size:
             raise V.LabkitConfigError(
                 "group_size", config.group_size,
@@ -323,9 +310,10 @@ def expected(model_cfg, config: FakeQuantConfig) -> dict:
         b = weight_bytes(shape, config.bits_for(name), config.granularity, config.group_size,
                          config.symmetric)
         codes, meta, n = codes + b["codes"], meta + b["metadata"], n + b["params"]
-    return {"params_delta": 0, "flops_delta": 0, "quantized_params": n,
-            "weight_bytes_fp32": 4 * n, "weight_bytes": codes + meta, "codes": codes,
-            "metadata": meta, "bytes_ratio": (codes + meta) / (4 * n)}
+        r.weight_bytes = b["total"] + (OBSERVER_BYTES if config.activations else 0)
+        r.kind = "fakequant"
+    return {"quantized_params": n, "weight_bytes_fp32": 4 * n, "weight_bytes": codes + meta,
+            "codes": codes, "metadata": meta}
 
 
 __all__ = [
@@ -335,12 +323,10 @@ __all__ = [
     "WeightFakeQuant",
     "calibrate",
     "dequantize_",
-    "expected",
     "fake_quant_tensor",
     "fake_quantize",
     "fake_quantize_",
     "linear_selector",
-    "linear_shapes",
     "qparams",
     "quantized_bytes",
     "quantized_layers",

@@ -160,6 +160,11 @@ def attach(model: nn.Module, config: SparsityConfig) -> list[str]:
     """Swap the targeted linears for :class:`MaskedLinear` with all-ones masks (a shared
     module is visited once: its linears are already masked the second time)."""
     chosen = {id(m) for m in linears(model, config.layers, config.parts).values()}
+    for name, m in linears(model, config.layers, config.parts).items():
+        if type(m) is not nn.Linear and not isinstance(m, MaskedLinear):
+            raise TypeError(f"sparsity prunes nn.Linear weights; {name} is a "
+                            f"{type(m).__name__} (apply sparsity before, or to other parts "
+                            "than, the technique that swapped it in)")
     return swap_modules(
         model, lambda name, m: id(m) in chosen and not isinstance(m, MaskedLinear),
         lambda name, m: MaskedLinear.from_linear(m, config.structure, config.n, config.m,
@@ -354,13 +359,13 @@ def _memo(make):
 chosen_paths = A.chosen_paths
 
 # pruning and expected build on the masks above, so they are imported last
+from . import sparsity_expected  # noqa: F401  (registers the account)
 from .pruning import (
     GradualPruning,
     cubic_schedule,
     l1_penalty,
     train_sparse,
 )
-from .sparsity_expected import expected
 
 storage_bytes = K.storage_bytes
 
@@ -383,7 +388,6 @@ __all__ = [
     "compute_masks",
     "convert",
     "cubic_schedule",
-    "expected",
     "l1_penalty",
     "owner_groups",
     "prune",
