@@ -57,3 +57,23 @@ def test_simulator_is_labelled_and_checked(res):
 def test_live_board_was_fed(res):
     # 3 fast steps x 2 ranks x 3 strategies streamed as they ran
     assert res["metrics"]["live_steps_streamed"] >= 18
+
+
+def test_headline_claimed_vs_measured_first(res):
+    from labkit.dist.lab import HEADLINE
+
+    assert res["headline"] == list(HEADLINE) and 3 <= len(HEADLINE) <= 5
+    assert res["headline"][:2] == ["bubble_gpipe_max_m", "bubble_measured_max_m"]
+    assert all(res["metrics"][name] is not None for name in res["headline"])
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"stages": 3}, "stages=3 is not allowed"), ({"threads": 2}, "threads=2 is not allowed"),
+    ({"max_m": 0}, "max_m=0 is not allowed: expected an integer in [1, 16]"),
+    ({"schedule": "zigzag"}, "schedule='zigzag' is not allowed: expected one of")])
+def test_bad_parameter_fails_before_any_launch(run_notebook, params, message):
+    from labkit.report import NotebookFailed
+
+    with pytest.raises(NotebookFailed) as e:
+        run_notebook(NAME, **params)
+    assert message in str(e.value)

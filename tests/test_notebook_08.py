@@ -61,11 +61,22 @@ def test_calibration_and_latency_rows(res):
 @pytest.mark.parametrize("param,value,allowed", [
     ("layerdrop_p", 1.0, "[0.0, 1.0)"), ("blocks_kept", 0, "[1, 8]"),
     ("blocks_kept", 9, "[1, 8]"), ("q", 0.0, "(0.0, 1.0]"), ("q", 1.5, "(0.0, 1.0]"),
-    ("kept_counts", "8,9", "[1, 8]")])
+    ("kept_counts", "8,9", "[1, 8]"), ("kept_counts", "", "a non-empty comma-separated list"),
+    ("qs", "0.5,x", "comma-separated numbers"), ("qs", "0.5,1.5", "(0.0, 1.0]")])
 def test_bad_parameter_fails_naming_it(run_notebook, param, value, allowed):
     from labkit.report import NotebookFailed
 
     with pytest.raises(NotebookFailed) as e:
         run_notebook(NAME, **{param: value})
     msg = str(e.value)
-    assert allowed in msg and (f"{param}={value!r}" in msg or f"{param}=9" in msg)
+    assert allowed in msg and (f"{param}={value!r}" in msg or f"{param}=9" in msg
+                               or f"{param}=1.5" in msg)
+
+
+def test_headline_claimed_vs_measured_first(res):
+    from labkit.labs.depth_summary import HEADLINE_08
+
+    assert res["headline"] == list(HEADLINE_08) and 3 <= len(HEADLINE_08) <= 5
+    m = res["metrics"]
+    assert m["pruned_speedup_claimed"] == res["params"]["n_layers"] / m["min_blocks_kept"]
+    assert all(name in m for name in res["headline"])

@@ -62,7 +62,8 @@ def test_quality_rows_cover_every_variant(res):
 @pytest.mark.parametrize("params,allowed", [
     ({"start": 4, "end": 4}, "less than end=4"), ({"end": 9}, "at most the number of blocks"),
     ({"P": 1}, ">= 2"), ({"start": 6, "P": 3}, "[2, end - start = 2]"), ({"D": -1}, ">= 0"),
-    ({"lora_rank": 0}, "[1, 1024]")])
+    ({"lora_rank": 0}, "[1, 1024]"), ({"starts": "2,x"}, "comma-separated integers"),
+    ({"ps": "2,9"}, "ps=9 is not allowed: expected an integer in [2, 4]")])
 def test_bad_parameter_fails_naming_it(run_notebook, params, allowed):
     from labkit.report import NotebookFailed
 
@@ -71,4 +72,14 @@ def test_bad_parameter_fails_naming_it(run_notebook, params, allowed):
     msg = str(e.value)
     assert allowed in msg
     name, value = list(params.items())[-1]
-    assert f"{name}={value!r}" in msg or "start=" in msg
+    assert f"{name}={value!r}" in msg or "start=" in msg or f"{name}=9" in msg
+
+
+def test_headline_claimed_vs_measured_first(res):
+    from labkit.labs.depth_summary import HEADLINE_09
+
+    assert res["headline"] == list(HEADLINE_09) and 3 <= len(HEADLINE_09) <= 5
+    assert all(res["metrics"][name] is not None for name in res["headline"])
+    assert res["metrics"]["ideal_cut"] == pytest.approx(
+        (res["params"]["end"] - res["params"]["start"]) * (1 - 1 / res["params"]["P"])
+        / res["params"]["n_layers"])

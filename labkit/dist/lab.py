@@ -1,21 +1,40 @@
 """What notebook 07 and ``labkit bench parallel`` share: one launch that carries every
 measurement (calibration, DDP, tensor parallel, pipeline sweeps), tidy tables from its
 result, the simulator fitted on it, and the figures (live loss/throughput per rank, the
-pipeline Gantt from what ran, bubble vs M, simulated scaling curves)."""
+pipeline Gantt from what ran, bubble vs M, simulated scaling curves, in the house style of
+:mod:`labkit.figures`), and notebook 07's parameter checks (:func:`setup`) and metrics
+(:func:`summary`, :data:`HEADLINE`)."""
 from __future__ import annotations
 
 import os
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
+from .. import figures as F
 from .. import validate as V
 from ..measure import speedup_verdict
 from . import simulator as SIM
 from .launcher import launch
 
 STRATEGIES = ("ddp", "tensor", "pipeline")
+M_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
+
+
+def setup(params: dict) -> list[int]:
+    """Notebook 07's parameters past their declared types, checked before any process
+    starts (each error naming the parameter): the launch knobs here, the pipeline's degrees
+    by :func:`labkit.dist.pipeline.validate`. Returns the micro-batch sweep ``M <= max_m``."""
+    from . import pipeline
+
+    V.integer("threads", params["threads"], 1, 1)  # one thread per rank: per-rank timings
+    for name, lo, hi in (("nproc", 1, 64), ("seq", 8, 128), ("batch", 1, 1024),
+                         ("max_m", 1, 16), ("mb_rows", 1, 64), ("reps", 1, 20)):
+        V.integer(name, params[name], lo, hi)
+    V.number("timeout", params["timeout"], 1.0, 3600.0)
+    pipeline.validate({k: params[k] for k in ("task", "size", "seq", "batch", "stages",
+                                              "microbatches", "schedule")}, params["nproc"])
+    return [m for m in M_SWEEP if m <= params["max_m"]]
 
 
 def parts(task: str = "nli", size: str = "tiny", seq: int = 32, batch: int = 8,
@@ -232,7 +251,6 @@ def gantt(events_by_rank: dict, title: str = "pipeline schedule (what ran)") -> 
     """Bars of every micro-batch's forward (F) and backward (B) per rank, from the trace
     (``(kind, stage, microbatch, start_s, end_s)`` tuples)."""
     fig = go.Figure()
-    colors = {"F": "#636EFA", "B": "#EF553B"}
     t0 = min((e[3] for evs in events_by_rank.values() for e in evs), default=0.0)
     for rank, evs in sorted(events_by_rank.items()):
         for kind in ("F", "B"):
@@ -240,12 +258,11 @@ def gantt(events_by_rank: dict, title: str = "pipeline schedule (what ran)") -> 
             fig.add_trace(go.Bar(
                 y=[f"rank {rank}"] * len(sel), x=[(e[4] - e[3]) * 1e3 for e in sel],
                 base=[(e[3] - t0) * 1e3 for e in sel], orientation="h",
-                marker_color=colors[kind], name={"F": "forward", "B": "backward"}[kind],
-                text=[f"{kind}{e[2]}" for e in sel], textposition="inside",
-                legendgroup=kind, showlegend=rank == min(events_by_rank)))
-    fig.update_layout(title=title, barmode="overlay", height=120 + 60 * len(events_by_rank),
-                      xaxis_title="ms since the step started")
-    return fig
+                name={"F": "forward", "B": "backward"}[kind],
+                text=[f"{kind}{e[2]}" for e in sel], textposition="inside"))
+    fig.update_layout(barmode="overlay", xaxis_title="ms since the step started")
+    fig = F.style(F.layout(fig, title=title), log=False)
+    return fig.update_layout(height=160 + 60 * len(events_by_rank))
 
 
 def bubble_figure(df: pd.DataFrame) -> go.Figure:
@@ -255,30 +272,54 @@ def bubble_figure(df: pd.DataFrame) -> go.Figure:
                              mode="lines+markers"))
     fig.add_trace(go.Scatter(x=df.M, y=df.eq10_bubble, name="Eq. 10 (no bubble term)",
                              mode="lines"))
-    fig.update_layout(title="pipeline bubble vs micro-batches M", xaxis_title="M",
-                      yaxis_title="idle fraction", height=320)
-    return fig
+    fig.update_layout(xaxis_title="M", yaxis_title="idle fraction")
+    return F.style(F.layout(fig, title="pipeline bubble vs micro-batches M"), log=False)
 
 
 def scaling_figure(rows: list[dict], title: str = "") -> go.Figure:
-    """Simulated throughput and memory per device vs devices, one line per model x plan."""
+    """Simulated throughput and memory per device vs devices (log-log), one series per
+    model x plan, the same colour in both panels."""
     df = pd.DataFrame(rows)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
-        "samples/s (simulated)", "memory per device, GB (simulated)"))
-    for i, ((model, plan), g) in enumerate(df.groupby(["model", "plan"], sort=False)):
-        color = f"hsl({(i * 67) % 360},60%,45%)"
-        fig.add_trace(go.Scatter(x=g.devices, y=g.samples_per_s, name=f"{model} {plan}",
-                                 mode="lines+markers", line={"color": color},
-                                 legendgroup=f"{model}{plan}"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=g.devices, y=g.memory_bytes_per_device / 1e9,
-                                 name=f"{model} {plan}", mode="lines+markers",
-                                 line={"color": color}, legendgroup=f"{model}{plan}",
-                                 showlegend=False), row=1, col=2)
-    fig.update_xaxes(type="log", title_text="devices")
+    panels = ["samples/s (simulated)", "memory per device, GB (simulated)"]
+    fig = F.subplots(panels, title=title or "simulated scaling (calibrated on this machine)",
+                     xaxis={p: "devices" for p in panels})
+    for (model, plan), g in df.groupby(["model", "plan"], sort=False):
+        for col, y in ((1, g.samples_per_s), (2, g.memory_bytes_per_device / 1e9)):
+            fig.add_trace(go.Scatter(x=g.devices, y=y, name=f"{model} {plan}",
+                                     mode="lines+markers"), row=1, col=col)
+    fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
-    fig.update_layout(title=title or "simulated scaling (calibrated on this machine)",
-                      height=380)
-    return fig
+    return F.style(fig)
+
+
+# ------------------------------------------------------------------ notebook 07's metrics
+
+HEADLINE = ("bubble_gpipe_max_m", "bubble_measured_max_m", "simulator_max_abs_relative_error",
+            "all_exact", "two_over_one_rank_step_ratio")
+
+
+def summary(run, exact: pd.DataFrame, bub: pd.DataFrame, ddp: dict, errors: pd.DataFrame,
+            mem_errors: pd.DataFrame, big: dict, threads: int) -> dict:
+    """Notebook 07's metrics from its tables: exactness of each strategy, the GPipe bubble
+    claimed vs measured at the smallest and largest M, DDP's 2-over-1-rank step ratio,
+    the simulator's errors on this machine and its (labelled) 7B step."""
+    diff = exact.set_index("strategy").grad_max_abs_diff
+    b = bub.set_index("M")
+    lo, hi = int(b.index.min()), int(b.index.max())
+    return {
+        **{f"{k}_grad_max_abs_diff": float(diff[k]) for k in STRATEGIES if k in diff},
+        "all_exact": bool(exact.exact.all()),
+        "bubble_measured_m1": float(b.measured_bubble[lo]),
+        "bubble_gpipe_m1": float(b.gpipe_bubble[lo]),
+        "bubble_measured_max_m": float(b.measured_bubble[hi]),
+        "bubble_gpipe_max_m": float(b.gpipe_bubble[hi]),
+        "two_over_one_rank_step_ratio": ddp.get("two_over_one_rank_step_ratio"),
+        "simulator_max_abs_relative_error": float(errors.relative_error.abs().max()),
+        "simulator_memory_max_abs_relative_error": float(mem_errors.relative_error.abs().max()),
+        "simulated_7b_step_s": big["step_s"],
+        "backend": run.backend, "world_size": run.result["world_size"],
+        "launch_s": run.seconds, "loadavg": run.result["loadavg"][0],
+        "live_steps_streamed": len(run.steps()), "threads": threads}
 
 
 def scaling(cal: SIM.Calibration, sizes=("125M", "1.3B", "7B"), **kw) -> list[dict]:

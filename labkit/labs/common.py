@@ -114,16 +114,18 @@ def claimed_vs_counted(dense, model, configs, inputs: tuple) -> dict:
 
 def timed(models: dict, inputs: tuple, reference: str | None = None,
           flop_ratios: dict | None = None, rounds: int = 3, min_run_time: float = 0.2,
-          timer=None) -> list[dict]:
-    """Inference latency of ``{label: model}`` on ``model(*inputs)``, measured side by side
+          timer=None, kwargs: dict | None = None) -> list[dict]:
+    """Inference latency of ``{label: model}`` on ``model(*inputs, **kwargs)``, measured side by side
     (:func:`labkit.measure.paired`: rotated rounds, median of per-round ratios). Each row:
     median and spread, ``speedup`` over ``reference`` (default: the first label) with its
     min/max over rounds, and ``verdict``: ``"measured"`` or why it is noise (its spread
     straddles 1x, or it beats the counted FLOP ratio ``flop_ratios[label]``)."""
+    kwargs = kwargs or {}
+
     def call(m):
         def run():
             with torch.inference_mode():
-                m(*inputs)
+                m(*inputs, **kwargs)
         return run
 
     res = measure.paired({k: call(m) for k, m in models.items()}, reference, rounds,

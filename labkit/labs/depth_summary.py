@@ -1,0 +1,276 @@
+"""What notebooks 08 (LayerDrop, SDN, The Right Tool) and 09 (CQIL) show, beside the sweeps
+of :mod:`labkit.labs.depth`: their parameter checks, figures, the cross-process CQIL run,
+and the claimed-vs-measured tables and metrics.
+
+* :func:`layerdrop_setup`, :func:`cqil_setup`: the parameters past their declared types
+  (:func:`labkit.notebook.declared`). Ranges come from the techniques' own checks
+  (``LayerDropConfig.p``, ``EarlyExitConfig.q``, :func:`labkit.techniques.cqil.check_group`)
+  and list parameters are parsed by :mod:`labkit.labs.common`, so a bad value fails in the
+  first cells naming the parameter, its value and what is allowed.
+* :func:`prune_figure`, :func:`exit_figure`, :func:`similarity_figure`,
+  :func:`quality_figure`: in the house style of :mod:`labkit.figures`.
+* :func:`cqil_process_rows`: CQIL across ``P`` torchrun ranks (gloo), checked against the
+  one-process executor and timed against the sequential model (Zou et al., ACL 2024).
+* :func:`layerdrop_exit_summary`, :func:`cqil_summary`: claimed vs measured (LayerDrop, Fan
+  et al. 2019: ``L/k`` block FLOPs at ``k`` of ``L`` blocks; SDN, Kaya et al. 2019: blocks
+  executed at the chosen exit threshold; CQIL: ideal cut ``(end-start)(1-1/P)/L``) and
+  the metrics; ``HEADLINE_08`` / ``HEADLINE_09`` name the 3-5 the report's index shows.
+"""
+from __future__ import annotations
+
+import copy
+
+import plotly.graph_objects as go
+import torch
+
+from .. import figures as F
+from .. import validate as V
+from ..notebook import config
+from ..techniques import CQILConfig, EarlyExitConfig, LayerDropConfig, LayerPruneConfig, apply_
+from ..techniques import cqil as C
+from ..techniques import early_exit as E
+from ..techniques import expected
+from ..techniques.layerdrop import evenly_spread
+from .common import float_list, int_list
+
+# ---- parameters ------------------------------------------------------------------------
+
+
+def _depth(params: dict, *names_lo_hi) -> None:
+    for name, lo, hi in names_lo_hi:
+        V.integer(name, params[name], lo, hi)
+
+
+def layerdrop_setup(params: dict) -> dict:
+    """Notebook 08: ``kept_counts`` (descending, each in ``[1, n_layers]``) and ``qs`` (each
+    in ``(0, 1]``) parsed; ``layerdrop_p`` and ``q`` checked by their configs."""
+    _depth(params, ("n_layers", 2, 48), ("sdn_layers", 2, 48), ("lm_steps", 1, 100_000),
+           ("sdn_steps", 1, 100_000), ("exit_batch", 1, 250), ("exit_singles", 1, 250))
+    n = params["n_layers"]
+    config(LayerDropConfig, params, p="layerdrop_p")
+    config(EarlyExitConfig, params, "q")
+    V.integer("blocks_kept", params["blocks_kept"], 1, n)
+    counts = sorted(set(int_list("kept_counts", params["kept_counts"], 1, n)), reverse=True)
+    return {"kept_counts": counts,
+            "qs": list(float_list("qs", params["qs"], 0.0, 1.0, lo_open=True))}
+
+
+def cqil_setup(params: dict) -> dict:
+    """Notebook 09: the group ``[start, end)``, ``P`` and ``D`` checked by
+    :func:`labkit.techniques.cqil.check_group`; ``starts`` and ``ps`` parsed, each start
+    making a valid group with ``end`` and each P fitting the widest of those groups."""
+    _depth(params, ("n_layers", 2, 48), ("lm_steps", 1, 100_000), ("sdn_steps", 1, 100_000),
+           ("recovery_steps", 0, 100_000), ("lora_rank", 1, 1024), ("latency_reps", 1, 1000),
+           ("sim_sentences", 1, 256))
+    n, end = params["n_layers"], params["end"]
+    config(LayerDropConfig, params, p="layerdrop_p")
+    C.check_group(params["start"], end, params["P"], n, params["D"])
+    V.number("temperature", params["temperature"], 0.0, lo_open=True)
+    V.number("recovery_lr", params["recovery_lr"], 0.0, 1.0, lo_open=True)
+    starts = list(int_list("starts", params["starts"], 0, end - 2))
+    for s in starts:
+        C.check_group(s, end, 2, n)
+    ps = list(int_list("ps", params["ps"], 2, end - min(starts)))
+    return {"starts": starts, "ps": ps}
+
+
+# ---- figures ---------------------------------------------------------------------------
+
+def prune_figure(prune: list[dict]):
+    """Eval loss and measured latency against blocks kept, one series per trained model."""
+    fig = F.subplots(["eval loss", "latency ms"], title="LayerDrop: pruned to k blocks",
+                     xaxis={"eval loss": "blocks kept", "latency ms": "blocks kept"},
+                     yaxis={"eval loss": "eval loss", "latency ms": "ms (batch 16)"})
+    for model in dict.fromkeys(r["model"] for r in prune):
+        pts = sorted((r["blocks_kept"], r["eval_loss"], r["latency_ms"]) for r in prune
+                     if r["model"] == model)
+        for col, i in ((1, 1), (2, 2)):
+            fig.add_scatter(x=[p[0] for p in pts], y=[p[i] for p in pts], name=model,
+                            mode="lines+markers", row=1, col=col)
+    return F.style(fig)
+
+
+def exit_figure(bins: dict, curve: list[dict]):
+    """Reliability of the first exit before/after temperature scaling, and accuracy
+    against the mean number of blocks executed, calibrated vs not."""
+    fig = F.subplots(["reliability, first exit", "accuracy vs blocks"],
+                     title="early exit: calibration and the speed/accuracy curve",
+                     xaxis={"reliability, first exit": "confidence",
+                            "accuracy vs blocks": "mean blocks executed"},
+                     yaxis={"reliability, first exit": "accuracy",
+                            "accuracy vs blocks": "accuracy"})
+    fig.add_scatter(x=[0, 1], y=[0, 1], name="perfect", mode="lines",
+                    line=dict(dash="dot"), row=1, col=1)
+    for k, rows in bins.items():
+        fig.add_scatter(x=[b["confidence"] for b in rows], y=[b["accuracy"] for b in rows],
+                        name=f"{k} calibration", mode="lines+markers", row=1, col=1)
+    for cal in (False, True):
+        pts = sorted((r["blocks"], r["accuracy"], r["q"]) for r in curve
+                     if r["calibrated"] == cal)
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
+                        text=[f"q={p[2]}" for p in pts], mode="lines+markers",
+                        name="calibrated" if cal else "uncalibrated", row=1, col=2)
+    return F.style(fig, log=False)
+
+
+def similarity_figure(sims: dict):
+    """One heatmap per model of the cosine similarity of block inputs (one colour scale)."""
+    fig = F.subplots(list(sims), title="cosine similarity of block inputs",
+                     xaxis={k: "block j" for k in sims}, yaxis={k: "block i" for k in sims})
+    for i, s in enumerate(sims.values()):
+        r, c = F.position(i, len(sims))
+        fig.add_trace(go.Heatmap(z=s.tolist(), zmin=0, zmax=1, coloraxis="coloraxis"), r, c)
+    fig.update_layout(coloraxis=dict(colorscale="Viridis"))
+    return F.style(fig, log=False)
+
+
+def quality_figure(qual: list[dict]):
+    """Eval loss against measured speedup: CQIL, CQIL + recovery and dropped blocks."""
+    fig = go.Figure()
+    family = {}
+    for r in qual:
+        if r.get("measured_speedup") is not None:
+            name = "drop (" + r["variant"].split("(", 1)[1] if r["variant"].startswith(
+                "drop") else r["variant"]
+            family.setdefault(name, []).append(r)
+    for name, rows in family.items():
+        fig.add_scatter(x=[r["measured_speedup"] for r in rows],
+                        y=[r["eval_loss"] for r in rows], mode="markers", name=name,
+                        text=[f"start={r['start']} P={r['P']}" for r in rows])
+    fig.update_xaxes(title_text="measured speedup vs sequential (batch 1)")
+    fig.update_yaxes(title_text="eval loss")
+    return F.style(F.layout(fig, title="CQIL: quality vs measured latency"))
+
+
+# ---- CQIL across processes ---------------------------------------------------------------
+
+def cqil_process_rows(model, ids, starts, ps, end: int, reps: int, rounds: int,
+                      timeout: float = 900.0) -> list[dict]:
+    """For each ``P`` in ``ps`` one torchrun launch of ``P`` gloo ranks running the groups
+    ``[s, end)``: the distributed output against the one-process CQIL executor (max abs
+    difference) and the latency cut measured against the sequential model
+    (:func:`labkit.techniques.cqil_dist.run`)."""
+    import tempfile
+    from pathlib import Path
+
+    from ..dist import launch
+    from ..techniques import cqil_dist as CD
+
+    n = len(model.blocks)
+    folder = Path(tempfile.mkdtemp(prefix="labkit-cqil-"))
+    CD.save_job(folder / "job.pt", model, ids[:1])
+    rows = []
+    for p in ps:
+        groups = [[s, end] for s in starts if p <= end - s]
+        if not groups:
+            continue
+        res = launch("labkit.techniques.cqil_dist:run",
+                     {"model": str(folder / "job.pt"), "groups": groups, "n_layers": n,
+                      "reps": reps, "rounds": rounds, "save_outputs": True},
+                     nproc=p, run_dir=folder / f"P{p}", validate=CD.validate, timeout=timeout)
+        for r in CD.summarize(res.result):
+            m = apply_(copy.deepcopy(model), CQILConfig(start=r["start"], end=end, P=p))
+            with torch.no_grad():
+                want = m(ids[:1])
+            got = torch.load(folder / f"P{p}" / f"cqil-{r['start']}-{end}-0.pt")
+            rows.append({**r, "max_abs_diff_vs_one_process": float((got - want).abs().max()),
+                         "ideal_cut": C.ideal_cut(n, r["start"], end, p),
+                         "launch_s": res.seconds})
+    return rows
+
+
+# ---- claimed vs measured -----------------------------------------------------------------
+
+HEADLINE_08 = ("pruned_speedup_claimed", "pruned_speedup", "layerdrop_pruned_loss",
+               "plain_pruned_loss", "blocks_ratio")
+HEADLINE_09 = ("ideal_cut", "measured_cut", "max_abs_diff", "cqil_loss", "recovered_loss")
+
+
+def _one(rows, **match):
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
+                           lat: list[dict], cal_rows: list[dict], per_exit: list[dict],
+                           cfg, cached: dict) -> tuple[list[dict], dict]:
+    """Notebook 08's claimed-vs-measured table and metrics. The best threshold is the one
+    with the fewest blocks whose accuracy is within 1 point of the full model's."""
+    n, sdn_layers = params["n_layers"], params["sdn_layers"]
+    k = min(r["blocks_kept"] for r in prune)
+    full_acc = per_exit[-1]["accuracy"]
+    ok = [r for r in curve if r["calibrated"] == params["calibrate"]
+          and r["accuracy"] >= full_acc - 0.01]
+    best = min(ok, key=lambda r: r["blocks"]) if ok else None
+    ld_k, pl_k = _one(prune, model="LayerDrop", blocks_kept=k), _one(
+        prune, model="no LayerDrop", blocks_kept=k)
+    full = max(r["blocks_kept"] for r in prune)
+    claim = expected(cfg, LayerPruneConfig(keep=evenly_spread(n, k)))
+    b_lat = _one(lat, scope="batch", q=best["q"] if best else curve[-1]["q"])
+    table = [
+        {"quantity": f"block FLOPs at {k} of {n} blocks",
+         "claimed": claim["block_flops_ratio"], "measured": None},
+        {"quantity": f"params removed at {k} blocks", "claimed": -claim["params_delta"],
+         "measured": max(r["params"] for r in prune) - ld_k["params"]},
+        {"quantity": f"latency speedup at {k} blocks (batch 16)", "claimed": n / k,
+         "measured": ld_k["speedup"]},
+        {"quantity": "early exit: blocks executed, full / best q (<= 1 point loss)",
+         "claimed": sdn_layers / best["blocks"] if best else None,
+         "measured": sdn_layers / best["measured_blocks"] if best else None},
+        {"quantity": "early exit: latency speedup at that q (batch)", "claimed": None,
+         "measured": b_lat["speedup"] if b_lat else None}]
+    mean = lambda key: sum(r[key] for r in cal_rows) / len(cal_rows)  # noqa: E731
+    metrics = {
+        "pruned_speedup_claimed": n / k, "pruned_speedup": ld_k["speedup"],
+        "layerdrop_full_loss": _one(prune, model="LayerDrop", blocks_kept=full)["eval_loss"],
+        "plain_full_loss": _one(prune, model="no LayerDrop", blocks_kept=full)["eval_loss"],
+        "layerdrop_pruned_loss": ld_k["eval_loss"], "plain_pruned_loss": pl_k["eval_loss"],
+        "min_blocks_kept": k, "full_accuracy": full_acc,
+        "best_q": best["q"] if best else None,
+        "best_q_accuracy": best["accuracy"] if best else None,
+        "best_q_blocks": best["measured_blocks"] if best else None,
+        "blocks_ratio": sdn_layers / best["measured_blocks"] if best else None,
+        "best_q_latency_speedup": b_lat["speedup"] if b_lat else None,
+        "ece_before_mean": mean("ece_before"), "ece_after_mean": mean("ece_after"),
+        "lm_cached": bool(cached["lm"]), "sdn_cached": bool(cached["sdn"])}
+    return table, metrics
+
+
+def per_exit_rows(model, test: dict) -> list[dict]:
+    """Each exit's own accuracy on ``test`` (the last row: the full model's head)."""
+    z, y = E.exit_logits(model, test)
+    after = list(model.executor.exits) + [len(model.blocks) - 1]
+    return [{"exit after block": i + 1, "accuracy": float((z[k].argmax(-1) == y).float().mean())}
+            for k, i in enumerate(after)]
+
+
+def cqil_summary(params: dict, cfg, mine: dict, latency: list[dict], adjacent: list[dict],
+                 minilm_note: str) -> tuple[list[dict], dict]:
+    """Notebook 09's claimed-vs-measured table for the group ``[start, end)`` with ``P``
+    and ``D``, and its metrics (measured cut from the cross-process rows)."""
+    start, end, p, d = params["start"], params["end"], params["P"], params["D"]
+    claim = expected(cfg, CQILConfig(start=start, end=end, P=p, D=d))
+    lat = _one(latency, start=start, P=p)
+    diff = max((r["max_abs_diff_vs_one_process"] for r in latency), default=None)
+    table = [
+        {"quantity": f"latency cut [{start},{end}) P={p}", "claimed": claim["ideal_latency_cut"],
+         "measured": lat["latency_cut"] if lat else None},
+        {"quantity": "all-reduces per forward", "claimed": claim["allreduce_per_forward"],
+         "measured": None},
+        {"quantity": "all-reduce ms (measured alone)", "claimed": None,
+         "measured": lat["allreduce_ms"] if lat else None},
+        {"quantity": "max |distributed - one process|", "claimed": 0.0, "measured": diff},
+        {"quantity": "eval loss: sequential / CQIL / recovered", "claimed": None,
+         "measured": f"{mine['sequential_loss']:.3f} / {mine['cqil_loss']:.3f} / "
+                     f"{mine.get('recovered_loss', float('nan')):.3f}"}]
+
+    def cos_mean(prefix):
+        vals = [r["cos(input i, input i+1)"] for r in adjacent if r["model"].startswith(prefix)]
+        return sum(vals) / len(vals) if vals else None
+
+    metrics = {
+        "ideal_cut": mine["ideal_cut"], "measured_cut": lat["latency_cut"] if lat else None,
+        "max_abs_diff": diff, "sequential_loss": mine["sequential_loss"],
+        "cqil_loss": mine["cqil_loss"], "recovered_loss": mine.get("recovered_loss"),
+        "decoder_adjacent_cos_mean": cos_mean("decoder"),
+        "minilm_adjacent_cos_mean": cos_mean("all-MiniLM"), "minilm_note": minilm_note}
+    return table, metrics
