@@ -102,12 +102,16 @@ class Paired:
     rounds: int
     threads: int
 
+    def row(self, k) -> dict:
+        """The timing fields of one callable: median and spread in ms, the speedup against
+        the reference with its spread, rounds and threads (every benchmark's row has them)."""
+        return {"median_ms": self.seconds[k] * 1e3, "min_ms": self.spread[k][0] * 1e3,
+                "max_ms": self.spread[k][1] * 1e3, "speedup": self.ratio[k],
+                "speedup_min": self.ratio_spread[k][0], "speedup_max": self.ratio_spread[k][1],
+                "rounds": self.rounds, "threads": self.threads}
+
     def rows(self) -> list[dict]:
-        return [{"variant": k, "median_ms": self.seconds[k] * 1e3,
-                 "min_ms": self.spread[k][0] * 1e3, "max_ms": self.spread[k][1] * 1e3,
-                 "speedup": self.ratio[k], "speedup_min": self.ratio_spread[k][0],
-                 "speedup_max": self.ratio_spread[k][1], "rounds": self.rounds,
-                 "threads": self.threads} for k in self.seconds]
+        return [{"variant": k, **self.row(k)} for k in self.seconds]
 
 
 def _median(xs):

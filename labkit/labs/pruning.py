@@ -131,7 +131,7 @@ class PruningLab:
         """``expected`` next to the counted non-zeros, then ``accelerate`` on the task's
         sample: (claim rows, accelerate rows, numbers for the metrics)."""
         model = run["model"]
-        claim = expected(model.cfg, config)
+        claim = expected(model.cfg, config)["detail"]
         nonzero = sum(int(x.weight.detach().count_nonzero())
                       for x in S.masked_linears(model).values())
         sample = self.work[task].sample

@@ -260,29 +260,25 @@ def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n:
     """
     import math as _m
 
-    from .masks import check_nm, check_sparsity
+    from .masks import check_nm, check_sparsity, n_pruned
 
     V.choice("structure", structure, ("dense", "row", "column", "nm", "unstructured"))
     rows, cols = shape
     meta_row = 4 + 1
-    if structure == "dense":
-        codes, index, scales = rows * cols, 0, rows * meta_row
-    elif structure == "row":
-        check_sparsity(sparsity)
-        kept = rows - round(sparsity * rows)
-        codes, index, scales = kept * cols, 0, kept * meta_row
-    elif structure == "column":
-        check_sparsity(sparsity)
-        kept = cols - round(sparsity * cols)
-        codes, index, scales = rows * kept, 0, rows * meta_row
+    if structure in ("dense", "row", "column"):  # removed rows/columns are simply gone
+        kept_rows, kept_cols = rows, cols
+        if structure == "row":
+            kept_rows -= n_pruned(check_sparsity(sparsity), rows)
+        elif structure == "column":
+            kept_cols -= n_pruned(check_sparsity(sparsity), cols)
+        codes, index, scales = kept_rows * kept_cols, 0, kept_rows * meta_row
     elif structure == "nm":
         check_nm(n, m, cols)
         kept_values = rows * cols * n // m
         codes, index = kept_values, _m.ceil(kept_values * _m.ceil(_m.log2(m)) / 8)
         scales = rows * meta_row
     else:
-        check_sparsity(sparsity)
-        kept_values = rows * cols - round(sparsity * rows * cols)
+        kept_values = rows * cols - n_pruned(check_sparsity(sparsity), rows * cols)
         codes, index, scales = kept_values, _m.ceil(rows * cols / 8), rows * meta_row
     total = codes + index + scales
     return {"structure": structure, "codes": codes, "index": index, "scales": scales,

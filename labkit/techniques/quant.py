@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 
 from .. import validate as V
 from ..accounting import register_account, rows
+from ..kernels.base import copy_linear
 from .qmath import (
     CALIBRATIONS,
     GRANULARITIES,
@@ -171,12 +172,7 @@ class FakeQuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, config: FakeQuantConfig, bits: int):
-        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                  device=lin.weight.device, dtype=lin.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                new.bias.copy_(lin.bias)
+        new = copy_linear(lin, cls)
         if config.granularity == "group" and lin.out_features % config.group_size:
             raise V.LabkitConfigError(
                 "group_size", config.group_size,
@@ -250,14 +246,8 @@ def calibrate(model: nn.Module, batches, forward=None) -> int:
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Bake the fake-quantized weights into plain ``nn.Linear`` (removes the simulation)."""
-    def make(name, m):
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(m.weight)
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-        return lin
-    swap_modules(model, lambda n, m: isinstance(m, FakeQuantLinear), make)
+    swap_modules(model, lambda n, m: isinstance(m, FakeQuantLinear),
+                 lambda n, m: copy_linear(m))
     return model
 
 

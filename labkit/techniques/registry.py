@@ -244,6 +244,32 @@ def expected(model_cfg, *configs, seq_len: int | None = None) -> dict:
     return accounting.expected(model_cfg, *configs, seq_len=seq_len)
 
 
+def swap_attention(model: nn.Module, layers: tuple[int, ...],
+                   make: Callable[[int, nn.Module], nn.Module]) -> nn.Module:
+    """Replace the plain softmax attention (:class:`labkit.model.Attention`) of the blocks
+    ``layers`` with ``make(block index, old)``, the one rule both attention techniques use:
+    an attention another technique already replaced is refused, and so is a block without
+    one. A shared attention is made once (for its first block) and stays shared."""
+    from ..model import Attention
+
+    idx = block_indices(model.cfg.n_layers, layers)
+    wanted = {f"blocks.{i}.attn": i for i in idx}
+
+    def new(name, old):
+        if type(old) is not Attention:
+            raise V.LabkitConfigError(
+                "layers", layers, f"blocks whose attention is plain softmax attention "
+                                  f"({name} is already {type(old).__name__})")
+        return make(wanted[name], old)
+
+    swapped = swap_modules(model, lambda name, m: name in wanted and isinstance(m, Attention),
+                           new)
+    if len(swapped) != len(idx):
+        raise V.LabkitConfigError("layers", layers,
+                                  f"blocks with an attention module (found {swapped})")
+    return model
+
+
 def swap_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
                  make: Callable[[str, nn.Module], nn.Module]) -> list[str]:
     """Replace every submodule ``m`` named ``name`` with ``make(name, m)`` where
