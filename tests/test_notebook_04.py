@@ -70,16 +70,17 @@ def test_structured_settings_neuron_l1(run_notebook):
     assert m["accelerate_max_err"] < 1e-4
 
 
-@pytest.mark.parametrize("param,value,allowed", [
-    ("sparsity", 1.0, "[0.0, 1.0)"), ("structure", "diagonal", "'unstructured'"),
-    ("method", "lottery", "'magnitude'"), ("l1_lambda", -0.1, ">= 0.0"),
-    ("curve_sparsities", "0.5,1.5", "[0, 1)")])
-def test_bad_parameter_fails_naming_it(run_notebook, param, value, allowed):
+@pytest.mark.parametrize("param,value,shown,allowed", [
+    ("sparsity", 1.0, 1.0, "[0.0, 1.0)"), ("structure", "diagonal", "diagonal", "'unstructured'"),
+    ("method", "lottery", "lottery", "'magnitude'"), ("l1_lambda", -0.1, -0.1, ">= 0.0"),
+    ("curve_sparsities", "0.5,1.5", 1.5, "[0.0, 1.0)")])
+def test_bad_parameter_fails_naming_it(run_notebook, param, value, shown, allowed):
+    """``shown``: the bad value the error names (the bad item of a list parameter)."""
     from labkit.report import NotebookFailed
 
     with pytest.raises(NotebookFailed) as e:
         run_notebook(NAME, **{param: value})
-    assert f"{param}={value!r}" in str(e.value) and allowed in str(e.value)
+    assert f"{param}={shown!r}" in str(e.value) and allowed in str(e.value)
 
 
 def test_bad_nm_pattern_fails_naming_it(run_notebook):

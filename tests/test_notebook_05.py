@@ -61,12 +61,14 @@ def test_break_even_and_figure(res):
             assert not r["speed_measured"] and "not measured" in r["note"]
 
 
-@pytest.mark.parametrize("param,value,allowed", [
-    ("sparsities", "0.5,1.0", "[0, 1)"), ("structures", "unstructured,diagonal", "nm"),
-    ("block", 48, "divisor"), ("fig_preset", "huge", "'tiny'")])
-def test_bad_parameter_fails_naming_it(run_notebook, param, value, allowed):
+@pytest.mark.parametrize("param,value,shown,allowed", [
+    ("sparsities", "0.5,1.0", 1.0, "[0.0, 1.0)"),
+    ("structures", "unstructured,diagonal", "diagonal", "nm"),
+    ("block", 48, 48, "divisor"), ("fig_preset", "huge", "huge", "'tiny'")])
+def test_bad_parameter_fails_naming_it(run_notebook, param, value, shown, allowed):
+    """``shown``: the bad value the error names (the bad item of a list parameter)."""
     from labkit.report import NotebookFailed
 
     with pytest.raises(NotebookFailed) as e:
         run_notebook(NAME, **{param: value})
-    assert f"{param}={value!r}" in str(e.value) and allowed in str(e.value)
+    assert f"{param}={shown!r}" in str(e.value) and allowed in str(e.value)

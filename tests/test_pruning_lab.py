@@ -2,7 +2,8 @@
 carry the real sparsity, list parameters that fail naming themselves."""
 import pytest
 
-from labkit import pruning_lab as PL
+from labkit.labs import common as C
+from labkit.labs import pruning as PL
 from labkit.techniques import sparsity as S
 from labkit.validate import LabkitConfigError
 
@@ -25,9 +26,9 @@ def test_nm_label_is_the_real_sparsity_not_the_ignored_field(n, m, label):
 
 
 @pytest.mark.parametrize("fn,args,name", [
-    (PL.floats, ("curve_sparsities", "0.5,1.5"), "curve_sparsities"),
-    (PL.floats, ("sparsities", "a,b"), "sparsities"),
-    (PL.names, ("curve_structures", "unstructured,diagonal", PL.MLP_STRUCTURES),
+    (C.float_list, ("curve_sparsities", "0.5,1.5", 0.0, 1.0, False, True), "curve_sparsities"),
+    (C.float_list, ("sparsities", "a,b", 0.0, 1.0, False, True), "sparsities"),
+    (C.choice_list, ("curve_structures", "unstructured,diagonal", PL.MLP_STRUCTURES),
      "curve_structures"),
     (PL.method_for, ("nm", "lottery"), "method")])
 def test_list_parameters_fail_naming_themselves(fn, args, name):

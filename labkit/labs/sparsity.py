@@ -20,15 +20,14 @@ import copy
 import dataclasses
 import warnings
 
-import torch
-
-from . import measure
-from . import validate as V
-from .labs.workloads import TASKS, Workload, baseline_workload, workload
-from .model import ModelConfig, build
-from .techniques import sparsity as S
-from .techniques.registry import apply_
-from .train import Callback, evaluate
+from .. import measure
+from .. import validate as V
+from ..model import ModelConfig, build
+from ..techniques import sparsity as S
+from ..techniques.registry import apply_
+from ..train import Callback, evaluate
+from . import common as C
+from .workloads import TASKS, Workload, baseline_workload, workload
 
 
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
@@ -80,7 +79,7 @@ def train_one(work: Workload, config: S.SparsityConfig | None, steps: int, lr: f
 
     batches = work.make_batches(seed)
     if config is None:
-        from .train import fit
+        from ..train import fit
         res = fit(model, batches, steps, lr=lr, eval_fn=lambda: {**ev(), "sparsity": 0.0},
                   eval_every=eval_every, callbacks=callbacks, seed=seed, progress=False)
     else:
@@ -214,13 +213,6 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
     (error bands) and the paired speedup. N:M lines are simulated on CPU and say so."""
     rows = []
     dense = build(cfg, seed=seed).eval().requires_grad_(False)
-
-    def call(mm):
-        def run():
-            with torch.inference_mode():
-                mm(*inputs)
-        return run
-
     for s in sparsities:
         mods, notes = {"dense": dense}, {}
         for st, path in lines:
@@ -241,15 +233,12 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
             else:
                 S.convert(model, path)
             mods[key] = model
-        p = measure.paired({k: call(v) for k, v in mods.items()}, reference="dense",
-                           rounds=rounds, min_run_time=min_run_time)
-        for k, sec in p.seconds.items():
+        for t in C.timed(mods, inputs, "dense", rounds=rounds, min_run_time=min_run_time):
+            k = t.pop("variant")
             st, path = ("dense", "dense") if k == "dense" else k.split(" / ")
             measured = st != "nm"
             paths = sorted(set(measure.kernel_paths(mods[k]).values()))
-            rows.append({"sparsity": s, "structure": st, "path": path, "line": k,
-                         "median_ms": sec * 1e3, "min_ms": p.spread[k][0] * 1e3,
-                         "max_ms": p.spread[k][1] * 1e3, "speedup": p.ratio[k],
+            rows.append({"sparsity": s, "structure": st, "path": path, "line": k, **t,
                          "speed_measured": measured, "kernel_paths": ", ".join(paths),
                          "note": "" if measured else S.NM_CPU_NOTE,
                          "warnings": notes.get(k, "")})

@@ -1,16 +1,16 @@
 """What notebook 05 (the sparse-structure benchmark) runs, so the notebook is a thin driver:
 its list parameters, the two figures (the per-layer sweep, and the first paper's
 inference time against sparsity) and the headline metrics. The measurements themselves are
-:func:`labkit.benchmarks.sparsity.sweep` and :func:`labkit.sparsity_lab.model_latency_sweep`,
+:func:`labkit.benchmarks.sparsity.sweep` and :func:`labkit.labs.sparsity.model_latency_sweep`,
 both side by side through :func:`labkit.measure.paired`.
 """
 from __future__ import annotations
 
-from . import figures as F
-from . import kernels as K
-from . import validate as V
-from .benchmarks import sparsity as B
-from .techniques import sparsity as S
+from .. import figures as F
+from .. import kernels as K
+from .. import validate as V
+from ..benchmarks import sparsity as B
+from ..techniques import sparsity as S
 
 SWEEP_STRUCTURES = (*B.STRUCTURE_PATHS, "nm")
 

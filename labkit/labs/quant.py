@@ -13,16 +13,17 @@ import warnings
 import torch
 from torch.nn.utils import parametrize
 
-from . import accelerate as A
-from . import figures as F
-from . import measure, train
-from . import validate as V
-from .data import batches
-from .model import build
-from .techniques import apply_, swap_modules
-from .techniques import hessian as H
-from .techniques import int8 as I
-from .techniques import quant as Q
+from .. import accelerate as A
+from .. import figures as F
+from .. import measure, train
+from .. import validate as V
+from ..data import batches
+from ..model import build
+from ..techniques import apply_, swap_modules
+from ..techniques import hessian as H
+from ..techniques import int8 as I
+from ..techniques import quant as Q
+from . import common as C
 
 MODES = ("ptq", "qat")
 
@@ -75,7 +76,7 @@ class MiniLM:
     """all-MiniLM-L6-v2 with a fixed batch of real sentences and its fp32 embeddings."""
 
     def __init__(self, n_sentences: int | None = None, max_len: int = 64):
-        from . import pretrained as PT
+        from .. import pretrained as PT
 
         self.PT = PT
         self.model, self.tok = PT.load_minilm()
@@ -166,25 +167,18 @@ def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
             sorted({r["chosen"] for r in report if r["layer"] != A.MODEL}))
         notes["accelerated"] = "; ".join(sorted({str(w.message)[:160] for w in caught}))
 
-    def call(m):
-        def fn():
-            with torch.inference_mode():
-                m(*inputs, **kwargs)
-        return fn
-
-    p = measure.paired({k: call(m) for k, m in variants.items()}, reference="fp32",
-                       rounds=rounds, min_run_time=min_run_time)
+    times = C.timed(variants, inputs, "fp32", rounds=rounds, min_run_time=min_run_time,
+                    kwargs=kwargs)
     shape = ",".join(str(tuple(x.shape)) for x in inputs if torch.is_tensor(x)) or \
         ",".join(f"{k}{tuple(v.shape)}" for k, v in kwargs.items() if torch.is_tensor(v))
     rows = []
-    for k, sec in p.seconds.items():
+    for t in times:
+        k = t["variant"]
         path = I.kernel_path_of(k) if k != "accelerated" else f"per layer: {chosen}"
-        rows.append({"model": label, "variant": k, "input": shape, "latency_ms": sec * 1e3,
-                     "min_ms": p.spread[k][0] * 1e3, "max_ms": p.spread[k][1] * 1e3,
-                     "speedup_vs_fp32": p.ratio[k], "speedup_min": p.ratio_spread[k][0],
-                     "speedup_max": p.ratio_spread[k][1], "rounds": rounds,
-                     "verdict": measure.speedup_verdict(p.ratio[k], p.ratio_spread[k])
-                     if k != "fp32" else "reference",
+        rows.append({"model": label, "variant": k, "input": shape, "latency_ms": t["median_ms"],
+                     "min_ms": t["min_ms"], "max_ms": t["max_ms"],
+                     "speedup_vs_fp32": t["speedup"], "speedup_min": t["speedup_min"],
+                     "speedup_max": t["speedup_max"], "rounds": rounds, "verdict": t["verdict"],
                      "bytes": measure.model_bytes(variants[k])["total"], "kernel_path": path,
                      "warnings": notes.get(k, "")})
     return rows
@@ -216,7 +210,7 @@ def memory_rows(shapes: dict, bits_list=(8, 4, 3, 2), granularity="channel", gro
 def baseline(task: str, source: str, vocab_size: int, preset: str, steps: int, lr: float,
              batch_size: int, n_train: int, n_eval: int, seed: int):
     """The trained fp32 encoder every quantized variant copies (cached per machine)."""
-    from .pruning_lab import nli_baseline
+    from .pruning import nli_baseline
 
     return nli_baseline(task, source, vocab_size, steps, n_train, n_eval, seed, preset=preset,
                         lr=lr, batch_size=batch_size)

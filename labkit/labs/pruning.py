@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from . import accelerate as A
-from . import figures as F
-from . import measure, zoo
-from . import sparsity_lab as L
-from . import validate as V
-from .techniques import expected
-from .techniques import sparsity as S
+from .. import accelerate as A
+from .. import figures as F
+from .. import measure, zoo
+from .. import validate as V
+from ..techniques import expected
+from ..techniques import sparsity as S
+from . import sparsity as L
 
 MLP_STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron")
 AUTO = "auto"
@@ -32,26 +32,6 @@ def method_for(structure: str, method: str) -> str:
     if method != AUTO:
         return method
     return "magnitude" if structure == "nm" else "gradual"
-
-
-def floats(name: str, text: str, lo: float = 0.0, hi: float = 1.0) -> list[float]:
-    """A comma list of numbers in [lo, hi) (a notebook list parameter)."""
-    allowed = f"a comma list of numbers in [{lo:g}, {hi:g})"
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise V.LabkitConfigError(name, text, allowed) from None
-    if not vals or any(not lo <= v < hi for v in vals):
-        raise V.LabkitConfigError(name, text, allowed)
-    return vals
-
-
-def names(name: str, text: str, allowed) -> list[str]:
-    """A comma list of names, each one of ``allowed``."""
-    vals = [s.strip() for s in text.split(",") if s.strip()]
-    if not vals or any(v not in allowed for v in vals):
-        raise V.LabkitConfigError(name, text, "a comma list of " + ", ".join(allowed))
-    return vals
 
 
 def nli_baseline(task: str, source: str, vocab_size: int, steps: int, n_train: int,
@@ -141,7 +121,7 @@ class PruningLab:
         return out
 
     def curves(self, structures, sparsities, board=None):
-        """The survey's loss curves (see :func:`labkit.sparsity_lab.curve_study`)."""
+        """The survey's loss curves (see :func:`labkit.labs.sparsity.curve_study`)."""
         p = self.p
         return L.curve_study(self.work["lm"], structures, sorted(sparsities), p["curve_steps"],
                              p["lr"], max(1, min(p["eval_every"], p["curve_steps"] // 3)),
@@ -232,5 +212,5 @@ def curve_figure(curves: list[dict], sparsities, structures):
     return fig
 
 
-__all__ = ["AUTO", "MLP_STRUCTURES", "PruningLab", "curve_figure", "floats", "method_for",
-           "names", "nli_baseline"]
+__all__ = ["AUTO", "MLP_STRUCTURES", "PruningLab", "curve_figure", "method_for",
+           "nli_baseline"]
