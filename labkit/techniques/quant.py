@@ -1,8 +1,8 @@
 """Simulated (fake) quantization: 2-8 bit weights and activations, PTQ and QAT.
 
 Papers: Q-BERT (Shen et al., AAAI 2020, "Hessian Based Ultra Low Precision Quantization of
-BERT"), group-wise ranges; the INT8 weight/activation quantization of the LLM-optimisation
-paper (whose title this repository does not record; see README); the straight-through
+BERT"), group-wise ranges; the INT8 weight/activation quantization of the seed paper notebook 10
+reproduces (an LLM-optimisation paper whose title this repository does not record); the straight-through
 estimator of Bengio et al. (2013).
 
 Idea: a real number ``x`` is mapped to one of ``2^b`` levels by an affine map with a scale
@@ -244,13 +244,6 @@ def calibrate(model: nn.Module, batches, forward=None) -> int:
     return n
 
 
-def dequantize_(model: nn.Module) -> nn.Module:
-    """Bake the fake-quantized weights into plain ``nn.Linear`` (removes the simulation)."""
-    swap_modules(model, lambda n, m: isinstance(m, FakeQuantLinear),
-                 lambda n, m: copy_linear(m))
-    return model
-
-
 def quantized_bytes(model: nn.Module) -> dict:
     """Counted storage of the model as it would be deployed: quantized linears at their
     bit-width with metadata, everything else (embeddings, norms, biases) at its dtype."""
@@ -312,7 +305,6 @@ __all__ = [
     "FakeQuantLinear",
     "WeightFakeQuant",
     "calibrate",
-    "dequantize_",
     "fake_quant_tensor",
     "fake_quantize",
     "fake_quantize_",

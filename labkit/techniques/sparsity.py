@@ -3,10 +3,11 @@ real kernel for what is left.
 
 Papers: magnitude pruning (Han et al., 2015, "Learning both Weights and Connections for
 Efficient Neural Networks"); gradual pruning with a cubic schedule (Zhu & Gupta, 2017, "To
-prune, or not to prune"); L1-regularised training then thresholding (the LLM-optimisation
-paper labkit follows: L = L_task + lambda * sum |W_ij|); N:M sparsity (Mishra et al., 2021,
+prune, or not to prune"); L1-regularised training then thresholding (the seed paper of
+notebook 10, whose title is not recorded here: L = L_task + lambda * sum |W_ij|); N:M sparsity (Mishra et al., 2021,
 "Accelerating Sparse Deep Neural Networks"); the survey of sparse structures in transformer
-MLPs (unstructured, N:M, blocks, neurons, heads) that labkit's sparsity lab follows.
+MLPs (unstructured, N:M, blocks, neurons, heads) that labkit's sparsity lab follows (title
+not recorded in this repository).
 
 Idea. A weight ``W`` (out, in) with a fraction ``p`` of non-zeros costs O(p * out * in)
 multiply-adds instead of O(out * in) -- *if* a kernel can skip the zeros. Three independent
@@ -146,10 +147,6 @@ class MaskedLinear(nn.Linear):
     @property
     def mask(self) -> torch.Tensor:
         return MK.mask_of(self, "weight")
-
-    @property
-    def raw_weight(self) -> torch.Tensor:
-        return self.parametrizations.weight.original
 
 
 def masked_linears(model: nn.Module) -> dict[str, MaskedLinear]:
