@@ -18,7 +18,7 @@ training arguments, labkit's code version and torch; an unreadable file retrains
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,8 @@ TASKS = ("nli", "qnli")
 # sized for a shared CPU (see the README for the accuracy it reaches and the cost).
 DEFAULTS = {
     "tiny": {"steps": 3000, "lr": 1e-3, "batch_size": 32, "max_len": 64},
-    "minilm": {"steps": 300, "lr": 1e-4, "batch_size": 32, "max_len": 128},
+    "minilm": {"steps": 400, "lr": 2e-4, "batch_size": 32, "max_len": 128,
+               "eval_fraction": 0.1, "patience": 3},
 }
 MAX_LR = {"tiny": 1.0, "minilm": 5e-4}  # a pretrained BERT is destroyed by tiny's 1e-3
 
@@ -96,6 +97,8 @@ def real_text_params(defined: dict, source_dir: str | None, model: str | None) -
         raise V.LabkitConfigError("source_dir", source_dir,
                                   "a folder holding mnli/ and/or qnli/ GLUE-schema folders")
     out = {"source": str(root.resolve())} if "source" in defined else {}
+    if str(defined.get("task", "")).strip("'\"") == "lm" and "source" in defined:
+        out["task"] = "nli"  # an LM-first notebook (03) runs its classifier workload on real text
     if "model" in defined:
         out["model"] = V.choice("model", model or "minilm", MODELS)
         recipe = DEFAULTS[out["model"]]
@@ -115,7 +118,9 @@ def _cached(name: str, args: dict, pairs: D.PairTask, model: M.Transformer, trai
     """Load ``model``'s trained weights from the cache or run ``train_fn() -> (metrics,
     extra)`` and save them. Returns (record, cached, path)."""
     folder = Path(cache_dir) if cache_dir is not None else zoo.default_cache_dir()
-    path = folder / f"{name}-{zoo.cache_key(args, pairs, _CODE)}.pt"
+    # keyed by the training rows only: training never sees the eval split (it stops on a
+    # held-out part of train), so one trained model serves any eval subset (n_eval)
+    path = folder / f"{name}-{zoo.cache_key(args, replace(pairs, eval={}), _CODE)}.pt"
     saved = zoo.load_checkpoint(path, model.cfg, "classifier") if path.is_file() else None
     if saved is not None:
         model.load_state_dict(saved["state"])
@@ -136,8 +141,12 @@ def _finetune_minilm(pairs: D.PairTask, args: dict, progress: bool):
     def train():
         r = B.finetune(model, pairs, steps=args["steps"], lr=args["lr"],
                        batch_size=args["batch_size"], bf16=args["bf16"], seed=args["seed"],
-                       progress=progress)
-        return r.final, {"seconds": r.seconds, "history": r.history}
+                       progress=progress, warmup=args["warmup"],
+                       weight_decay=args["weight_decay"], eval_every=args["eval_every"],
+                       dev_fraction=args["dev_fraction"], patience=args["patience"],
+                       metric=args["stop_metric"])
+        return r.final, {"seconds": r.seconds, "history": r.history, "best_step": r.best_step,
+                         "dev": r.dev}
     return model, train
 
 
@@ -197,7 +206,9 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
         pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,
                             max_len=max_len, seed=seed, tokenizer=PT.PairTokenizer())
         args = dict(backbone="minilm", task=name, steps=steps, lr=lr, batch_size=batch_size,
-                    max_len=max_len, bf16=bf16, seed=seed, warmup=0.1, weight_decay=0.01)
+                    max_len=max_len, bf16=bf16, seed=seed, warmup=0.1, weight_decay=0.01,
+                    dev_fraction=0.1, stop_metric="accuracy", patience=d["patience"],
+                    eval_every=max(1, round(steps * d["eval_fraction"])))
         net, train = _finetune_minilm(pairs, args, progress)
     else:
         pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,
@@ -209,8 +220,12 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
     record, cached, path = _cached(f"classifier-{model}-{name}", args, pairs, net, train,
                                    cache_dir)
     net.eval()
+    metrics = record["metrics"]
+    if cached:  # the weights depend on the training rows only: score this eval split
+        score = B.evaluate if model == "minilm" else T.evaluate
+        metrics = score(net, pairs.eval)
     recipe = {**args, **{k: record[k] for k in ("seconds", "best_step", "dev") if k in record}}
-    return Classifier(net, pairs, record["metrics"], steps, cached, path,
+    return Classifier(net, pairs, metrics, steps, cached, path,
                       _workload(net, pairs, batch_size, trimmed=model == "minilm"), model,
                       recipe)
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 from . import report_html as H
@@ -138,7 +139,8 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
     ``{"notebook", "ok": False, "error", "_executed"}``. ``progress``: a label for a
     per-cell progress bar (cells done, elapsed time), or None for no bar. The kernel's own
     stderr goes to ``out_dir/kernels.log``; the executed notebook is stored without widget
-    state and without an inline copy of plotly.js.
+    state, without an inline copy of plotly.js and without the HTML copy of each figure
+    (:func:`labkit.report_html.slim_notebook`).
     """
     import papermill as pm
 
@@ -180,7 +182,8 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
 
 
 def _slim_executed(executed: Path) -> None:
-    """Rewrite the executed notebook without widget state or inline plotly.js (atomic)."""
+    """Rewrite the executed notebook slimmed for storage (atomic): no widget state, no
+    inline plotly.js, figures as plotly JSON only (see :func:`labkit.report_html.slim_notebook`)."""
     import nbformat
 
     if not executed.is_file():
@@ -188,6 +191,12 @@ def _slim_executed(executed: Path) -> None:
     nb = nbformat.read(str(executed), as_version=4)
     if H.slim_notebook(nb):
         _write_text_atomic(executed, nbformat.writes(nb))
+
+
+def _read_notebook(path: Path):
+    import nbformat
+
+    return nbformat.read(str(path), as_version=4)
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
@@ -273,6 +282,8 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
     base_existed = base.exists()
     folder = _new_folder(base)
     notes = H.write_assets(folder)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     entries, lines = [], []
     for i, path in enumerate(paths, start=1):
         name = path.stem
@@ -294,6 +305,10 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
         executed = Path(res["_executed"])
         if executed.is_file():
             entry["ipynb"] = executed.name
+            note = H.cover_figures(folder, _read_notebook(executed), name)
+            if note:  # the full plotly.js replaces the small bundle: said and recorded
+                warnings.warn(note, stacklevel=2)
+                notes.append(note)
             try:
                 page = _write_text_atomic(folder / f"{name}.html", H.notebook_html(
                     executed, mathjax=H.mathjax_source() is not None, folder=folder))

@@ -1,15 +1,25 @@
 """The HTML side of a report: offline pages that share one copy of their scripts.
 
-A report folder holds ``assets/plotly.min.js`` (plotly.js, ~4.8 MB, written once) and
-``assets/mathjax/tex-svg-full.js`` (MathJax 3 with SVG output, ~2.3 MB, copied once from
-the ``django-static-mathjax`` package, which ships MathJax's own files). Every page refers
-to both by a relative path, so the folder works offline, can be moved as a whole, and the
-size of a report grows with its figures and text, not with 5 MB of plotly.js per page
-(a 7-notebook report was 70 MB). SVG output because browsers refuse web fonts from
-``file://`` pages, and MathJax's SVG output needs no fonts.
+A report folder holds ``assets/plotly.min.js`` and ``assets/mathjax/tex-svg.js``, written
+once; every page refers to both by a relative path, so the folder works offline, can be
+moved as a whole, and grows with its figures and text, not with a copy of the scripts per
+page (a 7-notebook report was 70 MB with plotly.js in every page and executed notebook).
 
-Executed notebooks are stored without the inline plotly.js blob and without widget state;
-figures keep plotly's own JSON mimetype, so JupyterLab still draws them.
+* plotly.js: plotly's own *cartesian* bundle (1.5 MB: bar, box, contour, heatmap, histogram,
+  histogram2d(contour), image, pie, scatter, scatterternary, violin), shipped in
+  ``labkit/assets`` (MIT, plotly.js-cartesian-dist-min of the same plotly.js version as the
+  installed plotly package). When a figure uses another trace type, or the plotly package
+  carries a different plotly.js version, the full 4.8 MB plotly.js is written instead and a
+  note says why (recorded in the report, never silent).
+* MathJax 3 ``tex-svg.js`` (2.1 MB; TeX input with base/ams/newcommand, SVG output), copied
+  from the ``django-static-mathjax`` package, which ships MathJax's own files. SVG output
+  because it needs no web fonts (some browsers refuse fonts to ``file://`` pages).
+
+Executed notebooks are stored without widget state, without the inline plotly.js blob and
+without the ``text/html`` copy of each plotly figure (it repeated the figure's JSON and
+pointed at a CDN): figures keep plotly's own JSON mimetype, which JupyterLab draws, and
+template defaults only for the trace types a figure uses. A page's figure HTML is made
+from that JSON (:func:`page_figures`).
 """
 from __future__ import annotations
 
@@ -22,40 +32,135 @@ from pathlib import Path
 
 ASSETS = "assets"
 PLOTLY_JS = f"{ASSETS}/plotly.min.js"
-MATHJAX_JS = f"{ASSETS}/mathjax/tex-svg-full.js"
+MATHJAX_JS = f"{ASSETS}/mathjax/tex-svg.js"
+SHIPPED = Path(__file__).resolve().parent / "assets"
+CARTESIAN_JS = SHIPPED / "plotly-cartesian.min.js"
+CARTESIAN_VERSION = "4.1.1"  # the plotly.js version of CARTESIAN_JS
+# trace modules of the cartesian bundle (its README; tests/test_report.py checks the bundle)
+CARTESIAN_TRACES = frozenset({"bar", "box", "contour", "heatmap", "histogram", "histogram2d",
+                              "histogram2dcontour", "image", "pie", "scatter",
+                              "scatterternary", "violin"})
+_CARTESIAN_MARK = "/* labkit: plotly.js cartesian bundle"
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
 INSTALL_MATHJAX = "pip install 'django-static-mathjax>=3.2' (MathJax's files, no Django needed)"
 _BIG_OUTPUT = 1_000_000  # characters: no figure is this big, plotly.js (4.8 MB) is
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def mathjax_source() -> Path | None:
-    """MathJax 3's single-file SVG build from the installed package, or None."""
+    """MathJax 3's single-file TeX-to-SVG build from the installed package, or None."""
     spec = importlib.util.find_spec("mathjax")
     for root in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / "static" / "mathjax" / "es5" / "tex-svg-full.js"
+        path = Path(root) / "static" / "mathjax" / "es5" / "tex-svg.js"
         if path.is_file():
             return path
     return None
 
 
+def plotly_bundle() -> tuple[str, str | None]:
+    """The plotly.js a report uses, and a note when it is not the small cartesian bundle."""
+    import plotly
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    version = get_plotlyjs_version()
+    if CARTESIAN_JS.is_file() and version == CARTESIAN_VERSION:
+        return (f"{_CARTESIAN_MARK} v{CARTESIAN_VERSION}, traces: "
+                f"{' '.join(sorted(CARTESIAN_TRACES))} */\n"
+                + CARTESIAN_JS.read_text(encoding="utf-8")), None
+    why = (f"{CARTESIAN_JS} is missing" if not CARTESIAN_JS.is_file() else
+           f"the plotly package carries plotly.js {version}, labkit's cartesian bundle is "
+           f"{CARTESIAN_VERSION}")
+    return (f"/* plotly.js from the plotly {plotly.__version__} package */\n" + get_plotlyjs(),
+            f"full plotly.js (4.8 MB) in assets/: {why}")
+
+
 def write_assets(folder: Path) -> list[str]:
     """Write the shared scripts into ``folder/assets`` (once). Returns notes about anything
-    missing (recorded in the report), e.g. MathJax not installed."""
-    import plotly
-    from plotly.offline import get_plotlyjs
-
+    missing or larger than usual (recorded in the report), e.g. MathJax not installed."""
     notes = []
     (folder / ASSETS / "mathjax").mkdir(parents=True, exist_ok=True)
     target = folder / PLOTLY_JS
     if not target.is_file():
-        target.write_text(f"/* plotly.js from the plotly {plotly.__version__} package */\n"
-                          + get_plotlyjs(), encoding="utf-8")
+        text, note = plotly_bundle()
+        target.write_text(text, encoding="utf-8")
+        notes += [note] if note else []
     source = mathjax_source()
     if source is None:
         notes.append("MathJax is not installed, so equations show as TeX: " + INSTALL_MATHJAX)
     elif not (folder / MATHJAX_JS).is_file():
         shutil.copyfile(source, folder / MATHJAX_JS)
     return notes
+
+
+def _figures(nb):
+    """(output data, figure JSON or None) of every plotly output of ``nb``."""
+    for cell in nb.cells:
+        for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            data = o.get("data", {})
+            html_ = data.get("text/html", "")
+            html_ = "".join(html_) if isinstance(html_, list) else html_
+            if PLOTLY_MIME in data:
+                yield data, data[PLOTLY_MIME]
+            elif "Plotly.newPlot" in html_:
+                yield data, None
+
+
+def trace_types(nb) -> set[str] | None:
+    """The plotly trace types the figures of ``nb`` use; None if a figure is HTML only
+    (its types cannot be read)."""
+    types: set[str] = set()
+    for _, fig in _figures(nb):
+        if fig is None:
+            return None
+        types |= {t.get("type", "scatter") for t in fig.get("data", [])}
+    return types
+
+
+def cover_figures(folder: Path, nb, name: str) -> str | None:
+    """Make sure the folder's plotly.js draws every figure of ``nb``: if it is the
+    cartesian bundle and a figure needs more, write the full plotly.js (atomically) and
+    return a note saying which notebook needed it."""
+    from plotly.offline import get_plotlyjs
+
+    from .notebook import atomic_write
+
+    target = folder / PLOTLY_JS
+    if not target.read_text(encoding="utf-8")[:len(_CARTESIAN_MARK)] == _CARTESIAN_MARK:
+        return None
+    types = trace_types(nb)
+    missing = None if types is None else sorted(types - CARTESIAN_TRACES)
+    if missing == []:
+        return None
+    atomic_write(target, lambda tmp: Path(tmp).write_text(get_plotlyjs(), encoding="utf-8"))
+    what = "a figure stored as HTML only" if missing is None else \
+        "trace types " + ", ".join(missing)
+    return f"full plotly.js (4.8 MB) in assets/: {name} has {what}, beyond the cartesian bundle"
+
+
+def prune_template(fig: dict) -> bool:
+    """Keep the template's trace defaults only for trace types the figure uses (they do
+    nothing for the others: ~4 KB of a ~10 KB figure). True if anything was removed."""
+    template = fig.get("layout", {}).get("template")
+    if not isinstance(template, dict) or not isinstance(template.get("data"), dict):
+        return False
+    used = {t.get("type", "scatter") for t in fig.get("data", [])}
+    kept = {k: v for k, v in template["data"].items() if k in used}
+    changed = len(kept) != len(template["data"])
+    template["data"] = kept
+    return changed
+
+
+def page_figures(nb) -> None:
+    """Give every figure with plotly JSON a ``text/html`` made from that JSON (what plotly's
+    notebook renderer would show, without its CDN MathJax tag), for the HTML page."""
+    import plotly.io as pio
+
+    for data, fig in _figures(nb):
+        if fig is not None:
+            data["text/html"] = pio.to_html(
+                fig, config=fig.get("config") or {"responsive": True}, include_plotlyjs=False,
+                include_mathjax=False, full_html=False, default_width="100%",
+                default_height=525, validate=False)
 
 
 def is_inline_plotlyjs(output: dict) -> bool:
@@ -67,13 +172,19 @@ def is_inline_plotlyjs(output: dict) -> bool:
 
 
 def slim_notebook(nb) -> bool:
-    """Drop inline plotly.js outputs and stored widget state in place; True if changed."""
+    """Drop inline plotly.js outputs, stored widget state, the ``text/html`` copy of every
+    figure that has plotly's JSON, and template defaults of unused trace types, in place;
+    True if changed."""
     changed = nb.metadata.pop("widgets", None) is not None
     for cell in nb.cells:
         if cell.cell_type == "code":
             kept = [o for o in cell.outputs if not is_inline_plotlyjs(o)]
             changed |= len(kept) != len(cell.outputs)
             cell.outputs = kept
+    for data, fig in _figures(nb):
+        if fig is not None:
+            changed |= data.pop("text/html", None) is not None
+            changed |= prune_template(fig)
     return changed
 
 
@@ -127,6 +238,7 @@ def notebook_html(executed, mathjax: bool = True, folder: Path | None = None) ->
 
     nb = nbformat.read(str(executed), as_version=4)
     slim_notebook(nb)
+    page_figures(nb)
     for cell in nb.cells:
         if cell.cell_type == "code":
             # widget views (e.g. tqdm.auto bars) without stored state only keep the text

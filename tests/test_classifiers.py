@@ -200,3 +200,59 @@ def test_report_source_dir_reaches_only_notebooks_with_a_source(glue_root, tmp_p
     assert index.count("does not hold") == 3 and "Csource" in index and "Csteps" in index
     with pytest.raises(LabkitConfigError, match="source_dir"):
         R.report(out=tmp_path / "r", source_dir=str(tmp_path / "missing"))
+
+
+def test_early_stopping_max_mode_keeps_the_highest_accuracy():
+    model = torch.nn.Linear(2, 2)
+    stop = B.EarlyStopping(model, patience=2, metric="accuracy", mode="max")
+    state = T.TrainState()
+    for step, acc in enumerate([0.4, 0.6, 0.5, 0.55], 1):
+        state.step, state.metrics = step, {"accuracy": acc}
+        with torch.no_grad():
+            model.weight.fill_(step)
+        stop.on_eval(state)
+    assert state.stop and stop.best_value == 0.6 and stop.restore() == 2
+    assert torch.all(model.weight == 2)
+
+
+def test_finetune_selects_on_a_held_out_part_of_train_never_on_eval(monkeypatch):
+    """dev_fraction: every evaluation during training is on the held-out training rows;
+    training stops after `patience` evaluations without a better dev accuracy, the weights
+    of the best one are restored and only then scored, once, on eval."""
+    from labkit import model as M
+
+    task = D.load_task("synthetic-nli", n_train=200, n_eval=48, max_len=32, seed=0)
+    net = M.build(M.preset("tiny", kind="encoder", num_labels=task.num_labels,
+                           vocab_size=len(task.tokenizer), max_len=32), seed=0)
+    dev_accs = iter([0.3, 0.5, 0.4, 0.45, 0.9, 0.9])  # scripted: the best is the 2nd
+    seen, real = [], B.evaluate
+
+    def spy(model, tensors, **kw):
+        out = real(model, tensors, **kw)
+        if len(tensors["labels"]) == 20:  # the dev tenth of 200 training rows
+            out = {"loss": 1.0, "accuracy": next(dev_accs)}
+        seen.append((len(tensors["labels"]), out,
+                     {k: v.clone() for k, v in model.state_dict().items()}))
+        return out
+
+    monkeypatch.setattr(B, "evaluate", spy)
+    r = B.finetune(net, task, steps=60, lr=3e-3, batch_size=8, eval_every=5, dev_fraction=0.1,
+                   patience=2, freeze_embeddings=False, progress=False)
+    *during, last = seen
+    assert [n for n, _, _ in during] == [20] * 4 and last[0] == 48  # dev rows, then eval once
+    assert r.steps == 20 and r.best_step == 10 and r.dev == {"accuracy": 0.5}
+    for k, v in net.state_dict().items():  # the restored weights are the step-10 ones
+        assert torch.equal(v, during[1][2][k]), k
+    assert not torch.equal(during[1][2]["head.weight"], during[3][2]["head.weight"])
+    assert r.final == last[1]
+
+
+@needs_minilm
+def test_minilm_cache_is_keyed_by_training_rows_and_scores_any_eval_subset(glue_root,
+                                                                           tmp_path):
+    cache = tmp_path / "cache"
+    full = C.classifier("minilm", "nli", str(glue_root), cache_dir=cache, **FAST)
+    few = C.classifier("minilm", "nli", str(glue_root), n_eval=4, cache_dir=cache, **FAST)
+    assert few.cached and few.path == full.path and len(few.task.eval["labels"]) == 4
+    assert few.metrics == B.evaluate(few.model, few.task.eval)
+    assert full.recipe["dev_fraction"] == 0.1 and full.recipe["best_step"] >= 1

@@ -66,4 +66,5 @@ def test_wheel_install_runs_a_report_from_another_folder(tmp_path):
     report = json.loads((folder / "report.json").read_text())
     assert [n["ok"] for n in report["notebooks"]] == [True]
     assert (folder / "00_tour.html").is_file() and (folder / "assets" / "plotly.min.js").is_file()
+    assert report["notes"] == []  # the wheel ships plotly.js's cartesian bundle (labkit/assets)
     assert not list(Path(site).rglob("*.pt"))  # no cache written beside site-packages

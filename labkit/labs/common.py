@@ -248,13 +248,45 @@ def doubling(lo: int, hi: int, names=("seq_min", "seq_max"), floor: int = 2) -> 
     return [lo * 2 ** i for i in range(int(math.log2(hi // lo)) + 1)]
 
 
+def backbone_config(model: str = "tiny", max_len: int = 64, num_labels: int = 3) -> ModelConfig:
+    """The :class:`ModelConfig` of a classifier backbone (:data:`labkit.classifiers.MODELS`)
+    before any training or download, so a technique's config is checked against the real
+    sizes up front (a rank above ``min(d_model, d_ff)`` fails before the baseline trains)."""
+    from .. import classifiers as CL
+    from ..model import preset
+
+    V.choice("model", model, CL.MODELS)
+    if model == "minilm":
+        from .. import pretrained as PT
+
+        if not PT.minilm_available():
+            raise PT.PretrainedUnavailable(PT.INSTALL_HINT)
+        return PT.minilm_config(num_labels, max_len)
+    return preset("tiny", kind="encoder", num_labels=num_labels, max_len=max_len)
+
+
+def finetune_variants(base, work, variants: dict, steps: int, lr: float = 1e-3, seed: int = 0,
+                      board=None, eval_every: int | None = None,
+                      progress: bool = False) -> dict:
+    """Copies of the trained model ``base`` with each variant's techniques swapped in
+    (``{label: config(s) or None}``), evaluated on ``work.eval_set`` before any step (what
+    the swap alone costs), then every copy, the dense one included, fine-tuned for ``steps``
+    on the same batches of ``work`` (a :class:`~labkit.labs.workloads.Workload`, e.g.
+    :attr:`labkit.classifiers.Classifier.workload`, whichever the backbone)."""
+    return train_variants(build_variants(base, variants, seed), work.make_batches, steps,
+                          work.eval_set, lr, eval_every, seed, board, before=True,
+                          progress=progress)
+
+
 __all__ = [
+    "backbone_config",
     "binomial_se",
     "build_variants",
     "choice_list",
     "claimed_vs_counted",
     "claimed_vs_measured",
     "doubling",
+    "finetune_variants",
     "float_list",
     "int_list",
     "rank_for_energy",

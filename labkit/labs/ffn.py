@@ -4,11 +4,13 @@ Papers: low-rank factorisation of weight matrices (Sainath et al. 2013; Denton e
 ALBERT (Lan et al. 2020) for cross-layer sharing; see :mod:`labkit.techniques.factorized_ffn`
 and :mod:`labkit.techniques.sharing` for the equations.
 
-* :func:`workload`: the model config, training batches and evaluation set of either the
-  decoder LM on the synthetic corpus (``task="lm"``) or the encoder classifier on
-  ``synthetic-nli`` (``task="nli"``), so one notebook drives both.
-* :func:`train_variants`: one fresh model per variant (a list of technique configs), same
-  seed, same batches, same steps, every loss curve on one :class:`labkit.ui.LiveBoard`.
+* :func:`setup`: what notebook 03 trains on: the decoder LM from scratch on the synthetic
+  corpus (``task="lm"``, :func:`workload`), or a *trained* pair classifier from
+  :func:`labkit.classifiers.classifier` (``task="nli"``: ``model="tiny"|"minilm"`` on any
+  source) whose copies are compressed and fine-tuned.
+* :func:`train_all`: every variant at the same steps on the same batches, every loss curve
+  on one :class:`labkit.ui.LiveBoard`: fresh models from one seed (LM), or copies of the
+  trained classifier with the techniques swapped in, evaluated before fine-tuning (nli).
 * :func:`ffn_spectrum` and :func:`svd_sweep`: the singular values of trained FFN weights,
   and what truncating them to rank ``r`` costs (weight error, and eval loss with no
   fine-tuning) as ``r`` grows.
@@ -23,6 +25,8 @@ import statistics
 
 import torch
 
+from .. import classifiers as CL
+from .. import data as D
 from .. import measure
 from .. import validate as V
 from ..model import ModelConfig, build, count_params, preset
@@ -54,6 +58,69 @@ def train_variants(work: Workload, variants: dict, steps: int, lr: float = 3e-3,
 
 
 summary = C.summary
+
+
+def backbone(task: str, size: str = "tiny", seq_len: int = 32, model: str = "tiny") -> ModelConfig:
+    """The config :func:`setup` will train, known before any training or download, so the
+    technique configs are checked against it first."""
+    V.choice("task", task, TASKS)
+    if task == "lm":
+        return preset(size, kind="decoder", max_len=max(seq_len, 8))
+    return C.backbone_config(model, seq_len)
+
+
+def setup(task: str, size: str = "tiny", batch_size: int = 16, seq_len: int = 32,
+          n_eval: int = 256, seed: int = 0, model: str = "tiny", source: str = "synthetic",
+          vocab_size: int = D.VOCAB_SIZE, baseline_steps: int = 0, lr: float = 3e-3):
+    """``(work, base)``. ``task="lm"``: the decoder LM of preset ``size`` on the synthetic
+    corpus, variants trained from scratch (``base`` is None; ``model`` and ``source`` must
+    stay at their defaults: the LM has no pretrained backbone or real-text loader here).
+    ``task="nli"``: the trained dense classifier ``model`` on ``source``
+    (:func:`labkit.classifiers.classifier`, ``baseline_steps`` steps, 0 = the backbone's
+    recipe; cached) and its workload; ``lr`` is the fine-tuning rate, checked against the
+    backbone's limit (a pretrained BERT is wrecked by the tiny model's rates)."""
+    V.choice("task", task, TASKS)
+    V.integer("baseline_steps", baseline_steps, 0)
+    if task == "lm":
+        for name, value, only in (("model", model, "tiny"), ("source", source, "synthetic")):
+            if value != only:
+                raise V.LabkitConfigError(name, value, f"{only!r} with task='lm' (a real backbone "
+                                                       "and real text are for task='nli')")
+        return workload("lm", size, batch_size, seq_len, n_eval=n_eval, seed=seed,
+                        vocab_size=vocab_size), None
+    V.choice("model", model, CL.MODELS)
+    if size != "tiny":
+        raise V.LabkitConfigError("size", size, "'tiny' with task='nli' (the classifier "
+                                                "backbone is chosen with model='tiny'|'minilm')")
+    V.number("lr", lr, 0.0, CL.MAX_LR[model], lo_open=True)
+    base = CL.classifier(model, "nli", source, steps=baseline_steps or None,
+                         batch_size=batch_size, max_len=seq_len, n_eval=n_eval,
+                         vocab_size=vocab_size, seed=seed, progress=False)
+    return base.workload, base
+
+
+def train_all(work: Workload, labels: dict, variants: dict, fact: FF.FactorizedFFNConfig,
+              steps: int, lr: float, eval_every: int, seed: int = 0, board=None,
+              base=None) -> dict:
+    """Notebook 03's runs, all for ``steps`` on the same batches. Without ``base`` (LM):
+    fresh models from ``seed``; with ``fact.init == "svd"`` the factorized variant is the
+    SVD of the dense model trained first (compress, then fine-tune). With ``base`` (a
+    :class:`labkit.classifiers.Classifier`): copies of its trained model with each
+    variant's techniques swapped in (the factorized FFN with ``fact``'s init), evaluated
+    before fine-tuning (the swap's own cost), every copy fine-tuned alike."""
+    if base is not None:
+        share = variants[labels["share"]]
+        trained = {labels["dense"]: [], labels["fact"]: [fact], labels["share"]: share,
+                   labels["both"]: [fact, *share]}
+        return C.finetune_variants(base.model, work, trained, steps, lr, seed, board,
+                                   eval_every)
+    runs = train_variants(work, {labels["dense"]: []}, steps, lr, eval_every, seed, board)
+    ready = {}
+    if fact.init == "svd":  # compress the trained dense model, then fine-tune it for `steps`
+        ready = C.build_variants(runs[labels["dense"]]["model"], {labels["fact"]: fact})
+    rest = {k: v for k, v in variants.items() if k != labels["dense"]}
+    runs.update(train_variants(work, rest, steps, lr, eval_every, seed, board, ready))
+    return runs
 
 
 def ffn_weights(model) -> list[tuple[str, torch.Tensor]]:
@@ -131,23 +198,38 @@ def claimed_vs_measured(work: Workload, variants: dict, models: dict | None = No
     return rows
 
 
-def tour_metrics(runs: dict, rows: list[dict]) -> dict:
-    """The headline metrics of notebook 00: accuracy and loss of the dense and the
-    factorized run, claimed vs counted parameter and FLOP ratios, latency with the verdict
-    (``runs`` and ``rows`` in the order dense, factorized)."""
+TOUR_HEADLINE = ("claimed_flops_ratio", "measured_speedup", "speedup_verdict", "dense_accuracy",
+                 "factorized_accuracy")  # notebook 00's index entry, claimed vs measured first
+
+
+def tour_metrics(runs: dict, rows: list[dict], base=None) -> dict:
+    """The metrics of notebook 00: accuracy and loss of the dense and the factorized run
+    (and, when the runs started from a trained ``base``, a
+    :class:`labkit.classifiers.Classifier`, the factorized model's accuracy right after the
+    swap and the baseline's), claimed vs counted parameter and FLOP ratios, latency with the
+    verdict (``runs`` and ``rows`` in the order dense, factorized)."""
     d, f = list(runs.values())[:2]
     dense, fact = rows[0], rows[1]
-    return {"dense_accuracy": d["final"]["accuracy"],
-            "factorized_accuracy": f["final"]["accuracy"],
-            "dense_loss": d["final"]["loss"], "factorized_loss": f["final"]["loss"],
-            "claimed_params_ratio": fact["params_ratio_claimed"],
-            "measured_params_ratio": fact["params_ratio_counted"],
-            "claimed_ffn_flops_ratio": fact["ffn_flops_ratio_claimed"],
-            "claimed_flops_ratio": fact["flops_ratio_claimed"],
-            "measured_flops_ratio": fact["flops_ratio_counted"],
-            "measured_speedup": fact["speedup_measured"], "speedup_verdict": fact["verdict"],
-            "dense_latency_ms": dense["latency_ms"], "factorized_latency_ms": fact["latency_ms"],
-            "threads": fact["threads"]}
+    out = {"dense_accuracy": d["final"]["accuracy"],
+           "factorized_accuracy": f["final"]["accuracy"],
+           "dense_loss": d["final"]["loss"], "factorized_loss": f["final"]["loss"],
+           "claimed_params_ratio": fact["params_ratio_claimed"],
+           "measured_params_ratio": fact["params_ratio_counted"],
+           "claimed_ffn_flops_ratio": fact["ffn_flops_ratio_claimed"],
+           "claimed_flops_ratio": fact["flops_ratio_claimed"],
+           "measured_flops_ratio": fact["flops_ratio_counted"],
+           "measured_speedup": fact["speedup_measured"], "speedup_verdict": fact["verdict"],
+           "dense_latency_ms": dense["latency_ms"], "factorized_latency_ms": fact["latency_ms"],
+           "threads": fact["threads"]}
+    if "before" in f:
+        out.update({"factorized_before_accuracy": f["before"]["accuracy"],
+                    "factorized_before_loss": f["before"]["loss"],
+                    "dense_before_accuracy": d["before"]["accuracy"]})
+    if base is not None:
+        out.update({"model": base.backbone, "baseline_steps": base.steps,
+                    "baseline_cached": base.cached, "baseline_accuracy": base.metrics["accuracy"],
+                    "baseline_loss": base.metrics["loss"]})
+    return out
 
 
 def size_sweep(sizes, kind: str = "decoder", rank_fraction: float = 0.25,
@@ -215,9 +297,14 @@ def ranks_to_sweep(cfg: ModelConfig, rank: int) -> list[int]:
     return sorted({2 ** i for i in range(top.bit_length()) if 2 ** i <= top} | {rank, top})
 
 
+HEADLINE = ("fact_params_ratio_claimed", "fact_flops_ratio_counted", "fact_speedup_measured",
+            "dense_eval_loss", "fact_eval_loss")  # notebook 03's index entry, every task
+
+
 def metrics(task: str, labels: dict, runs: dict, cvm: list[dict], svd_rows: list[dict],
-            size_rows: list[dict], rank: int, top: int, energy90: dict) -> dict:
-    """Notebook 03's metrics: eval per variant, claimed vs counted per variant, SVD
+            size_rows: list[dict], rank: int, top: int, energy90: dict, base=None) -> dict:
+    """Notebook 03's metrics: eval per variant (and right after the swap, when the runs
+    started from a trained classifier ``base``), claimed vs counted per variant, SVD
     truncation at ``rank`` and full rank ``top``, the largest size's speedups and bytes."""
     final = {k: runs[labels[k]]["final"] for k in labels}
     by = {r["variant"]: r for r in cvm}
@@ -228,6 +315,12 @@ def metrics(task: str, labels: dict, runs: dict, cvm: list[dict], svd_rows: list
     out = {f"{k}_eval_loss": final[k]["loss"] for k in labels}
     if task == "nli":
         out.update({f"{k}_eval_accuracy": final[k]["accuracy"] for k in labels})
+    if base is not None:
+        out.update({f"{k}_before_eval_{q}": runs[labels[k]]["before"][q] for k in labels
+                    for q in ("loss", "accuracy")})
+        out.update({"model": base.backbone, "baseline_steps": base.steps,
+                    "baseline_cached": base.cached, "baseline_eval_loss": base.metrics["loss"],
+                    "baseline_eval_accuracy": base.metrics["accuracy"]})
     out.update({f"{k}_params": int(by[labels[k]]["params_counted"]) for k in labels})
     out.update({f"{k}_params_ratio_claimed": float(by[labels[k]]["params_ratio_claimed"])
                 for k in labels})
@@ -256,17 +349,22 @@ def metrics(task: str, labels: dict, runs: dict, cvm: list[dict], svd_rows: list
 
 
 __all__ = [
+    "HEADLINE",
     "TASKS",
+    "TOUR_HEADLINE",
     "Workload",
+    "backbone",
     "build_variant",
     "claimed_vs_measured",
     "ffn_spectrum",
     "ffn_weights",
     "rank_for_energy",
+    "setup",
     "size_sweep",
     "summary",
     "svd_sweep",
     "tour_metrics",
+    "train_all",
     "train_variants",
     "variant_expected",
     "workload",

@@ -41,7 +41,7 @@ def fig1(rows: list[dict], title: str = "Fig. 1: inference time vs sparsity"):
                      if r.get("method") == m and r.get("status") == "measured")
         xs = [p[0] for p in pts]
         fig.add_scatter(x=xs + xs[::-1], y=[p[3] for p in pts] + [p[2] for p in pts][::-1],
-                        fill="toself", line=dict(width=0), fillcolor=F.color(m), opacity=0.2,
+                        fill="toself", line={"width": 0}, fillcolor=F.color(m), opacity=0.2,
                         showlegend=False, hoverinfo="skip", legendgroup=m)
         fig.add_scatter(x=xs, y=[p[1] for p in pts], name=m, mode="lines+markers")
     fig.update_xaxes(title_text="sparsity s")

@@ -27,14 +27,17 @@ class Workload:
 
 
 def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len: int = 32,
-             n_train: int = 2000, n_eval: int = 256, seed: int = 0) -> Workload:
+             n_train: int = 2000, n_eval: int = 256, seed: int = 0,
+             vocab_size: int = data.VOCAB_SIZE) -> Workload:
     """The decoder LM (``"lm"``: :func:`labkit.data.load_lm_corpus`) or the encoder on
-    ``synthetic-nli`` (``"nli"``: :func:`labkit.data.load_task`), with a preset's sizes."""
+    ``synthetic-nli`` (``"nli"``: :func:`labkit.data.load_task`), with a preset's sizes and
+    a word vocabulary of at most ``vocab_size`` (specials included)."""
     V.choice("task", task, TASKS)
     V.integer("batch_size", batch_size, 1)
     V.integer("seq_len", seq_len, 8)
+    V.integer("vocab_size", vocab_size, len(data.SPECIALS) + 1, 1_000_000)  # as load_task
     if task == "lm":
-        corpus = data.load_lm_corpus(seed=seed)
+        corpus = data.load_lm_corpus(seed=seed, vocab_size=vocab_size)
         cfg = preset(size, kind="decoder", vocab_size=len(corpus.tokenizer),
                      max_len=max(seq_len, 8))
         gen = data.lm_batches(corpus.eval, batch_size, seq_len, seed=seed + 1)
@@ -44,7 +47,7 @@ def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len
                                                              seed=s),
                         eval_set, (ids, None))
     pairs = data.load_task("synthetic-nli", n_train=n_train, n_eval=n_eval, max_len=seq_len,
-                           seed=seed)
+                           seed=seed, vocab_size=vocab_size)
     cfg = preset(size, kind="encoder", vocab_size=len(pairs.tokenizer),
                  num_labels=pairs.num_labels, max_len=max(seq_len, 8))
     ev = pairs.eval

@@ -1,0 +1,83 @@
+"""labkit.labs.paper: the caches of notebook 10's method variants (content-keyed, recomputed
+when unreadable) and its parameter checks; labs.paper_convergence stops at the target."""
+import warnings
+
+import pytest
+import torch
+
+from labkit import model as M
+from labkit import zoo
+from labkit.labs import paper as PL
+from labkit.validate import LabkitConfigError
+
+
+def test_cached_computes_once_keyed_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"rows": [{"layer": "a", "trace": 1.5}], "w": torch.ones(2)}
+
+    a = PL._cached("t", {"base": "x"}, compute)
+    b = PL._cached("t", {"base": "x"}, compute)
+    assert len(calls) == 1 and b["rows"] == a["rows"] and torch.equal(b["w"], a["w"])
+    PL._cached("t", {"base": "y"}, compute)  # other content: another key
+    assert len(calls) == 2
+    for f in tmp_path.glob("paper-t-*.pt"):
+        f.write_bytes(b"truncated")
+    with pytest.warns(zoo.CacheWarning):
+        PL._cached("t", {"base": "x"}, compute)
+    assert len(calls) == 3
+
+
+def test_content_digest_sees_weights_and_data():
+    cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=1,
+                        max_len=8, num_labels=2)
+    a, b = M.build(cfg, seed=0), M.build(cfg, seed=0)
+    assert PL.content(a) == PL.content(b)
+    with torch.no_grad():
+        b.blocks[0].ffn.up.weight[0, 0] += 1e-3
+    assert PL.content(a) != PL.content(b)
+    assert PL.content({"x": torch.arange(3)}) != PL.content({"x": torch.arange(1, 4)})
+
+
+def test_sdn_exits_cached_equal_to_trained(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=2,
+                        max_len=8, num_labels=2)
+    base = M.build(cfg, seed=0)
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield {"input_ids": torch.randint(1, 32, (4, 8), generator=g),
+                   "padding_mask": torch.ones(4, 8, dtype=torch.bool),
+                   "labels": torch.randint(0, 2, (4,), generator=g)}
+
+    first = PL.sdn_exits(base, batches(), steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cache hit: no training, no warning
+        again = PL.sdn_exits(base, batches(), steps=3)
+    assert len(list(tmp_path.glob("paper-sdn-exits-*.pt"))) == 1
+    for (k, v), (k2, v2) in zip(first.executor.state_dict().items(),
+                                again.executor.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    fresh = M.build(cfg, seed=0)
+    from labkit.techniques import EarlyExitConfig, apply_
+    apply_(fresh, EarlyExitConfig())  # untrained heads differ from the cached ones
+    assert not torch.equal(fresh.executor.heads[0].out.weight, again.executor.heads[0].out.weight)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"sparsities": "0.1,x"}, "sparsities='0.1,x'"), ({"operating_sparsity": 0.2}, "one of"),
+    ({"tasks": "nli,sst2"}, "tasks='sst2'"), ({"hessian_samples": 0}, "hessian_samples=0")])
+def test_setup_names_the_bad_parameter(change, message):
+    params = {"model": "tiny", "tasks": "nli,qnli", "methods": "ours,sdn",
+              "sparsities": "0.1,0.5", "operating_sparsity": 0.5, "baseline_steps": 0,
+              "n_eval": 64, "hessian_samples": 1, "sdn_steps": 5, "conv_steps": 10,
+              "conv_eval_every": 5, "conv_lr": 1e-3, "target_accuracy": 0.0,
+              "sample_sizes": "64,128"}
+    assert PL.setup(params)["sparsities"] == [0.1, 0.5]
+    with pytest.raises(LabkitConfigError, match=message):
+        PL.setup({**params, **change})
