@@ -40,6 +40,16 @@ def method_for(structure: str, method: str) -> str:
     return "magnitude" if structure == "nm" else "gradual"
 
 
+def _board(task: str, title: str, live: bool):
+    """Train and eval loss, sparsity (and NLI accuracy) of one task's runs, shown now when
+    live (a static board is shown once its runs are done)."""
+    board = ui.LiveBoard(panels=["loss", "sparsity"] + (["accuracy"] if task == "nli" else []),
+                         live=live, title=title)
+    if board.live:
+        board.show()
+    return board
+
+
 HEADLINE = ("claimed_nonzero", "counted_nonzero", "my_actual_sparsity", "accelerate_speedup",
             "nli_magnitude_accuracy_cost")
 
@@ -92,11 +102,7 @@ class PruningLab:
         a board of loss, sparsity (and accuracy). Returns (config, dense run, pruned run)."""
         cfg = self.config(self.p["steps"], structure, sparsity, method, l1_lambda)
         V.choice("workload", workload, TASKS)
-        board = ui.LiveBoard(panels=["loss", "sparsity"] + (["accuracy"] if workload == "nli"
-                                                            else []),
-                             live=live, title=f"{workload}: {cfg.method} {cfg.label}")
-        if board.live:
-            board.show()
+        board = _board(workload, f"{workload}: {cfg.method} {cfg.label}", live)
         dense = self.run(workload, None, self.p["steps"], board, "dense")
         run = self.run(workload, cfg, self.p["steps"], board, f"{cfg.method} {cfg.label}")
         if not board.live:
@@ -108,11 +114,7 @@ class PruningLab:
         one board per task (LM and NLI losses differ in scale: never one axis)."""
         rows, steps = [], self.p["method_steps"]
         for t in TASKS:
-            board = ui.LiveBoard(panels=["loss", "sparsity"] + (["accuracy"] if t == "nli"
-                                                                else []),
-                                 live=live, title=f"{t}: methods at {self.config(steps).label}")
-            if board.live:
-                board.show()
+            board = _board(t, f"{t}: methods at {self.config(steps).label}", live)
             for meth in [None, *S.METHODS]:
                 if meth == "gradual" and self.p["structure"] == "nm":
                     continue  # N:M has one fixed sparsity: nothing to schedule
@@ -254,10 +256,8 @@ def curve_figure(curves: list[dict], sparsities, structures):
                 hovertext=name, mode="lines", legendgroup=st, showlegend=i == 1,
                 line={"color": F.color(st),
                       "dash": "dot" if st in ("dense", "small-dense") else None}), 1, i)
-    fig.update_yaxes(title_text="eval loss", row=1, col=1)
-    fig.update_xaxes(title_text="step")
-    F.layout(fig)
-    return fig
+    fig.update_yaxes(title_text="eval loss", row=1, col=1).update_xaxes(title_text="step")
+    return F.layout(fig)
 
 
 __all__ = ["AUTO", "HEADLINE", "MLP_STRUCTURES", "TASKS", "PruningLab", "curve_figure",
