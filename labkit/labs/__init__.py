@@ -6,6 +6,7 @@
 * :mod:`.attention`: attention maps, spectra and low-rank errors (notebooks 01, 02).
 * :mod:`.ffn`: FFN spectra, SVD sweeps, claimed vs measured, size sweeps (notebook 03).
 * :mod:`.depth`: cached depth baselines, LayerDrop / early-exit / CQIL sweeps (notebooks 08, 09).
-* :mod:`.paper`, :mod:`.paper_verdicts`: the seed paper's figures, matched methods and verdicts
-  (notebook 10).
+* :mod:`.depth_summary`: notebooks 08-09's parameter checks, figures, claimed vs measured.
+* :mod:`.paper`, :mod:`.paper_verdicts`, :mod:`.paper_convergence`: the seed paper's matched
+  methods, verdicts and Fig. 2 (notebook 10).
 """
