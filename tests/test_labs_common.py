@@ -138,3 +138,26 @@ def test_depth_headlines_exist_without_process_measurements():
         {"lm": True, "sdn": True})
     assert set(DS.HEADLINE_08) <= set(m8) and m8["blocks_ratio"] is None
     assert m8["pruned_speedup_claimed"] == 2.0 and m8["pruned_speedup"] == 2.0
+
+
+def test_depth_and_paper_figures_follow_the_house_style():
+    from labkit.labs import depth_summary as DS
+    from labkit.labs import paper_verdicts as PV
+
+    prune = [{"model": mdl, "blocks_kept": k, "eval_loss": 1.0 + k, "latency_ms": 10.0 * k}
+             for mdl in ("no LayerDrop", "LayerDrop") for k in (8, 4)]
+    fig = DS.prune_figure(prune)
+    for name in ("no LayerDrop", "LayerDrop"):
+        traces = [t for t in fig.data if t.name == name]
+        assert len(traces) == 2 and len({t.line.color for t in traces}) == 1  # both panels
+        assert sum(bool(t.showlegend) for t in traces) == 1  # legend once
+    assert fig.layout.width is None and fig.layout.autosize  # fills the cell
+    times = [{"method": m, "sparsity": s, "median_ms": ms, "min_ms": ms * 0.9,
+              "max_ms": ms * 1.1, "status": "measured"}
+             for m, ms in (("dense", 1000.0), ("ours", 5.0)) for s in (0.1, 0.5)]
+    f1 = PV.fig1(times)
+    assert f1.layout.yaxis.type == "log"  # 5 ms next to 1000 ms: decades apart
+    conv = [{"method": "ours", "n_train": n, "seconds_to_target": 1.0, "status": "measured"}
+            for n in (250, 500)]
+    ours1 = next(t for t in f1.data if t.name == "ours")
+    assert next(t for t in PV.fig2(conv).data if t.name == "ours").line.color == ours1.line.color

@@ -11,6 +11,7 @@
 * :mod:`.quant`, :mod:`.quant_study`: fake quantization, Hessian bits, INT8 latency and
   bytes, and notebook 06's studies (06).
 * :mod:`.depth`: cached depth baselines, LayerDrop / early-exit / CQIL sweeps (notebooks 08, 09).
-* :mod:`.paper`, :mod:`.paper_verdicts`: the seed paper's figures, matched methods and verdicts
-  (notebook 10).
+* :mod:`.depth_summary`: notebooks 08-09's parameter checks, figures, claimed vs measured.
+* :mod:`.paper`, :mod:`.paper_verdicts`, :mod:`.paper_convergence`: the seed paper's matched
+  methods, verdicts and Fig. 2 (notebook 10).
 """
