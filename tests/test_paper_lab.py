@@ -107,3 +107,58 @@ def test_fig1_fall_needs_paired_speedup_bands_to_separate():
     assert v["qbert"]["falls"] is False and v["ours"]["falls"] is True
     unpaired = [{k: x for k, x in r.items() if not k.startswith("speedup")} for r in rows]
     assert PV.verdict_fig1(unpaired)["qbert"]["falls"] is True  # what absolute ms said
+
+
+def test_sweep_hands_hessian_samples_to_qbert(monkeypatch):
+    seen = []
+    monkeypatch.setattr(PL, "qbert_sensitivity",
+                        lambda base, batch, samples=4: seen.append(samples) or [])
+    monkeypatch.setattr(PL, "qbert", lambda base, s, rows: "variant")
+    monkeypatch.setattr(PL, "accuracy", lambda model, eval_set: 0.5)
+    PL.sweep(None, "0.5", ["qbert"], (), {}, None, "nli", timed=False, hessian_samples=7)
+    assert seen == [7]
+
+
+def test_chance_level_is_the_majority_rate_with_two_standard_errors():
+    from labkit.labs.paper_convergence import chance_level
+
+    p, margin = chance_level(torch.tensor([0, 0, 0, 1]))
+    assert p == 0.75 and abs(margin - 2 * (0.75 * 0.25 / 4) ** 0.5) < 1e-12
+
+
+def _conv_rows(target, chance=0.5, margin=0.04):
+    return [{"method": m, "n_train": n, "status": "measured", "target": target,
+             "chance": chance, "chance_margin": margin, "steps_to_target": 10,
+             "seconds_to_target": 1.0 if m == "ours" else 2.0}
+            for n in (64, 128) for m in ("dense", "ours", "layerdrop")]
+
+
+def test_fig2_target_at_chance_is_inconclusive_not_a_verdict():
+    from labkit.labs import paper_verdicts as PV
+
+    near = PV.verdicts([], [], {}, _conv_rows(target=0.52), 0.5)
+    far = PV.verdicts([], [], {}, _conv_rows(target=0.70), 0.5)
+    assert near[0]["verdict"] == "inconclusive" and "chance" in near[0]["evidence"]
+    assert far[0]["verdict"] == "holds"
+
+
+def test_auto_target_lies_between_chance_and_the_best_dense_accuracy(monkeypatch):
+    from types import SimpleNamespace
+
+    from labkit.labs import paper_convergence as PC
+
+    def fake_fit(model, batches, steps, **kw):  # the dense run's evaluations: 0.5, 0.7, 0.9
+        hist = [{"split": "eval", "step": 10 * (i + 1), "seconds": float(i + 1),
+                 "accuracy": a} for i, a in enumerate((0.5, 0.7, 0.9))]
+        return SimpleNamespace(final={"accuracy": 0.9}, history=hist, steps=30,
+                               steps_to_target=None, seconds_to_target=None)
+
+    monkeypatch.setattr(PC.T, "fit", fake_fit)
+    cfg = M.preset("tiny", kind="encoder", num_labels=2, vocab_size=64, max_len=16)
+    train = {"input_ids": torch.zeros(8, 4, dtype=torch.long),
+             "labels": torch.zeros(8, dtype=torch.long)}
+    pairs = SimpleNamespace(train=train, eval={"labels": torch.tensor([0] * 6 + [1] * 4)})
+    rows = PC.convergence(pairs, cfg, [], [8], 0.5, 0.0, 30, 1e-3)
+    assert rows[0]["chance"] == 0.6
+    assert abs(rows[0]["target"] - (0.6 + 0.9 * (0.9 - 0.6))) < 1e-9  # not 0.9 * 0.9
+    assert rows[0]["steps_to_target"] == 30

@@ -310,7 +310,7 @@ def setup(params: dict) -> dict:
 
 
 def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
-          min_run_time: float = 0.02) -> Variant:
+          min_run_time: float = 0.02, hessian_samples: int = 4) -> Variant:
     """The ``method``'s variant of ``base`` at sparsity ``s`` (see the module docstring).
     ``cache`` keeps per-model work across sparsities: the Hessian sensitivity, and the SDN
     exits (``cache["sdn"]``: a callable training them, replaced by the trained model)."""
@@ -319,7 +319,7 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
         return ours(base, s, sample, min_run_time)
     if method == "qbert":
         if "qbert_rows" not in cache:
-            cache["qbert_rows"] = qbert_sensitivity(base, batch)
+            cache["qbert_rows"] = qbert_sensitivity(base, batch, samples=hessian_samples)
         return qbert(base, s, cache["qbert_rows"])
     if method == "layerdrop":
         return layerdrop(base, s)
@@ -332,14 +332,16 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
 
 def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task: str,
           rounds: int = 3, min_run_time: float = 0.05, timed: bool = True, timer=None,
-          sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None):
+          sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None,
+          hessian_samples: int = 4):
     """Fig. 1 and the accuracy at every point on one task: for each ``s``, every method's
     variant of ``base`` evaluated on ``eval_set`` and (``timed``) timed side by side with the
     dense model. A method whose technique is missing gives an ``unavailable`` row per ``s``
     and a warning.
 
     SDN's exits are trained once (``sdn_steps`` steps on ``sdn_batches``) and its threshold
-    chosen on ``held_out`` (training rows, never the eval set).
+    chosen on ``held_out`` (training rows, never the eval set). Q-BERT's Hessian traces use
+    ``hessian_samples`` Hutchinson probes.
 
     Returns (timing rows, accuracy rows, variants {(method, s): Variant})."""
     times, accs, variants, cache = [], [], {}, {}
@@ -352,7 +354,8 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
         built = {}
         for method in methods:
             try:
-                built[method] = build(method, base, s, sample, batch, cache)
+                built[method] = build(method, base, s, sample, batch, cache,
+                                       hessian_samples=hessian_samples)
             except MethodUnavailable as e:
                 warnings.warn(f"{method}: {e}")
                 accs.append({"method": method, "sparsity": s, "task": task,

@@ -47,9 +47,13 @@ def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: flo
     """Fig. 2: for each training-sample size ``n`` and method, train a fresh model of
     ``cfg`` on the first ``n`` training pairs and record the step and second at which the
     eval accuracy first reaches ``target`` (None: not within ``steps``). ``target=0``:
-    ``auto_fraction`` of the best eval accuracy the dense model reaches at the largest
-    ``n`` (run first), so the target is reachable at lab scale."""
+    ``auto_fraction`` of the way from chance to the best eval accuracy the dense model
+    reaches at the largest ``n`` (run first), so the target is reachable at lab scale and
+    never below chance. Every row carries ``chance`` (the eval set's majority-class rate)
+    and ``chance_margin`` (two binomial standard errors of it): a target inside that band
+    measures noise, and :func:`labkit.labs.paper_verdicts.verdicts` says so."""
     rows, sizes = [], sorted(sizes)
+    chance, margin = chance_level(pairs.eval["labels"])
     runs = [(n, m) for n in sizes for m in ("dense", *methods)]
     if target <= 0:
         runs.remove((sizes[-1], "dense"))
@@ -77,14 +81,23 @@ def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: flo
                   target=("accuracy", goal) if goal else None, progress=False)
         if target <= 0:  # the auto target, then where the dense run crossed it
             best = max(h["accuracy"] for h in r.history if h["split"] == "eval")
-            target = auto_fraction * best
+            target = chance + auto_fraction * (best - chance)
             hit = next(h for h in r.history if h["split"] == "eval" and h["accuracy"] >= target)
             r.steps_to_target, r.seconds_to_target = hit["step"], hit["seconds"]
         rows.append({"method": method, "n_train": n, "status": "measured", "target": target,
+                     "chance": chance, "chance_margin": margin,
                      "steps_to_target": r.steps_to_target,
                      "seconds_to_target": r.seconds_to_target,
                      "final_accuracy": r.final.get("accuracy"), "steps": r.steps})
     return sorted(rows, key=lambda r: (r["n_train"], ("dense", *METHODS).index(r["method"])))
+
+
+def chance_level(labels) -> tuple[float, float]:
+    """The accuracy of always answering the eval set's most common label, and two binomial
+    standard errors of an accuracy at that level on this many rows."""
+    n = len(labels)
+    p = float(labels.bincount().max()) / n
+    return p, 2 * (p * (1 - p) / n) ** 0.5
 
 
 class _StopAt(T.Callback):

@@ -68,7 +68,8 @@ def _fmt_s(values) -> str:
 def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
              op: float, tolerance: float = 0.01) -> list[dict]:
     """One row per claim: ``claim``, ``verdict`` (holds / does not hold / holds only for
-    ...), ``evidence`` (the numbers it rests on)."""
+    ... / inconclusive when what was measured cannot decide it), ``evidence`` (the numbers
+    it rests on)."""
     out = []
     measured = [r for r in times if r.get("status") == "measured"]
     if measured:
@@ -120,6 +121,14 @@ def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
         v = ("holds" if len(ours_wins) == len(sizes) else "does not hold" if not ours_wins
              else "holds only for n = " + _fmt_s(ours_wins))
         ev = "; ".join(f"n={n}: fastest {b or 'none reached the target'}" for n, b in wins)
+        target, chance = conv_m[0]["target"], conv_m[0].get("chance")
+        if chance is not None and target <= chance + conv_m[0]["chance_margin"]:
+            # reaching an accuracy chance already gives measures noise, not convergence
+            v = "inconclusive"
+            ev = (f"target accuracy {target:.3f} is within two standard errors of chance "
+                  f"({chance:.3f} + {conv_m[0]['chance_margin']:.3f}): the dense model never "
+                  f"learned beyond chance in these steps; raise conv_steps or set "
+                  f"target_accuracy above chance. ({ev})")
         out.append({"key": "fig2", "claim": "Fig. 2: ours reaches the target accuracy fastest at every "
                              "training-sample size", "verdict": v, "evidence": ev})
     return out
