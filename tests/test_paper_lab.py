@@ -90,3 +90,20 @@ def test_headline_names_exist_whatever_was_measured():
     m = PV.metrics([], {"model_ratio": 0.6, "peak_ratio": 0.7}, [], {"synthetic-nli": 0.9}, 0.5)
     assert set(PV.HEADLINE) <= set(m) and m["verdict_fig1"] is None
     assert m["memory_model_ratio"] == 0.6
+
+
+def test_fig1_fall_needs_paired_speedup_bands_to_separate():
+    # the machine got quieter between sparsities: absolute times fell for a dense-architecture
+    # method, its speedup over dense in the same rounds did not
+    from labkit.labs import paper_verdicts as PV
+
+    def row(m, s, ms, lo, hi):
+        return {"method": m, "sparsity": s, "median_ms": ms, "min_ms": ms * 0.98,
+                "max_ms": ms * 1.02, "speedup_min": lo, "speedup_max": hi}
+
+    rows = [row("qbert", 0.1, 860.0, 0.97, 1.03), row("qbert", 0.5, 750.0, 0.98, 1.02),
+            row("ours", 0.1, 500.0, 1.6, 1.7), row("ours", 0.5, 300.0, 2.4, 2.6)]
+    v = PV.verdict_fig1(rows)
+    assert v["qbert"]["falls"] is False and v["ours"]["falls"] is True
+    unpaired = [{k: x for k, x in r.items() if not k.startswith("speedup")} for r in rows]
+    assert PV.verdict_fig1(unpaired)["qbert"]["falls"] is True  # what absolute ms said
