@@ -56,7 +56,7 @@ def test_latency_and_paths(result):
     from labkit.techniques.int8 import Int8Config
 
     e = expected(M.preset(result["params"]["latency_preset"]), Int8Config())
-    assert fp32[0]["bytes"] - int8[0]["bytes"] == e["weight_bytes_fp32"] - e["weight_bytes"]
+    assert fp32[0]["bytes"] - int8[0]["bytes"] == e["bytes_before"] - e["bytes_after"]
 
 
 def test_memory_accounting(result):

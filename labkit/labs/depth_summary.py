@@ -214,8 +214,8 @@ def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
     b_lat = _one(lat, scope="batch", q=best["q"] if best else curve[-1]["q"])
     table = [
         {"quantity": f"block FLOPs at {k} of {n} blocks",
-         "claimed": claim["block_flops_ratio"], "measured": None},
-        {"quantity": f"params removed at {k} blocks", "claimed": -claim["params_delta"],
+         "claimed": claim["detail"]["block_flops_ratio"], "measured": None},
+        {"quantity": f"params removed at {k} blocks", "claimed": claim["params_before"] - claim["params_after"],
          "measured": max(r["params"] for r in prune) - ld_k["params"]},
         {"quantity": f"latency speedup at {k} blocks (batch 16)", "claimed": n / k,
          "measured": ld_k["speedup"]},
@@ -254,7 +254,7 @@ def cqil_summary(params: dict, cfg, mine: dict, latency: list[dict], adjacent: l
     """Notebook 09's claimed-vs-measured table for the group ``[start, end)`` with ``P``
     and ``D``, and its metrics (measured cut from the cross-process rows)."""
     start, end, p, d = params["start"], params["end"], params["P"], params["D"]
-    claim = expected(cfg, CQILConfig(start=start, end=end, P=p, D=d))
+    claim = expected(cfg, CQILConfig(start=start, end=end, P=p, D=d))["detail"]
     lat = _one(latency, start=start, P=p)
     diff = max((r["max_abs_diff_vs_one_process"] for r in latency), default=None)
     table = [

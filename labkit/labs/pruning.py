@@ -171,7 +171,7 @@ class PruningLab:
         sample, and (NLI) the accuracy cost against ``dense`` next to speed and bytes:
         (claim rows, accelerate rows, numbers for the metrics)."""
         model = run["model"]
-        claim = expected(model.cfg, config)
+        claim = expected(model.cfg, config)["detail"]
         nonzero = sum(int(x.weight.detach().count_nonzero())
                       for x in S.masked_linears(model).values())
         sample = self.work[task].sample
