@@ -29,7 +29,11 @@ for parameters unless a technique says otherwise, plus every buffer::
 :func:`expected` returns one schema for every technique and every stack: ``*_before``,
 ``*_after`` and ``*_ratio`` (before / after, > 1 means smaller or cheaper) for ``params``,
 ``flops`` and ``bytes``, and the same split by part (``attn``, ``attn_core``, ``ffn``,
-``head``, ``other``). Complexity: O(modules) per call.
+``head``, ``other``), and ``detail`` (what a technique adds beyond the totals: a sparsity,
+a latency cut). Techniques that change the stored format (pruning, INT8, fake
+quantization) are counted as deployed: pruned weights in their structure's storage (CSR,
+BSR, N:M values and index bits, compacted rows/neurons/heads), quantized weights as codes
+plus scales. Complexity: O(modules) per call.
 """
 from __future__ import annotations
 
@@ -48,38 +52,54 @@ _ACCOUNT: dict[type, Callable] = {}
 
 @dataclass
 class Linear:
-    """One linear layer as the counts see it. ``rank``: factorized ``U V^T``;
-    ``weight_bytes``: stored bytes of the weight when not fp32 (quantised codes and
-    scales, sparse values and indices); ``flop_fraction``: the fraction of the dense
-    matmul work that runs (a sparse kernel)."""
+    """One linear layer as the counts see it, and what the model holds there (``kind``:
+    ``linear`` a plain ``nn.Linear``; ``lowrank``, ``sparse``, ``fakequant``, ``int8`` once a
+    technique swapped it, so the next technique takes or leaves it exactly as its model
+    selector does). ``rank``: factorized ``U V^T``; ``kept``: stored non-zero weights after
+    pruning; ``weight_bytes``: stored bytes of the weight when not dense fp32 (quantised
+    codes and scales, sparse values and indices); ``adapter_rank``: a LoRA adapter
+    ``B A`` beside the weight."""
 
     in_features: int
     out_features: int
     bias: bool
     tokens: int
     rank: int | None = None
+    kept: int | None = None
     weight_bytes: int | None = None
-    flop_fraction: float = 1.0
+    adapter_rank: int | None = None
+    kind: str = "linear"
     tied: bool = False  # the weight is an embedding's (counted there): FLOPs only
 
     @property
-    def weight_params(self) -> int:
+    def dense_params(self) -> int:
+        """Weights of the matrix as it is shaped (full or factorized), before pruning."""
         i, o = self.in_features, self.out_features
         return i * o if self.rank is None else self.rank * (i + o)
 
     @property
+    def weight_params(self) -> int:
+        return self.dense_params if self.kept is None else self.kept
+
+    @property
+    def adapter_params(self) -> int:
+        r = self.adapter_rank
+        return 0 if r is None else r * (self.in_features + self.out_features)
+
+    @property
     def params(self) -> int:
-        return (0 if self.tied else self.weight_params) + (self.out_features if self.bias else 0)
+        return ((0 if self.tied else self.weight_params) + self.adapter_params
+                + (self.out_features if self.bias else 0))
 
     @property
     def bytes(self) -> int:
         w = 4 * self.weight_params if self.weight_bytes is None else self.weight_bytes
-        return (0 if self.tied else w) + (4 * self.out_features if self.bias else 0)
+        return ((0 if self.tied else w) + 4 * self.adapter_params
+                + (4 * self.out_features if self.bias else 0))
 
     @property
     def flops(self) -> int:
-        per_token = 2 * self.weight_params
-        return round(self.tokens * per_token * self.flop_fraction)
+        return 2 * self.tokens * (self.weight_params + self.adapter_params)
 
 
 @dataclass
@@ -101,6 +121,7 @@ class Block:
     attn: dict
     ffn: dict
     norm_params: int
+    runs: bool = True  # False: the block is kept but skipped at inference (no FLOPs)
 
 
 @dataclass
@@ -127,16 +148,17 @@ class Table:
                 out[part]["bytes"] += nbytes
 
         for b in self.blocks:
+            run = int(b.runs)
             for name in ("q", "k", "v", "o"):
                 lin = b.attn[name]
-                add("attn", lin, lin.params, lin.flops, lin.bytes)
+                add("attn", lin, lin.params, run * lin.flops, lin.bytes)
             core = b.attn["core"]
             own = sum(c for k, c in core.params.items() if k not in keys)
             if id(core) not in seen:
                 keys.update(core.params)
-            add("attn_core", core, own, core.flops, 4 * own + core.buffer_bytes)
+            add("attn_core", core, own, run * core.flops, 4 * own + core.buffer_bytes)
             for lin in b.ffn.values():
-                add("ffn", lin, lin.params, lin.flops, lin.bytes)
+                add("ffn", lin, lin.params, run * lin.flops, lin.bytes)
             out["other"]["params"] += b.norm_params
             out["other"]["bytes"] += 4 * b.norm_params
         for lin in self.head.values():
@@ -196,7 +218,8 @@ def table(cfg: ModelConfig, n: int | None = None) -> Table:
 
 def register_account(config_cls: type):
     """Decorator: ``fn(table, model_cfg, config)`` edits a :class:`Table` in place the way
-    applying ``config`` edits the model."""
+    applying ``config`` edits the model. It may return a dict of technique-specific analytic
+    quantities (a latency cut, a sparsity), which :func:`expected` reports under ``detail``."""
     def deco(fn):
         _ACCOUNT[config_cls] = fn
         return fn
@@ -208,11 +231,6 @@ def _load():
     from . import techniques  # noqa: F401  (importing registers every technique)
 
 
-def accountable(config) -> bool:
-    _load()
-    return type(config) in _ACCOUNT
-
-
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("inf")
 
@@ -220,9 +238,10 @@ def _ratio(a: float, b: float) -> float:
 def expected(model_cfg: ModelConfig, *configs, seq_len: int | None = None) -> dict:
     """Analytic totals of a model of ``model_cfg`` before and after applying ``configs``
     in order: ``params_before``, ``params_after``, ``params_ratio`` (before / after), the
-    same for ``flops`` (one forward pass, batch 1, ``seq_len`` tokens) and ``bytes``, and
-    ``parts``: the same per part. ``seq_len`` defaults to ``max_len``, or the shortest
-    projection length of a technique that fixes one (Linformer's ``seq_len``)."""
+    same for ``flops`` (one inference forward pass, batch 1, ``seq_len`` tokens) and
+    ``bytes``, ``parts``: the same per part, and ``detail``: what the techniques add beyond
+    the totals. ``seq_len`` defaults to ``max_len``, or the shortest projection length of a
+    technique that fixes one (Linformer's ``seq_len``)."""
     from .techniques.registry import check
 
     _load()
@@ -236,9 +255,12 @@ def expected(model_cfg: ModelConfig, *configs, seq_len: int | None = None) -> di
         seq_len = min([model_cfg.max_len, *lengths])
     before = table(model_cfg, seq_len)
     after = copy.deepcopy(before)
+    detail = {}
     for c in configs:
-        _ACCOUNT[type(c)](after, model_cfg, c)
-    return summary(before, after, [type(c).__name__ for c in configs])
+        detail.update(_ACCOUNT[type(c)](after, model_cfg, c) or {})
+    out = summary(before, after, [type(c).__name__ for c in configs])
+    out["detail"] = detail
+    return out
 
 
 def summary(before: Table, after: Table, techniques=()) -> dict:
@@ -253,6 +275,29 @@ def summary(before: Table, after: Table, techniques=()) -> dict:
                         **{f"{k}_after": ta[p][k] for k in metrics},
                         **{f"{k}_ratio": _ratio(tb[p][k], ta[p][k]) for k in metrics}}
                     for p in PART_NAMES}
+    return out
+
+
+def rows(table: Table, layers: tuple = (), parts: tuple = ("attn", "ffn")) -> dict:
+    """``{name: Linear}`` of the rows ``layers``/``parts`` select (the registry's
+    vocabulary), each distinct object once (a shared FFN appears under its first block):
+    the table's counterpart of :func:`labkit.techniques.registry.linears`."""
+    from .techniques.registry import block_indices, expand_parts
+
+    fine = expand_parts(parts)
+    out, seen = {}, set()
+    for i in block_indices(len(table.blocks), layers):
+        b = table.blocks[i]
+        for p in fine:
+            if p == "head":
+                continue
+            part, x = p.split(".")
+            row = getattr(b, part).get(x)
+            if row is not None and id(row) not in seen:
+                seen.add(id(row))
+                out[f"blocks.{i}.{p}"] = row
+    if "head" in fine:
+        out.update({k: r for k, r in table.head.items() if not r.tied and id(r) not in seen})
     return out
 
 
@@ -282,11 +327,11 @@ __all__ = [
     "Block",
     "Linear",
     "Table",
-    "accountable",
     "expected",
     "linear_shapes",
     "params",
     "register_account",
+    "rows",
     "sdpa_flops",
     "summary",
     "table",

@@ -39,8 +39,12 @@ TASKS = ("nli", "qnli")
 # sized for a shared CPU (see the README for the accuracy it reaches and the cost).
 DEFAULTS = {
     "tiny": {"steps": 3000, "lr": 1e-3, "batch_size": 32, "max_len": 64},
-    "minilm": {"steps": 400, "lr": 2e-4, "batch_size": 32, "max_len": 128,
-               "eval_fraction": 0.1, "patience": 3},
+    # MiniLM: the best recipe measured on the development sample (README): 300 steps at
+    # 1e-4 on every training row. Choosing the weights on a held-out tenth of train
+    # (dev_fraction=0.1: eval every eval_fraction*steps, stop after `patience` evaluations
+    # without a better held-out accuracy) is available; at 400 steps x 2e-4 it reached less.
+    "minilm": {"steps": 300, "lr": 1e-4, "batch_size": 32, "max_len": 128,
+               "dev_fraction": 0.0, "eval_fraction": 0.1, "patience": 3},
 }
 MAX_LR = {"tiny": 1.0, "minilm": 5e-4}  # a pretrained BERT is destroyed by tiny's 1e-3
 
@@ -145,8 +149,10 @@ def _finetune_minilm(pairs: D.PairTask, args: dict, progress: bool):
                        weight_decay=args["weight_decay"], eval_every=args["eval_every"],
                        dev_fraction=args["dev_fraction"], patience=args["patience"],
                        metric=args["stop_metric"])
-        return r.final, {"seconds": r.seconds, "history": r.history, "best_step": r.best_step,
-                         "dev": r.dev}
+        # without a dev split the last step's weights are kept (best_step = steps trained)
+        return r.final, {"seconds": r.seconds, "history": r.history,
+                         "best_step": getattr(r, "best_step", r.steps),
+                         "dev": getattr(r, "dev", {})}
     return model, train
 
 
@@ -207,8 +213,9 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
                             max_len=max_len, seed=seed, tokenizer=PT.PairTokenizer())
         args = dict(backbone="minilm", task=name, steps=steps, lr=lr, batch_size=batch_size,
                     max_len=max_len, bf16=bf16, seed=seed, warmup=0.1, weight_decay=0.01,
-                    dev_fraction=0.1, stop_metric="accuracy", patience=d["patience"],
-                    eval_every=max(1, round(steps * d["eval_fraction"])))
+                    dev_fraction=d["dev_fraction"], stop_metric="accuracy",
+                    patience=d["patience"], eval_every=max(1, round(steps * d["eval_fraction"]))
+                    if d["dev_fraction"] > 0 else steps)
         net, train = _finetune_minilm(pairs, args, progress)
     else:
         pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,

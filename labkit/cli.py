@@ -62,20 +62,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, choices=["tiny", "minilm"],
                        help="backbone of those notebooks (default with --source-dir: minilm)")
 
+    def report_opts(p):  # what `report` and `run` share: where, which profile, parameters
+        p.add_argument("--out", default="reports", help="parent folder of report folders")
+        p.add_argument("--profile", default="full", help="fast (test parameters) or full")
+        real_text_opts(p)
+        params_opt(p)
+
     p = sub.add_parser("report", help="execute notebooks into a new HTML report folder")
     p.add_argument("notebooks", nargs="*", metavar="NOTEBOOK",
                    help="notebook names or prefixes (default: all)")
-    p.add_argument("--out", default="reports", help="parent folder of report folders")
-    p.add_argument("--profile", default="full", help="fast (test parameters) or full")
-    real_text_opts(p)
-    params_opt(p)
+    report_opts(p)
 
     p = sub.add_parser("run", help="execute one notebook with parameters into a report folder")
     p.add_argument("notebook", metavar="NOTEBOOK")
-    p.add_argument("--out", default="reports", help="parent folder of report folders")
-    p.add_argument("--profile", default="full", help="fast (test parameters) or full")
-    real_text_opts(p)
-    params_opt(p)
+    report_opts(p)
 
     p = sub.add_parser("bench", help="run a benchmark: labkit/benchmarks/<NAME>.py")
     p.add_argument("name", metavar="NAME")

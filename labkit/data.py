@@ -127,15 +127,20 @@ def _draw(make_row, rng, label: int, part: str | None) -> dict:
             return row
 
 
+def _synthetic(make_row, n_labels: int, n: int, seed: int, part: str | None) -> list[dict]:
+    """``n`` rows of ``make_row``, labels balanced, drawn from ``part``, shuffled."""
+    V.choice("part", part, PARTS)
+    rng = random.Random(seed)
+    rows = [{**_draw(make_row, rng, i % n_labels, part), "idx": i} for i in range(n)]
+    rng.shuffle(rows)
+    return rows
+
+
 def synthetic_nli(n: int, seed: int, part: str | None = None) -> list[dict]:
     """Premise: a few "the X is C" facts. Hypothesis: a fact that is stated (entailment),
     contradicted with another colour (contradiction), or about an absent object (neutral).
     ``part="train"|"eval"`` draws only pairs of that side of :func:`in_eval_part`."""
-    V.choice("part", part, PARTS)
-    rng = random.Random(seed)
-    rows = [{**_draw(_nli_row, rng, i % 3, part), "idx": i} for i in range(n)]  # balanced
-    rng.shuffle(rows)
-    return rows
+    return _synthetic(_nli_row, 3, n, seed, part)
 
 
 def _nli_row(rng: random.Random, label: int) -> dict:
@@ -156,11 +161,7 @@ def _nli_row(rng: random.Random, label: int) -> dict:
 def synthetic_qnli(n: int, seed: int, part: str | None = None) -> list[dict]:
     """Question "what color is the X ?"; the sentence answers it (entailment) or only talks
     about other objects (not_entailment). ``part`` as in :func:`synthetic_nli`."""
-    V.choice("part", part, PARTS)
-    rng = random.Random(seed)
-    rows = [{**_draw(_qnli_row, rng, i % 2, part), "idx": i} for i in range(n)]  # balanced
-    rng.shuffle(rows)
-    return rows
+    return _synthetic(_qnli_row, 2, n, seed, part)
 
 
 def _qnli_row(rng: random.Random, label: int) -> dict:

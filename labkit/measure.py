@@ -102,12 +102,16 @@ class Paired:
     rounds: int
     threads: int
 
+    def row(self, k) -> dict:
+        """The timing fields of one callable: median and spread in ms, the speedup against
+        the reference with its spread, rounds and threads (every benchmark's row has them)."""
+        return {"median_ms": self.seconds[k] * 1e3, "min_ms": self.spread[k][0] * 1e3,
+                "max_ms": self.spread[k][1] * 1e3, "speedup": self.ratio[k],
+                "speedup_min": self.ratio_spread[k][0], "speedup_max": self.ratio_spread[k][1],
+                "rounds": self.rounds, "threads": self.threads}
+
     def rows(self) -> list[dict]:
-        return [{"variant": k, "median_ms": self.seconds[k] * 1e3,
-                 "min_ms": self.spread[k][0] * 1e3, "max_ms": self.spread[k][1] * 1e3,
-                 "speedup": self.ratio[k], "speedup_min": self.ratio_spread[k][0],
-                 "speedup_max": self.ratio_spread[k][1], "rounds": self.rounds,
-                 "threads": self.threads} for k in self.seconds]
+        return [{"variant": k, **self.row(k)} for k in self.seconds]
 
 
 def _median(xs):
@@ -265,6 +269,22 @@ def _register_cpu_sdpa_flops():
 
 
 _register_cpu_sdpa_flops()
+
+
+def _register_int_mm_flops():
+    """torch's flop counter has no formula for ``aten._int_mm`` (the s8s8 matmul torchao's
+    INT8 path runs), so INT8 models counted zero FLOPs in their linears: count 2 M K N."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_int_mm", None)
+    if op is not None and op not in fc.flop_registry:
+        @fc.register_flop_formula(op)
+        def _int_mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+            m, k = a_shape
+            return 2 * m * k * b_shape[1]
+
+
+_register_int_mm_flops()
 
 
 def capture_inputs(model: torch.nn.Module, inputs: tuple, modules: dict) -> dict:

@@ -255,4 +255,5 @@ def test_minilm_cache_is_keyed_by_training_rows_and_scores_any_eval_subset(glue_
     few = C.classifier("minilm", "nli", str(glue_root), n_eval=4, cache_dir=cache, **FAST)
     assert few.cached and few.path == full.path and len(few.task.eval["labels"]) == 4
     assert few.metrics == B.evaluate(few.model, few.task.eval)
-    assert full.recipe["dev_fraction"] == 0.1 and full.recipe["best_step"] >= 1
+    assert full.recipe["dev_fraction"] == C.DEFAULTS["minilm"]["dev_fraction"]
+    assert 1 <= full.recipe["best_step"] <= FAST["steps"]

@@ -63,7 +63,7 @@ def test_ideal_cut_and_expected():
     assert C.ideal_cut(8, 4, 8, 2) == pytest.approx(4 * (1 - 1 / 2) / 8)
     assert C.ideal_cut(8, 0, 8, 4) == pytest.approx(8 * (1 - 1 / 4) / 8)
     assert C.ideal_cut(8, 2, 7, 2) == pytest.approx((5 - 3) / 8)  # 3 steps for 5 blocks
-    e = expected(_dec().cfg, CQILConfig(start=4, end=8, P=2))
+    e = expected(_dec().cfg, CQILConfig(start=4, end=8, P=2))["detail"]
     assert e["ideal_latency_cut"] == 0.25 and e["allreduce_per_forward"] == 2
     assert C.steps_of(2, 7, 2) == [[2, 3], [4, 5], [6]]
 

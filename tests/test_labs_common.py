@@ -117,3 +117,47 @@ def test_list_parameters_parsed_once_naming_the_parameter():
              "methods='foo'.*'ours', 'sdn'")]:
         with pytest.raises(LabkitConfigError, match=match):
             call()
+
+
+def test_depth_headlines_exist_without_process_measurements():
+    # notebook 09 with measure_processes=False, notebook 08 with no threshold within 1 point
+    from labkit.labs import depth_summary as DS
+
+    cfg = M.preset("tiny", kind="decoder", n_layers=8)
+    params = {"start": 4, "end": 8, "P": 2, "D": 0}
+    mine = {"sequential_loss": 2.0, "cqil_loss": 2.5, "ideal_cut": 0.25}
+    _, m9 = DS.cqil_summary(params, cfg, mine, [], [], "skipped")
+    assert set(DS.HEADLINE_09) <= set(m9) and m9["measured_cut"] is None
+    prune = [{"model": mdl, "blocks_kept": k, "eval_loss": 1.0 + (k == 4), "params": 10 * k,
+              "speedup": 8 / k} for mdl in ("no LayerDrop", "LayerDrop") for k in (8, 4)]
+    curve = [{"q": 0.9, "calibrated": True, "accuracy": 0.1, "blocks": 2.0,
+              "measured_blocks": 2.0}]
+    _, m8 = DS.layerdrop_exit_summary(
+        {"n_layers": 8, "sdn_layers": 6, "calibrate": True}, prune, curve, [],
+        [{"ece_before": 0.2, "ece_after": 0.1}], [{"accuracy": 0.9}], cfg,
+        {"lm": True, "sdn": True})
+    assert set(DS.HEADLINE_08) <= set(m8) and m8["blocks_ratio"] is None
+    assert m8["pruned_speedup_claimed"] == 2.0 and m8["pruned_speedup"] == 2.0
+
+
+def test_depth_and_paper_figures_follow_the_house_style():
+    from labkit.labs import depth_summary as DS
+    from labkit.labs import paper_verdicts as PV
+
+    prune = [{"model": mdl, "blocks_kept": k, "eval_loss": 1.0 + k, "latency_ms": 10.0 * k}
+             for mdl in ("no LayerDrop", "LayerDrop") for k in (8, 4)]
+    fig = DS.prune_figure(prune)
+    for name in ("no LayerDrop", "LayerDrop"):
+        traces = [t for t in fig.data if t.name == name]
+        assert len(traces) == 2 and len({t.line.color for t in traces}) == 1  # both panels
+        assert sum(bool(t.showlegend) for t in traces) == 1  # legend once
+    assert fig.layout.width is None and fig.layout.autosize  # fills the cell
+    times = [{"method": m, "sparsity": s, "median_ms": ms, "min_ms": ms * 0.9,
+              "max_ms": ms * 1.1, "status": "measured"}
+             for m, ms in (("dense", 1000.0), ("ours", 5.0)) for s in (0.1, 0.5)]
+    f1 = PV.fig1(times)
+    assert f1.layout.yaxis.type == "log"  # 5 ms next to 1000 ms: decades apart
+    conv = [{"method": "ours", "n_train": n, "seconds_to_target": 1.0, "status": "measured"}
+            for n in (250, 500)]
+    ours1 = next(t for t in f1.data if t.name == "ours")
+    assert next(t for t in PV.fig2(conv).data if t.name == "ours").line.color == ours1.line.color

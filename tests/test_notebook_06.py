@@ -56,7 +56,7 @@ def test_latency_and_paths(result):
     from labkit.techniques.int8 import Int8Config
 
     e = expected(M.preset(result["params"]["latency_preset"]), Int8Config())
-    assert fp32[0]["bytes"] - int8[0]["bytes"] == e["weight_bytes_fp32"] - e["weight_bytes"]
+    assert fp32[0]["bytes"] - int8[0]["bytes"] == e["bytes_before"] - e["bytes_after"]
 
 
 def test_memory_accounting(result):
@@ -112,3 +112,48 @@ def test_bad_parameters_are_named(run_notebook):
         run_notebook(NAME, granularity="group", group_size=5)
     with pytest.raises(NotebookFailed, match="granularity"):
         run_notebook(NAME, granularity="row")
+    with pytest.raises(NotebookFailed, match="model='bert'"):
+        run_notebook(NAME, model="bert")
+    with pytest.raises(NotebookFailed, match="budget_bits=9"):
+        run_notebook(NAME, budget_bits=9)
+
+
+def test_headline_and_technique_costs(result):
+    from labkit.labs.quant_study import HEADLINE
+
+    assert result["headline"] == list(HEADLINE) and 3 <= len(HEADLINE) <= 5
+    m = result["metrics"]
+    assert set(HEADLINE) <= set(m) and m["int8_speedup"] > 0
+    lat = {(r["batch"], r["variant"]): r for r in result["rows"]
+           if r.get("section") == "latency" and "batch" in r}  # not MiniLM's embedding model
+    b = result["params"]["latency_batch"]
+    assert m["int8_speedup"] == lat[(b, "int8_dynamic")]["speedup_vs_fp32"]
+    costs = {r["technique"]: r for r in result["rows"] if r.get("section") == "costs"}
+    fp32 = m["fp32_eval_accuracy"]
+    for bits in (8, 4, 3, 2):
+        row = costs[f"{bits}-bit {result['params']['granularity']} PTQ"]
+        assert row["accuracy_cost"] == pytest.approx(fp32 - row["accuracy"])
+        assert (row["speedup_vs_fp32"] is None) == (bits != 8)  # only INT8 runs for real
+        assert 0 < row["bytes_vs_fp32"] < 1
+
+
+def test_other_vocabulary_size(run_notebook):
+    """#10 item 12: the fp32 baseline takes another word-vocabulary size."""
+    r = run_notebook(NAME, vocab_size=32)
+    assert r["metrics"]["vocab"] == 32 and math.isfinite(r["metrics"]["fp32_eval_loss"])
+
+
+@needs_minilm
+def test_minilm_backbone(run_notebook):
+    """#11 item 3: model='minilm' quantizes the fine-tuned MiniLM classifier (tiny steps),
+    times that model itself, and gives each technique's accuracy cost."""
+    r = run_notebook(NAME, model="minilm", baseline_steps=2, n_train=64, n_eval=32,
+                     batch_size=8, hessian_batch=4, latency_batch=2)
+    m = r["metrics"]
+    assert m["backbone"] == "minilm" and m["baseline_steps"] == 2
+    fp32 = [x for x in r["rows"] if x.get("section") == "latency" and x["variant"] == "fp32"]
+    assert {x["batch"] for x in fp32} == {1, 2} and all(x["bytes"] > 50e6 for x in fp32)
+    costs = [x for x in r["rows"] if x.get("section") == "costs"]
+    assert len(costs) == 4 and all(math.isfinite(x["accuracy_cost"]) for x in costs)
+    sens = [x for x in r["rows"] if x.get("section") == "sensitivity"]
+    assert len(sens) == 36  # 6 linears x 6 MiniLM blocks

@@ -47,7 +47,7 @@ def test_requested_sparsity_and_structure_and_expected(kind, structure, kw):
             MK.check_mask(mask, kind_, 0.75, group=m.cfg.head_dim)
         else:
             MK.check_mask(mask, "unstructured", 0.75)
-    e = R.expected(m.cfg, cfg)
+    e = R.expected(m.cfg, cfg)["detail"]
     nonzero = sum(int(lin.weight.count_nonzero()) for lin in lins.values())
     total = sum(lin.weight.numel() for lin in lins.values())
     assert e["weights_dense"] == total
@@ -246,7 +246,7 @@ def test_layers_and_parts_select_where_pruning_applies():
     lins = S.masked_linears(m)
     assert lins and all(n.startswith("blocks.1.") for n in lins)
     assert {n.split(".")[2] for n in lins} == {"attn", "ffn"}
-    e = R.expected(m.cfg, cfg)
+    e = R.expected(m.cfg, cfg)["detail"]
     assert e["weights_dense"] == sum(lin.weight.numel() for lin in lins.values())
     with pytest.raises(LabkitConfigError) as err:
         R.apply_(_model(), S.SparsityConfig(layers=(7,)))

@@ -112,16 +112,11 @@ def _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes, m
                 for name in names:
                     fn = calls[scope, name]
                     mod = mods["linformer" if name == "linformer-core" else name]
-                    lo, hi = res.spread[name]
-                    row = {"scope": scope, "method": name, "n": n,
-                           "median_ms": res.seconds[name] * 1e3, "min_ms": lo * 1e3,
-                           "max_ms": hi * 1e3, "rounds": rounds, "threads": res.threads,
+                    row = {"scope": scope, "method": name, "n": n, **res.row(name),
                            "batch": batch, "heads": n_heads, "head_dim": head_dim,
                            "dtype": "float32", "shapes": shapes,
                            "kernel_path": getattr(mod, "kernel_path", "sdpa"),
-                           "includes": _includes(scope, name), "speedup": res.ratio[name],
-                           "speedup_min": res.ratio_spread[name][0],
-                           "speedup_max": res.ratio_spread[name][1]}
+                           "includes": _includes(scope, name)}
                     if memory:
                         row["peak_bytes"] = measure.peak_memory(fn)
                     rows.append(row)

@@ -104,16 +104,12 @@ def _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated, 
                     for r in keys:
                         fn, mod = calls[scope, r], mods[scope, r]
                         fl, fl_dense = counted[scope, r], counted[scope, None]
-                        lo, hi = res.spread[r]
                         row = {"scope": scope, "d_model": d, "d_ff": f, "tokens": t,
                                "method": "dense" if r is None else "factorized",
                                "rank": r, "rank_fraction": None if r is None else r / d,
-                               "median_ms": res.seconds[r] * 1e3, "min_ms": lo * 1e3,
-                               "max_ms": hi * 1e3, "rounds": rounds, "threads": res.threads,
+                               **res.row(r),
                                "shapes": f"T={t},d={d},d_ff={f}", "dtype": "float32",
                                "gated": gated, "flops": fl, "flop_ratio": fl_dense / fl,
-                               "speedup": res.ratio[r], "speedup_min": res.ratio_spread[r][0],
-                               "speedup_max": res.ratio_spread[r][1],
                                "params": sum(p.numel() for p in mod.parameters()),
                                "kernel_path": getattr(
                                    getattr(mod, "up", mod), "kernel_path", "dense: one matmul")}

@@ -89,10 +89,7 @@ def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
         V.choice("structure", st, (*STRUCTURE_PATHS, "nm"))
     for s in sparsities:
         MK.check_sparsity(s)
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(V.integer("threads", threads, 1))
-    try:
+    with measure.num_threads(threads):
         rows = []
         gen = torch.Generator().manual_seed(seed)
         for out_f, in_f in shapes:
@@ -139,8 +136,6 @@ def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
                         "threads": torch.get_num_threads(),
                         "note": K.NM_CPU_NOTE if not measured else ""})
         return rows
-    finally:
-        torch.set_num_threads(before)
 
 
 def break_even(rows: list[dict]) -> list[dict]:

@@ -265,6 +265,18 @@ def gantt(events_by_rank: dict, title: str = "pipeline schedule (what ran)") -> 
     return fig.update_layout(height=160 + 60 * len(events_by_rank))
 
 
+def simulated_gantt(cal: SIM.Calibration, size: str = "7B", **plan) -> tuple[dict, go.Figure]:
+    """The simulator's run of ``size`` under ``plan`` (:func:`simulator.simulate` keywords)
+    and the Gantt it played, titled as SIMULATED."""
+    res = SIM.simulate(SIM.SIZES[size], cal, **plan)
+    by_rank: dict = {}
+    for e in res["events"]:
+        by_rank.setdefault(e[1], []).append(e)
+    shown = ", ".join(f"{k}={v}" for k, v in plan.items())
+    return res, gantt(by_rank, title=f"SIMULATED {size} ({shown}): step {res['step_s']:.2f} s, "
+                                     f"bubble {res['bubble']:.2f}")
+
+
 def bubble_figure(df: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=df.M, y=df.measured_bubble, name="measured", mode="lines+markers"))

@@ -34,6 +34,19 @@ class SparseLinearBase(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def copy_linear(lin: nn.Module, cls: type = nn.Linear) -> nn.Linear:
+    """A new ``cls`` (an ``nn.Linear`` class) holding a detached copy of ``lin``'s current
+    weight and bias, on its device and dtype."""
+    w = lin.weight.detach()
+    new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
+              device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias.detach())
+    return new
+
+
 class DenseLinear(nn.Linear):
     """The (masked) weight baked into a plain dense linear: zeros are multiplied."""
 
@@ -41,11 +54,7 @@ class DenseLinear(nn.Linear):
 
     @classmethod
     def of(cls, lin: nn.Linear, path: str = "dense") -> DenseLinear:
-        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
-        with torch.no_grad():
-            new.weight.copy_(lin.weight.detach())
-            if lin.bias is not None:
-                new.bias.copy_(lin.bias.detach())
+        new = copy_linear(lin, cls)
         new.kernel_path = path
         return new.requires_grad_(False)
 

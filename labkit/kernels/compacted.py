@@ -31,8 +31,9 @@ class CompactedLinear(SparseLinearBase):
         cols = w.any(0).nonzero().squeeze(1)
         self.all_rows = len(rows) == w.shape[0]
         self.all_cols = len(cols) == w.shape[1]
-        self.register_buffer("rows", rows)
-        self.register_buffer("cols", cols)
+        # an index is stored (and counted) only where lines were removed
+        self.register_buffer("rows", None if self.all_rows else rows)
+        self.register_buffer("cols", None if self.all_cols else cols)
         self.weight = nn.Parameter(w[rows][:, cols].contiguous(), requires_grad=False)
 
     def forward(self, x):

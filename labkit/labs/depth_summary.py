@@ -26,10 +26,16 @@ import torch
 from .. import figures as F
 from .. import validate as V
 from ..notebook import config
-from ..techniques import CQILConfig, EarlyExitConfig, LayerDropConfig, LayerPruneConfig, apply_
+from ..techniques import (
+    CQILConfig,
+    EarlyExitConfig,
+    LayerDropConfig,
+    LayerPruneConfig,
+    apply_,
+    expected,
+)
 from ..techniques import cqil as C
 from ..techniques import early_exit as E
-from ..techniques import expected
 from ..techniques.layerdrop import evenly_spread
 from .common import float_list, int_list
 
@@ -100,7 +106,7 @@ def exit_figure(bins: dict, curve: list[dict]):
                      yaxis={"reliability, first exit": "accuracy",
                             "accuracy vs blocks": "accuracy"})
     fig.add_scatter(x=[0, 1], y=[0, 1], name="perfect", mode="lines",
-                    line=dict(dash="dot"), row=1, col=1)
+                    line={"dash": "dot"}, row=1, col=1)
     for k, rows in bins.items():
         fig.add_scatter(x=[b["confidence"] for b in rows], y=[b["accuracy"] for b in rows],
                         name=f"{k} calibration", mode="lines+markers", row=1, col=1)
@@ -120,7 +126,7 @@ def similarity_figure(sims: dict):
     for i, s in enumerate(sims.values()):
         r, c = F.position(i, len(sims))
         fig.add_trace(go.Heatmap(z=s.tolist(), zmin=0, zmax=1, coloraxis="coloraxis"), r, c)
-    fig.update_layout(coloraxis=dict(colorscale="Viridis"))
+    fig.update_layout(coloraxis={"colorscale": "Viridis"})
     return F.style(fig, log=False)
 
 
@@ -208,8 +214,8 @@ def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
     b_lat = _one(lat, scope="batch", q=best["q"] if best else curve[-1]["q"])
     table = [
         {"quantity": f"block FLOPs at {k} of {n} blocks",
-         "claimed": claim["block_flops_ratio"], "measured": None},
-        {"quantity": f"params removed at {k} blocks", "claimed": -claim["params_delta"],
+         "claimed": claim["detail"]["block_flops_ratio"], "measured": None},
+        {"quantity": f"params removed at {k} blocks", "claimed": claim["params_before"] - claim["params_after"],
          "measured": max(r["params"] for r in prune) - ld_k["params"]},
         {"quantity": f"latency speedup at {k} blocks (batch 16)", "claimed": n / k,
          "measured": ld_k["speedup"]},
@@ -218,7 +224,7 @@ def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
          "measured": sdn_layers / best["measured_blocks"] if best else None},
         {"quantity": "early exit: latency speedup at that q (batch)", "claimed": None,
          "measured": b_lat["speedup"] if b_lat else None}]
-    mean = lambda key: sum(r[key] for r in cal_rows) / len(cal_rows)  # noqa: E731
+    mean = lambda key: sum(r[key] for r in cal_rows) / len(cal_rows)
     metrics = {
         "pruned_speedup_claimed": n / k, "pruned_speedup": ld_k["speedup"],
         "layerdrop_full_loss": _one(prune, model="LayerDrop", blocks_kept=full)["eval_loss"],
@@ -248,7 +254,7 @@ def cqil_summary(params: dict, cfg, mine: dict, latency: list[dict], adjacent: l
     """Notebook 09's claimed-vs-measured table for the group ``[start, end)`` with ``P``
     and ``D``, and its metrics (measured cut from the cross-process rows)."""
     start, end, p, d = params["start"], params["end"], params["P"], params["D"]
-    claim = expected(cfg, CQILConfig(start=start, end=end, P=p, D=d))
+    claim = expected(cfg, CQILConfig(start=start, end=end, P=p, D=d))["detail"]
     lat = _one(latency, start=start, P=p)
     diff = max((r["max_abs_diff_vs_one_process"] for r in latency), default=None)
     table = [

@@ -31,13 +31,15 @@ per-round ratios, :func:`labkit.measure.paired`); the spread over rounds is the 
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .. import measure
+from .. import measure, zoo
 from .. import model as M
 from .. import train as T
 from .. import validate as V
@@ -108,9 +110,15 @@ def qbert_sensitivity(base: M.Transformer, batch: dict, samples: int = 4,
                       bits=(2, 3, 4, 8), seed: int = 0) -> list[dict]:
     """Per block linear: Hutchinson trace of the task loss Hessian on ``batch`` and the
     HAWQ-V2 sensitivity at each bit-width (computed once per model, reused for every s)."""
-    m = copy.deepcopy(base).eval()  # eval: no dropout noise in the Hessian
-    with H._sdpa_math():  # double backward needs the math SDPA kernel
-        return H.sensitivity(m, lambda: m.loss(batch), samples=samples, bits=bits, seed=seed)
+    def compute():
+        m = copy.deepcopy(base).eval()  # eval: no dropout noise in the Hessian
+        with H._sdpa_math():  # double backward needs the math SDPA kernel
+            return {"rows": H.sensitivity(m, lambda: m.loss(batch), samples=samples,
+                                          bits=bits, seed=seed)}
+
+    return _cached("qbert-hessian", {"base": content(base), "batch": content(batch),
+                                     "samples": samples, "bits": list(bits), "seed": seed},
+                   compute)["rows"]
 
 
 def qbert(base: M.Transformer, s: float, rows: list[dict], bits=(2, 3, 4, 8)) -> Variant:
@@ -165,9 +173,52 @@ def sdn_exits(base: M.Transformer, batches, steps: int, lr: float = 1e-3) -> M.T
     m = copy.deepcopy(base)
     apply_(m, EarlyExitConfig())
     freeze_backbone_(m)
-    T.fit(m, batches, steps=steps, lr=lr, strategy=SDNStrategy(steps), progress=False)
-    m.executor.internal = []  # the last pass's IC logits hold the graph (no deepcopy)
+    first = next(batches)
+    batches = itertools.chain([first], batches)
+
+    def compute():
+        T.fit(m, batches, steps=steps, lr=lr, strategy=SDNStrategy(steps), progress=False)
+        m.executor.internal = []  # the last pass's IC logits hold the graph (no deepcopy)
+        return {"heads": m.executor.state_dict()}
+
+    saved = _cached("sdn-exits", {"base": content(base), "batch": content(first),
+                                  "steps": steps, "lr": lr}, compute)
+    m.executor.load_state_dict(saved["heads"])
     return m.eval()
+
+
+# What the method variants' costly parts depend on: the code that computes them.
+_CODE = ("model.py", "train.py", "techniques/early_exit.py", "techniques/hessian.py",
+         "techniques/qmath.py", "labs/paper.py")
+
+
+def content(obj) -> str:
+    """A digest of a module's state or a dict of tensors (bytes, shapes and dtypes)."""
+    h = hashlib.sha256()
+    items = obj.state_dict().items() if isinstance(obj, torch.nn.Module) else obj.items()
+    for k, t in sorted(items):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cached(kind: str, args: dict, compute) -> dict:
+    """``compute()`` (a dict of tensors and plain values) once per machine: saved atomically
+    in labkit's cache folder under a key of ``args`` (content digests of the base model and
+    data), the code in ``_CODE`` and torch's version; an unreadable file recomputes with a
+    :class:`labkit.zoo.CacheWarning`. The Hessian traces and SDN's exit heads are what a
+    cached run of notebook 10 skips; everything it measures is measured again."""
+    from ..notebook import atomic_write
+
+    path = zoo.default_cache_dir() / f"paper-{kind}-{zoo.cache_key(args, code=_CODE)}.pt"
+    if path.exists():
+        saved = zoo.load_checkpoint(path, what=kind)
+        if saved is not None:
+            return saved
+    out = compute()
+    atomic_write(path, lambda tmp: torch.save(out, tmp))
+    return out
 
 
 def sdn(base: M.Transformer, s: float, trained: M.Transformer, held_out: dict) -> Variant:
@@ -259,7 +310,7 @@ def setup(params: dict) -> dict:
 
 
 def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
-          min_run_time: float = 0.02) -> Variant:
+          min_run_time: float = 0.02, hessian_samples: int = 4) -> Variant:
     """The ``method``'s variant of ``base`` at sparsity ``s`` (see the module docstring).
     ``cache`` keeps per-model work across sparsities: the Hessian sensitivity, and the SDN
     exits (``cache["sdn"]``: a callable training them, replaced by the trained model)."""
@@ -268,7 +319,7 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
         return ours(base, s, sample, min_run_time)
     if method == "qbert":
         if "qbert_rows" not in cache:
-            cache["qbert_rows"] = qbert_sensitivity(base, batch)
+            cache["qbert_rows"] = qbert_sensitivity(base, batch, samples=hessian_samples)
         return qbert(base, s, cache["qbert_rows"])
     if method == "layerdrop":
         return layerdrop(base, s)
@@ -281,14 +332,16 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
 
 def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task: str,
           rounds: int = 3, min_run_time: float = 0.05, timed: bool = True, timer=None,
-          sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None):
+          sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None,
+          hessian_samples: int = 4):
     """Fig. 1 and the accuracy at every point on one task: for each ``s``, every method's
     variant of ``base`` evaluated on ``eval_set`` and (``timed``) timed side by side with the
     dense model. A method whose technique is missing gives an ``unavailable`` row per ``s``
     and a warning.
 
     SDN's exits are trained once (``sdn_steps`` steps on ``sdn_batches``) and its threshold
-    chosen on ``held_out`` (training rows, never the eval set).
+    chosen on ``held_out`` (training rows, never the eval set). Q-BERT's Hessian traces use
+    ``hessian_samples`` Hutchinson probes.
 
     Returns (timing rows, accuracy rows, variants {(method, s): Variant})."""
     times, accs, variants, cache = [], [], {}, {}
@@ -301,7 +354,8 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
         built = {}
         for method in methods:
             try:
-                built[method] = build(method, base, s, sample, batch, cache)
+                built[method] = build(method, base, s, sample, batch, cache,
+                                       hessian_samples=hessian_samples)
             except MethodUnavailable as e:
                 warnings.warn(f"{method}: {e}")
                 accs.append({"method": method, "sparsity": s, "task": task,
@@ -320,78 +374,3 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
             accs.append({"method": method, "sparsity": s, "task": task,
                          "accuracy": accuracy(v, eval_set), "status": "measured"})
     return times, accs, variants
-
-
-def training_form(method: str, model: M.Transformer, s: float, bits_by_layer=()) -> list:
-    """Apply ``method``'s training-time form to a fresh ``model`` in place; returns the
-    callbacks training needs. ours: FFN width ``(1-s) d_ff`` and 8-bit fake quant (QAT);
-    qbert: fake quant at the Hessian bit assignment; layerdrop/sdn: the depth techniques."""
-    from ..techniques import apply_
-    from ..techniques.sparsity import compact_neurons_
-
-    V.choice("method", method, ("dense", *METHODS))
-    if method == "ours":
-        compact_neurons_(model, s)
-        model.requires_grad_(True)  # compacted modules come frozen (inference kernels)
-        apply_(model, Q.FakeQuantConfig(bits=8))
-    elif method == "qbert":
-        apply_(model, Q.FakeQuantConfig(bits=8, bits_by_layer=tuple(bits_by_layer)))
-    elif method == "layerdrop":
-        from ..techniques.layerdrop import LayerDropConfig
-
-        apply_(model, LayerDropConfig(p=s))
-    elif method == "sdn":
-        from ..techniques.early_exit import EarlyExitConfig
-
-        apply_(model, EarlyExitConfig())
-    return []
-
-
-def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: float,
-                steps: int, lr: float, batch_size: int = 32, eval_every: int = 25,
-                seed: int = 0, bits_by_layer=(), auto_fraction: float = 0.9) -> list[dict]:
-    """Fig. 2: for each training-sample size ``n`` and method, train a fresh model of
-    ``cfg`` on the first ``n`` training pairs and record the step and second at which the
-    eval accuracy first reaches ``target`` (None: not within ``steps``). ``target=0``:
-    ``auto_fraction`` of the best eval accuracy the dense model reaches at the largest
-    ``n`` (run first), so the target is reachable at lab scale."""
-    rows, sizes = [], sorted(sizes)
-    runs = [(n, m) for n in sizes for m in ("dense", *methods)]
-    if target <= 0:
-        runs.remove((sizes[-1], "dense"))
-        runs.insert(0, (sizes[-1], "dense"))
-    for n, method in runs:
-        part = {k: v[:n] for k, v in pairs.train.items()}
-        model = M.build(cfg, seed=seed)
-        try:
-            cbs = training_form(method, model, s, bits_by_layer)
-        except MethodUnavailable as e:
-            warnings.warn(f"{method}: {e}")
-            rows.append({"method": method, "n_train": n, "status": f"unavailable: {e}"})
-            continue
-        strategy = None
-        if method == "sdn":
-            from ..techniques.early_exit import SDNStrategy
-
-            strategy = SDNStrategy(steps)
-        goal = target if target > 0 else None
-        r = T.fit(model, _batches(part, batch_size, seed), steps=steps, lr=lr,
-                  eval_fn=lambda m=model: T.evaluate(m, pairs.eval),
-                  eval_every=eval_every, callbacks=cbs, seed=seed, strategy=strategy,
-                  target=("accuracy", goal) if goal else None, progress=False)
-        if target <= 0:  # the auto target, then where the dense run crossed it
-            best = max(h["accuracy"] for h in r.history if h["split"] == "eval")
-            target = auto_fraction * best
-            hit = next(h for h in r.history if h["split"] == "eval" and h["accuracy"] >= target)
-            r.steps_to_target, r.seconds_to_target = hit["step"], hit["seconds"]
-        rows.append({"method": method, "n_train": n, "status": "measured", "target": target,
-                     "steps_to_target": r.steps_to_target,
-                     "seconds_to_target": r.seconds_to_target,
-                     "final_accuracy": r.final.get("accuracy"), "steps": r.steps})
-    return sorted(rows, key=lambda r: (r["n_train"], ("dense", *METHODS).index(r["method"])))
-
-
-def _batches(part: dict, batch_size: int, seed: int):
-    from ..data import batches
-
-    return batches(part, min(batch_size, len(part["labels"])), seed=seed)

@@ -7,6 +7,10 @@ knobs; its methods build a validated :class:`~labkit.techniques.sparsity.Sparsit
 (:meth:`compare_methods`), run the survey's curve study (:meth:`curves`) and put claimed vs
 measured next to the kernel path ``accelerate`` chose (:meth:`claimed_vs_measured`).
 Figures and the headline metrics come from here too.
+
+The NLI side is any dense classifier of :func:`labkit.classifiers.classifier` (the tiny
+encoder or MiniLM, on synthetic or real text): every method's accuracy cost is measured
+against that baseline's own accuracy, next to the speed and bytes of section 4.
 """
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ import torch
 
 from .. import accelerate as A
 from .. import figures as F
-from .. import measure, zoo
+from .. import measure, ui
 from .. import validate as V
 from ..techniques import expected
 from ..techniques import sparsity as S
+from . import common as C
 from . import sparsity as L
+from .workloads import TASKS
 
 MLP_STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron")
 AUTO = "auto"
@@ -34,42 +40,52 @@ def method_for(structure: str, method: str) -> str:
     return "magnitude" if structure == "nm" else "gradual"
 
 
-def nli_baseline(task: str, source: str, vocab_size: int, steps: int, n_train: int,
-                 n_eval: int, seed: int, **zoo_kw):
-    """The trained dense encoder pruning and quantization start from (cached per machine,
-    :func:`labkit.zoo.trained_encoder`) on ``task`` from ``source`` with a word vocabulary
-    of ``vocab_size``."""
-    V.integer("vocab_size", vocab_size, 16)
-    kw = {"vocab_size": vocab_size} if vocab_size != 1024 else {}
-    try:
-        return zoo.trained_encoder(task, source=source, steps=steps, n_train=n_train,
-                                   n_eval=n_eval, seed=seed, progress=False, **kw, **zoo_kw)
-    except TypeError as e:  # a zoo without a vocabulary size: say so, never ignore it
-        if "vocab_size" not in str(e):
-            raise
-        raise V.LabkitConfigError("vocab_size", vocab_size, "1024 (this labkit.zoo cannot "
-                                  "train a baseline with another vocabulary)") from None
+def _board(task: str, title: str, live: bool):
+    """Train and eval loss, sparsity (and NLI accuracy) of one task's runs, shown now when
+    live (a static board is shown once its runs are done)."""
+    board = ui.LiveBoard(panels=["loss", "sparsity"] + (["accuracy"] if task == "nli" else []),
+                         live=live, title=title)
+    if board.live:
+        board.show()
+    return board
+
+
+HEADLINE = ("claimed_nonzero", "counted_nonzero", "my_actual_sparsity", "accelerate_speedup",
+            "nli_magnitude_accuracy_cost")
 
 
 class PruningLab:
-    """The knobs of notebook 04 and the workloads they run on."""
+    """The knobs of notebook 04 (``p``: its validated parameters) and the workloads they run
+    on: the decoder LM from scratch and the trained classifier ``clf``
+    (:class:`labkit.classifiers.Classifier`)."""
 
-    def __init__(self, p: dict, baseline):
-        self.p, self.baseline = p, baseline
+    def __init__(self, p: dict, clf):
+        for k in ("method_steps", "curve_steps", "accel_rounds"):
+            V.integer(k, p[k], 1, 100_000)
+        V.number("finetune_lr", p["finetune_lr"], 0.0, 1.0, lo_open=True)
+        V.number("lm_lr", p["lm_lr"], 0.0, 1.0, lo_open=True)
+        self.p, self.baseline = p, clf
         self.work = {"lm": L.workload("lm", "tiny", p["batch_size"], p["seq_len"],
                                       n_train=p["n_train"], n_eval=min(p["n_eval"], 256),
                                       seed=p["seed"]),
-                     "nli": L.baseline_workload(baseline, 2 * p["batch_size"])}
+                     "nli": clf.workload}
 
-    def config(self, steps: int, structure=None, sparsity=None, method=None,
-               l1_lambda=None) -> S.SparsityConfig:
-        """The validated config for the knobs (bad knobs fail here, naming them)."""
-        p = self.p
+    @staticmethod
+    def config_of(p: dict, steps: int, structure=None, sparsity=None, method=None,
+                  l1_lambda=None) -> S.SparsityConfig:
+        """The validated config for the notebook's knobs ``p`` (a bad structure, sparsity,
+        method, N:M pattern or block fails here, naming the knob), before any training."""
+        V.choice("workload", p["workload"], TASKS)
         structure = structure or p["structure"]
         return L.sparsity_config(steps, p["sparsity"] if sparsity is None else sparsity,
                                  structure, method_for(structure, method or p["method"]),
                                  p["l1_lambda"] if l1_lambda is None else l1_lambda,
                                  n=p["n"], m=p["m"], block=p["block"], scope=p["scope"])
+
+    def config(self, steps: int, structure=None, sparsity=None, method=None,
+               l1_lambda=None) -> S.SparsityConfig:
+        """:meth:`config_of` this lab's knobs."""
+        return self.config_of(self.p, steps, structure, sparsity, method, l1_lambda)
 
     def run(self, task: str, config, steps: int, board=None, label: str = "") -> dict:
         """LM: a fresh model trained for ``steps`` (dense, or pruned by ``config``). NLI:
@@ -78,32 +94,48 @@ class PruningLab:
         if task == "nli":
             return L.prune_from(self.work[task], self.baseline.model, config, steps,
                                 p["finetune_lr"], p["eval_every"], p["seed"], board, label)
-        return L.train_one(self.work[task], config, steps, p["lr"], p["eval_every"],
+        return L.train_one(self.work[task], config, steps, p["lm_lr"], p["eval_every"],
                            p["seed"], board, label)
 
-    def compare_methods(self, board=None) -> list[dict]:
-        """Dense and every method valid for the structure, same seed, batches and steps."""
+    def settings(self, structure, sparsity, method, l1_lambda, workload, live) -> tuple:
+        """Section 1 (and its widget): dense and your pruned run on ``workload``, curves on
+        a board of loss, sparsity (and accuracy). Returns (config, dense run, pruned run)."""
+        cfg = self.config(self.p["steps"], structure, sparsity, method, l1_lambda)
+        V.choice("workload", workload, TASKS)
+        board = _board(workload, f"{workload}: {cfg.method} {cfg.label}", live)
+        dense = self.run(workload, None, self.p["steps"], board, "dense")
+        run = self.run(workload, cfg, self.p["steps"], board, f"{cfg.method} {cfg.label}")
+        if not board.live:
+            board.show()
+        return cfg, dense, run
+
+    def compare_methods(self, live: bool = False) -> list[dict]:
+        """Dense and every method valid for the structure, same seed, batches and steps;
+        one board per task (LM and NLI losses differ in scale: never one axis)."""
         rows, steps = [], self.p["method_steps"]
-        for t in L.TASKS:
+        for t in TASKS:
+            board = _board(t, f"{t}: methods at {self.config(steps).label}", live)
             for meth in [None, *S.METHODS]:
                 if meth == "gradual" and self.p["structure"] == "nm":
                     continue  # N:M has one fixed sparsity: nothing to schedule
                 c = None if meth is None else self.config(steps, method=meth)
-                o = self.run(t, c, steps, board, f"{t}: {meth or 'dense'}")
+                o = self.run(t, c, steps, board, meth or "dense")
                 rows.append({"task": t, "method": meth or "dense",
                              "label": "dense" if c is None else f"{meth} {c.label}",
                              "eval_loss": o["final"]["loss"],
                              "accuracy": o["final"].get("accuracy"),
                              "actual_sparsity": o["sparsity"],
                              "warnings": o.get("warnings", "")})
+            if not board.live:
+                board.show()
         return rows
 
     def verdict(self, rows: list[dict]) -> list[dict]:
         """Did gradual / L1 beat one-shot magnitude (lower eval loss)? With the NLI
         accuracy change vs dense and its binomial standard error sqrt(p(1-p)/n)."""
-        n_eval = len(self.work["nli"].eval_set["labels"])
+        n_eval = self.n_eval
         out = []
-        for t in L.TASKS:
+        for t in TASKS:
             by = {r["method"]: r for r in rows if r["task"] == t}
             for meth in ("gradual", "l1"):
                 if meth not in by or "magnitude" not in by:
@@ -114,24 +146,32 @@ class PruningLab:
                             "eval loss vs one-shot": r["eval_loss"] - one["eval_loss"],
                             "accuracy vs dense": (acc - by["dense"]["accuracy"])
                             if t == "nli" else None,
-                            "accuracy s.e.": (acc * (1 - acc) / n_eval) ** 0.5
+                            "accuracy s.e.": C.binomial_se(acc, n_eval)
                             if t == "nli" else None,
                             "beats one-shot (lower eval loss)":
                             bool(r["eval_loss"] < one["eval_loss"])})
         return out
 
+    @property
+    def n_eval(self) -> int:
+        """Examples in the NLI eval set (a dict of tensors, or trimmed batches)."""
+        ev = self.work["nli"].eval_set
+        return len(ev["labels"]) if isinstance(ev, dict) else sum(len(b["labels"]) for b in ev)
+
     def curves(self, structures, sparsities, board=None):
         """The survey's loss curves (see :func:`labkit.labs.sparsity.curve_study`)."""
         p = self.p
         return L.curve_study(self.work["lm"], structures, sorted(sparsities), p["curve_steps"],
-                             p["lr"], max(1, min(p["eval_every"], p["curve_steps"] // 3)),
+                             p["lm_lr"], max(1, min(p["eval_every"], p["curve_steps"] // 3)),
                              p["seed"], block=p["block"], board=board)
 
-    def claimed_vs_measured(self, run: dict, config, task: str) -> tuple[list, list, dict]:
+    def claimed_vs_measured(self, run: dict, config, task: str,
+                            dense: dict | None = None) -> tuple[list, list, dict]:
         """``expected`` next to the counted non-zeros, then ``accelerate`` on the task's
-        sample: (claim rows, accelerate rows, numbers for the metrics)."""
+        sample, and (NLI) the accuracy cost against ``dense`` next to speed and bytes:
+        (claim rows, accelerate rows, numbers for the metrics)."""
         model = run["model"]
-        claim = expected(model.cfg, config)
+        claim = expected(model.cfg, config)["detail"]
         nonzero = sum(int(x.weight.detach().count_nonzero())
                       for x in S.masked_linears(model).values())
         sample = self.work[task].sample
@@ -159,6 +199,12 @@ class PruningLab:
              "measured": whole["reverted"]},
             {"quantity": "max |output change| after accelerate", "claimed": 0.0,
              "measured": err}]
+        if dense is not None and "accuracy" in run["final"]:
+            table.append({"quantity": f"eval accuracy cost vs dense ({self.baseline.backbone}"
+                          f" {dense['final']['accuracy']:.3f}, s.e. "
+                          f"{C.binomial_se(dense['final']['accuracy'], self.n_eval):.3f})",
+                          "claimed": None,
+                          "measured": dense["final"]["accuracy"] - run["final"]["accuracy"]})
         nums = {"claimed_nonzero": claim["weights_nonzero"], "counted_nonzero": nonzero,
                 "accelerate_speedup": whole["speedup"], "accelerate_reverted": whole["reverted"],
                 "accelerate_max_err": err, "paths": S.chosen_paths(acc)}
@@ -175,12 +221,16 @@ class PruningLab:
              "n_layers_accelerated": len(claim["paths"]),
              "nli_baseline_steps": self.baseline.steps,
              "nli_baseline_cached": self.baseline.cached,
-             "nli_baseline_accuracy": float(self.baseline.metrics["accuracy"])}
+             "nli_baseline_accuracy": float(self.baseline.metrics["accuracy"]),
+             "nli_backbone": self.baseline.backbone,
+             "nli_vocab": self.baseline.model.cfg.vocab_size}
+        dense_acc = {r["task"]: r["accuracy"] for r in method_rows if r["method"] == "dense"}
         for r in method_rows:
             m[f"{r['task']}_{r['method']}_eval_loss"] = float(r["eval_loss"])
             m[f"{r['task']}_{r['method']}_sparsity"] = float(r["actual_sparsity"])
             if r["task"] == "nli":
                 m[f"nli_{r['method']}_accuracy"] = float(r["accuracy"])
+                m[f"nli_{r['method']}_accuracy_cost"] = float(dense_acc["nli"] - r["accuracy"])
         m.update({f"curve_{r['run']}_eval_loss": r["eval_loss"] for r in summary})
         return m
 
@@ -200,17 +250,15 @@ def curve_figure(curves: list[dict], sparsities, structures):
             if r["target"] == s or r["structure"] == "dense":
                 runs.setdefault(r["run"], []).append(r)
         for name, pts in runs.items():
-            st = pts[0]["structure"]
+            st = pts[0]["structure"]  # a colour and one legend entry per structure
             fig.add_trace(go.Scatter(
-                x=[q["step"] for q in pts], y=[q["eval_loss"] for q in pts], name=name,
-                mode="lines", legendgroup=st, showlegend=(i == 1 or st != "dense"),
+                x=[q["step"] for q in pts], y=[q["eval_loss"] for q in pts], name=st,
+                hovertext=name, mode="lines", legendgroup=st, showlegend=i == 1,
                 line={"color": F.color(st),
                       "dash": "dot" if st in ("dense", "small-dense") else None}), 1, i)
-    fig.update_yaxes(title_text="eval loss", row=1, col=1)
-    fig.update_xaxes(title_text="step")
-    F.layout(fig)
-    return fig
+    fig.update_yaxes(title_text="eval loss", row=1, col=1).update_xaxes(title_text="step")
+    return F.layout(fig)
 
 
-__all__ = ["AUTO", "MLP_STRUCTURES", "PruningLab", "curve_figure", "method_for",
-           "nli_baseline"]
+__all__ = ["AUTO", "HEADLINE", "MLP_STRUCTURES", "TASKS", "PruningLab", "curve_figure",
+           "method_for"]

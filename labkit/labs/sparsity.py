@@ -4,8 +4,6 @@
   on ``synthetic-nli`` (``"nli"``): config, batches, eval set and a latency sample.
 * :func:`sparsity_config`: a :class:`~labkit.techniques.sparsity.SparsityConfig` whose cubic
   schedule fits a run of ``steps`` steps (gradual pruning ends at 60% of training).
-* :func:`baseline_workload`: the NLI workload of a trained, cached dense baseline
-  (:func:`labkit.zoo.trained_encoder`), so pruning starts from a model that learned its task.
 * :func:`train_one`: one fresh model (or a copy of a trained one), one pruning method,
   curves on a LiveBoard.
 * :func:`curve_study`: the survey's experiment: loss curves at several MLP sparsities for
@@ -25,9 +23,9 @@ from .. import validate as V
 from ..model import ModelConfig, build
 from ..techniques import sparsity as S
 from ..techniques.registry import apply_
-from ..train import Callback, evaluate
+from ..train import evaluate
 from . import common as C
-from .workloads import TASKS, Workload, baseline_workload, workload
+from .workloads import TASKS, Workload, workload
 
 
 def sparsity_config(steps: int, sparsity: float = 0.9, structure: str = "unstructured",
@@ -70,9 +68,7 @@ def train_one(work: Workload, config: S.SparsityConfig | None, steps: int, lr: f
     e.g. the cached dense baseline: pruning then fine-tunes it for ``steps``."""
     model = copy.deepcopy(init).train() if init is not None else build(cfg or work.cfg,
                                                                           seed=seed)
-    callbacks = []
-    if board is not None:
-        callbacks.append(_BoardLog(board, series))
+    callbacks = [board.callback("loss", series)] if board is not None else []
 
     def ev():
         return evaluate(model, work.eval_set)
@@ -117,30 +113,12 @@ def prune_from(work: Workload, init, config: S.SparsityConfig | None, steps: int
         final = evaluate(init, work.eval_set)
         if board is not None:
             for k, v in {**final, "sparsity": 0.0}.items():
-                panel = "eval loss" if k == "loss" else k
-                if panel in board.panels:
-                    board.log(panel, series, 0, v, flush=True)
+                if k in board.panels:  # as the board's callback logs an evaluation
+                    board.log(k, f"{series} eval", 0, v, flush=True)
         return {"model": init, "result": None, "final": final, "sparsity": 0.0}
     prune_at = 0.0 if config.method == "magnitude" else 0.5
     return train_one(work, config, steps, lr, eval_every, seed, board, series,
                      prune_at=prune_at, init=init)
-
-
-class _BoardLog(Callback):
-    """Train loss every step; eval loss/accuracy/sparsity at each evaluation."""
-
-    def __init__(self, board, series):
-        self.board, self.series = board, series
-
-    def on_step(self, state):
-        if "loss" in self.board.panels:
-            self.board.log("loss", self.series, state.step, state.loss)
-
-    def on_eval(self, state):
-        for k, v in state.metrics.items():
-            panel = "eval loss" if k == "loss" else k
-            if panel in self.board.panels:
-                self.board.log(panel, self.series, state.step, v, flush=True)
 
 
 def small_dense_cfg(cfg: ModelConfig, sparsity: float) -> ModelConfig:
@@ -248,7 +226,6 @@ def model_latency_sweep(cfg: ModelConfig, inputs: tuple, sparsities, lines,
 __all__ = [
     "TASKS",
     "Workload",
-    "baseline_workload",
     "curve_study",
     "model_latency_sweep",
     "nm_for",

@@ -19,7 +19,6 @@ from .registry import (
                        linears,
                        modules,
                        register,
-                       register_expected,
                        registered,
                        swap_modules,
 )
@@ -47,7 +46,6 @@ __all__ = [
                        "linears",
                        "modules",
                        "register",
-                       "register_expected",
                        "registered",
                        "swap_modules",
 ]

@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
+from ..accounting import register_account, rows
 from ..model import BlockContext, BlockExecutor
 from ..train import StepStrategy
-from .registry import register, register_expected, swap_modules
+from .registry import register, swap_modules
 
 
 def check_group(start: int, end: int, p: int, n_layers: int | None = None, d: int = 0):
@@ -74,6 +75,9 @@ class CQILConfig:
 
     def __post_init__(self):
         check_group(self.start, self.end, self.P, None, self.D)
+
+    def check(self, model_cfg) -> None:
+        check_group(self.start, self.end, self.P, model_cfg.n_layers, self.D)
 
 
 def steps_of(start: int, end: int, p: int) -> list[list[int]]:
@@ -140,10 +144,11 @@ def _apply(model, config: CQILConfig):
     return model
 
 
-@register_expected(CQILConfig)
-def _expected(cfg, config: CQILConfig) -> dict:
-    return {"params_delta": 0, "flops_ratio": 1.0,
-            "ideal_latency_cut": ideal_cut(cfg.n_layers, config.start, config.end, config.P),
+@register_account(CQILConfig)
+def _account(table, cfg, config: CQILConfig) -> dict:
+    """Parameters and FLOPs unchanged (the step sum is element-wise); what changes is the
+    critical path and the communication."""
+    return {"ideal_latency_cut": ideal_cut(cfg.n_layers, config.start, config.end, config.P),
             "allreduce_per_forward": len(steps_of(config.start, config.end, config.P))}
 
 
@@ -233,6 +238,15 @@ def _apply_lora(model, config: LoRAConfig):
         p.requires_grad_(False)
     swap_modules(model, _is_target, lambda n, m: LoRALinear(m, config.rank, config.alpha))
     return model
+
+
+@register_account(LoRAConfig)
+def _account_lora(table, cfg, config: LoRAConfig) -> None:
+    """A rank-r adapter beside every block linear that is an ``nn.Linear``:
+    ``r (in + out)`` parameters and ``2 t r (in + out)`` FLOPs each."""
+    for r in rows(table).values():
+        if r.kind in ("linear", "sparse", "fakequant"):
+            r.adapter_rank = config.rank
 
 
 def merge_lora_(model) -> int:

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
+from ..accounting import Linear, register_account
 from ..model import BlockContext, BlockExecutor
 from ..train import StepStrategy
-from .registry import register, register_expected
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,26 @@ class EarlyExitConfig:
             V.layer_indices("exits", self.exits)
             object.__setattr__(self, "exits", tuple(self.exits))
         V.number("q", self.q, 0.0, 1.0, lo_open=True)
+
+    def check(self, model_cfg) -> None:
+        """The one model check (``apply_`` and ``expected`` both call it)."""
+        self.exits_for(model_cfg)
+
+    def exits_for(self, model_cfg) -> tuple[int, ...]:
+        """The exit blocks in a model of ``model_cfg`` (checked): an encoder, indices in
+        ``[0, n_layers - 2]``, strictly increasing."""
+        if model_cfg.kind != "encoder":
+            raise V.LabkitConfigError("model kind", model_cfg.kind, "'encoder' (exits classify)")
+        n = model_cfg.n_layers
+        exits = tuple(range(n - 1)) if self.exits is None else self.exits
+        for i in exits:
+            if not 0 <= i < n - 1:
+                raise V.LabkitConfigError("exits", self.exits,
+                                          f"block indices in [0, {n - 2}] (the last "
+                                          f"block's exit is the model's head)")
+        if list(exits) != sorted(set(exits)):
+            raise V.LabkitConfigError("exits", self.exits, "strictly increasing block indices")
+        return exits
 
 
 class ExitHead(nn.Module):
@@ -142,27 +163,26 @@ class EarlyExitExecutor(BlockExecutor):
 @register(EarlyExitConfig)
 def _apply(model, config: EarlyExitConfig):
     cfg = model.cfg
-    if cfg.kind != "encoder":
-        raise V.LabkitConfigError("model kind", cfg.kind, "'encoder' (exits classify)")
-    exits = tuple(range(cfg.n_layers - 1)) if config.exits is None else config.exits
-    for i in exits:
-        if not 0 <= i < cfg.n_layers - 1:
-            raise V.LabkitConfigError("exits", config.exits,
-                                      f"block indices in [0, {cfg.n_layers - 2}] (the last "
-                                      f"block's exit is the model's head)")
-    if list(exits) != sorted(set(exits)):
-        raise V.LabkitConfigError("exits", config.exits, "strictly increasing block indices")
+    exits = config.exits_for(cfg)
     device = next(model.parameters()).device
     model.set_executor(EarlyExitExecutor(cfg.n_layers, cfg.d_model, cfg.num_labels, exits,
                                          config.q).to(device))
     return model
 
 
-@register_expected(EarlyExitConfig)
-def _expected(cfg, config: EarlyExitConfig) -> dict:
-    k = cfg.n_layers - 1 if config.exits is None else len(config.exits)
+@register_account(EarlyExitConfig)
+def _account(table, cfg, config: EarlyExitConfig) -> dict:
+    """Each internal classifier (norm, pooler d -> d, out d -> C on the [CLS] token) adds
+    its parameters, and the temperatures a buffer. FLOPs are the no-exit worst case: every
+    block and every classifier runs; a sample that exits early costs less."""
+    exits = config.exits_for(cfg)
     d, c = cfg.d_model, cfg.num_labels
-    return {"params_delta": k * (2 * d + d * d + d + d * c + c)}
+    for i in exits:
+        table.head[f"executor.heads.{i}.pooler"] = Linear(d, d, True, 1)
+        table.head[f"executor.heads.{i}.out"] = Linear(d, c, True, 1)
+    table.other_params += 2 * d * len(exits)  # the LayerNorms
+    table.buffer_bytes += 4 * (len(exits) + 1)  # one temperature per exit and the head
+    return {"exits": list(exits)}
 
 
 def sdn_weights(exits: tuple, n_layers: int, progress: float) -> list[float]:

@@ -3,8 +3,10 @@
 Paper: the low-rank factorisation of weight matrices (Sainath et al. 2013, "Low-rank matrix
 factorization for deep neural network training with high-dimensional output targets";
 Denton et al. 2014 for SVD compression of trained layers), applied to the transformer MLP
-as in the architecture-optimisation part of the lab's first paper (and ALBERT's factorised
-embedding, Lan et al. 2020, which uses the same trick on a different matrix).
+as in the architecture-optimisation part of the seed paper notebook 10 reproduces (its
+title is not recorded in this repository), and ALBERT's factorised
+embedding (Lan et al. 2020, "ALBERT: A Lite BERT for Self-supervised Learning of Language
+Representations") uses the same trick on a different matrix.
 
 Idea: a dense linear ``W`` (out x in) is replaced by ``W ~= U V^T`` with ``U`` (out x r) and
 ``V`` (in x r), so ``x -> (x V) U^T + b`` runs two thin matmuls. Trained from scratch
@@ -190,8 +192,8 @@ def _account(table, model_cfg: ModelConfig, config: FactorizedFFNConfig) -> None
     for i in block_indices(model_cfg.n_layers, config.layers):
         for part in expand_parts(config.parts):
             row = table.blocks[i].ffn.get(part.split(".")[1])
-            if row is not None:
-                row.rank = config.rank
+            if row is not None and row.kind == "linear":  # as the swap: nn.Linear only
+                row.rank, row.kind = config.rank, "lowrank"
 
 
 def break_even_rank(d_in: int, d_out: int) -> float:

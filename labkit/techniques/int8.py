@@ -1,6 +1,7 @@
 """Real INT8 on the CPU through torchao, and an ``accelerate`` step that keeps what is fast.
 
-Paper: the INT8 weight/activation quantization of the LLM-optimisation paper; torchao's
+Paper: the INT8 weight/activation quantization of the seed paper notebook 10 reproduces (an
+LLM-optimisation paper whose title is not recorded in this repository); torchao's
 ``quantize_(model, Int8DynamicActivationInt8WeightConfig())`` is the implementation.
 
 Idea: fake quantization (:mod:`labkit.techniques.quant`) only studies quality. To save
@@ -39,8 +40,8 @@ from torch import nn
 
 from .. import accelerate as A
 from .. import validate as V
-from .quant import linear_shapes
-from .registry import linear_selector, register, register_expected, scope_fields, swap_modules
+from ..accounting import register_account, rows
+from .registry import linear_selector, register, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
 CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")
@@ -156,16 +157,17 @@ def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
     return model
 
 
-@register_expected(Int8Config)
-def expected(model_cfg, config: Int8Config) -> dict:
-    """Weight bytes of the quantized linears: int8 codes + fp32 scale + int8 zero point
-    per output row (what torchao's Int8Tensor stores)."""
-    shapes = linear_shapes(model_cfg, config.layers, config.parts)
-    n = sum(a * b for a, b in shapes.values())
-    rows = sum(a for a, _ in shapes.values())
-    q = n + rows * (4 + 1)
-    return {"params_delta": 0, "flops_delta": 0, "quantized_params": n,
-            "weight_bytes_fp32": 4 * n, "weight_bytes": q, "bytes_ratio": q / (4 * n)}
+@register_account(Int8Config)
+def _account(table, model_cfg, config: Int8Config) -> dict:
+    """The plain linears the selector takes store int8 codes plus an fp32 scale and an int8
+    zero point per output row (what torchao's Int8Tensor stores): ``out (in + 5)`` bytes.
+    Multiply-adds are unchanged (int8 instead of fp32)."""
+    taken = [r for r in rows(table, config.layers, config.parts).values() if r.kind == "linear"]
+    n = sum(r.weight_params for r in taken)
+    for r in taken:
+        r.weight_bytes, r.kind = r.out_features * (r.in_features + 5), "int8"
+    q = sum(r.weight_bytes for r in taken)
+    return {"quantized_params": n, "weight_bytes_fp32": 4 * n, "weight_bytes": q}
 
 
 def matmul_ops(module: nn.Module, x: torch.Tensor) -> list[str]:
@@ -246,12 +248,6 @@ def _accelerate_cfg(model: nn.Module, config: AccelerateConfig) -> nn.Module:
     return model
 
 
-@register_expected(AccelerateConfig)
-def _accelerate_expected(model_cfg, config: AccelerateConfig) -> dict:
-    """Accelerate only changes kernels; bytes depend on the measured choice."""
-    return {"params_delta": 0, "flops_delta": 0}
-
-
 # --------------------------------------------------------------------------- memory
 
 def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n: int = 2,
@@ -265,29 +261,25 @@ def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n:
     """
     import math as _m
 
-    from .masks import check_nm, check_sparsity
+    from .masks import check_nm, check_sparsity, n_pruned
 
     V.choice("structure", structure, ("dense", "row", "column", "nm", "unstructured"))
     rows, cols = shape
     meta_row = 4 + 1
-    if structure == "dense":
-        codes, index, scales = rows * cols, 0, rows * meta_row
-    elif structure == "row":
-        check_sparsity(sparsity)
-        kept = rows - round(sparsity * rows)
-        codes, index, scales = kept * cols, 0, kept * meta_row
-    elif structure == "column":
-        check_sparsity(sparsity)
-        kept = cols - round(sparsity * cols)
-        codes, index, scales = rows * kept, 0, rows * meta_row
+    if structure in ("dense", "row", "column"):  # removed rows/columns are simply gone
+        kept_rows, kept_cols = rows, cols
+        if structure == "row":
+            kept_rows -= n_pruned(check_sparsity(sparsity), rows)
+        elif structure == "column":
+            kept_cols -= n_pruned(check_sparsity(sparsity), cols)
+        codes, index, scales = kept_rows * kept_cols, 0, kept_rows * meta_row
     elif structure == "nm":
         check_nm(n, m, cols)
         kept_values = rows * cols * n // m
         codes, index = kept_values, _m.ceil(kept_values * _m.ceil(_m.log2(m)) / 8)
         scales = rows * meta_row
     else:
-        check_sparsity(sparsity)
-        kept_values = rows * cols - round(sparsity * rows * cols)
+        kept_values = rows * cols - n_pruned(check_sparsity(sparsity), rows * cols)
         codes, index, scales = kept_values, _m.ceil(rows * cols / 8), rows * meta_row
     total = codes + index + scales
     return {"structure": structure, "codes": codes, "index": index, "scales": scales,

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from .. import validate as V
 from ..accounting import AttentionCore, register_account
 from ..model import Attention, ModelConfig
-from .registry import block_indices, register, scope_fields, swap_modules
+from .registry import block_indices, register, scope_fields, swap_attention
 
 FEATURE_MAPS = ("elu", "favor", "trig")
 NEAR_ZERO = 1e-3  # |denominator| below this fraction of the median |denominator|
@@ -224,26 +224,9 @@ class KernelAttention(Attention):
 @register(KernelAttentionConfig)
 def kernel_attention_(model, config: KernelAttentionConfig):
     """Replace the attention of the chosen blocks with :class:`KernelAttention`."""
-    layers = block_indices(model.cfg.n_layers, config.layers)
-    wanted = {f"blocks.{i}.attn": i for i in layers}
-
-    def select(name, m):
-        return name in wanted and isinstance(m, Attention)
-
-    def make(name, old):
-        if type(old) is not Attention:
-            raise V.LabkitConfigError(
-                "layers", config.layers, f"blocks whose attention is plain softmax attention "
-                                         f"({name} is already {type(old).__name__})")
-        return KernelAttention.like(old, feature_map=config.feature_map,
-                                    num_features=config.num_features,
-                                    seed=config.seed + wanted[name], chunk_size=config.chunk_size)
-
-    swapped = swap_modules(model, select, make)
-    if len(swapped) != len(layers):
-        raise V.LabkitConfigError("layers", config.layers,
-                                  f"blocks with an attention module (found {swapped})")
-    return model
+    return swap_attention(model, config.layers, lambda i, old: KernelAttention.like(
+        old, feature_map=config.feature_map, num_features=config.num_features,
+        seed=config.seed + i, chunk_size=config.chunk_size))
 
 
 def kernel_attention_flops(n: int, head_dim: int, n_heads: int, feature_map: str, m: int,

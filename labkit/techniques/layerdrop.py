@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from .. import validate as V
+from ..accounting import register_account
 from ..model import BlockContext, BlockExecutor
-from .registry import register, register_expected
+from .registry import register
 
 
 def evenly_spread(n_layers: int, k: int) -> tuple[int, ...]:
@@ -76,6 +77,10 @@ class LayerDropConfig:
             V.layer_indices("keep", self.keep)
             object.__setattr__(self, "keep", tuple(self.keep))
 
+    def check(self, model_cfg) -> None:
+        if self.keep is not None:
+            check_keep(self.keep, model_cfg.n_layers)
+
 
 @dataclass(frozen=True)
 class LayerPruneConfig:
@@ -86,6 +91,9 @@ class LayerPruneConfig:
     def __post_init__(self):
         V.layer_indices("keep", self.keep)
         object.__setattr__(self, "keep", tuple(self.keep))
+
+    def check(self, model_cfg) -> None:
+        check_keep(self.keep, model_cfg.n_layers)
 
 
 class LayerDropExecutor(BlockExecutor):
@@ -132,23 +140,22 @@ def _apply_prune(model, config: LayerPruneConfig):
     return model
 
 
-def _block_params(cfg) -> int:
-    d, f = cfg.d_model, cfg.d_ff
-    attn = 4 * (d * d + d)
-    if cfg.kind == "decoder":  # SwiGLU without biases, RMSNorm weights
-        return attn + 3 * d * f + 2 * d
-    return attn + 2 * d * f + f + d + 4 * d  # GELU MLP with biases, two LayerNorms
+@register_account(LayerPruneConfig)
+def _account_prune(table, cfg, config: LayerPruneConfig) -> dict:
+    """The blocks not in ``keep`` are gone: their parameters, bytes and FLOPs."""
+    n = len(table.blocks)
+    table.blocks = [table.blocks[i] for i in config.keep]
+    return {"block_flops_ratio": len(config.keep) / n}
 
 
-@register_expected(LayerPruneConfig)
-def _expected_prune(cfg, config: LayerPruneConfig) -> dict:
-    removed = cfg.n_layers - len(config.keep)
-    return {"params_delta": -removed * _block_params(cfg),
-            "block_flops_ratio": len(config.keep) / cfg.n_layers}
+@register_account(LayerDropConfig)
+def _account_layerdrop(table, cfg, config: LayerDropConfig) -> dict:
+    """Every parameter stays; at inference only the ``keep`` blocks run (all when None);
+    training runs ``1 - p`` of the blocks on average."""
+    for i, b in enumerate(table.blocks):
+        b.runs = config.keep is None or i in config.keep
+    kept = len(table.blocks) if config.keep is None else len(config.keep)
+    return {"train_block_fraction": 1.0 - config.p,
+            "block_flops_ratio": kept / len(table.blocks)}
 
 
-@register_expected(LayerDropConfig)
-def _expected_layerdrop(cfg, config: LayerDropConfig) -> dict:
-    kept = cfg.n_layers if config.keep is None else len(config.keep)
-    return {"params_delta": 0, "train_block_fraction": 1.0 - config.p,
-            "block_flops_ratio": kept / cfg.n_layers}

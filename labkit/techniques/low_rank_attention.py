@@ -38,7 +38,7 @@ from torch import nn
 from .. import validate as V
 from ..accounting import AttentionCore, register_account, sdpa_flops
 from ..model import Attention, ModelConfig
-from .registry import block_indices, register, scope_fields, swap_modules
+from .registry import block_indices, register, scope_fields, swap_attention
 
 SHARE_MODES = ("none", "kv", "layerwise")
 
@@ -142,28 +142,12 @@ class LinformerAttention(Attention):
 @register(LowRankAttentionConfig)
 def low_rank_attention_(model, config: LowRankAttentionConfig):
     """Replace the attention of the chosen blocks with :class:`LinformerAttention`."""
-    n, layers = config.length(model.cfg), block_indices(model.cfg.n_layers, config.layers)
+    n = config.length(model.cfg)
     shared = _projection(config.k, n) if config.share == "layerwise" else None
     if shared is not None:
         shared.data = shared.data.to(next(model.parameters()).device)
-    wanted = {f"blocks.{i}.attn" for i in layers}
-
-    def select(name, m):
-        return name in wanted and isinstance(m, Attention)
-
-    def make(name, old):
-        if isinstance(old, LinformerAttention) or type(old) is not Attention:
-            raise V.LabkitConfigError(
-                "layers", config.layers, f"blocks whose attention is plain softmax attention "
-                                         f"({name} is already {type(old).__name__})")
-        return LinformerAttention.like(old, k=config.k, seq_len=n, share=config.share,
-                                       E=shared)
-
-    swapped = swap_modules(model, select, make)
-    if len(swapped) != len(layers):
-        raise V.LabkitConfigError("layers", config.layers,
-                                  f"blocks with an attention module (found {swapped})")
-    return model
+    return swap_attention(model, config.layers, lambda i, old: LinformerAttention.like(
+        old, k=config.k, seq_len=n, share=config.share, E=shared))
 
 
 @register_account(LowRankAttentionConfig)

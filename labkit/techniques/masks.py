@@ -2,7 +2,8 @@
 
 Papers: magnitude pruning (Han et al., 2015; Zhu & Gupta, 2017); N:M fine-grained
 structured sparsity (Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks");
-the survey of sparse structures in transformer MLPs that labkit's sparsity lab follows.
+the survey of sparse structures in transformer MLPs that labkit's sparsity lab follows
+(its title is not recorded in this repository).
 
 Idea. A mask ``M`` is a boolean tensor the shape of a weight ``W`` (``True`` = keep). The
 pruned weight is ``W * M``. The structure decides which masks are allowed; a score tensor
@@ -241,20 +242,13 @@ def check_mask(mask: torch.Tensor, structure: str, sparsity: float | None = None
         tiles = block_scores(keep.float(), block)
         if not bool(((tiles == 0) | (tiles == block * block)).all()):
             raise ValueError(f"some {block}x{block} blocks are partly pruned")
-    elif structure == "row":
+    elif structure in ("row", "column"):
         _check_2d(keep)
-        rows = keep.all(1) | ~keep.any(1)
-        if not bool(rows.all()):
-            raise ValueError("some rows are partly pruned")
-        if group > 1 and not bool((keep[:, 0].reshape(-1, group).float().std(-1) == 0).all()):
-            raise ValueError(f"some groups of {group} rows are partly pruned")
-    elif structure == "column":
-        _check_2d(keep)
-        cols = keep.all(0) | ~keep.any(0)
-        if not bool(cols.all()):
-            raise ValueError("some columns are partly pruned")
-        if group > 1 and not bool((keep[0].reshape(-1, group).float().std(-1) == 0).all()):
-            raise ValueError(f"some groups of {group} columns are partly pruned")
+        lines = keep if structure == "row" else keep.t()  # (lines, entries per line)
+        if not bool((lines.all(1) | ~lines.any(1)).all()):
+            raise ValueError(f"some {structure}s are partly pruned")
+        if group > 1 and not bool((lines[:, 0].reshape(-1, group).float().std(-1) == 0).all()):
+            raise ValueError(f"some groups of {group} {structure}s are partly pruned")
     if sparsity is not None and structure != "nm":
         unit = {"unstructured": 1, "block": block * block,
                 "row": keep.shape[-1] * group if keep.dim() == 2 else 1,

@@ -1,8 +1,8 @@
 """Simulated (fake) quantization: 2-8 bit weights and activations, PTQ and QAT.
 
 Papers: Q-BERT (Shen et al., AAAI 2020, "Hessian Based Ultra Low Precision Quantization of
-BERT"), group-wise ranges; the INT8 weight/activation quantization of the LLM-optimisation
-paper (whose title this repository does not record; see README); the straight-through
+BERT"), group-wise ranges; the INT8 weight/activation quantization of the seed paper notebook 10
+reproduces (an LLM-optimisation paper whose title this repository does not record); the straight-through
 estimator of Bengio et al. (2013).
 
 Idea: a real number ``x`` is mapped to one of ``2^b`` levels by an affine map with a scale
@@ -40,6 +40,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import validate as V
+from ..accounting import register_account, rows
+from ..kernels.base import copy_linear
 from .qmath import (
     CALIBRATIONS,
     GRANULARITIES,
@@ -50,15 +52,7 @@ from .qmath import (
     range_to_qparams,
     weight_bytes,
 )
-from .registry import (
-    block_indices,
-    expand_parts,
-    linear_selector,
-    register,
-    register_expected,
-    scope_fields,
-    swap_modules,
-)
+from .registry import linear_selector, register, scope_fields, swap_modules
 
 # --------------------------------------------------------------------------- config
 
@@ -178,12 +172,7 @@ class FakeQuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, config: FakeQuantConfig, bits: int):
-        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                  device=lin.weight.device, dtype=lin.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                new.bias.copy_(lin.bias)
+        new = copy_linear(lin, cls)
         if config.granularity == "group" and lin.out_features % config.group_size:
             raise V.LabkitConfigError(
                 "group_size", config.group_size,
@@ -255,19 +244,6 @@ def calibrate(model: nn.Module, batches, forward=None) -> int:
     return n
 
 
-def dequantize_(model: nn.Module) -> nn.Module:
-    """Bake the fake-quantized weights into plain ``nn.Linear`` (removes the simulation)."""
-    def make(name, m):
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(m.weight)
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-        return lin
-    swap_modules(model, lambda n, m: isinstance(m, FakeQuantLinear), make)
-    return model
-
-
 def quantized_bytes(model: nn.Module) -> dict:
     """Counted storage of the model as it would be deployed: quantized linears at their
     bit-width with metadata, everything else (embeddings, norms, biases) at its dtype."""
@@ -293,29 +269,23 @@ def quantized_bytes(model: nn.Module) -> dict:
             "quantized_ratio": (q_codes + q_meta) / fp32_q if fp32_q else float("nan")}
 
 
-def linear_shapes(model_cfg, layers: tuple = (), parts: tuple = ("attn", "ffn")) -> dict:
-    """``{name: (out, in)}`` of the linears ``layers``/``parts`` select, read off
-    :func:`labkit.accounting.linear_shapes` (the one shape table)."""
-    from ..accounting import linear_shapes as shapes_of
-
-    idx = set(block_indices(model_cfg.n_layers, layers))
-    fine = set(expand_parts(parts))
-    head = "head" in fine and model_cfg.kind == "encoder"  # a decoder's LM head is tied
-    out = {}
-    for name, shape in shapes_of(model_cfg, head=head).items():
-        bits = name.split(".")
-        if bits[0] != "blocks" or (int(bits[1]) in idx and ".".join(bits[2:4]) in fine):
-            out[name] = shape
-    return out
+OBSERVER_BYTES = 16  # ActFakeQuant's state: fp32 lo and hi, an int64 batch count
 
 
-@register_expected(FakeQuantConfig)
-def expected(model_cfg, config: FakeQuantConfig) -> dict:
-    """Analytic: parameters and FLOPs unchanged (simulation); deployed weight bytes of the
-    quantized linears including scales and zero points."""
-    shapes = linear_shapes(model_cfg, config.layers, config.parts)
+@register_account(FakeQuantConfig)
+def _account(table, model_cfg, config: FakeQuantConfig) -> dict:
+    """Deployed bytes of the plain linears the selector takes: packed ``bits``-bit codes plus
+    a scale (and zero point) per granule, :func:`~labkit.techniques.qmath.weight_bytes`,
+    plus each activation observer's state; parameters and FLOPs unchanged (simulation)."""
+    taken = {n: r for n, r in rows(table, config.layers, config.parts).items()
+             if r.kind == "linear"}
+    unknown = sorted(set(dict(config.bits_by_layer)) - set(taken))
+    if unknown:
+        raise V.LabkitConfigError("bits_by_layer", unknown[0],
+                                  f"names of quantizable linears, e.g. {list(taken)[:3]}")
     codes = meta = n = 0
-    for name, shape in shapes.items():
+    for name, r in taken.items():
+        shape = (r.out_features, r.in_features)
         if config.granularity == "group" and shape[0] % config.group_size:
             raise V.LabkitConfigError(
                 "group_size", config.group_size,
@@ -323,9 +293,10 @@ def expected(model_cfg, config: FakeQuantConfig) -> dict:
         b = weight_bytes(shape, config.bits_for(name), config.granularity, config.group_size,
                          config.symmetric)
         codes, meta, n = codes + b["codes"], meta + b["metadata"], n + b["params"]
-    return {"params_delta": 0, "flops_delta": 0, "quantized_params": n,
-            "weight_bytes_fp32": 4 * n, "weight_bytes": codes + meta, "codes": codes,
-            "metadata": meta, "bytes_ratio": (codes + meta) / (4 * n)}
+        r.weight_bytes = b["total"] + (OBSERVER_BYTES if config.activations else 0)
+        r.kind = "fakequant"
+    return {"quantized_params": n, "weight_bytes_fp32": 4 * n, "weight_bytes": codes + meta,
+            "codes": codes, "metadata": meta}
 
 
 __all__ = [
@@ -334,13 +305,10 @@ __all__ = [
     "FakeQuantLinear",
     "WeightFakeQuant",
     "calibrate",
-    "dequantize_",
-    "expected",
     "fake_quant_tensor",
     "fake_quantize",
     "fake_quantize_",
     "linear_selector",
-    "linear_shapes",
     "qparams",
     "quantized_bytes",
     "quantized_layers",

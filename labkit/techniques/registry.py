@@ -38,7 +38,6 @@ from torch import nn
 from .. import validate as V
 
 _APPLY: dict[type, Callable] = {}
-_EXPECTED: dict[type, Callable] = {}
 
 # ---------------------------------------------------------------------------- where
 
@@ -193,23 +192,14 @@ def linear_selector(model: nn.Module, layers: tuple = (), parts: tuple = ("attn"
 
 # ---------------------------------------------------------------------------- registry
 
-def register(config_cls: type, expected_fn: Callable | None = None):
-    """Decorator: register ``fn(model, config) -> model`` as the way to apply ``config_cls``."""
+def register(config_cls: type):
+    """Decorator: register ``fn(model, config) -> model`` as the way to apply ``config_cls``
+    (its analytic counts register with :func:`labkit.accounting.register_account`)."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"{config_cls.__name__} must be a dataclass")
 
     def deco(fn):
         _APPLY[config_cls] = fn
-        if expected_fn is not None:
-            _EXPECTED[config_cls] = expected_fn
-        return fn
-
-    return deco
-
-
-def register_expected(config_cls: type):
-    def deco(fn):
-        _EXPECTED[config_cls] = fn
         return fn
 
     return deco
@@ -247,20 +237,37 @@ def apply_(model: nn.Module, config) -> nn.Module:
 
 def expected(model_cfg, *configs, seq_len: int | None = None) -> dict:
     """Analytic params/FLOPs/bytes before and after applying ``configs`` in order to a model
-    of ``model_cfg``: :func:`labkit.accounting.expected`, one schema for every technique.
-
-    A technique not yet ported to :mod:`labkit.accounting` (only a
-    :func:`register_expected` function) is answered by that function, alone."""
+    of ``model_cfg``: :func:`labkit.accounting.expected`, one schema for every technique
+    and every stack."""
     from .. import accounting
 
-    if all(accounting.accountable(c) for c in configs):
-        return accounting.expected(model_cfg, *configs, seq_len=seq_len)
-    if len(configs) == 1 and type(configs[0]) in _EXPECTED:
-        check(configs[0], model_cfg)
-        return _EXPECTED[type(configs[0])](model_cfg, configs[0])
-    names = [type(c).__name__ for c in configs]
-    raise TypeError(f"no expected() is registered for {names} (a stack needs every "
-                    "technique to register a labkit.accounting account function)")
+    return accounting.expected(model_cfg, *configs, seq_len=seq_len)
+
+
+def swap_attention(model: nn.Module, layers: tuple[int, ...],
+                   make: Callable[[int, nn.Module], nn.Module]) -> nn.Module:
+    """Replace the plain softmax attention (:class:`labkit.model.Attention`) of the blocks
+    ``layers`` with ``make(block index, old)``, the one rule both attention techniques use:
+    an attention another technique already replaced is refused, and so is a block without
+    one. A shared attention is made once (for its first block) and stays shared."""
+    from ..model import Attention
+
+    idx = block_indices(model.cfg.n_layers, layers)
+    wanted = {f"blocks.{i}.attn": i for i in idx}
+
+    def new(name, old):
+        if type(old) is not Attention:
+            raise V.LabkitConfigError(
+                "layers", layers, f"blocks whose attention is plain softmax attention "
+                                  f"({name} is already {type(old).__name__})")
+        return make(wanted[name], old)
+
+    swapped = swap_modules(model, lambda name, m: name in wanted and isinstance(m, Attention),
+                           new)
+    if len(swapped) != len(idx):
+        raise V.LabkitConfigError("layers", layers,
+                                  f"blocks with an attention module (found {swapped})")
+    return model
 
 
 def swap_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],

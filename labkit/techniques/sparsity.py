@@ -3,10 +3,11 @@ real kernel for what is left.
 
 Papers: magnitude pruning (Han et al., 2015, "Learning both Weights and Connections for
 Efficient Neural Networks"); gradual pruning with a cubic schedule (Zhu & Gupta, 2017, "To
-prune, or not to prune"); L1-regularised training then thresholding (the LLM-optimisation
-paper labkit follows: L = L_task + lambda * sum |W_ij|); N:M sparsity (Mishra et al., 2021,
+prune, or not to prune"); L1-regularised training then thresholding (the seed paper of
+notebook 10, whose title is not recorded here: L = L_task + lambda * sum |W_ij|); N:M sparsity (Mishra et al., 2021,
 "Accelerating Sparse Deep Neural Networks"); the survey of sparse structures in transformer
-MLPs (unstructured, N:M, blocks, neurons, heads) that labkit's sparsity lab follows.
+MLPs (unstructured, N:M, blocks, neurons, heads) that labkit's sparsity lab follows (title
+not recorded in this repository).
 
 Idea. A weight ``W`` (out, in) with a fraction ``p`` of non-zeros costs O(p * out * in)
 multiply-adds instead of O(out * in) -- *if* a kernel can skip the zeros. Three independent
@@ -147,10 +148,6 @@ class MaskedLinear(nn.Linear):
     def mask(self) -> torch.Tensor:
         return MK.mask_of(self, "weight")
 
-    @property
-    def raw_weight(self) -> torch.Tensor:
-        return self.parametrizations.weight.original
-
 
 def masked_linears(model: nn.Module) -> dict[str, MaskedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
@@ -160,6 +157,11 @@ def attach(model: nn.Module, config: SparsityConfig) -> list[str]:
     """Swap the targeted linears for :class:`MaskedLinear` with all-ones masks (a shared
     module is visited once: its linears are already masked the second time)."""
     chosen = {id(m) for m in linears(model, config.layers, config.parts).values()}
+    for name, m in linears(model, config.layers, config.parts).items():
+        if type(m) is not nn.Linear and not isinstance(m, MaskedLinear):
+            raise TypeError(f"sparsity prunes nn.Linear weights; {name} is a "
+                            f"{type(m).__name__} (apply sparsity before, or to other parts "
+                            "than, the technique that swapped it in)")
     return swap_modules(
         model, lambda name, m: id(m) in chosen and not isinstance(m, MaskedLinear),
         lambda name, m: MaskedLinear.from_linear(m, config.structure, config.n, config.m,
@@ -354,13 +356,13 @@ def _memo(make):
 chosen_paths = A.chosen_paths
 
 # pruning and expected build on the masks above, so they are imported last
+from . import sparsity_expected  # noqa: F401  (registers the account)
 from .pruning import (
     GradualPruning,
     cubic_schedule,
     l1_penalty,
     train_sparse,
 )
-from .sparsity_expected import expected
 
 storage_bytes = K.storage_bytes
 
@@ -383,7 +385,6 @@ __all__ = [
     "compute_masks",
     "convert",
     "cubic_schedule",
-    "expected",
     "l1_penalty",
     "owner_groups",
     "prune",

@@ -1,0 +1,164 @@
+"""labkit.labs.paper: the caches of notebook 10's method variants (content-keyed, recomputed
+when unreadable) and its parameter checks; labs.paper_convergence stops at the target."""
+import warnings
+
+import pytest
+import torch
+
+from labkit import model as M
+from labkit import zoo
+from labkit.labs import paper as PL
+from labkit.validate import LabkitConfigError
+
+
+def test_cached_computes_once_keyed_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"rows": [{"layer": "a", "trace": 1.5}], "w": torch.ones(2)}
+
+    a = PL._cached("t", {"base": "x"}, compute)
+    b = PL._cached("t", {"base": "x"}, compute)
+    assert len(calls) == 1 and b["rows"] == a["rows"] and torch.equal(b["w"], a["w"])
+    PL._cached("t", {"base": "y"}, compute)  # other content: another key
+    assert len(calls) == 2
+    for f in tmp_path.glob("paper-t-*.pt"):
+        f.write_bytes(b"truncated")
+    with pytest.warns(zoo.CacheWarning):
+        PL._cached("t", {"base": "x"}, compute)
+    assert len(calls) == 3
+
+
+def test_content_digest_sees_weights_and_data():
+    cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=1,
+                        max_len=8, num_labels=2)
+    a, b = M.build(cfg, seed=0), M.build(cfg, seed=0)
+    assert PL.content(a) == PL.content(b)
+    with torch.no_grad():
+        b.blocks[0].ffn.up.weight[0, 0] += 1e-3
+    assert PL.content(a) != PL.content(b)
+    assert PL.content({"x": torch.arange(3)}) != PL.content({"x": torch.arange(1, 4)})
+
+
+def test_sdn_exits_cached_equal_to_trained(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=2,
+                        max_len=8, num_labels=2)
+    base = M.build(cfg, seed=0)
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield {"input_ids": torch.randint(1, 32, (4, 8), generator=g),
+                   "padding_mask": torch.ones(4, 8, dtype=torch.bool),
+                   "labels": torch.randint(0, 2, (4,), generator=g)}
+
+    first = PL.sdn_exits(base, batches(), steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cache hit: no training, no warning
+        again = PL.sdn_exits(base, batches(), steps=3)
+    assert len(list(tmp_path.glob("paper-sdn-exits-*.pt"))) == 1
+    for (k, v), (k2, v2) in zip(first.executor.state_dict().items(),
+                                again.executor.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    fresh = M.build(cfg, seed=0)
+    from labkit.techniques import EarlyExitConfig, apply_
+    apply_(fresh, EarlyExitConfig())  # untrained heads differ from the cached ones
+    assert not torch.equal(fresh.executor.heads[0].out.weight, again.executor.heads[0].out.weight)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"sparsities": "0.1,x"}, "sparsities='0.1,x'"), ({"operating_sparsity": 0.2}, "one of"),
+    ({"tasks": "nli,sst2"}, "tasks='sst2'"), ({"hessian_samples": 0}, "hessian_samples=0")])
+def test_setup_names_the_bad_parameter(change, message):
+    params = {"model": "tiny", "tasks": "nli,qnli", "methods": "ours,sdn",
+              "sparsities": "0.1,0.5", "operating_sparsity": 0.5, "baseline_steps": 0,
+              "n_eval": 64, "hessian_samples": 1, "sdn_steps": 5, "conv_steps": 10,
+              "conv_eval_every": 5, "conv_lr": 1e-3, "target_accuracy": 0.0,
+              "sample_sizes": "64,128"}
+    assert PL.setup(params)["sparsities"] == [0.1, 0.5]
+    with pytest.raises(LabkitConfigError, match=message):
+        PL.setup({**params, **change})
+
+
+def test_headline_names_exist_whatever_was_measured():
+    # the default run may leave a claim unmeasured (a method unavailable): the names stay
+    from labkit.labs import paper_verdicts as PV
+
+    m = PV.metrics([], {"model_ratio": 0.6, "peak_ratio": 0.7}, [], {"synthetic-nli": 0.9}, 0.5)
+    assert set(PV.HEADLINE) <= set(m) and m["verdict_fig1"] is None
+    assert m["memory_model_ratio"] == 0.6
+
+
+def test_fig1_fall_needs_paired_speedup_bands_to_separate():
+    # the machine got quieter between sparsities: absolute times fell for a dense-architecture
+    # method, its speedup over dense in the same rounds did not
+    from labkit.labs import paper_verdicts as PV
+
+    def row(m, s, ms, lo, hi):
+        return {"method": m, "sparsity": s, "median_ms": ms, "min_ms": ms * 0.98,
+                "max_ms": ms * 1.02, "speedup_min": lo, "speedup_max": hi}
+
+    rows = [row("qbert", 0.1, 860.0, 0.97, 1.03), row("qbert", 0.5, 750.0, 0.98, 1.02),
+            row("ours", 0.1, 500.0, 1.6, 1.7), row("ours", 0.5, 300.0, 2.4, 2.6)]
+    v = PV.verdict_fig1(rows)
+    assert v["qbert"]["falls"] is False and v["ours"]["falls"] is True
+    unpaired = [{k: x for k, x in r.items() if not k.startswith("speedup")} for r in rows]
+    assert PV.verdict_fig1(unpaired)["qbert"]["falls"] is True  # what absolute ms said
+
+
+def test_sweep_hands_hessian_samples_to_qbert(monkeypatch):
+    seen = []
+    monkeypatch.setattr(PL, "qbert_sensitivity",
+                        lambda base, batch, samples=4: seen.append(samples) or [])
+    monkeypatch.setattr(PL, "qbert", lambda base, s, rows: "variant")
+    monkeypatch.setattr(PL, "accuracy", lambda model, eval_set: 0.5)
+    PL.sweep(None, "0.5", ["qbert"], (), {}, None, "nli", timed=False, hessian_samples=7)
+    assert seen == [7]
+
+
+def test_chance_level_is_the_majority_rate_with_two_standard_errors():
+    from labkit.labs.paper_convergence import chance_level
+
+    p, margin = chance_level(torch.tensor([0, 0, 0, 1]))
+    assert p == 0.75 and abs(margin - 2 * (0.75 * 0.25 / 4) ** 0.5) < 1e-12
+
+
+def _conv_rows(target, chance=0.5, margin=0.04):
+    return [{"method": m, "n_train": n, "status": "measured", "target": target,
+             "chance": chance, "chance_margin": margin, "steps_to_target": 10,
+             "seconds_to_target": 1.0 if m == "ours" else 2.0}
+            for n in (64, 128) for m in ("dense", "ours", "layerdrop")]
+
+
+def test_fig2_target_at_chance_is_inconclusive_not_a_verdict():
+    from labkit.labs import paper_verdicts as PV
+
+    near = PV.verdicts([], [], {}, _conv_rows(target=0.52), 0.5)
+    far = PV.verdicts([], [], {}, _conv_rows(target=0.70), 0.5)
+    assert near[0]["verdict"] == "inconclusive" and "chance" in near[0]["evidence"]
+    assert far[0]["verdict"] == "holds"
+
+
+def test_auto_target_lies_between_chance_and_the_best_dense_accuracy(monkeypatch):
+    from types import SimpleNamespace
+
+    from labkit.labs import paper_convergence as PC
+
+    def fake_fit(model, batches, steps, **kw):  # the dense run's evaluations: 0.5, 0.7, 0.9
+        hist = [{"split": "eval", "step": 10 * (i + 1), "seconds": float(i + 1),
+                 "accuracy": a} for i, a in enumerate((0.5, 0.7, 0.9))]
+        return SimpleNamespace(final={"accuracy": 0.9}, history=hist, steps=30,
+                               steps_to_target=None, seconds_to_target=None)
+
+    monkeypatch.setattr(PC.T, "fit", fake_fit)
+    cfg = M.preset("tiny", kind="encoder", num_labels=2, vocab_size=64, max_len=16)
+    train = {"input_ids": torch.zeros(8, 4, dtype=torch.long),
+             "labels": torch.zeros(8, dtype=torch.long)}
+    pairs = SimpleNamespace(train=train, eval={"labels": torch.tensor([0] * 6 + [1] * 4)})
+    rows = PC.convergence(pairs, cfg, [], [8], 0.5, 0.0, 30, 1e-3)
+    assert rows[0]["chance"] == 0.6
+    assert abs(rows[0]["target"] - (0.6 + 0.9 * (0.9 - 0.6))) < 1e-9  # not 0.9 * 0.9
+    assert rows[0]["steps_to_target"] == 30
