@@ -344,10 +344,14 @@ class LiveBoard:
             return self
         self._handle = display(self._fig, display_id=True)
         self._static = False
+        self._track()
+        return self
+
+    def _track(self):
+        """Remember this board as shown, so the cell's end replaces it by a static copy."""
         if self not in _SHOWN:
             _SHOWN.append(self)
         _hook_cell_end()
-        return self
 
     def finalize(self):
         """Replace the shown live widget by a static copy (every point), so a saved or
@@ -364,9 +368,7 @@ class LiveBoard:
         """Logging after :meth:`finalize`: the live widget takes the static copy's place."""
         self._handle.update(self._fig)
         self._static = False
-        if self not in _SHOWN:
-            _SHOWN.append(self)
-        _hook_cell_end()
+        self._track()
 
     def callback(self, panel: str = "loss", series: str = "train", every: int = 1):
         """A :class:`labkit.train.Callback` that logs training loss (and eval metrics)."""

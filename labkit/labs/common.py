@@ -205,15 +205,21 @@ def _items(name: str, value, example: str) -> list:
     return list(items)
 
 
+def _cast_items(name: str, value, cast, kind: str, example: str) -> list:
+    """A list parameter's items cast to ``cast`` (strings parsed, other items as given), or
+    a :class:`~labkit.validate.LabkitConfigError` naming ``name`` and the expected ``kind``."""
+    items = _items(name, value, example)
+    try:
+        return [cast(x) if isinstance(x, str) else x for x in items]
+    except ValueError:
+        raise V.LabkitConfigError(name, value, f"comma-separated {kind}, e.g. '{example}'") \
+            from None
+
+
 def int_list(name: str, value, lo: int | None = None, hi: int | None = None) -> tuple[int, ...]:
     """A notebook parameter listing integers, ``"8,16,32"`` or ``(8, 16, 32)``, as a tuple
     of integers in ``[lo, hi]`` (:class:`~labkit.validate.LabkitConfigError` otherwise)."""
-    items = _items(name, value, "8,16,32")
-    try:
-        items = [int(x) if isinstance(x, str) else x for x in items]
-    except ValueError:
-        raise V.LabkitConfigError(name, value, "comma-separated integers, e.g. '8,16,32'") \
-            from None
+    items = _cast_items(name, value, int, "integers", "8,16,32")
     return tuple(V.integer(name, v, lo, hi) for v in items)
 
 
@@ -221,12 +227,7 @@ def float_list(name: str, value, lo: float | None = None, hi: float | None = Non
                lo_open: bool = False, hi_open: bool = False) -> tuple[float, ...]:
     """A notebook parameter listing numbers, ``"0.1,0.5"`` or ``(0.1, 0.5)``, as a tuple of
     floats in the interval (``lo_open``/``hi_open`` exclude a bound), or a named error."""
-    items = _items(name, value, "0.1,0.3,0.5")
-    try:
-        items = [float(x) if isinstance(x, str) else x for x in items]
-    except ValueError:
-        raise V.LabkitConfigError(name, value, "comma-separated numbers, e.g. '0.1,0.3,0.5'") \
-            from None
+    items = _cast_items(name, value, float, "numbers", "0.1,0.3,0.5")
     return tuple(V.number(name, v, lo, hi, lo_open, hi_open) for v in items)
 
 
