@@ -128,6 +128,9 @@ def quiet_kernel_manager(log_path: Path):
     return QuietKernelManager
 
 
+KERNEL_START_TIMEOUT = 300  # seconds for a kernel to answer after start
+
+
 def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
                      timeout: float | None = None, progress: str | None = None) -> dict:
     """Run ``path`` through papermill into ``out_dir`` with ``params`` (plus
@@ -163,7 +166,8 @@ def execute_notebook(path, out_dir, params: dict, raise_on_error: bool = True,
             pm.execute_notebook(
                 str(path), str(executed), parameters=inject, kernel_name="python3",
                 progress_bar=bar, cwd=str(path.parent), execution_timeout=timeout,
-                store_widget_state=False,
+                # a kernel importing torch on a busy 2-core box can take over papermill's 60 s
+                start_timeout=KERNEL_START_TIMEOUT, store_widget_state=False,
                 kernel_manager_class=quiet_kernel_manager(out_dir / "kernels.log"))
         finally:
             _slim_executed(executed)
