@@ -31,7 +31,8 @@ Timing is injectable: ``timer(name, fn, min_run_time) -> seconds`` with names
 the whole-model check, so tests decide the timings and check the choice and the revert.
 
 Complexity: sites x candidates x rounds timed calls of one layer, plus 2 x rounds whole-model
-calls.
+calls; none for a model whose sites match a plan already measured (``plans``: same shapes,
+same choice, rows marked ``reused``).
 """
 from __future__ import annotations
 
@@ -137,13 +138,20 @@ def accelerate(model: nn.Module, inputs: tuple,
                sites: Callable[[nn.Module], Callable[[str, nn.Module], Site | None]],
                margin: float = 0.05, rounds: int = 3, min_run_time: float = 0.02,
                timer=None, atol: float | None = None, verify: bool = True,
-               verify_rounds: int = 5, kwargs: dict | None = None) -> list[dict]:
+               verify_rounds: int = 5, kwargs: dict | None = None,
+               plans: dict | None = None) -> list[dict]:
     """Accelerate ``model`` in place by the rule of this module; returns the rows (also
     stored as ``model.acceleration``).
 
     ``sites(model)`` returns ``site(name, module)``, which returns a :class:`Site` for each
     module to accelerate (None elsewhere; a site's submodules are not visited). Each module is offered once, under its
-    first name, even when it is used at several places."""
+    first name, even when it is used at several places.
+
+    ``plans``: a dict kept by the caller across calls. A model whose sites all match an
+    earlier measured one (:func:`signature`: names, classes, parameter and input shapes and
+    dtypes, candidates, margin, threads) gets that measurement's choices without re-timing
+    (a kernel's speed depends on shapes, not on weight values); its rows are the measured
+    rows, marked ``reused``. Anything different is measured and added to ``plans``."""
     V.number("margin", margin, 0.0, 1.0, hi_open=True)
     V.integer("rounds", rounds, 1)
     V.integer("verify_rounds", verify_rounds, 1)
@@ -162,6 +170,9 @@ def accelerate(model: nn.Module, inputs: tuple,
     call = (lambda *a: model(*a, **kwargs)) if kwargs else model  # e.g. a BERT's model(**batch)
     captured = measure.capture_inputs(call, inputs, {n: s.module for n, s in found.items()})
     names = aliases(model)
+    key = signature(found, captured, margin, atol, verify) if plans is not None else None
+    if key is not None and key in plans:
+        return _reuse(model, found, names, plans[key])
     rows, placed = [], {}
     for name, site in found.items():
         if name not in captured:  # never called on these inputs: nothing to measure
@@ -182,6 +193,44 @@ def accelerate(model: nn.Module, inputs: tuple,
                             timer))
     elif verify:
         rows.append(summary(rows))
+    model.acceleration = rows
+    if key is not None:
+        plans[key] = copy.deepcopy(rows)
+    return rows
+
+
+def signature(found: dict, captured: dict, *settings) -> str:
+    """What a measured choice depends on besides noise: per site its name, module class,
+    parameter/buffer shapes and dtypes, candidate names and current path, the shapes and
+    dtypes of the input it receives; the rule's settings and torch's thread count."""
+    def shapes(obj):
+        if isinstance(obj, torch.Tensor):
+            return (tuple(obj.shape), str(obj.dtype))
+        if isinstance(obj, (tuple, list)):
+            return tuple(shapes(o) for o in obj)
+        if isinstance(obj, dict):
+            return tuple((k, shapes(v)) for k, v in sorted(obj.items()))
+        return repr(obj)
+
+    parts = [settings, torch.get_num_threads()]
+    for name, site in found.items():
+        state = {k: v for k, v in site.module.state_dict().items()}
+        parts.append((name, type(site.module).__name__, shapes(state), tuple(site.candidates),
+                      site.current, shapes(captured.get(name))))
+    return repr(parts)
+
+
+def _reuse(model, found: dict, names: dict, measured: list[dict]) -> list[dict]:
+    """Put each site on the path ``measured`` chose for the identical site; rows marked."""
+    note = ("reused: chosen by an earlier measurement of an identical site "
+            "(same class, parameter and input shapes), not re-timed")
+    rows = copy.deepcopy(measured)
+    for r in rows:
+        if r["layer"] in found:
+            site = found[r["layer"]]
+            replace(model, site.module, site.candidates[r["chosen"]], names[id(site.module)])
+        r["reused"] = True
+        r["warnings"] = "; ".join(w for w in (r.get("warnings", ""), note) if w)
     model.acceleration = rows
     return rows
 
@@ -246,4 +295,4 @@ def summary(rows: list[dict]) -> dict:
 
 
 __all__ = ["MODEL", "Site", "accelerate", "aliases", "choose", "chosen_paths", "replace",
-           "set_module", "summary"]
+           "set_module", "signature", "summary"]

@@ -151,3 +151,50 @@ def test_shared_ffn_convert_compacts_once():
     assert len({id(b.ffn) for b in m.blocks}) == 1
     assert isinstance(m.blocks[1].ffn, K.CompactedMLP)
     assert Mo.count_params(m) < before
+
+
+def test_int8_plan_reused_only_for_identical_shapes():
+    """A model whose sites match a measured one (other weights, same shapes) gets the
+    measured choice untimed, rows marked; other input or weight shapes are measured."""
+    plans = {}
+    ids = _ids(Mo.build("tiny"))
+    first = fake_timer({"fp32": 1.0, "int8_dynamic": 0.4, "torch_dynamic": 0.6})
+    rows = I.accelerate_(Mo.build("tiny").eval(), (ids,), rounds=2, timer=first, plans=plans)
+    assert first.calls and len(plans) == 1 and not any(r.get("reused") for r in rows)
+
+    other = fake_timer({"fp32": 1.0, "int8_dynamic": 2.0, "torch_dynamic": 0.3})
+    m2 = Mo.build("tiny", seed=1).eval()  # other weights, same shapes
+    rows2 = I.accelerate_(m2, (ids,), rounds=2, timer=other, plans=plans)
+    assert other.calls == []  # nothing re-timed
+    assert [r["chosen"] for r in rows2] == [r["chosen"] for r in rows]
+    assert all(r["reused"] and "reused" in r["warnings"] for r in rows2)
+    assert all(m2.get_submodule(r["layer"]).candidate == "int8_dynamic"
+               for r in rows2 if r["layer"] != A.MODEL)
+
+    for model, inputs in ((Mo.build("tiny").eval(), (ids[:1, :8],)),  # other input shape
+                          (Mo.build("tiny", d_ff=64).eval(), (ids,))):  # other weight shape
+        t = fake_timer({"fp32": 1.0, "int8_dynamic": 2.0, "torch_dynamic": 0.3})
+        got = I.accelerate_(model, inputs, rounds=2, timer=t, plans=plans)
+        assert t.calls and not any(r.get("reused") for r in got)
+        assert {r["chosen"] for r in got if r["layer"] != A.MODEL} == {"torch_dynamic"}
+    assert len(plans) == 3
+
+
+def test_plan_not_reused_when_only_a_weight_shape_differs():
+    """Same input shape, another output width: another kernel problem, measured again."""
+    import copy
+
+    def sites(model):
+        def site(name, m):
+            if isinstance(m, torch.nn.Linear):
+                return A.Site(name, m, {"fp32": m, "copy": copy.deepcopy(m)}, "fp32")
+            return None
+        return site
+
+    plans, x = {}, torch.randn(2, 8)
+    for width, winner in ((16, "copy"), (32, "fp32")):
+        t = fake_timer({"fp32": 1.0, "copy": 0.5 if winner == "copy" else 2.0})
+        rows = A.accelerate(torch.nn.Sequential(torch.nn.Linear(8, width)), (x,), sites,
+                            rounds=2, timer=t, verify=False, plans=plans)
+        assert t.calls and rows[0]["chosen"] == winner and not rows[0].get("reused")
+    assert len(plans) == 2

@@ -113,7 +113,7 @@ def test_sweep_hands_hessian_samples_to_qbert(monkeypatch):
     seen = []
     monkeypatch.setattr(PL, "qbert_sensitivity",
                         lambda base, batch, samples=4: seen.append(samples) or [])
-    monkeypatch.setattr(PL, "qbert", lambda base, s, rows: "variant")
+    monkeypatch.setattr(PL, "qbert", lambda base, s, rows: PL.Variant("qbert", s, None))
     monkeypatch.setattr(PL, "accuracy", lambda model, eval_set: 0.5)
     PL.sweep(None, "0.5", ["qbert"], (), {}, None, "nli", timed=False, hessian_samples=7)
     assert seen == [7]
@@ -162,3 +162,41 @@ def test_auto_target_lies_between_chance_and_the_best_dense_accuracy(monkeypatch
     assert rows[0]["chance"] == 0.6
     assert abs(rows[0]["target"] - (0.6 + 0.9 * (0.9 - 0.6))) < 1e-9  # not 0.9 * 0.9
     assert rows[0]["steps_to_target"] == 30
+
+
+def test_ours_int8_measured_once_per_shape_and_reused_across_tasks():
+    """The second task's model (same shapes, other weights) gets the first one's measured
+    INT8 paths, said so in info["plan"]; another sparsity (another d_ff) is measured."""
+    cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=1,
+                        max_len=8, num_labels=2)
+    sample = (torch.randint(1, 32, (2, 8), generator=torch.Generator().manual_seed(0)), None)
+    plans = {}
+    a = PL.ours(M.build(cfg, seed=0), 0.5, sample, min_run_time=1e-3, plans=plans)
+    b = PL.ours(M.build(cfg, seed=1), 0.5, sample, min_run_time=1e-3, plans=plans)
+    c = PL.ours(M.build(cfg, seed=1), 0.25, sample, min_run_time=1e-3, plans=plans)
+    assert (a.info["plan"], b.info["plan"], c.info["plan"]) == ("measured", "reused", "measured")
+    assert b.info["paths"] == a.info["paths"]
+    assert [r["chosen"] for r in b.model.acceleration] == [r["chosen"] for r in a.model.acceleration]
+    assert len(plans) == 2
+    alone = PL.ours(M.build(cfg, seed=1), 0.5, sample, min_run_time=1e-3)
+    assert alone.info["plan"] == "measured"  # no plans given: always measured
+
+
+def test_sdn_with_precomputed_logits_picks_the_same_threshold():
+    cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=3,
+                        max_len=8, num_labels=2)
+    from labkit.techniques import EarlyExitConfig, apply_
+    from labkit.techniques.early_exit import exit_logits
+
+    trained = M.build(cfg, seed=0)
+    apply_(trained, EarlyExitConfig())
+    trained.eval()
+    g = torch.Generator().manual_seed(0)
+    held = {"input_ids": torch.randint(1, 32, (64, 8), generator=g),
+            "padding_mask": torch.ones(64, 8, dtype=torch.bool),
+            "labels": torch.randint(0, 2, (64,), generator=g)}
+    z = exit_logits(trained, held)
+    for s in (0.1, 0.5):
+        once = PL.sdn(trained, s, trained, held, z)
+        fresh = PL.sdn(trained, s, trained, held)
+        assert once.info == fresh.info

@@ -78,10 +78,12 @@ def _ffn_fraction(cfg: M.ModelConfig) -> float:
 
 
 def ours(base: M.Transformer, s: float, inputs: tuple, min_run_time: float = 0.02,
-         int8: str = "accelerate") -> Variant:
+         int8: str = "accelerate", plans: dict | None = None) -> Variant:
     """Neurons pruned and removed at ``s``, then INT8. ``int8="accelerate"``: measured
-    per-layer choice (for speed); ``"torchao"``: torchao W8A8 everywhere (for bytes,
-    counted by :func:`labkit.measure.model_bytes`); ``"none"``: sparsity only."""
+    per-layer choice (for speed; ``plans`` reuses the measured choice of an identically
+    shaped model, e.g. the other task's: ``info["plan"]`` says which); ``"torchao"``:
+    torchao W8A8 everywhere (for bytes, counted by :func:`labkit.measure.model_bytes`);
+    ``"none"``: sparsity only."""
     from ..techniques import apply_
     from ..techniques.int8 import Int8Config, accelerate_
     from ..techniques.sparsity import compact_neurons_
@@ -94,12 +96,14 @@ def ours(base: M.Transformer, s: float, inputs: tuple, min_run_time: float = 0.0
     if int8 == "accelerate":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows = accelerate_(m, inputs, candidates=INT8_PATHS, min_run_time=min_run_time)
+            rows = accelerate_(m, inputs, candidates=INT8_PATHS, min_run_time=min_run_time,
+                               plans=plans)
         model_row = rows[-1] if rows and rows[-1]["layer"] == "<model>" else {}
         info["model_check"] = "reverted" if model_row.get("reverted") else "kept"
         info["paths"] = ["fp32 (reverted)"] if model_row.get("reverted") else \
             sorted({r["chosen"] for r in rows if r["layer"] != "<model>"})
         info["warnings"] = [str(w.message)[:200] for w in caught]
+        info["plan"] = "reused" if rows and rows[-1].get("reused") else "measured"
     elif int8 == "torchao":
         apply_(m, Int8Config("dynamic"))
         info["paths"] = ["int8_dynamic"]
@@ -221,14 +225,17 @@ def _cached(kind: str, args: dict, compute) -> dict:
     return out
 
 
-def sdn(base: M.Transformer, s: float, trained: M.Transformer, held_out: dict) -> Variant:
+def sdn(base: M.Transformer, s: float, trained: M.Transformer, held_out: dict,
+        logits: tuple | None = None) -> Variant:
     """Early exit at the threshold ``q`` whose average blocks run on ``held_out`` is closest
-    to ``(1 - s) L`` (the exit rule simulated on the exits' logits, then run for real)."""
+    to ``(1 - s) L`` (the exit rule simulated on the exits' logits, then run for real).
+    ``logits``: ``exit_logits(trained, held_out)`` when already computed (they do not depend
+    on ``s``: one pass per task serves every sparsity)."""
     from ..techniques.early_exit import exit_logits, predict, simulate
 
     L = base.cfg.n_layers
     m = copy.deepcopy(trained).eval()
-    z, y = exit_logits(m, held_out)
+    z, y = logits if logits is not None else exit_logits(m, held_out)
     grid = [1 - 10 ** (-k / 4) for k in range(1, 25)] + [1.0]
     sims = [simulate(z, y, q, m.executor.exits, L) for q in grid]
     best = min(sims, key=lambda r: abs(r["blocks"] - (1 - s) * L))
@@ -312,11 +319,14 @@ def setup(params: dict) -> dict:
 def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
           min_run_time: float = 0.02, hessian_samples: int = 4) -> Variant:
     """The ``method``'s variant of ``base`` at sparsity ``s`` (see the module docstring).
-    ``cache`` keeps per-model work across sparsities: the Hessian sensitivity, and the SDN
-    exits (``cache["sdn"]``: a callable training them, replaced by the trained model)."""
+    ``cache`` keeps per-model work across sparsities: the Hessian sensitivity, the SDN
+    exits (``cache["sdn_train"]``: a callable training them, its model kept) and their
+    held-out logits, and ``cache["int8_plans"]`` (INT8 choices of measured shapes)."""
+    from ..techniques.early_exit import exit_logits
+
     V.choice("method", method, METHODS)
     if method == "ours":
-        return ours(base, s, sample, min_run_time)
+        return ours(base, s, sample, min_run_time, plans=cache.get("int8_plans"))
     if method == "qbert":
         if "qbert_rows" not in cache:
             cache["qbert_rows"] = qbert_sensitivity(base, batch, samples=hessian_samples)
@@ -327,13 +337,14 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
         if "sdn_train" not in cache:
             raise MethodUnavailable("SDN needs training batches (sweep(sdn_batches=...))")
         cache["sdn_model"] = cache["sdn_train"]()
-    return sdn(base, s, cache["sdn_model"], cache["sdn_held_out"])
+        cache["sdn_logits"] = exit_logits(cache["sdn_model"], cache["sdn_held_out"])
+    return sdn(base, s, cache["sdn_model"], cache["sdn_held_out"], cache["sdn_logits"])
 
 
 def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task: str,
           rounds: int = 3, min_run_time: float = 0.05, timed: bool = True, timer=None,
           sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None,
-          hessian_samples: int = 4):
+          hessian_samples: int = 4, plans: dict | None = None):
     """Fig. 1 and the accuracy at every point on one task: for each ``s``, every method's
     variant of ``base`` evaluated on ``eval_set`` and (``timed``) timed side by side with the
     dense model. A method whose technique is missing gives an ``unavailable`` row per ``s``
@@ -341,10 +352,13 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
 
     SDN's exits are trained once (``sdn_steps`` steps on ``sdn_batches``) and its threshold
     chosen on ``held_out`` (training rows, never the eval set). Q-BERT's Hessian traces use
-    ``hessian_samples`` Hutchinson probes.
+    ``hessian_samples`` Hutchinson probes. ``plans`` (a dict shared across calls, e.g.
+    across tasks): "ours"'s INT8 paths are measured once per distinct set of layer and
+    input shapes and reused where they repeat (the other task's model at the same ``s``);
+    each variant's ``info["plan"]`` says "measured" or "reused".
 
     Returns (timing rows, accuracy rows, variants {(method, s): Variant})."""
-    times, accs, variants, cache = [], [], {}, {}
+    times, accs, variants, cache = [], [], {}, {"int8_plans": plans}
     if sdn_batches is not None and held_out is not None:
         cache["sdn_train"] = lambda: sdn_exits(base, sdn_batches, sdn_steps)
         cache["sdn_held_out"] = held_out
@@ -372,5 +386,6 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
         for method, v in built.items():
             variants[(method, s)] = v
             accs.append({"method": method, "sparsity": s, "task": task,
-                         "accuracy": accuracy(v, eval_set), "status": "measured"})
+                         "accuracy": accuracy(v, eval_set), "status": "measured",
+                         **({"int8_plan": v.info["plan"]} if "plan" in v.info else {})})
     return times, accs, variants

@@ -226,16 +226,18 @@ def sites(candidates=CANDIDATES, layers: tuple = (), parts: tuple = ("attn", "ff
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
                 min_run_time: float = 0.05, layers: tuple = (),
                 parts: tuple = ("attn", "ffn"), check_model: bool = True, margin: float = 0.05, rounds: int = 3,
-                timer=None, kwargs=None) -> list[dict]:
+                timer=None, kwargs=None, plans: dict | None = None) -> list[dict]:
     """Per layer: keep the fastest candidate measured side by side on the layer's real
     input when it beats fp32 by ``margin``; per model: revert to fp32 when the result got
     slower end to end (a warning and a recorded row). The rule and the row schema are
-    :mod:`labkit.accelerate`'s, shared with sparsity."""
+    :mod:`labkit.accelerate`'s, shared with sparsity; ``plans`` reuses a measurement of
+    identically shaped sites (:func:`labkit.accelerate.accelerate`)."""
     V.number("margin", margin, 0.0, 1.0)
     return A.accelerate(model, inputs, sites(candidates, layers, parts),
                         margin=margin,
                         rounds=rounds, min_run_time=min_run_time, timer=timer,
-                        verify=check_model, verify_rounds=max(rounds, 3), kwargs=kwargs)
+                        verify=check_model, verify_rounds=max(rounds, 3), kwargs=kwargs,
+                        plans=plans)
 
 
 @register(AccelerateConfig)
