@@ -101,3 +101,12 @@ def test_bad_parameter_fails_first_naming_it(run_notebook, params, message):
     with pytest.raises(NotebookFailed) as e:
         run_notebook(NAME, **params)
     assert message in str(e.value)
+
+
+def test_ours_int8_paths_measured_on_the_first_task_and_reused_on_the_second(res):
+    """Same layer and input shapes (the second task's rows shaped like the timed batch):
+    the first task's measured INT8 choice is reused, never re-timed, and said so."""
+    plan = {(r["task"], r["sparsity"]): r.get("int8_plan")
+            for r in _rows(res, "accuracy") if r["method"] == "ours"}
+    assert plan == {("synthetic-nli", 0.25): "measured", ("synthetic-nli", 0.5): "measured",
+                    ("synthetic-qnli", 0.25): "reused", ("synthetic-qnli", 0.5): "reused"}

@@ -200,3 +200,16 @@ def test_sdn_with_precomputed_logits_picks_the_same_threshold():
         once = PL.sdn(trained, s, trained, held, z)
         fresh = PL.sdn(trained, s, trained, held)
         assert once.info == fresh.info
+
+
+def test_shaped_like_cuts_or_pads_columns_to_the_other_workload():
+    from labkit.data import PAD
+
+    ids = torch.tensor([[2, 7, 8, 3], [2, 9, 3, PAD]])
+    mask = ids == PAD
+    like = (torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.bool))
+    pi, pm = PL.shaped_like((ids, mask), like)
+    assert pi.shape == pm.shape == (2, 6) and torch.equal(pi[:, :4], ids)
+    assert (pi[:, 4:] == PAD).all() and pm[:, 4:].all() and torch.equal(pm[:, :4], mask)
+    ci, cm = PL.shaped_like((ids, mask), (like[0][:, :3], like[1][:, :3]))
+    assert torch.equal(ci, ids[:, :3]) and torch.equal(cm, mask[:, :3])

@@ -316,6 +316,21 @@ def setup(params: dict) -> dict:
             "sample_sizes": list(int_list("sample_sizes", params["sample_sizes"], 8))}
 
 
+def shaped_like(sample: tuple, like: tuple) -> tuple:
+    """``sample`` (ids (B, N), padding mask (B, N), True at padding) with its columns cut or
+    right-padded to ``like``'s ``N``: a task's own rows in the shape of another workload
+    (the shape, not the text, decides which INT8 kernel is faster)."""
+    from ..data import PAD
+
+    ids, mask = sample
+    n, have = like[0].shape[1], ids.shape[1]
+    if have >= n:
+        return ids[:, :n], mask[:, :n]
+    extra = n - have
+    return (torch.cat([ids, ids.new_full((len(ids), extra), PAD)], 1),
+            torch.cat([mask, mask.new_ones((len(mask), extra))], 1))
+
+
 def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
           min_run_time: float = 0.02, hessian_samples: int = 4) -> Variant:
     """The ``method``'s variant of ``base`` at sparsity ``s`` (see the module docstring).
@@ -326,7 +341,8 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
 
     V.choice("method", method, METHODS)
     if method == "ours":
-        return ours(base, s, sample, min_run_time, plans=cache.get("int8_plans"))
+        return ours(base, s, cache.get("int8_sample") or sample, min_run_time,
+                    plans=cache.get("int8_plans"))
     if method == "qbert":
         if "qbert_rows" not in cache:
             cache["qbert_rows"] = qbert_sensitivity(base, batch, samples=hessian_samples)
@@ -344,7 +360,8 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
 def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task: str,
           rounds: int = 3, min_run_time: float = 0.05, timed: bool = True, timer=None,
           sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None,
-          hessian_samples: int = 4, plans: dict | None = None):
+          hessian_samples: int = 4, plans: dict | None = None,
+          int8_sample: tuple | None = None):
     """Fig. 1 and the accuracy at every point on one task: for each ``s``, every method's
     variant of ``base`` evaluated on ``eval_set`` and (``timed``) timed side by side with the
     dense model. A method whose technique is missing gives an ``unavailable`` row per ``s``
@@ -355,10 +372,13 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
     ``hessian_samples`` Hutchinson probes. ``plans`` (a dict shared across calls, e.g.
     across tasks): "ours"'s INT8 paths are measured once per distinct set of layer and
     input shapes and reused where they repeat (the other task's model at the same ``s``);
-    each variant's ``info["plan"]`` says "measured" or "reused".
+    each variant's ``info["plan"]`` says "measured" or "reused". ``int8_sample``: the
+    (ids, mask) "ours"' INT8 paths are chosen on (default ``sample``; the notebook gives
+    every task its own rows :func:`shaped_like` the timed workload).
 
     Returns (timing rows, accuracy rows, variants {(method, s): Variant})."""
-    times, accs, variants, cache = [], [], {}, {"int8_plans": plans}
+    times, accs, variants = [], [], {}
+    cache = {"int8_plans": plans, "int8_sample": int8_sample}
     if sdn_batches is not None and held_out is not None:
         cache["sdn_train"] = lambda: sdn_exits(base, sdn_batches, sdn_steps)
         cache["sdn_held_out"] = held_out
