@@ -31,8 +31,8 @@ Timing is injectable: ``timer(name, fn, min_run_time) -> seconds`` with names
 the whole-model check, so tests decide the timings and check the choice and the revert.
 
 Complexity: sites x candidates x rounds timed calls of one layer, plus 2 x rounds whole-model
-calls; none for a model whose sites match a plan already measured (``plans``: same shapes,
-same choice, rows marked ``reused``).
+calls; with ``plans``, one site per distinct shape (identical sites reuse the measured
+choice, rows marked ``reused``) and no calls for a model identical in shapes to one measured.
 """
 from __future__ import annotations
 
@@ -147,11 +147,13 @@ def accelerate(model: nn.Module, inputs: tuple,
     module to accelerate (None elsewhere; a site's submodules are not visited). Each module is offered once, under its
     first name, even when it is used at several places.
 
-    ``plans``: a dict kept by the caller across calls. A model whose sites all match an
-    earlier measured one (:func:`signature`: names, classes, parameter and input shapes and
-    dtypes, candidates, margin, threads) gets that measurement's choices without re-timing
-    (a kernel's speed depends on shapes, not on weight values); its rows are the measured
-    rows, marked ``reused``. Anything different is measured and added to ``plans``."""
+    ``plans``: a dict kept by the caller across calls (and models). A site identical to one
+    already measured (:func:`site_signature`: class, parameter and input shapes and dtypes,
+    candidates, margin, threads), in this model or an earlier one, gets that measured choice
+    without re-timing: a kernel's speed depends on shapes, not on weight values. A model
+    whose sites all match an earlier model's also gets its whole-model check. Reused rows
+    are the measured ones, marked ``reused``; anything new is measured and added. Not with
+    ``atol`` (that check depends on the weights)."""
     V.number("margin", margin, 0.0, 1.0, hi_open=True)
     V.integer("rounds", rounds, 1)
     V.integer("verify_rounds", verify_rounds, 1)
@@ -170,9 +172,14 @@ def accelerate(model: nn.Module, inputs: tuple,
     call = (lambda *a: model(*a, **kwargs)) if kwargs else model  # e.g. a BERT's model(**batch)
     captured = measure.capture_inputs(call, inputs, {n: s.module for n, s in found.items()})
     names = aliases(model)
-    key = signature(found, captured, margin, atol, verify) if plans is not None else None
-    if key is not None and key in plans:
-        return _reuse(model, found, names, plans[key])
+    if plans is not None and atol is None:
+        sigs = {n: site_signature(s, captured.get(n), margin) for n, s in found.items()}
+        key = repr((sorted(sigs.items()), verify))
+        models, known = plans.setdefault("models", {}), plans.setdefault("sites", {})
+        if key in models:
+            return _reuse(model, found, names, models[key])
+    else:
+        key, sigs, known = None, {}, {}
     rows, placed = [], {}
     for name, site in found.items():
         if name not in captured:  # never called on these inputs: nothing to measure
@@ -180,7 +187,13 @@ def accelerate(model: nn.Module, inputs: tuple,
                          "warnings": "not called by model(*inputs): left as it was"})
             continue
         args, kw = captured[name]
-        row = choose(site, args, {**kw}, margin, rounds, min_run_time, timer, atol)
+        if sigs.get(name) in known:
+            row = {**known[sigs[name]], "layer": name, "reused": True}
+            row["warnings"] = "; ".join(w for w in (row["warnings"], REUSED) if w)
+        else:
+            row = choose(site, args, {**kw}, margin, rounds, min_run_time, timer, atol)
+            if name in sigs:
+                known[sigs[name]] = dict(row)
         at = names[id(site.module)]
         new = site.candidates[row["chosen"]]
         replace(model, site.module, new, at)
@@ -195,14 +208,19 @@ def accelerate(model: nn.Module, inputs: tuple,
         rows.append(summary(rows))
     model.acceleration = rows
     if key is not None:
-        plans[key] = copy.deepcopy(rows)
+        models[key] = copy.deepcopy(rows)
     return rows
 
 
-def signature(found: dict, captured: dict, *settings) -> str:
-    """What a measured choice depends on besides noise: per site its name, module class,
-    parameter/buffer shapes and dtypes, candidate names and current path, the shapes and
-    dtypes of the input it receives; the rule's settings and torch's thread count."""
+REUSED = ("reused: chosen by an earlier measurement of an identical site "
+          "(same class, parameter and input shapes), not re-timed")
+
+
+def site_signature(site: Site, captured, *settings) -> str:
+    """What a site's measured choice depends on besides noise: its module class, parameter
+    and buffer shapes and dtypes, candidate names and current path, the shapes and dtypes of
+    the input it receives (``captured``: (args, kwargs)); the rule's settings and torch's
+    thread count. Not its name nor its weight values."""
     def shapes(obj):
         if isinstance(obj, torch.Tensor):
             return (tuple(obj.shape), str(obj.dtype))
@@ -212,25 +230,21 @@ def signature(found: dict, captured: dict, *settings) -> str:
             return tuple((k, shapes(v)) for k, v in sorted(obj.items()))
         return repr(obj)
 
-    parts = [settings, torch.get_num_threads()]
-    for name, site in found.items():
-        state = {k: v for k, v in site.module.state_dict().items()}
-        parts.append((name, type(site.module).__name__, shapes(state), tuple(site.candidates),
-                      site.current, shapes(captured.get(name))))
-    return repr(parts)
+    return repr((settings, torch.get_num_threads(), type(site.module).__name__,
+                 shapes(dict(site.module.state_dict())), tuple(site.candidates), site.current,
+                 shapes(captured)))
 
 
 def _reuse(model, found: dict, names: dict, measured: list[dict]) -> list[dict]:
     """Put each site on the path ``measured`` chose for the identical site; rows marked."""
-    note = ("reused: chosen by an earlier measurement of an identical site "
-            "(same class, parameter and input shapes), not re-timed")
     rows = copy.deepcopy(measured)
     for r in rows:
         if r["layer"] in found:
             site = found[r["layer"]]
             replace(model, site.module, site.candidates[r["chosen"]], names[id(site.module)])
-        r["reused"] = True
-        r["warnings"] = "; ".join(w for w in (r.get("warnings", ""), note) if w)
+        if not r.get("reused"):
+            r["reused"] = True
+            r["warnings"] = "; ".join(w for w in (r.get("warnings", ""), REUSED) if w)
     model.acceleration = rows
     return rows
 
@@ -295,4 +309,4 @@ def summary(rows: list[dict]) -> dict:
 
 
 __all__ = ["MODEL", "Site", "accelerate", "aliases", "choose", "chosen_paths", "replace",
-           "set_module", "signature", "summary"]
+           "set_module", "site_signature", "summary"]

@@ -154,30 +154,38 @@ def test_shared_ffn_convert_compacts_once():
 
 
 def test_int8_plan_reused_only_for_identical_shapes():
-    """A model whose sites match a measured one (other weights, same shapes) gets the
-    measured choice untimed, rows marked; other input or weight shapes are measured."""
+    """Identical sites (class, parameter and input shapes) are timed once, in a model and
+    across models; a model identical in shapes to a measured one (other weights) gets its
+    choices untimed, rows marked; other input or weight shapes are measured."""
     plans = {}
     ids = _ids(Mo.build("tiny"))
     first = fake_timer({"fp32": 1.0, "int8_dynamic": 0.4, "torch_dynamic": 0.6})
     rows = I.accelerate_(Mo.build("tiny").eval(), (ids,), rounds=2, timer=first, plans=plans)
-    assert first.calls and len(plans) == 1 and not any(r.get("reused") for r in rows)
+    timed = {c.rpartition("/")[0] for c in first.calls} - {A.MODEL}
+    sites = [r for r in rows if r["layer"] != A.MODEL]
+    assert len(timed) == 3 and len(sites) == 12  # q/k/v/o share one shape, up, down
+    assert {r["layer"] for r in sites if not r.get("reused")} == timed
+    assert all("reused" in r["warnings"] for r in sites if r.get("reused"))
+    assert {r["chosen"] for r in sites} == {"int8_dynamic"} and not rows[-1].get("reused")
 
     other = fake_timer({"fp32": 1.0, "int8_dynamic": 2.0, "torch_dynamic": 0.3})
     m2 = Mo.build("tiny", seed=1).eval()  # other weights, same shapes
     rows2 = I.accelerate_(m2, (ids,), rounds=2, timer=other, plans=plans)
-    assert other.calls == []  # nothing re-timed
+    assert other.calls == []  # nothing re-timed, not even the whole model
     assert [r["chosen"] for r in rows2] == [r["chosen"] for r in rows]
     assert all(r["reused"] and "reused" in r["warnings"] for r in rows2)
     assert all(m2.get_submodule(r["layer"]).candidate == "int8_dynamic"
                for r in rows2 if r["layer"] != A.MODEL)
 
     for model, inputs in ((Mo.build("tiny").eval(), (ids[:1, :8],)),  # other input shape
-                          (Mo.build("tiny", d_ff=64).eval(), (ids,))):  # other weight shape
+                          (Mo.build("tiny", d_ff=128).eval(), (ids,))):  # other FFN shape
         t = fake_timer({"fp32": 1.0, "int8_dynamic": 2.0, "torch_dynamic": 0.3})
         got = I.accelerate_(model, inputs, rounds=2, timer=t, plans=plans)
-        assert t.calls and not any(r.get("reused") for r in got)
-        assert {r["chosen"] for r in got if r["layer"] != A.MODEL} == {"torch_dynamic"}
-    assert len(plans) == 3
+        assert A.MODEL in {c.rpartition("/")[0] for c in t.calls}
+        assert not got[-1].get("reused")
+        new = {r["chosen"] for r in got if r["layer"] != A.MODEL and not r.get("reused")}
+        assert new == {"torch_dynamic"}
+    assert len(plans["models"]) == 3
 
 
 def test_plan_not_reused_when_only_a_weight_shape_differs():
@@ -197,4 +205,4 @@ def test_plan_not_reused_when_only_a_weight_shape_differs():
         rows = A.accelerate(torch.nn.Sequential(torch.nn.Linear(8, width)), (x,), sites,
                             rounds=2, timer=t, verify=False, plans=plans)
         assert t.calls and rows[0]["chosen"] == winner and not rows[0].get("reused")
-    assert len(plans) == 2
+    assert len(plans["models"]) == len(plans["sites"]) == 2

@@ -177,7 +177,7 @@ def test_ours_int8_measured_once_per_shape_and_reused_across_tasks():
     assert (a.info["plan"], b.info["plan"], c.info["plan"]) == ("measured", "reused", "measured")
     assert b.info["paths"] == a.info["paths"]
     assert [r["chosen"] for r in b.model.acceleration] == [r["chosen"] for r in a.model.acceleration]
-    assert len(plans) == 2
+    assert len(plans["models"]) == 2
     alone = PL.ours(M.build(cfg, seed=1), 0.5, sample, min_run_time=1e-3)
     assert alone.info["plan"] == "measured"  # no plans given: always measured
 
