@@ -1,6 +1,7 @@
 """A non-editable install works: build the wheel, install it into a fresh venv (no network:
---no-deps, the machine's packages via --system-site-packages) and run ``labkit report`` from
-another folder. Checks the wheel ships the notebooks, the data file and py.typed, and that
+--no-deps; the venv sees the packages of the Python running the tests through a ``.pth`` file,
+wherever they live: a user's venv or the system) and run ``labkit report`` from another
+folder. Checks the wheel ships the notebooks, the data file and py.typed, and that
 the cache goes to $LABKIT_CACHE, not beside site-packages."""
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ def _run(argv, cwd, env, timeout=900):
     return res
 
 
+def _see_runner_packages(py: Path, cwd: Path, env: dict) -> None:
+    """Let the new venv import what the test runner's Python has (torch, jupyter, ...), from
+    a venv or the system alike: its site-packages folders go, as plain lines, into a ``.pth``
+    file of the new venv (plain lines: the runner's own ``.pth`` files, among them an
+    editable labkit, are not run, so ``import labkit`` finds the wheel)."""
+    runner = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+    assert runner, f"the test runner's Python has no site-packages on sys.path: {sys.path}"
+    site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                cwd, env).stdout.strip()
+    (Path(site) / "labkit-test-runner-packages.pth").write_text("\n".join(runner) + "\n")
+
+
 def test_wheel_install_runs_a_report_from_another_folder(tmp_path):
     src = tmp_path / "src"  # build from a copy: the work tree gets no build/ or egg-info
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
@@ -43,8 +56,9 @@ def test_wheel_install_runs_a_report_from_another_folder(tmp_path):
     assert "labkit/_shipped/data/sentences_en.txt" in names and "labkit/py.typed" in names
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp_path, env)
+    _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
     py = venv / "bin" / "python"
+    _see_runner_packages(py, tmp_path, env)
     _run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], tmp_path, env)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
