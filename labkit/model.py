@@ -320,11 +320,14 @@ class Transformer(nn.Module):
         before, self.executor = self.executor, executor
         return before
 
-    def forward(self, ids, key_padding_mask=None, token_type_ids=None):
-        h = self.features(ids, key_padding_mask, token_type_ids)
+    def logits(self, h):
+        """The head on final hidden states ``h`` (B, N, D)."""
         if self.cfg.kind == "encoder":
             return self.head(torch.tanh(self.pooler(h[:, 0])))  # (B, num_labels)
         return self.head(h)  # (B, N, vocab)
+
+    def forward(self, ids, key_padding_mask=None, token_type_ids=None):
+        return self.logits(self.features(ids, key_padding_mask, token_type_ids))
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy for either kind: ``batch`` has ``input_ids`` and ``labels``

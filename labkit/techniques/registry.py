@@ -31,6 +31,7 @@ several places (cross-layer sharing) is replaced once, by one new module, everyw
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -221,14 +222,31 @@ def check(config, model_cfg) -> None:
         own(model_cfg)
 
 
-def apply_(model: nn.Module, config) -> nn.Module:
-    """Apply a technique config to ``model`` in place and return it."""
+def takes_calibration(config) -> bool:
+    """Whether the technique of ``config`` chooses from data (its apply function takes
+    ``calibration``), e.g. activation-aware pruning scores."""
+    fn = _APPLY.get(type(config))
+    return fn is not None and "calibration" in inspect.signature(fn).parameters
+
+
+def apply_(model: nn.Module, config, calibration=None) -> nn.Module:
+    """Apply a technique config to ``model`` in place and return it.
+
+    ``calibration``: batches of training rows (dicts of ``input_ids``, ``padding_mask``,
+    ...) for a technique that chooses from data; whether it needs them is the config's
+    business (it says so with a named error), and a technique that takes none refuses them."""
     fn = _APPLY.get(type(config))
     if fn is None:
         raise TypeError(f"no technique is registered for {type(config).__name__}; "
                         f"registered: {registered()}")
     check(config, getattr(model, "cfg", None))
-    out = fn(model, config)
+    if takes_calibration(config):
+        out = fn(model, config, calibration=calibration)
+    elif calibration is not None:
+        raise V.LabkitConfigError("calibration", "batches",
+                                  f"None: {type(config).__name__} chooses nothing from data")
+    else:
+        out = fn(model, config)
     applied = list(getattr(model, "applied_techniques", []))
     applied.append({"technique": type(config).__name__, **dataclasses.asdict(config)})
     model.applied_techniques = applied

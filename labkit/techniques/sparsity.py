@@ -41,11 +41,13 @@ from .. import accelerate as A
 from .. import kernels as K
 from .. import validate as V
 from ..model import MLP, Attention
+from . import importance as IM
 from . import masks as MK
 from .registry import linears, register, scope_fields, swap_modules
 
 STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron", "head")
 METHODS = ("magnitude", "gradual", "l1")
+SCORES = ("weight", "activation")  # what "magnitude" ranks: |W|, or its effect on data
 SCOPES = ("layer", "global")
 SPARSE_PARTS = ("attn", "ffn")  # where pruning applies (registry vocabulary, coarse parts)
 LINEAR_PATHS = K.LINEAR_PATHS
@@ -62,6 +64,15 @@ _RULES = (
      lambda c: "parts with 'ffn' for structure='neuron'"),
     ("scope", lambda c: c.scope == "global" and c.structure != "unstructured",
      lambda c: "'layer' (global ranking is for structure='unstructured')"),
+    ("score", lambda c: c.score == "activation" and c.method != "magnitude",
+     lambda c: "'weight' for method={c.method!r} (activation scores are gathered once, on "
+               "calibration rows, for one-shot pruning)".format(c=c)),
+    ("compensate", lambda c: c.compensate and c.structure not in ("neuron", "head"),
+     lambda c: "False for structure={c.structure!r} (bias compensation folds removed FFN "
+               "neurons or heads into a bias)".format(c=c)),
+    ("compensate", lambda c: c.compensate and c.method != "magnitude",
+     lambda c: "False for method={c.method!r} (compensation is for one-shot pruning)"
+               .format(c=c)),
     ("method", lambda c: c.method == "gradual" and c.structure == "nm",
      lambda c: "'magnitude' or 'l1' for structure='nm' (N:M has the fixed sparsity 1 - n/m, "
                "which a schedule cannot step through)"),
@@ -75,7 +86,13 @@ class SparsityConfig:
 
     ``n``/``m`` are used by ``nm`` (sparsity is then 1 - n/m), ``block`` by ``block``,
     ``l1_lambda`` by ``l1``; ``initial_sparsity``, ``start_step``, ``prune_steps`` (n) and
-    ``prune_every`` (dt) are the cubic schedule of ``gradual``."""
+    ``prune_every`` (dt) are the cubic schedule of ``gradual``.
+
+    ``score``: what one-shot magnitude pruning ranks: ``"weight"`` (``|W|``; a neuron or
+    head by the L1 of its weights) or ``"activation"`` (its effect on calibration rows:
+    Wanda's ``|W| ||X||`` for a weight, the predicted output error for a neuron or head, see
+    :mod:`.importance`). ``compensate``: fold each removed neuron's (head's) mean output
+    into the next bias. Both need ``apply_(model, config, calibration=batches)``."""
 
     sparsity: float = 0.5
     structure: str = "unstructured"
@@ -91,6 +108,8 @@ class SparsityConfig:
     start_step: int = 0
     prune_steps: int = 10
     prune_every: int = 10
+    score: str = "weight"
+    compensate: bool = False
 
     def __post_init__(self):
         MK.check_sparsity(self.sparsity)
@@ -105,6 +124,9 @@ class SparsityConfig:
         V.integer("start_step", self.start_step, 0)
         V.integer("prune_steps", self.prune_steps, 1)
         V.integer("prune_every", self.prune_every, 1)
+        V.choice("score", self.score, SCORES)
+        if not isinstance(self.compensate, bool):
+            raise V.LabkitConfigError("compensate", self.compensate, "True or False")
         for field, broken, allowed in _RULES:
             if broken(self):
                 raise V.LabkitConfigError(field, getattr(self, field), allowed(self))
@@ -113,6 +135,11 @@ class SparsityConfig:
     def target_sparsity(self) -> float:
         """The sparsity the run ends at: 1 - n/m for N:M, ``sparsity`` otherwise."""
         return 1.0 - self.n / self.m if self.structure == "nm" else self.sparsity
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether applying it needs calibration rows (activation scores, compensation)."""
+        return self.score == "activation" or self.compensate
 
     @property
     def label(self) -> str:
@@ -190,29 +217,76 @@ def owner_groups(model: nn.Module, structure: str) -> list[tuple[str, nn.Module,
 
 
 def compute_masks(model: nn.Module, config: SparsityConfig,
-                  sparsity: float | None = None) -> dict[str, torch.Tensor]:
+                  sparsity: float | None = None, stats: dict | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Magnitude masks (scores ``|W * M|``, so pruned weights stay pruned) for every masked
-    linear at ``sparsity`` (default the config's)."""
+    linear at ``sparsity`` (default the config's). With ``stats`` (from
+    :func:`activation_stats`) the scores are activation-aware (``config.score``)."""
     s = config.sparsity if sparsity is None else MK.check_sparsity(sparsity)
     lins = masked_linears(model)
     if config.structure in _GROUP_ROLES:
         by_id = {id(m): n for n, m in lins.items()}
         _, rows, _ = _GROUP_ROLES[config.structure]
         out = {}
-        for _, mod, group in owner_groups(model, config.structure):
+        for owner, mod, group in owner_groups(model, config.structure):
             unit = 1 if config.structure == "neuron" else mod.head_dim
-            score = sum((lin.weight.detach().abs().sum(1 if k in rows else 0)
-                         for k, lin in group.items()))  # (hidden,)
+            if stats is not None:
+                score = _unit_scores(config, mod, stats[owner])  # (hidden,)
+            else:
+                score = sum((lin.weight.detach().abs().sum(1 if k in rows else 0)
+                             for k, lin in group.items()))  # (hidden,)
             keep = MK._group_mask(score, s, unit)  # (hidden,)
             for k, lin in group.items():
                 full = (keep[:, None] if k in rows else keep[None, :]).expand_as(lin.weight)
                 out[by_id[id(lin)]] = full.clone()
         return out
+    scores = {n: (IM.wanda_scores(stats[n], lin.weight) if stats is not None
+                  else lin.weight.detach().abs()) for n, lin in lins.items()}
     if config.scope == "global":
-        return MK.global_unstructured_masks(
-            {n: lin.weight.detach().abs() for n, lin in lins.items()}, s)
+        return MK.global_unstructured_masks(scores, s)
     return {n: MK.make_mask(lin.weight, config.structure, s, n=config.n, m=config.m,
-                            block=config.block) for n, lin in lins.items()}
+                            block=config.block, scores=scores[n]) for n, lin in lins.items()}
+
+
+def _unit_scores(config: SparsityConfig, mod: nn.Module, m) -> torch.Tensor:
+    """Per hidden line of ``mod`` (d_ff neurons, or H * Dh head rows): the predicted error of
+    removing its unit, spread evenly over a head's rows (their group sum is the head's)."""
+    if config.structure == "neuron":
+        return IM.neuron_scores(m, _original(mod.down), config.compensate)
+    return (IM.head_scores(m, config.compensate) / mod.head_dim).repeat_interleave(
+        mod.head_dim)
+
+
+def _original(lin: nn.Module) -> torch.Tensor:
+    """A masked linear's weight before its mask (what a unit adds while it is kept)."""
+    return lin.parametrizations.weight.original if hasattr(lin, "parametrizations") \
+        else lin.weight
+
+
+def activation_stats(model: nn.Module, config: SparsityConfig, calibration) -> dict:
+    """Activation moments on ``calibration`` for the units ``config`` prunes: per MLP
+    (neurons) or attention (heads) owner, or per masked linear (Wanda)."""
+    if config.structure in _GROUP_ROLES:
+        owners = {n: mod for n, mod, _ in owner_groups(model, config.structure)}
+        key = "neurons" if config.structure == "neuron" else "heads"
+        return IM.collect(model, calibration, **{key: owners})
+    return IM.collect(model, calibration, linears=masked_linears(model))
+
+
+def compensate(model: nn.Module, config: SparsityConfig, stats: dict) -> int:
+    """Fold every pruned neuron's (head's) mean output into the next bias; returns how many
+    units were folded. Call once, right after the one-shot prune."""
+    done = 0
+    for owner, mod, group in owner_groups(model, config.structure):
+        if config.structure == "neuron":
+            removed = ~mod.down.mask.any(0)  # (d_ff,) columns the mask removed
+            IM.compensate_neurons(mod.down, _original(mod.down), stats[owner], removed)
+        else:
+            hd = mod.head_dim
+            removed = ~mod.o.mask.any(0).view(-1, hd).any(1)  # (H,)
+            IM.compensate_heads(mod.o, stats[owner], removed)
+        done += int(removed.sum())
+    return done
 
 
 def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -221,9 +295,10 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         MK.set_mask(lins[name], "weight", mask)
 
 
-def prune(model: nn.Module, config: SparsityConfig, sparsity: float | None = None) -> dict:
+def prune(model: nn.Module, config: SparsityConfig, sparsity: float | None = None,
+          stats: dict | None = None) -> dict:
     """Recompute and set magnitude masks; returns ``{name: mask}``."""
-    masks = compute_masks(model, config, sparsity)
+    masks = compute_masks(model, config, sparsity, stats)
     set_masks(model, masks)
     return masks
 
@@ -243,13 +318,26 @@ def actual_sparsity(model: nn.Module) -> float:
 
 
 @register(SparsityConfig)
-def sparsify_(model: nn.Module, config: SparsityConfig) -> nn.Module:
+def sparsify_(model: nn.Module, config: SparsityConfig, calibration=None) -> nn.Module:
     """Attach masks to the targeted linears and prune them to where the method starts
-    (``magnitude``: the target; ``gradual``: ``initial_sparsity``; ``l1``: nothing yet)."""
+    (``magnitude``: the target; ``gradual``: ``initial_sparsity``; ``l1``: nothing yet).
+    Activation scores and compensation are computed on ``calibration`` (the model as it is
+    before this pruning, every unit present)."""
     from .pruning import strategy
 
+    if config.needs_data:
+        calibration = IM.check_batches(calibration, getattr(model, "cfg", None))
+    elif calibration is not None:
+        raise V.LabkitConfigError("calibration", "batches", "None for score='weight' without "
+                                  "compensation (nothing is chosen from data)")
     attach(model, config)
-    strategy(config).start(model, config)
+    if not config.needs_data:
+        strategy(config).start(model, config)
+        return model
+    stats = activation_stats(model, config, calibration)
+    prune(model, config, stats=stats if config.score == "activation" else None)
+    if config.compensate:
+        compensate(model, config, stats)
     return model
 
 
@@ -372,13 +460,16 @@ __all__ = [
     "NM_CPU_NOTE",
     "PATHS",
     "SCOPES",
+    "SCORES",
     "SPARSE_PARTS",
     "STRUCTURES",
     "GradualPruning",
     "MaskedLinear",
     "SparsityConfig",
     "accelerate",
+    "activation_stats",
     "actual_sparsity",
+    "compensate",
     "attach",
     "chosen_paths",
     "compact_neurons_",
