@@ -181,11 +181,15 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
                batch_size: int | None = None, max_len: int | None = None,
                n_train: int | None = None, n_eval: int | None = None,
                vocab_size: int | None = None, bf16: bool = False, seed: int = 0,
-               progress: bool = True, cache_dir=None) -> Classifier:
+               holdout: float = 0.0, progress: bool = True, cache_dir=None) -> Classifier:
     """A trained dense pair classifier (cached) and its workload; see the module docstring.
 
     ``None`` arguments take the backbone's :data:`DEFAULTS` (``vocab_size``: the word
-    vocabulary's default in :func:`labkit.data.load_task`; tiny only)."""
+    vocabulary's default in :func:`labkit.data.load_task`; tiny only).
+
+    ``holdout``: a seeded fraction of the training rows kept out of training, here and in
+    the workload's batches: ``workload.dev_set``, the rows to choose among compressed models
+    on (the planner does), so the eval split is only ever reported on."""
     vocab = {} if vocab_size is None else {"vocab_size": vocab_size}
     V.choice("model", model, MODELS)
     name = task_name(task, source)
@@ -196,7 +200,8 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
     V.integer("steps", steps, 1)
     V.integer("batch_size", batch_size, 1)
     V.number("lr", lr, 0.0, MAX_LR[model], lo_open=True)
-    if model == "tiny" and source == "synthetic":
+    V.number("holdout", holdout, 0.0, 0.5)
+    if model == "tiny" and source == "synthetic" and holdout == 0:
         base = zoo.trained_encoder(name, source=source, steps=steps, lr=lr,
                                    batch_size=batch_size, n_train=n_train or 4000,
                                    n_eval=n_eval or 500, max_len=max_len, seed=seed,
@@ -211,18 +216,33 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
             raise PT.PretrainedUnavailable(PT.INSTALL_HINT)
         pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,
                             max_len=max_len, seed=seed, tokenizer=PT.PairTokenizer())
+        pairs, dev = _hold_out(pairs, holdout, seed)
         args = dict(backbone="minilm", task=name, steps=steps, lr=lr, batch_size=batch_size,
                     max_len=max_len, bf16=bf16, seed=seed, warmup=0.1, weight_decay=0.01,
                     dev_fraction=d["dev_fraction"], stop_metric="accuracy",
                     patience=d["patience"], eval_every=max(1, round(steps * d["eval_fraction"]))
-                    if d["dev_fraction"] > 0 else steps)
+                    if d["dev_fraction"] > 0 else steps, **({"holdout": holdout} if holdout else {}))
         net, train = _finetune_minilm(pairs, args, progress)
     else:
-        pairs = D.load_task(name, source=source, n_train=n_train, n_eval=n_eval,
-                            max_len=max_len, seed=seed, **vocab)
+        real = source != "synthetic"
+        pairs = D.load_task(name, source=source, n_train=n_train or (None if real else 4000),
+                            n_eval=n_eval or (None if real else 500), max_len=max_len,
+                            seed=seed, **vocab)
+        pairs, dev = _hold_out(pairs, holdout, seed)
+        if not real:  # the offline task: the zoo's recipe, on the rows left for training
+            args = dict(backbone="tiny", task=name, steps=steps, lr=lr, batch_size=batch_size,
+                        max_len=max_len, seed=seed, holdout=holdout)
+            net = M.build(M.preset("tiny", kind="encoder", num_labels=pairs.num_labels,
+                                   vocab_size=len(pairs.tokenizer), max_len=max_len), seed=seed)
+            record, cached, path = _cached(f"classifier-tiny-{name}", args, pairs, net,
+                                           _zoo_recipe(net, pairs, args, progress), cache_dir)
+            net.eval()
+            return Classifier(net, pairs, T.evaluate(net, pairs.eval), steps, cached, path,
+                              _workload(net, pairs, batch_size, False, dev=dev), model, args)
         args = dict(backbone="tiny-real", task=name, steps=steps, lr=lr,
                     batch_size=batch_size, max_len=max_len, seed=seed, dropout=0.1,
-                    weight_decay=0.1, patience=3, eval_every=max(steps // 20, 1))
+                    weight_decay=0.1, patience=3, eval_every=max(steps // 20, 1),
+                    **({"holdout": holdout} if holdout else {}))
         net, train = _train_tiny_real(pairs, args, progress)
     record, cached, path = _cached(f"classifier-{model}-{name}", args, pairs, net, train,
                                    cache_dir)
@@ -233,26 +253,54 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
         metrics = score(net, pairs.eval)
     recipe = {**args, **{k: record[k] for k in ("seconds", "best_step", "dev") if k in record}}
     return Classifier(net, pairs, metrics, steps, cached, path,
-                      _workload(net, pairs, batch_size, trimmed=model == "minilm"), model,
-                      recipe)
+                      _workload(net, pairs, batch_size, trimmed=model == "minilm", dev=dev),
+                      model, recipe)
+
+
+def _hold_out(pairs: D.PairTask, fraction: float, seed: int):
+    """``(pairs without the held-out rows in train, held-out rows or None)``."""
+    if not fraction:
+        return pairs, None
+    fit_rows, dev = B.split_dev(pairs.train, fraction, seed=seed)
+    return replace(pairs, train=fit_rows), dev
+
+
+def _zoo_recipe(net, pairs, args, progress):
+    """The offline baseline's recipe (:func:`labkit.zoo.trained_encoder`'s), as a cached
+    training function."""
+    def train():
+        r = T.fit(net, D.batches(pairs.train, args["batch_size"], seed=args["seed"]),
+                  steps=args["steps"], lr=args["lr"], seed=args["seed"], progress=progress)
+        return T.evaluate(net, pairs.eval), {"seconds": r.seconds}
+    return train
+
+
+def _sorted_batches(rows: dict, eval_batch: int) -> list[dict]:
+    """Rows as length-sorted batches trimmed to their longest pair (same metrics, far less
+    padding compute)."""
+    from .pretrained import trim
+
+    order = torch.argsort((~rows["padding_mask"]).sum(1))
+    return [trim({k: v[order[i: i + eval_batch]] for k, v in rows.items()})
+            for i in range(0, len(order), eval_batch)]
 
 
 def _workload(net: M.Transformer, pairs: D.PairTask, batch_size: int, trimmed: bool,
-              eval_batch: int = 64) -> Workload:
-    """Batches for fine-tuning copies of ``net``; the eval set as length-sorted, trimmed
-    batches for a pretrained tokenizer (same metrics, far less padding compute)."""
+              eval_batch: int = 64, dev: dict | None = None) -> Workload:
+    """Batches for fine-tuning copies of ``net``; the eval set (and ``dev``, rows held out
+    of training) as length-sorted, trimmed batches for a pretrained tokenizer."""
     ev = pairs.eval
     if trimmed:
         from .pretrained import trim
 
-        order = torch.argsort((~ev["padding_mask"]).sum(1))
-        eval_set = [trim({k: v[order[i: i + eval_batch]] for k, v in ev.items()})
-                    for i in range(0, len(order), eval_batch)]
+        eval_set = _sorted_batches(ev, eval_batch)
+        dev_set = None if dev is None else _sorted_batches(dev, eval_batch)
         make = lambda s: B.trimmed_batches(pairs.train, batch_size, seed=s)
         sample = trim({k: v[:batch_size] for k, v in ev.items()})
     else:
         eval_set = ev
         make = lambda s: D.batches(pairs.train, batch_size, seed=s)
         sample = {k: v[:batch_size] for k, v in ev.items()}
+        dev_set = dev
     return Workload("nli", net.cfg, make, eval_set,
-                    (sample["input_ids"], sample["padding_mask"]))
+                    (sample["input_ids"], sample["padding_mask"]), dev_set)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import toy
 
 from labkit import model as M
 from labkit import recover as R
@@ -21,33 +22,13 @@ from labkit.techniques import quant as Q
 from labkit.techniques import sparsity as S
 from labkit.validate import LabkitConfigError
 
-VOCAB, N = 64, 12
-
-
-def _rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (n, N), generator=g)
-    ids[:, 0] = 2  # [CLS]
-    labels = (ids[:, 1] + ids[:, 2]) % 3  # learnable from two tokens
-    return {"input_ids": ids, "padding_mask": torch.zeros(n, N, dtype=torch.bool),
-            "labels": labels}
-
-
-def _batches(seed, size=32):
-    i = 0
-    while True:
-        yield _rows(size, 1000 * seed + i)
-        i += 1
+_rows, _batches = toy.rows, toy.batches
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = M.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4, d_ff=64,
-                        max_len=N, num_labels=3)
-    teacher = M.build(cfg, seed=0)
-    T.fit(teacher, _batches(7), 300, lr=3e-3, progress=False)
-    work = Workload("nli", cfg, _batches, _rows(512, 99), (_rows(32, 98)["input_ids"], None))
-    return teacher.eval(), work
+    teacher = toy.teacher()
+    return teacher, toy.workload(teacher.cfg)
 
 
 def _kl(student, teacher, rows):
@@ -183,8 +164,7 @@ def test_hidden_state_distillation_adds_its_term(setup):
 
 def test_bad_input_is_refused_with_the_parameter_named(setup):
     teacher, work = setup
-    other = M.build(M.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4,
-                                  d_ff=64, max_len=N, num_labels=2))
+    other = M.build(toy.config(num_labels=2))
     with pytest.raises(LabkitConfigError, match="teacher.*num_labels"):
         R.recover(copy.deepcopy(teacher), other, work, R.RecoverConfig(steps=1))
     accelerated = copy.deepcopy(teacher)
@@ -209,7 +189,7 @@ def test_zero_steps_changes_nothing(setup):
 
 
 def test_distill_step_loss_matches_its_formula(setup):
-    teacher, work = setup
+    teacher, _ = setup
     student = copy.deepcopy(teacher)
     apply_(student, SparsityConfig(sparsity=0.5, structure="neuron"))
     cfg = R.RecoverConfig(alpha=0.3, temperature=3.0)

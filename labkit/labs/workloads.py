@@ -24,6 +24,9 @@ class Workload:
     make_batches: object  # seed -> endless iterator of training batches
     eval_set: object  # a dict of tensors or a list of batches, for labkit.train.evaluate
     sample: tuple  # (ids, padding mask or None): a batch for latency and FLOP counts
+    # rows held out of training (never in make_batches), for choosing among models without
+    # touching the eval split; None when the workload has none
+    dev_set: object = None
 
 
 def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len: int = 32,

@@ -26,8 +26,6 @@ neurons, O(D * H * Dh) for heads, O(d_in) for a linear.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
