@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -70,7 +71,7 @@ DEFAULT_FAMILIES = ("blocks", "neurons", "heads", "exits", "int8")
 EXCLUSIVE = ({"neurons", "rank"}, {"heads", "attention"})
 # the order a stack is applied in: blocks go first (the others act on what is left)
 ORDER = ("blocks", "rank", "attention", "heads", "neurons", "exits", "int8")
-UNAVAILABLE = {}  # family -> why it cannot be timed here (filled where a path is missing)
+SCREEN_SHARE = 0.5  # at most this share of the search time goes to the one-shot screen
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,9 @@ class PlanConfig:
     ``eta``, ``recover_steps``, ``recover_lr``: successive halving's shape; ``slack``:
     points beyond the budget a one-shot candidate may be and still be recovered;
     ``stacks``: stacks measured in the screen; ``calibration_rows``: training rows the
-    activation-aware techniques calibrate on; ``rounds``/``min_run_time``: paired timing."""
+    activation-aware techniques calibrate on; ``rounds``/``min_run_time``: paired timing at
+    ``threads`` intra-op threads (the deployment's); ``eval_threads``: threads for
+    accuracy and training, which are not timed (0: every core)."""
 
     budget: float = 1.0
     objective: str = "latency"
@@ -100,6 +103,8 @@ class PlanConfig:
     calibration_rows: int = 256
     rounds: int = 3
     min_run_time: float = 0.1
+    threads: int = 1
+    eval_threads: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -124,6 +129,8 @@ class PlanConfig:
         V.integer("calibration_rows", self.calibration_rows, 1)
         V.integer("rounds", self.rounds, 1, 100)
         V.number("min_run_time", self.min_run_time, 0.0, 60.0, lo_open=True)
+        V.integer("threads", self.threads, 1, 256)
+        V.integer("eval_threads", self.eval_threads, 0, 256)
         V.integer("seed", self.seed, 0)
 
 
@@ -343,20 +350,22 @@ class Planner:
         self.dense_bytes = measure.model_bytes(self.dense)["total"]
         self.seq_len = int(self.inputs[0].shape[1])
         self.step_seconds = None  # measured on the first recovery, per unit of FLOPs
+        self.exit_heads: dict = {}  # block -> exit head state trained on the dense backbone
 
     # --------------------------------------------------------------- measure one trial
     def elapsed(self) -> float:
         return self.clock() - self.start
 
     def measure(self, trial: Trial, rung: int, note: str = "") -> dict:
-        acc_model, accel_rows = accelerated(trial.model, trial.cand, self.inputs, self.plans,
-                                            self.timer)
+        with measure.num_threads(self.c.threads):  # kernels chosen and timed as deployed
+            acc_model, accel_rows = accelerated(trial.model, trial.cand, self.inputs,
+                                                self.plans, self.timer)
+            t = measure.paired({"dense": _runner(self.dense, self.inputs),
+                                "candidate": _runner(acc_model, self.inputs)}, "dense",
+                               self.c.rounds, self.c.min_run_time, self.timer)
         trial.accelerated, trial.acceleration = acc_model, accel_rows
         right = ACC.correct(acc_model, self.work.dev_set)
         diff = ACC.paired(self.dense_dev, right)
-        t = measure.paired({"dense": _runner(self.dense, self.inputs),
-                            "candidate": _runner(acc_model, self.inputs)}, "dense",
-                           self.c.rounds, self.c.min_run_time, self.timer)
         nbytes = measure.model_bytes(acc_model)["total"]
         row = {"candidate": trial.cand.name, "families": ",".join(trial.cand.families),
                "exit_q": trial.exit_q,
@@ -388,12 +397,18 @@ class Planner:
 
     # --------------------------------------------------------------- the search
     def screen(self) -> list[Trial]:
-        singles = [c for f in self.c.families for c in levels(self.dense.cfg, f)]
-        trials = [self._trial(c) for c in singles]
-        for t in trials:
-            self.measure(t, 0, "one-shot single technique")
+        trials = []
+        for f in self.c.families:
+            for cand in levels(self.dense.cfg, f):  # built and measured one at a time
+                t = self._trial(cand)
+                self.measure(t, 0, "one-shot single technique")
+                trials.append(t)
         stacks = self._stacks([t for t in trials if self.within(t.row, self.c.slack)])
-        for cand in stacks:
+        for i, cand in enumerate(stacks):
+            if self.elapsed() > SCREEN_SHARE * self.c.search_minutes * 60:
+                self.log.write({"event": "screen stopped", "unmeasured": [c.name for c in
+                                                                          stacks[i:]]})
+                break  # recovery needs the rest of the time
             t = self._trial(cand)
             self.measure(t, 0, "one-shot stack")
             trials.append(t)
@@ -401,8 +416,17 @@ class Planner:
 
     def _trial(self, cand: Candidate) -> Trial:
         t = Trial(cand, materialize(self.dense, cand, self.calibration))
-        if "exits" in cand.families:  # untrained exits say nothing: train them first
+        if "exits" not in cand.families:
+            return t
+        ex = t.model.executor
+        if self.exit_heads and all(b in self.exit_heads for b in ex.exits):
+            for k, b in enumerate(ex.exits):  # heads trained on the dense backbone, reused
+                ex.heads[k].load_state_dict(self.exit_heads[b])
+            self.tune_exits(t)
+        else:  # untrained exits say nothing: train them first
             self.train_exits(t)
+            self.exit_heads = {b: copy.deepcopy(ex.heads[k].state_dict())
+                               for k, b in enumerate(ex.exits)}
         return t
 
     def train_exits(self, trial: Trial) -> None:
@@ -421,9 +445,15 @@ class Planner:
         trial.steps += self.c.recover_steps
         self.tune_exits(trial)
 
-    def tune_exits(self, trial: Trial) -> None:
+    def slack(self, rung: int) -> float:
+        """Points beyond the budget a candidate may be after ``rung`` (0 at the last)."""
+        return self.c.slack * (self.c.rungs - rung) / max(1, self.c.rungs)
+
+    def tune_exits(self, trial: Trial, rung: int = 0) -> None:
         """The exit threshold ``q``: the one that runs the fewest blocks on the dev rows
-        while the dev accuracy stays within the budget of dense (``q = 1``: never exit)."""
+        while the dev accuracy stays within the rung's budget (budget + slack) of dense, or
+        costs at most ``budget`` on top of the candidate without exits when that is already
+        beyond it (``q = 1``: never exit)."""
         from .techniques.early_exit import exit_logits, simulate
 
         m, ex = trial.model, trial.model.executor
@@ -432,10 +462,13 @@ class Planner:
         logits = torch.cat([p[0] for p in parts], 1)
         labels = torch.cat([p[1] for p in parts])
         dense = float(self.dense_dev.float().mean())
+        no_exit = float((logits[-1].argmax(-1) == labels).float().mean())
+        floor = min(dense - (self.c.budget + self.slack(rung)) / 100,
+                    no_exit - self.c.budget / 100)
         best = (float(m.cfg.n_layers), 1.0)
         for q in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999):
             r = simulate(logits, labels, q, ex.exits, ex.n_layers, ex.temps())
-            if 100 * (dense - r["accuracy"]) <= self.c.budget and r["blocks"] < best[0]:
+            if r["accuracy"] >= floor and r["blocks"] < best[0]:
                 best = (r["blocks"], q)
         ex.q = best[1]
         trial.exit_q = best[1]
@@ -466,7 +499,7 @@ class Planner:
     def select(self, trials: list[Trial], rung: int, keep: int) -> list[Trial]:
         """The ``keep`` best by the objective within this rung's slack, plus the best of each
         single family within it; the others are dropped with the reason."""
-        slack = self.c.slack * (self.c.rungs - rung) / max(1, self.c.rungs)
+        slack = self.slack(rung)
         live = [t for t in trials if t.alive]
         ok = sorted([t for t in live if self.within(t.row, slack)],
                     key=lambda t: -self.objective(t.row))
@@ -495,7 +528,7 @@ class Planner:
                       progress=self.progress)
         trial.steps += res.steps
         if "exits" in trial.cand.families:
-            self.tune_exits(trial)
+            self.tune_exits(trial, rung)
         flops = trial.row.get("flops_ratio_claimed") or 1.0
         per = res.seconds / max(1, res.steps) * (flops if math.isfinite(flops) else 1.0)
         self.step_seconds = per if self.step_seconds is None else min(self.step_seconds, per)
@@ -550,13 +583,16 @@ def plan(model: nn.Module, workload, config: PlanConfig = PlanConfig(), *, teach
     ``teacher``: the model recovery distils from (default ``model``); ``log``: a JSON-lines
     path the rows are appended to as they are measured (must not exist); ``on_row(row)``:
     called with every row (live plots); ``timer``/``clock``: injectable timing (tests)."""
-    p = Planner(model, workload, config, teacher, timer, clock, on_row, log, progress)
-    trials = p.search()
-    search_seconds = p.elapsed()
-    chosen = _best(trials, lambda t: p.objective(t.row), config.budget)
-    singles = [t for t in trials if len(t.cand.steps) == 1]
-    best_single = _best(singles, lambda t: p.objective(t.row), config.budget)
-    return _final(p, chosen, best_single, trials, search_seconds)
+    if not isinstance(config, PlanConfig):
+        raise V.LabkitConfigError("config", type(config).__name__, "a labkit PlanConfig")
+    with measure.num_threads(config.eval_threads or os.cpu_count()):
+        p = Planner(model, workload, config, teacher, timer, clock, on_row, log, progress)
+        trials = p.search()
+        search_seconds = p.elapsed()
+        chosen = _best(trials, lambda t: p.objective(t.row), config.budget)
+        singles = [t for t in trials if len(t.cand.steps) == 1]
+        best_single = _best(singles, lambda t: p.objective(t.row), config.budget)
+        return _final(p, chosen, best_single, trials, search_seconds)
 
 
 def _final(p: Planner, chosen: Trial | None, single: Trial | None, trials, search_seconds):
@@ -571,8 +607,9 @@ def _final(p: Planner, chosen: Trial | None, single: Trial | None, trials, searc
     for label, t in trial_of.items():
         if t is not None:  # the very models the search measured last
             models[label] = (t.accelerated, t.model, t.acceleration)
-    timing = measure.paired({k: _runner(m, p.inputs) for k, (m, _, _) in models.items()},
-                            "dense", max(p.c.rounds, 5), max(p.c.min_run_time, 0.2), p.timer)
+    with measure.num_threads(p.c.threads):
+        timing = measure.paired({k: _runner(m, p.inputs) for k, (m, _, _) in models.items()},
+                                "dense", max(p.c.rounds, 5), max(p.c.min_run_time, 0.2), p.timer)
     final = []
     for label, (m, _, _) in models.items():
         right = ACC.correct(m, ev)

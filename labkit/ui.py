@@ -227,8 +227,9 @@ class LiveBoard:
     def __init__(self, panels=("loss",), title: str = "", live: bool | None = None,
                  min_interval: float = 0.5, height: int | None = None,
                  xaxis: dict | None = None, yaxis: dict | None = None, budget: float = 0.02,
-                 max_points: int = 400):
+                 max_points: int = 400, mode: str = "lines+markers"):
         self.panels = list(panels)
+        self.mode = V.choice("mode", mode, ["lines+markers", "lines", "markers"])
         self.live = has_frontend() if live is None else (live and has_frontend())
         self.min_interval = V.number("min_interval", min_interval, 0.0, 60.0)
         self.budget = V.number("budget", budget, 0.0, 1.0, lo_open=True)
@@ -254,7 +255,7 @@ class LiveBoard:
             row, col = F.position(self.panels.index(panel), len(self.panels))
             first = series not in {s for _, s in self._trace}  # one legend entry a series
             color = F.color(series)  # and one colour, in every panel and figure
-            self._fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name=series,
+            self._fig.add_trace(go.Scatter(x=[], y=[], mode=self.mode, name=series,
                                            legendgroup=series, showlegend=first,
                                            line=dict(color=color), marker=dict(color=color)),
                                 row=row, col=col)
