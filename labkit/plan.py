@@ -197,6 +197,23 @@ def levels(model_cfg, family: str) -> list[Candidate]:
     return [Candidate((s,)) for s in out]
 
 
+EXIT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+def exit_threshold(logits, labels, exits, n_layers: int, floor: float, temps=None) -> float:
+    """The threshold ``q`` of :data:`EXIT_THRESHOLDS` that runs the fewest blocks while the
+    accuracy of the exit rule on ``(logits (K+1, n, C), labels)`` stays at or above
+    ``floor``; 1.0 (never exit) when none does."""
+    from .techniques.early_exit import simulate
+
+    best = (float(n_layers), 1.0)
+    for q in EXIT_THRESHOLDS:
+        r = simulate(logits, labels, q, exits, n_layers, temps)
+        if r["accuracy"] >= floor and r["blocks"] < best[0]:
+            best = (r["blocks"], q)
+    return best[1]
+
+
 def compatible(a: Candidate, b: Candidate) -> bool:
     fa, fb = set(a.families), set(b.families)
     if fa & fb:
@@ -454,7 +471,7 @@ class Planner:
         while the dev accuracy stays within the rung's budget (budget + slack) of dense, or
         costs at most ``budget`` on top of the candidate without exits when that is already
         beyond it (``q = 1``: never exit)."""
-        from .techniques.early_exit import exit_logits, simulate
+        from .techniques.early_exit import exit_logits
 
         m, ex = trial.model, trial.model.executor
         dev = self.work.dev_set
@@ -465,13 +482,8 @@ class Planner:
         no_exit = float((logits[-1].argmax(-1) == labels).float().mean())
         floor = min(dense - (self.c.budget + self.slack(rung)) / 100,
                     no_exit - self.c.budget / 100)
-        best = (float(m.cfg.n_layers), 1.0)
-        for q in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999):
-            r = simulate(logits, labels, q, ex.exits, ex.n_layers, ex.temps())
-            if r["accuracy"] >= floor and r["blocks"] < best[0]:
-                best = (r["blocks"], q)
-        ex.q = best[1]
-        trial.exit_q = best[1]
+        ex.q = trial.exit_q = exit_threshold(logits, labels, ex.exits, ex.n_layers, floor,
+                                             ex.temps())
 
     def _stacks(self, good: list[Trial]) -> list[Candidate]:
         """Stacks of recoverable singles, predicted (drops add, speed-ups or byte savings

@@ -92,6 +92,14 @@ def fast_parameters(path) -> dict:
     return dict(nb.get("metadata", {}).get("labkit", {}).get("fast", {}))
 
 
+def real_parameters(path) -> dict:
+    """The notebook's own additions to the real-text profile (metadata ``labkit.real``):
+    what a real model on real text needs beyond the offline default (a longer search, more
+    recovery steps)."""
+    nb = json.loads(Path(path).read_text())
+    return dict(nb.get("metadata", {}).get("labkit", {}).get("real", {}))
+
+
 def notebook_title(path) -> str:
     nb = json.loads(Path(path).read_text())
     return nb.get("metadata", {}).get("labkit", {}).get("title") or Path(path).stem
@@ -281,7 +289,8 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
     per_notebook = {}
     for p in paths:  # fail before running anything
         check_parameters(p, params)
-        per_notebook[p] = real_text_params(notebook_parameters(p), source_dir, model)
+        per_notebook[p] = {**real_text_params(notebook_parameters(p), source_dir, model),
+                           **(real_parameters(p) if source_dir is not None else {})}
     base = check_out(out)
     base_existed = base.exists()
     folder = _new_folder(base)

@@ -186,6 +186,11 @@ def test_report_source_dir_reaches_only_notebooks_with_a_source(glue_root, tmp_p
     nbs.mkdir()
     _notebook(nbs, "01_clf", 'source: str = "synthetic"\nmodel: str = "tiny"')
     _notebook(nbs, "02_plain", "steps: int = 3")
+    import nbformat
+
+    plain = nbformat.read(str(nbs / "02_plain.ipynb"), as_version=4)  # its real-text extras
+    plain.metadata["labkit"] = {"real": {"steps": 5}}
+    nbformat.write(plain, str(nbs / "02_plain.ipynb"))
     monkeypatch.setenv("LABKIT_NOTEBOOKS", str(nbs))
     folder = R.report(out=tmp_path / "r", source_dir=str(glue_root))
     import json
@@ -193,7 +198,7 @@ def test_report_source_dir_reaches_only_notebooks_with_a_source(glue_root, tmp_p
     got = {n["notebook"]: n["metrics"] for n in json.loads(
         (folder / "report.json").read_text())["notebooks"]}
     assert got["01_clf"] == {"source": str(glue_root.resolve()), "model": "minilm"}
-    assert got["02_plain"] == {"steps": "3"}
+    assert got["02_plain"] == {"steps": "5"}  # labkit.real applies with source_dir only
     index = (folder / "index.html").read_text()
     top = index.index("Claims and verdicts")
     assert top < index.index("<h2>Notebooks</h2>")  # the summary comes first

@@ -4,6 +4,7 @@ timer, rows written as they are measured, and bad input refused."""
 import json
 
 import pytest
+import torch
 
 import toy
 from labkit import measure
@@ -187,3 +188,17 @@ def test_candidate_names_and_stacking_order():
     s = a.stacked(b)
     assert s.families == ("blocks", "neurons")  # blocks are applied first
     assert not PL.compatible(a, PL.levels(toy.config(), "rank")[0])
+
+
+def test_exit_threshold_runs_the_fewest_blocks_above_the_floor():
+    # 4 rows, one exit after block 0 of 2: exit confidences 0.95, 0.95, 0.75, 0.6
+    exit_logits = torch.log(torch.tensor([[0.95, 0.05], [0.95, 0.05], [0.75, 0.25], [0.6, 0.4]]))
+    final = torch.log(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.1, 0.9]]))
+    labels = torch.tensor([0, 1, 1, 1])
+    logits = torch.stack([exit_logits, final])  # the exit is right on row 0 only
+    # any exit costs accuracy: floor 1.0 -> never exit; floor 0.75 -> exit rows 0-1 only
+    assert PL.exit_threshold(logits, labels, (0,), 2, 1.0) == 1.0
+    q = PL.exit_threshold(logits, labels, (0,), 2, 0.75)
+    assert 0.75 < q <= 0.95
+    # floor 0: the lowest threshold, every row exits
+    assert PL.exit_threshold(logits, labels, (0,), 2, 0.0) == PL.EXIT_THRESHOLDS[0]
