@@ -545,8 +545,9 @@ class Planner:
         per = res.seconds / max(1, res.steps) * (flops if math.isfinite(flops) else 1.0)
         self.step_seconds = per if self.step_seconds is None else min(self.step_seconds, per)
 
-    def affordable(self, trials: list[Trial], steps: int) -> list[Trial]:
-        """As many of ``trials`` (best first) as the time left allows for ``steps`` steps."""
+    def affordable(self, trials: list[Trial], steps: int, final: bool = True) -> list[Trial]:
+        """As many of ``trials`` (best first) as the time left allows for ``steps`` steps
+        each; the first is always kept unless ``final`` is False (then none may overrun)."""
         if self.step_seconds is None:
             return trials
         left = self.c.search_minutes * 60 - self.elapsed()
@@ -554,7 +555,7 @@ class Planner:
         for t in trials:
             flops = t.row.get("flops_ratio_claimed") or 1.0
             c = steps * self.step_seconds / (flops if math.isfinite(flops) and flops else 1.0)
-            if out and cost + c > left:
+            if (out or not final) and cost + c > left:
                 t.alive = False
                 t.row["status"] = "dropped: the search time would run out"
                 self.log.write({**t.row, "event": "dropped"})
@@ -571,9 +572,11 @@ class Planner:
             if self.elapsed() >= self.c.search_minutes * 60:
                 break
             survivors = self.affordable(survivors, steps)
-            for t in survivors:
-                self.recover(t, steps, rung)
-                self.measure(t, rung, f"recovered {t.steps} steps")
+            for t in survivors:  # re-checked before each: the step time is measured now
+                if self.affordable([t], steps, final=False):
+                    self.recover(t, steps, rung)
+                    self.measure(t, rung, f"recovered {t.steps} steps")
+            survivors = [t for t in survivors if t.alive]
             keep = max(1, math.ceil(len(survivors) / self.c.eta))
             survivors = self.select(survivors, rung, keep)
             steps *= self.c.eta
