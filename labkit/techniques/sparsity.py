@@ -42,7 +42,7 @@ from .. import kernels as K
 from .. import validate as V
 from ..model import MLP, Attention
 from . import masks as MK
-from .registry import linears, register, scope_fields, swap_modules
+from .registry import is_restoring, linears, register, scope_fields, swap_modules
 
 STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron", "head")
 METHODS = ("magnitude", "gradual", "l1")
@@ -245,11 +245,13 @@ def actual_sparsity(model: nn.Module) -> float:
 @register(SparsityConfig)
 def sparsify_(model: nn.Module, config: SparsityConfig) -> nn.Module:
     """Attach masks to the targeted linears and prune them to where the method starts
-    (``magnitude``: the target; ``gradual``: ``initial_sparsity``; ``l1``: nothing yet)."""
+    (``magnitude``: the target; ``gradual``: ``initial_sparsity``; ``l1``: nothing yet).
+    Restoring a saved model (:func:`~.registry.restoring`): masks only, the file has them."""
     from .pruning import strategy
 
     attach(model, config)
-    strategy(config).start(model, config)
+    if not is_restoring():
+        strategy(config).start(model, config)
     return model
 
 
