@@ -160,8 +160,13 @@ def _replay(model: nn.Module, stages: list[dict]) -> None:
             if c not in kind.candidates:
                 raise SavedModelError(f"acceleration[{i}].arguments.{kind.argument}", c,
                                       "one of " + ", ".join(kind.candidates))
+        choices = st.get("choices", {})
+        if not isinstance(choices, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in choices.items()):
+            raise SavedModelError(f"acceleration[{i}].choices", choices,
+                                  "a JSON object {site name: candidate name}")
         try:
-            A.place(model, kind.build(args), st.get("choices", {}))
+            A.place(model, kind.build(args), choices)
         except V.LabkitConfigError as e:  # stages replay in order: a site may come from one
             raise _prefixed(f"acceleration[{i}]", e) from None
         model.acceleration = [{**r, "replayed": True} for r in st.get("rows", [])]

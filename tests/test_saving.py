@@ -476,6 +476,24 @@ def test_format_and_labkit_versions_say_what_is_had_and_needed(saved):
         labkit.load(saved)
 
 
+def test_a_bad_acceleration_record_is_named(tmp_path):
+    m = _model("tiny")
+    _, rows = _int8_fast(m, _ids(m))
+    labkit.save(m, tmp_path / "m", acceleration=rows)
+    folder = tmp_path / "m"
+    _edit(folder, lambda r: r["acceleration"][0].update(sites="gpu"))
+    with pytest.raises(saving.SavedModelError, match=r"acceleration\[0\].sites='gpu'.*'int8'"):
+        labkit.load(folder)
+    _edit(folder, lambda r: r["acceleration"][0].update(sites="int8", choices={
+        "blocks.0.attn.q": "fp4"}))
+    with pytest.raises(saving.SavedModelError, match=r"candidate of blocks.0.attn.q='fp4'"):
+        labkit.load(folder)
+    _edit(folder, lambda r: r["acceleration"][0].update(choices=["blocks.0.attn.q"]))
+    with pytest.raises(saving.SavedModelError, match=r"acceleration\[0\].choices"):
+        labkit.load(folder)
+    assert labkit.load(folder, accelerate=False) is not None  # the simulate stage still loads
+
+
 def _rewrite_weights(folder, fn):
     path = folder / "weights.safetensors"
     state = dict(load_file(path))
