@@ -308,5 +308,48 @@ def summary(rows: list[dict]) -> dict:
             "reverted": False, "warnings": "no layer changed path: nothing to re-time"}
 
 
-__all__ = ["MODEL", "Site", "accelerate", "aliases", "choose", "chosen_paths", "replace",
-           "set_module", "site_signature", "summary"]
+def find_sites(model: nn.Module, sites) -> dict[str, Site]:
+    """``{name: Site}`` as :func:`accelerate` finds them: each module once, under its first
+    name, and a site's submodules not visited."""
+    site_of, found, skip = sites(model), {}, ()
+    for name, mod in model.named_modules():
+        if name == "" or (skip and name.startswith(skip)):
+            continue
+        site = site_of(name, mod)
+        if site is not None:
+            found[name] = site
+            skip = (*skip, name + ".")
+    return found
+
+
+def place(model: nn.Module, sites, choices: dict[str, str]) -> list[dict]:
+    """Put each site named in ``choices`` (``{site name: candidate name}``) on that
+    candidate, without timing anything: a measured choice replayed, e.g. by
+    :func:`labkit.load` from the rows :func:`accelerate` returned (``{r["layer"]:
+    r["chosen"]}`` of the rows with a ``kernel_path``: the sites it replaced). ``sites`` is
+    the same site builder. Sites not named stay as they are; a name that is no site of this
+    model, or a candidate its site does not offer, is an error. Returns one row per site
+    placed (``layer``, ``current``, ``chosen``, ``kernel_path``, ``aliases``)."""
+    model.eval()
+    found = find_sites(model, sites)
+    for name, cand in choices.items():
+        if name not in found:
+            raise V.LabkitConfigError("site", name,
+                                      f"a site of this model ({', '.join(list(found)[:8])}"
+                                      f"{', ...' if len(found) > 8 else ''})")
+        if cand not in found[name].candidates:
+            raise V.LabkitConfigError(f"candidate of {name}", cand,
+                                      "one of " + ", ".join(found[name].candidates))
+    names, rows = aliases(model), []
+    for name, site in found.items():
+        if name not in choices:
+            continue
+        at, new = names[id(site.module)], site.candidates[choices[name]]
+        replace(model, site.module, new, at)
+        rows.append({"layer": name, "current": site.current, "chosen": choices[name],
+                     "kernel_path": _path_of(new, choices[name]), "aliases": ", ".join(at)})
+    return rows
+
+
+__all__ = ["MODEL", "Site", "accelerate", "aliases", "choose", "chosen_paths", "find_sites",
+           "place", "replace", "set_module", "site_signature", "summary"]

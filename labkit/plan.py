@@ -232,19 +232,20 @@ def materialize(dense: nn.Module, cand: Candidate, calibration) -> nn.Module:
 
 
 def accelerated(simulated: nn.Module, cand: Candidate, inputs: tuple, plans: dict,
-                timer=None) -> tuple[nn.Module, list[dict]]:
+                timer=None) -> tuple[nn.Module, list[list[dict]]]:
     """A copy on real kernels: masked structures compacted where that is faster
     (:func:`labkit.techniques.sparsity.accelerate`), then INT8 per layer
-    (:func:`labkit.techniques.int8.accelerate_`) for an ``int8`` candidate."""
+    (:func:`labkit.techniques.int8.accelerate_`) for an ``int8`` candidate. Returns the
+    copy and the rows of each stage, in order (what :func:`labkit.save` replays)."""
     m = copy.deepcopy(simulated).eval()
     rows = []
     ex = getattr(m, "executor", None)
     if hasattr(ex, "exiting"):
         ex.exiting = True  # timed as it runs: samples leave at their exits
     if S.masked_linears(m):
-        rows += S.accelerate(m, *inputs, paths=("compacted-dense",), timer=timer)
+        rows.append(S.accelerate(m, *inputs, paths=("compacted-dense",), timer=timer))
     if cand.int8:
-        rows += I8.accelerate_(m, inputs, plans=plans, timer=timer)
+        rows.append(I8.accelerate_(m, inputs, plans=plans, timer=timer))
     return m, rows
 
 
@@ -397,7 +398,7 @@ class Planner:
                "bytes_ratio": nbytes / self.dense_bytes,
                "flops_ratio_claimed": _flops_ratio(self.dense.cfg, trial.cand, self.seq_len),
                "kernel_paths": sorted(set(measure.kernel_paths(acc_model).values())),
-               "reverted": any(r.get("reverted") for r in accel_rows),
+               "reverted": any(r.get("reverted") for stage in accel_rows for r in stage),
                "status": "measured", "note": note, "seconds": self.elapsed()}
         trial.row = row
         self.rows.append(row)
@@ -482,6 +483,7 @@ class Planner:
         no_exit = float((logits[-1].argmax(-1) == labels).float().mean())
         floor = min(dense - (self.c.budget + self.slack(rung)) / 100,
                     no_exit - self.c.budget / 100)
+        ex.exiting = True  # evaluated and timed as it runs, and saved so
         ex.q = trial.exit_q = exit_threshold(logits, labels, ex.exits, ex.n_layers, floor,
                                              ex.temps())
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import labkit
 import toy
 from labkit import measure
 from labkit import plan as PL
@@ -124,6 +125,11 @@ def test_search_end_to_end_with_a_deterministic_timer(setup, tmp_path):
         assert name in r.metrics
     assert r.metrics["candidates"] == len({x["candidate"] for x in rows})
     assert all(f["eval_n"] == 512 for f in r.final)
+    # the choice is saved and loads as the same model on the same kernels
+    labkit.save(r.simulated, tmp_path / "chosen", acceleration=r.acceleration)
+    again = labkit.load(tmp_path / "chosen")
+    with torch.no_grad():
+        assert torch.equal(again(*work.sample), r.model(*work.sample))
 
 
 def test_an_interrupted_search_keeps_the_rows_measured(setup, tmp_path):

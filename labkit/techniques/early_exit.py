@@ -101,6 +101,9 @@ class EarlyExitExecutor(BlockExecutor):
       left. Use :func:`predict`, which combines them with the model's final head.
     """
 
+    # plain attributes a saved model keeps besides its tensors (labkit.save / labkit.load)
+    saved_attributes = ("q", "calibrated", "exiting")
+
     def __init__(self, n_layers: int, d_model: int, num_labels: int, exits: tuple, q: float):
         super().__init__()
         self.exits = tuple(exits)

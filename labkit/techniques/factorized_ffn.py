@@ -41,6 +41,7 @@ from ..model import MLP, ModelConfig
 from .registry import (
     block_indices,
     expand_parts,
+    is_restoring,
     linears,
     modules,
     register,
@@ -174,9 +175,10 @@ def factorize_ffn_(model: nn.Module, config: FactorizedFFNConfig) -> nn.Module:
                           stacklevel=3)
     targets = {name for name, m in linears(model, config.layers, config.parts).items()
                if isinstance(m, nn.Linear)}
+    init = "random" if is_restoring() else config.init  # restoring: the file has the factors
     swapped = swap_modules(
         model, lambda name, m: name in targets and isinstance(m, nn.Linear),
-        lambda name, m: LowRankLinear.from_linear(m, config.rank, config.init))
+        lambda name, m: LowRankLinear.from_linear(m, config.rank, init))
     if not swapped:
         raise TypeError("factorize_ffn_ found no nn.Linear to factorize in the selected FFNs "
                         "(were they factorized already?)")

@@ -27,9 +27,18 @@ fails with the same :class:`~labkit.validate.LabkitConfigError` everywhere.
 Every swap goes through :func:`swap_modules`, the single shared walker, so techniques
 compose: each one only replaces the modules its ``select`` picks, and a module used in
 several places (cross-layer sharing) is replaced once, by one new module, everywhere.
+
+Restoring (:func:`restoring`): :func:`labkit.load` re-applies a saved model's techniques
+inside ``with restoring():``, then loads every tensor from the file. There a technique only
+builds its structure (modules, parameters and buffers of the right shapes); whatever it would
+choose from the weights or from calibration data (magnitude masks, activation-aware scores,
+an SVD, bits from a Hessian) is skipped, because the saved values replace it. A technique
+whose ``apply_`` computes from weights or data checks :func:`is_restoring`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -39,6 +48,7 @@ from torch import nn
 from .. import validate as V
 
 _APPLY: dict[type, Callable] = {}
+_RESTORING = contextvars.ContextVar("labkit_restoring", default=False)
 
 # ---------------------------------------------------------------------------- where
 
@@ -210,6 +220,27 @@ def registered() -> list[str]:
     return sorted(c.__name__ for c in _APPLY)
 
 
+def config_class(name: str) -> type | None:
+    """The registered config class called ``name`` (None when no technique has it)."""
+    return next((c for c in _APPLY if c.__name__ == name), None)
+
+
+@contextlib.contextmanager
+def restoring():
+    """Inside, :func:`apply_` builds each technique's structure only: values chosen from
+    weights or calibration data are skipped, because a saved file supplies them."""
+    token = _RESTORING.set(True)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
+
+
+def is_restoring() -> bool:
+    """True inside :func:`restoring` (what a technique's ``apply_`` checks)."""
+    return _RESTORING.get()
+
+
 def check(config, model_cfg) -> None:
     """The one model check: ``layers`` within the model, then ``config.check(model_cfg)``.
     Raises :class:`~labkit.validate.LabkitConfigError` naming the field, value and range."""
@@ -240,6 +271,8 @@ def apply_(model: nn.Module, config, calibration=None) -> nn.Module:
         raise TypeError(f"no technique is registered for {type(config).__name__}; "
                         f"registered: {registered()}")
     check(config, getattr(model, "cfg", None))
+    if not hasattr(model, "base_cfg") and hasattr(model, "cfg"):
+        model.base_cfg = model.cfg  # the config before any technique (LayerPrune changes cfg)
     if takes_calibration(config):
         out = fn(model, config, calibration=calibration)
     elif calibration is not None:

@@ -43,7 +43,7 @@ from .. import validate as V
 from ..model import MLP, Attention
 from . import importance as IM
 from . import masks as MK
-from .registry import linears, register, scope_fields, swap_modules
+from .registry import is_restoring, linears, register, scope_fields, swap_modules
 
 STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron", "head")
 METHODS = ("magnitude", "gradual", "l1")
@@ -322,9 +322,14 @@ def sparsify_(model: nn.Module, config: SparsityConfig, calibration=None) -> nn.
     """Attach masks to the targeted linears and prune them to where the method starts
     (``magnitude``: the target; ``gradual``: ``initial_sparsity``; ``l1``: nothing yet).
     Activation scores and compensation are computed on ``calibration`` (the model as it is
-    before this pruning, every unit present)."""
+    before this pruning, every unit present). Restoring a saved model
+    (:func:`~.registry.restoring`): masks only, the file has them (and the compensated
+    biases)."""
     from .pruning import strategy
 
+    if is_restoring():
+        attach(model, config)
+        return model
     if config.needs_data:
         calibration = IM.check_batches(calibration, getattr(model, "cfg", None))
     elif calibration is not None:
