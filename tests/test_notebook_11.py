@@ -29,3 +29,14 @@ def test_planner_notebook_writes_its_report_names(run_notebook):
 def test_bad_parameters_fail_in_the_first_cells(run_notebook, param, value, allowed):
     with pytest.raises(NotebookFailed, match=allowed):
         run_notebook("11_compression_planner", **{param: value})
+
+
+def test_the_chosen_model_is_saved_and_never_clobbers(run_notebook, tmp_path):
+    import labkit
+
+    target = tmp_path / "chosen"
+    run_notebook("11_compression_planner", save=str(target))
+    model = labkit.load(target)
+    assert model.cfg.kind == "encoder" and (target / "recipe.json").is_file()
+    with pytest.raises(NotebookFailed, match="exists"):
+        run_notebook("11_compression_planner", save=str(target), seed=1)
