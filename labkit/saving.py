@@ -351,7 +351,7 @@ def save(model: nn.Module, path, acceleration=None, tokenizer=None, overwrite: b
     path = Path(path)
     V.boolean("overwrite", overwrite)
     V.boolean("verify", verify)
-    _check_target(path, overwrite)
+    check_target(path, overwrite)
     recipe = _recipe(model, acceleration)
     recipe["tokenizer"], vocab = _tokenizer(tokenizer, model.cfg.vocab_size)
     tensors, recipe["tied"] = _tensors(model)
@@ -382,7 +382,10 @@ def is_saved_model(path) -> bool:
         return False
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
+def check_target(path, overwrite: bool = False) -> None:
+    """Raise :class:`SavedModelError` now when :func:`save` would refuse ``path`` (call it
+    before a long search whose result goes there)."""
+    path = Path(path)
     if not (path.exists() or path.is_symlink()):
         return
     if not overwrite:
@@ -415,7 +418,7 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     """Move the finished folder ``tmp`` to ``path`` in one rename (or one exchange)."""
-    _check_target(path, overwrite)
+    check_target(path, overwrite)
     if not (path.exists() or path.is_symlink()):
         if not _renameat2(tmp, path, _RENAME_NOREPLACE):
             os.rename(tmp, path)  # POSIX refuses a non-empty folder: a saved model survives
@@ -591,4 +594,4 @@ def load_tokenizer(path):
 
 
 __all__ = ["ACCELERATE_STEPS", "FORMAT", "FORMAT_VERSION", "SavedModelError",
-           "is_saved_model", "load", "load_tokenizer", "read_recipe", "save"]
+           "check_target", "is_saved_model", "load", "load_tokenizer", "read_recipe", "save"]

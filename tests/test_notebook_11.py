@@ -38,5 +38,5 @@ def test_the_chosen_model_is_saved_and_never_clobbers(run_notebook, tmp_path):
     run_notebook("11_compression_planner", save=str(target))
     model = labkit.load(target)
     assert model.cfg.kind == "encoder" and (target / "recipe.json").is_file()
-    with pytest.raises(NotebookFailed, match="exists"):
+    with pytest.raises(NotebookFailed, match="does not exist yet"):
         run_notebook("11_compression_planner", save=str(target), seed=1)
