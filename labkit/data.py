@@ -9,7 +9,9 @@ Sources a task can come from (``source=``):
   QNLI (question/sentence; 0 entailment, 1 not_entailment), and ``synthetic-lm`` is a small
   language-model corpus.
 * ``"hub"``: ``datasets.load_dataset("nyu-mll/glue", name)``. Needs the network.
-* a folder path: the same schema read locally, ``<dir>/<split>.{parquet,jsonl,json,csv,tsv}``.
+* a folder path: the same schema read locally, ``<dir>/<split>.{parquet,jsonl,json,csv,tsv}``;
+  ``<dir>`` is the task's own folder or one holding it (``<dir>/mnli/``, ``<dir>/qnli/``),
+  see :func:`labkit.glue_files.task_folder`.
 
 The tokenizer is a word-level vocabulary built from the training text, so everything
 works offline and a vocabulary is reproducible from the data alone.

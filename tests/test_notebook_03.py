@@ -162,7 +162,10 @@ def test_real_text_profile_runs_the_classifier_workload(tmp_path):
     from labkit.report import notebook_parameters
 
     (tmp_path / "mnli").mkdir()
-    params = CL.real_text_params(notebook_parameters(NOTEBOOKS / f"{NAME}.ipynb"),
-                                 str(tmp_path), None)
-    assert params["task"] == "nli" and params["model"] == "minilm"
-    assert params["lr"] <= CL.MAX_LR["minilm"] and params["source"] == str(tmp_path.resolve())
+    defined = notebook_parameters(NOTEBOOKS / f"{NAME}.ipynb")
+    params = CL.real_text_params(defined, str(tmp_path), None)
+    assert params["model"] == "minilm" and params["source"] == str(tmp_path.resolve())
+    # task="" and lr=0 resolve in the notebook: MiniLM's classifier workload and recipe
+    p = CL.with_recipe({"task": "", "lr": 0.0, "seq_len": 0, **params}, "lr", "seq_len",
+                       lm_task=True)
+    assert p["task"] == "nli" and p["lr"] == CL.DEFAULTS["minilm"]["lr"] <= CL.MAX_LR["minilm"]
