@@ -209,7 +209,7 @@ def sensitivity(model: nn.Module, loss_fn, samples: int = 16, eig_iters: int = 0
     ``trace_group``: also the trace per block of that many rows (``group_traces``).
 
     The traces start from ``samples`` probes and double up to ``max_samples`` (default
-    ``8 * samples``) until the ranking is resolved (:func:`ranked_traces`); ``trace_probes``
+    ``4 * samples``) until the ranking is resolved (:func:`ranked_traces`); ``trace_probes``
     says how many ran and ``rank_stable`` whether the row is more than ``z`` standard errors
     from both neighbours (a :class:`HessianWarning` when some row is not). A negative
     estimate counts as a flat layer (``omega`` 0)."""
@@ -217,7 +217,7 @@ def sensitivity(model: nn.Module, loss_fn, samples: int = 16, eig_iters: int = 0
     if not weights:
         raise V.LabkitConfigError("layers", layers, "a selection that contains nn.Linear layers")
     V.integer("samples", samples, 1)
-    top = 8 * samples if max_samples is None else max_samples
+    top = 4 * samples if max_samples is None else max_samples
     tr, open_pairs = ranked_traces(loss_fn, weights, samples, top, z, group_size=trace_group,
                                    seed=seed)
     unstable = {n for pair in open_pairs for n in pair}
