@@ -126,14 +126,16 @@ def test_nli_starts_from_the_trained_classifier(run_notebook):
     assert res["headline"] == list(HEADLINE)  # the same names under both tasks
 
 
-@pytest.mark.parametrize("param,value", [("vocab_size", 3), ("model", "minilm"),
-                                         ("baseline_steps", -1)])
-def test_bad_backbone_parameters_are_named(run_notebook, param, value):
-    """A bad vocabulary size, or a MiniLM backbone asked for the LM task, fails naming it."""
+@pytest.mark.parametrize("param,value,extra", [("vocab_size", 3, {}),
+                                               ("model", "minilm", {"task": "lm"}),
+                                               ("baseline_steps", -1, {})])
+def test_bad_backbone_parameters_are_named(run_notebook, param, value, extra):
+    """A bad vocabulary size, or a MiniLM backbone asked for the LM task explicitly, fails
+    naming it (model="minilm" alone takes the nli workload: task="" is the recipe's)."""
     from labkit.report import NotebookFailed
 
     with pytest.raises(NotebookFailed, match=f"{param}={value!r}"):
-        run_notebook(NAME, **{param: value})
+        run_notebook(NAME, **{param: value}, **extra)
 
 
 @requires_minilm
