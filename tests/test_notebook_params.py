@@ -38,10 +38,10 @@ def _checks_only(name: str, folder) -> str:
 
 
 def _checked_params(name: str, tmp_path, **params) -> dict:
-    from labkit.report import execute_notebook
-
     import tempfile
     from pathlib import Path
+
+    from labkit.report import execute_notebook
 
     work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp_path))
     res = execute_notebook(_checks_only(name, work), work / "out",

@@ -28,6 +28,7 @@ Complexity: each HVP ~ 2x a backward pass; trace: ``samples`` HVPs; eigenvalues:
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -123,7 +124,7 @@ def unresolved_pairs(traces: dict, sizes: dict[str, int], z: float = 2.0) -> lis
     single probe, never resolves)."""
     avg = {n: (t["trace"] / sizes[n], t["std"] / sizes[n]) for n, t in traces.items()}
     order = sorted(avg, key=lambda n: -avg[n][0])
-    return [(a, b) for a, b in zip(order, order[1:])
+    return [(a, b) for a, b in itertools.pairwise(order)
             if not avg[a][0] - avg[b][0] > z * math.hypot(avg[a][1], avg[b][1])]
 
 
@@ -284,10 +285,10 @@ def assign_bits(rows: list[dict], budget: int, bits=(2, 3, 4, 8), shapes: dict |
 
 
 __all__ = [
+    "HessianWarning",
     "assign_bits",
     "budget_bytes",
     "exact_hessian",
-    "HessianWarning",
     "hutchinson_trace",
     "hvp",
     "linear_weights",
