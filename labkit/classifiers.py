@@ -25,6 +25,7 @@ import torch
 
 from . import baselines as B
 from . import data as D
+from . import glue_files as G
 from . import model as M
 from . import train as T
 from . import validate as V
@@ -38,13 +39,16 @@ TASKS = ("nli", "qnli")
 # Fine-tuning defaults per backbone (steps, lr, batch size, max_len). MiniLM: BERT's recipe,
 # sized for a shared CPU (see the README for the accuracy it reaches and the cost).
 DEFAULTS = {
-    "tiny": {"steps": 3000, "lr": 1e-3, "batch_size": 32, "max_len": 64},
+    # finetune_lr: fine-tuning a compressed copy of the trained model (recovery, QAT)
+    "tiny": {"steps": 3000, "lr": 1e-3, "batch_size": 32, "max_len": 64, "finetune_lr": 3e-4},
     # MiniLM: the best recipe measured on the development sample (README): 300 steps at
     # 1e-4 on every training row. Choosing the weights on a held-out tenth of train
     # (dev_fraction=0.1: eval every eval_fraction*steps, stop after `patience` evaluations
     # without a better held-out accuracy) is available; at 400 steps x 2e-4 it reached less.
+    # Recovery fine-tuning uses the rate MiniLM was fine-tuned with.
     "minilm": {"steps": 300, "lr": 1e-4, "batch_size": 32, "max_len": 128,
-               "dev_fraction": 0.0, "eval_fraction": 0.1, "patience": 3},
+               "dev_fraction": 0.0, "eval_fraction": 0.1, "patience": 3,
+               "finetune_lr": 1e-4},
 }
 MAX_LR = {"tiny": 1.0, "minilm": 5e-4}  # a pretrained BERT is destroyed by tiny's 1e-3
 
@@ -62,7 +66,8 @@ class Classifier:
     path: Path
     workload: Workload
     backbone: str  # "tiny" | "minilm"
-    recipe: dict  # how it was trained: the cache's training arguments and seconds
+    recipe: dict  # how it was trained: the cache's training arguments and seconds, and
+    # "data": which source was read (describe_source)
 
 
 def task_name(task: str, source: str) -> str:
@@ -77,14 +82,98 @@ def task_name(task: str, source: str) -> str:
     return "mnli" if base == "nli" else "qnli"
 
 
+def describe_source(source: str, name: str) -> dict:
+    """What ``source`` reads for data task ``name``: ``{"source": as given, "path": what is
+    read, "form": ...}``. A folder may be the task's own (``.../mnli``: "the task's own
+    folder") or hold task folders (``.../`` with ``mnli/``, ``qnli/``, what ``labkit report
+    --source-dir`` passes: "a folder of task folders"), see
+    :func:`labkit.glue_files.task_folder`; "hub" and "synthetic" pass through."""
+    if source in ("hub", "synthetic") or name.startswith("synthetic"):
+        return {"source": source, "path": source, "form": source}
+    path, form = G.task_folder(source, name)
+    return {"source": source, "path": str(path), "form": G.FOLDER_FORMS[form]}
+
+
 def task_source(source: str, name: str) -> str:
-    """``source`` for data task ``name``: a GLUE root folder holding ``mnli/`` and ``qnli/``
-    (what ``labkit report --source-dir`` passes) resolves to the task's subfolder; a task
-    folder, ``"hub"`` and ``"synthetic"`` pass through."""
-    if source in ("hub", "synthetic"):
-        return source
-    sub = Path(source).expanduser() / name
-    return str(sub) if sub.is_dir() else source
+    """``source`` for data task ``name`` (:func:`describe_source`'s path)."""
+    return describe_source(source, name)["path"]
+
+
+def sources_used(source: str, tasks) -> dict:
+    """``{data task: "path (form)"}`` for the tasks a notebook reads from ``source``: what a
+    notebook prints and records (``params["source_used"]``)."""
+    out = {}
+    for t in tasks:
+        name = task_name(t, source)
+        d = describe_source(source, name)
+        out[name] = d["path"] if d["form"] == d["path"] else f"{d['path']} ({d['form']})"
+    return out
+
+
+# Notebook parameters whose sensible value depends on the backbone: left at 0 (or "" for
+# text), they take the backbone's recipe (DEFAULTS[model][field]); given, they are checked
+# against the backbone's limits. {parameter: recipe field}.
+RECIPE_FIELDS = {"baseline_steps": "steps", "lr": "lr", "baseline_lr": "lr",
+                 "finetune_lr": "finetune_lr", "qat_lr": "finetune_lr", "max_len": "max_len",
+                 "seq_len": "max_len"}
+_RECIPE_SPEC = {"steps": ("int", 0, None), "lr": ("float", 0.0, 1.0),
+                "finetune_lr": ("float", 0.0, 1.0), "max_len": ("int", 0, 4096)}
+# notebook 03's default workload: the decoder LM trained from scratch (no backbone)
+LM_RECIPE = {"lr": 3e-3, "max_len": 32}
+
+
+def recipe_spec(namespace: dict, *names: str, **as_field: str) -> dict:
+    """The notebook's parameter spec (:func:`labkit.notebook.declared`) with ``names`` (and
+    ``as_field`` parameters) allowed to be 0, meaning "the backbone's recipe"."""
+    from .notebook import declared
+
+    spec = declared(namespace)
+    fields = {n: RECIPE_FIELDS[n] for n in names} | as_field
+    spec.update({n: _RECIPE_SPEC[f] for n, f in fields.items()})
+    return spec
+
+
+def with_recipe(params: dict, *names: str, lm_task: bool = False, **as_field: str) -> dict:
+    """``params`` (validated notebook parameters) with the backbone-dependent ones resolved,
+    in one place for every notebook that takes ``model``:
+
+    * ``names`` (parameters of :data:`RECIPE_FIELDS`) and ``as_field`` (``parameter=field``)
+      left at 0 take ``DEFAULTS[model][field]``; given, a learning rate must be within
+      ``MAX_LR[model]`` and a length at least 8;
+    * ``task=""`` (with ``lm_task``, notebook 03): the decoder LM (``"lm"``, :data:`LM_RECIPE`)
+      for tiny on synthetic data, else ``"nli"``;
+    * ``source_used``: which form of ``source`` is read for the task (:func:`sources_used`).
+
+    Returns a new dict; ``recipe_filled`` lists the parameters that took the recipe."""
+    V.choice("model", params["model"], MODELS)
+    out, filled = dict(params), []
+    if lm_task and out.get("task") == "":
+        lm = out["model"] == "tiny" and out.get("source", "synthetic") == "synthetic"
+        out["task"] = "lm" if lm else "nli"
+        filled.append("task")
+    recipe = LM_RECIPE if out.get("task") == "lm" else DEFAULTS[out["model"]]
+    limit = 1.0 if out.get("task") == "lm" else MAX_LR[out["model"]]
+    for name, field in ({n: RECIPE_FIELDS[n] for n in names} | as_field).items():
+        if out[name] == 0 and field in recipe:
+            out[name] = recipe[field]
+            filled.append(name)
+        elif field in ("lr", "finetune_lr") and out[name] != 0:
+            V.number(name, out[name], 0.0, limit, lo_open=True)
+        elif field == "max_len" and out[name] != 0:
+            V.integer(name, out[name], 8, 4096)
+    if "source" in out and out.get("task") != "lm":
+        tasks = out["tasks"].split(",") if "tasks" in out else [out.get("task", "nli")]
+        out["source_used"] = sources_used(out["source"], [t.strip() for t in tasks if t.strip()])
+    out["recipe_filled"] = filled
+    return out
+
+
+def recipe_note(params: dict) -> str:
+    """One line saying what :func:`with_recipe` filled and which data is read."""
+    filled = ", ".join(f"{n}={params[n]}" for n in params.get("recipe_filled", ()))
+    used = "; ".join(f"{t} from {p}" for t, p in params.get("source_used", {}).items())
+    return (f"{params['model']}'s recipe: {filled or 'nothing left to fill'}"
+            + (f" | data: {used}" if used else ""))
 
 
 def real_text_params(defined: dict, source_dir: str | None, model: str | None) -> dict:
@@ -102,14 +191,11 @@ def real_text_params(defined: dict, source_dir: str | None, model: str | None) -
                                   "a folder holding mnli/ and/or qnli/ GLUE-schema folders")
     out = {"source": str(root.resolve())} if "source" in defined else {}
     if str(defined.get("task", "")).strip("'\"") == "lm" and "source" in defined:
-        out["task"] = "nli"  # an LM-first notebook (03) runs its classifier workload on real text
+        out["task"] = "nli"  # an LM-first notebook runs its classifier workload on real text
     if "model" in defined:
+        # the rest (lr, max_len, baseline_steps, ...) left at 0 in the notebook takes the
+        # backbone's recipe there (with_recipe)
         out["model"] = V.choice("model", model or "minilm", MODELS)
-        recipe = DEFAULTS[out["model"]]
-        # the backbone's recipe where the notebook exposes it (tiny's lr would wreck MiniLM)
-        out.update({k: recipe[k] for k in ("lr", "max_len") if k in defined})
-        if "baseline_steps" in defined:
-            out["baseline_steps"] = recipe["steps"]
     return out
 
 
@@ -193,7 +279,8 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
     vocab = {} if vocab_size is None else {"vocab_size": vocab_size}
     V.choice("model", model, MODELS)
     name = task_name(task, source)
-    source = task_source(source, name)
+    data = describe_source(source, name)
+    source = data["path"]
     d = DEFAULTS[model]
     steps, lr = steps or d["steps"], lr or d["lr"]
     batch_size, max_len = batch_size or d["batch_size"], max_len or d["max_len"]
@@ -208,7 +295,8 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
                                    progress=progress, cache_dir=cache_dir, **vocab)
         wl = _workload(base.model, base.task, batch_size, trimmed=False)
         return Classifier(base.model, base.task, base.metrics, steps, base.cached, base.path,
-                          wl, model, {"recipe": "zoo.trained_encoder", "steps": steps})
+                          wl, model, {"recipe": "zoo.trained_encoder", "steps": steps,
+                                      "data": data})
     if model == "minilm":
         from . import pretrained as PT
 
@@ -251,7 +339,8 @@ def classifier(model: str = "tiny", task: str = "nli", source: str = "synthetic"
     if cached:  # the weights depend on the training rows only: score this eval split
         score = B.evaluate if model == "minilm" else T.evaluate
         metrics = score(net, pairs.eval)
-    recipe = {**args, **{k: record[k] for k in ("seconds", "best_step", "dev") if k in record}}
+    recipe = {**args, **{k: record[k] for k in ("seconds", "best_step", "dev") if k in record},
+              "data": data}
     return Classifier(net, pairs, metrics, steps, cached, path,
                       _workload(net, pairs, batch_size, trimmed=model == "minilm", dev=dev),
                       model, recipe)

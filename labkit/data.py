@@ -5,11 +5,14 @@ Sources a task can come from (``source=``):
 
 * ``"synthetic"`` (the offline default): deterministic, learnable sentence-pair tasks with
   GLUE's columns and label meanings, generated from a seed. ``synthetic-nli`` mirrors MNLI
-  (premise/hypothesis; 0 entailment, 1 neutral, 2 contradiction), ``synthetic-qnli`` mirrors
+  (premise/hypothesis; 0 entailment, 1 neutral, 2 contradiction; "is the object there?"),
+  ``synthetic-qnli`` mirrors
   QNLI (question/sentence; 0 entailment, 1 not_entailment), and ``synthetic-lm`` is a small
   language-model corpus.
 * ``"hub"``: ``datasets.load_dataset("nyu-mll/glue", name)``. Needs the network.
-* a folder path: the same schema read locally, ``<dir>/<split>.{parquet,jsonl,json,csv,tsv}``.
+* a folder path: the same schema read locally, ``<dir>/<split>.{parquet,jsonl,json,csv,tsv}``;
+  ``<dir>`` is the task's own folder or one holding it (``<dir>/mnli/``, ``<dir>/qnli/``),
+  see :func:`labkit.glue_files.task_folder`.
 
 The tokenizer is a word-level vocabulary built from the training text, so everything
 works offline and a vocabulary is reproducible from the data alone.
@@ -137,25 +140,39 @@ def _synthetic(make_row, n_labels: int, n: int, seed: int, part: str | None) -> 
 
 
 def synthetic_nli(n: int, seed: int, part: str | None = None) -> list[dict]:
-    """Premise: a few "the X is C" facts. Hypothesis: a fact that is stated (entailment),
-    contradicted with another colour (contradiction), or about an absent object (neutral).
-    ``part="train"|"eval"`` draws only pairs of that side of :func:`in_eval_part`."""
+    """Premise: a few "the X is C" facts in a place. Hypothesis: "there is a X ." or "there
+    is no X .": about an object the premise states (entailment for "a", contradiction for
+    "no") or one it does not mention (neutral, "a" or "no" alike). ``part="train"|"eval"``
+    draws only pairs of that side of :func:`in_eval_part`.
+
+    Why this form: the label needs one match across the pair (is X in the premise?) and the
+    hypothesis' polarity. The tiny 2-layer encoder, reading its [CLS] token, learns that
+    within its default 3,000 steps (eval accuracy 0.78-0.88 in five runs: init seeds 0/1, lr
+    1e-3/3e-4, one or two threads); the earlier form, where contradiction meant "the X is C"
+    with another colour than the premise gives X, needs the colour bound to its object
+    first, and stayed at 0.33 (lr 1e-3) and 0.58 (lr 3e-4) after 3,000 steps. The
+    hypothesis alone decides at most :data:`NLI_HYPOTHESIS_ONLY` of the rows (polarity
+    separates entailment from contradiction, not either from neutral): accuracy above it
+    needs the premise, i.e. attention across the pair."""
     return _synthetic(_nli_row, 3, n, seed, part)
+
+
+# The best accuracy from the hypothesis alone on synthetic NLI: "a" -> entailment, "no" ->
+# contradiction is right on every non-neutral row and wrong on every neutral one (2/3).
+NLI_HYPOTHESIS_ONLY = 2 / 3
 
 
 def _nli_row(rng: random.Random, label: int) -> dict:
     facts = _facts(rng, rng.randint(1, 3))
     place = rng.choice(_PLACES)
     premise = f"in the {place} " + " and ".join(f"the {o} is {c}" for o, c in facts) + " ."
-    obj, col = rng.choice(facts)
-    if label == 0:
-        hyp = f"the {obj} is {col} ."
-    elif label == 2:
-        hyp = f"the {obj} is {rng.choice([c for c in _COLORS if c != col])} ."
+    if label == 1:  # neutral: an object the premise does not mention, either polarity
+        obj = rng.choice([o for o in _OBJECTS if o not in dict(facts)])
+        polarity = rng.choice(("a", "no"))
     else:
-        absent = rng.choice([o for o in _OBJECTS if o not in dict(facts)])
-        hyp = f"the {absent} is {rng.choice(_COLORS)} ."
-    return dict(premise=premise, hypothesis=hyp, label=label)
+        obj = rng.choice(facts)[0]
+        polarity = "a" if label == 0 else "no"
+    return dict(premise=premise, hypothesis=f"there is {polarity} {obj} .", label=label)
 
 
 def synthetic_qnli(n: int, seed: int, part: str | None = None) -> list[dict]:

@@ -1,6 +1,7 @@
 """GLUE MNLI/QNLI rows from the hub or a local folder, checked against GLUE's schema up front.
 
-A local folder holds one file per split, ``<dir>/<split>.{parquet,jsonl,json,csv,tsv}``,
+A local folder holds one file per split, ``<dir>/<split>.{parquet,jsonl,json,csv,tsv}``
+(``source`` may also be the folder holding ``<task>/``, e.g. ``mnli/`` and ``qnli/``),
 with GLUE's columns (MNLI: premise, hypothesis, label; QNLI: question, sentence, label).
 Both sources go through ``datasets.load_dataset``, so the rows have the hub's columns and
 types, and then through :func:`check_rows` before anything is tokenised or trained:
@@ -87,13 +88,33 @@ def local_file(folder: Path, split: str) -> Path | None:
     return None
 
 
-def rows_from_dir(folder: Path, name: str, split: str) -> list[dict]:
-    """One split of a GLUE-schema folder, read through ``datasets`` and checked."""
-    glue = GLUE_SCHEMA[name]
-    need = (*glue["text"], "label")
+FOLDER_FORMS = {"root": "a folder of task folders", "task": "the task's own folder"}
+
+
+def task_folder(folder, name: str) -> tuple[Path, str]:
+    """Where GLUE task ``name``'s files are: ``folder/name`` when that is a folder (``folder``
+    holds task folders, ``mnli/``, ``qnli/``: form ``"root"``), else ``folder`` itself (the
+    task's own files: form ``"task"``). The other task's own folder is refused by name."""
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise V.LabkitConfigError("source", str(folder),
-                                  "'synthetic', 'hub' or an existing folder of GLUE files")
+                                  f"'synthetic', 'hub' or an existing folder: {name}'s own "
+                                  f"folder (train.jsonl, ...) or one holding {name}/")
+    if (folder / name).is_dir():
+        return folder / name, "root"
+    if folder.name in GLUE_SCHEMA and folder.name != name:
+        raise V.LabkitConfigError(
+            "source", str(folder), f"GLUE {name}'s files: this is the {folder.name} folder; "
+            f"give {name}'s own folder or the folder holding {name}/ (and {folder.name}/)")
+    return folder, "task"
+
+
+def rows_from_dir(folder: Path, name: str, split: str) -> list[dict]:
+    """One split of a GLUE-schema folder (the task's own, or one holding it: see
+    :func:`task_folder`), read through ``datasets`` and checked."""
+    glue = GLUE_SCHEMA[name]
+    need = (*glue["text"], "label")
+    folder, _ = task_folder(folder, name)
     path = local_file(folder, split)
     if path is None:
         present = sorted(p.name for p in folder.iterdir() if p.suffix in LOCAL_SUFFIXES)
@@ -101,7 +122,8 @@ def rows_from_dir(folder: Path, name: str, split: str) -> list[dict]:
             "source", str(folder),
             f"a folder with GLUE {name}'s {split!r} split: one of "
             + ", ".join(f"{split}{s}" for s in LOCAL_SUFFIXES)
-            + f" with columns {', '.join(need)} (it has: {', '.join(present) or 'no data files'})")
+            + f" with columns {', '.join(need)} (it has: {', '.join(present) or 'no data files'})"
+            + f", or a folder holding {name}/ with them")
     import datasets
 
     kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv",

@@ -27,6 +27,10 @@ starts JupyterLab with that setting "disabled" as an application default (an
 exit; the user's own settings still win): widget messages then wait for the running cell,
 as before JupyterLab 4.4. Under plain ``jupyter lab`` choose Settings > Kernel > "Kernel
 Comms over subshells" > Disabled.
+
+The same override answers JupyterLab's first-start question "get notified about official
+Jupyter news?" with no (``@jupyterlab/apputils-extension:notification`` ``fetchNews``
+"false", ``checkForUpdates`` false): it interrupts a class's first look at a notebook.
 """
 from __future__ import annotations
 
@@ -59,18 +63,24 @@ def untracked_messages() -> list[str]:
 APP_SETTINGS = "--LabApp.app_settings_dir"
 NO_SUBSHELL_COMMS = {"@jupyterlab/apputils-extension:kernels-settings":
                      {"commsOverSubshells": "disabled"}}
+# No "get notified about official Jupyter news?" toast at the first start (fetchNews "none"
+# means ask), and no update check (it needs the network): a lab, not a news reader.
+NO_NEWS = {"@jupyterlab/apputils-extension:notification":
+           {"fetchNews": "false", "checkForUpdates": False}}
+OVERRIDES = {**NO_SUBSHELL_COMMS, **NO_NEWS}
 
 
 def app_settings(target: Path) -> Path:
     """A copy of JupyterLab's app settings folder in ``target`` plus
-    ``overrides.d/labkit.json`` turning comms over subshells off."""
+    ``overrides.d/labkit.json`` (:data:`OVERRIDES`): comms over subshells off, and no
+    Jupyter news prompt or update check."""
     from jupyterlab.commands import get_app_dir
 
     original = Path(get_app_dir()) / "settings"
     if original.is_dir():
         shutil.copytree(original, target, dirs_exist_ok=True)
     (target / "overrides.d").mkdir(parents=True, exist_ok=True)
-    (target / "overrides.d" / "labkit.json").write_text(json.dumps(NO_SUBSHELL_COMMS, indent=1))
+    (target / "overrides.d" / "labkit.json").write_text(json.dumps(OVERRIDES, indent=1))
     return target
 
 
@@ -91,7 +101,8 @@ def command(folder: Path, extra: list[str],
     if settings_dir is not None and not any(a.startswith(APP_SETTINGS) for a in extra):
         argv.append(f"{APP_SETTINGS}={app_settings(Path(settings_dir))}")
         notes.append("widget comms over kernel subshells off by default (live plots were "
-                     "seen not to redraw while a cell ran); your own JupyterLab settings win")
+                     "seen not to redraw while a cell ran), and no Jupyter news prompt; your "
+                     "own JupyterLab settings win")
     return argv, notes
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import validate as V
@@ -118,23 +119,33 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate(model, tensors: dict, batch_size: int = 256) -> dict:
-    """Mean loss, and accuracy for a classifier, over a dict of tensors (or LM batches list)."""
+    """Mean loss, and accuracy for a classifier, over a dict of tensors (or LM batches list).
+
+    One forward pass per batch, with the batch's padding mask and segment ids
+    (``token_type_ids``, when present): the loss and the accuracy come from the same logits,
+    the ones ``model.loss`` trains on."""
     was = model.training
     model.eval()
+    encoder = model.cfg.kind == "encoder"
     total, n, correct = 0.0, 0, 0
     chunks = tensors if isinstance(tensors, list) else [
         {k: v[i: i + batch_size] for k, v in tensors.items()}
         for i in range(0, len(tensors["input_ids"]), batch_size)]
     for batch in chunks:
         m = len(batch["input_ids"])
-        total += float(model.loss(batch)) * m
+        logits = model(batch["input_ids"], batch.get("padding_mask"),
+                       batch.get("token_type_ids"))  # (B, C) or (B, N, vocab)
+        labels = batch["labels"]
+        if encoder:
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+        else:  # the batch's mean over its targets, weighted by rows (as model.loss)
+            total += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                           ignore_index=-100)) * m
         n += m
-        if model.cfg.kind == "encoder":
-            logits = model(batch["input_ids"], batch.get("padding_mask"))
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
     model.train(was)
     out = {"loss": total / n}
-    if model.cfg.kind == "encoder":
+    if encoder:
         out["accuracy"] = correct / n
     return out
 

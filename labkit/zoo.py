@@ -1,9 +1,10 @@
 """Trained dense baselines, trained once per machine and cached in a user cache folder.
 
 Compression is applied to a *trained* model: pruning, quantizing or swapping the attention of
-a model that never learned its task measures nothing. The synthetic NLI task needs about
-1,500 steps of the tiny encoder to clear chance clearly (two-hop matching: find the object,
-then compare its colour), more than a notebook should spend on every run. So the dense
+a model that never learned its task measures nothing. The synthetic NLI task needs a few
+thousand steps of the tiny encoder (about 1,000 to get past what the hypothesis alone tells,
+then it learns to find the hypothesis' object in the premise), more than a notebook should
+spend on every run. So the dense
 baseline is trained here, deterministically from its arguments, saved atomically, and
 loaded by every later run with the same key (a few milliseconds).
 

@@ -96,6 +96,13 @@ def test_labkit_lab_starts_passes_arguments_prints_the_url_and_stops(tmp_path):
         assert lab.status() == 200
         if os.geteuid() == 0:
             assert any("added --allow-root" in line for line in lab.stdout)
+        # the running lab serves labkit's override as the default: no Jupyter news prompt
+        plugin = "@jupyterlab/apputils-extension:notification"
+        with urllib.request.urlopen(f"http://127.0.0.1:{lab.port}/lab/api/settings/{plugin}"
+                                    f"?token={TOKEN}", timeout=10) as r:
+            served = json.loads(r.read())["schema"]["properties"]
+        assert served["fetchNews"]["default"] == "false"
+        assert served["checkForUpdates"]["default"] is False
     finally:
         lab.stop()
     assert lab.proc.returncode is not None
@@ -133,11 +140,37 @@ def test_lab_turns_comms_over_subshells_off_in_its_own_app_settings(tmp_path):
     (arg,) = [a for a in argv if a.startswith("--LabApp.app_settings_dir=")]
     folder = Path(arg.split("=", 1)[1])
     override = json.loads((folder / "overrides.d" / "labkit.json").read_text())
-    assert override == {"@jupyterlab/apputils-extension:kernels-settings":
-                        {"commsOverSubshells": "disabled"}}
+    assert override["@jupyterlab/apputils-extension:kernels-settings"] == \
+        {"commsOverSubshells": "disabled"}
     assert any("subshells off" in n for n in notes)
+    # no "get notified about official Jupyter news?" prompt, no update check
+    assert override["@jupyterlab/apputils-extension:notification"] == \
+        {"fetchNews": "false", "checkForUpdates": False}
+    assert any("news" in n for n in notes)
     argv, _ = launcher.command(Path("/nb"), ["--LabApp.app_settings_dir=/mine"], tmp_path / "t")
     assert [a for a in argv if a.startswith("--LabApp.app")] == ["--LabApp.app_settings_dir=/mine"]
+
+
+def test_lab_overrides_are_valid_settings_of_the_installed_jupyterlab():
+    """Every override names a plugin and settings that the installed JupyterLab's schemas
+    define, with an allowed value (a misspelt key or "False" for a boolean is ignored)."""
+    import jsonschema
+    from jupyterlab.commands import get_app_dir
+
+    from labkit import launcher
+
+    schemas = Path(get_app_dir()) / "schemas"
+    for plugin, values in launcher.OVERRIDES.items():
+        package, name = plugin.split(":")
+        path = schemas / package / f"{name}.json"
+        assert path.is_file(), f"{plugin}: no schema {path}"
+        schema = json.loads(path.read_text())
+        assert set(values) <= set(schema["properties"]), plugin
+        jsonschema.validate(values, schema)
+    news = json.loads((schemas / "@jupyterlab/apputils-extension/notification.json")
+                      .read_text())["properties"]["fetchNews"]
+    assert news["default"] == "none"  # JupyterLab asks unless told; labkit says "false"
+    assert {"const": "false", "title": "Never"} in news["oneOf"]
 
 
 def _chromium() -> str:

@@ -141,10 +141,13 @@ def test_task_names_sources_and_the_real_text_profile(glue_root):
         C.task_name("sst2", "synthetic")
     with pytest.raises(LabkitConfigError, match="model"):
         C.classifier("bert-large", "nli")
-    defined = {"source": "synthetic", "model": "tiny", "steps": 3, "lr": 1e-3}
-    assert C.real_text_params(defined, str(glue_root), None) == {
-        "source": str(glue_root.resolve()), "model": "minilm",
-        "lr": C.DEFAULTS["minilm"]["lr"]}
+    defined = {"source": "synthetic", "model": "tiny", "steps": 3, "lr": 0.0}
+    # the notebook's lr left at 0 takes MiniLM's recipe there (with_recipe): only the
+    # source and the model are overridden
+    over = C.real_text_params(defined, str(glue_root), None)
+    assert over == {"source": str(glue_root.resolve()), "model": "minilm"}
+    assert C.with_recipe({**defined, **over, "task": "nli"}, "lr")["lr"] == \
+        C.DEFAULTS["minilm"]["lr"]
     with pytest.raises(LabkitConfigError, match="lr"):
         C.classifier("minilm", "nli", str(glue_root), lr=1e-3)
     assert C.real_text_params({"steps": 3}, str(glue_root), "tiny") == {}

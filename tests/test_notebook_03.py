@@ -126,14 +126,16 @@ def test_nli_starts_from_the_trained_classifier(run_notebook):
     assert res["headline"] == list(HEADLINE)  # the same names under both tasks
 
 
-@pytest.mark.parametrize("param,value", [("vocab_size", 3), ("model", "minilm"),
-                                         ("baseline_steps", -1)])
-def test_bad_backbone_parameters_are_named(run_notebook, param, value):
-    """A bad vocabulary size, or a MiniLM backbone asked for the LM task, fails naming it."""
+@pytest.mark.parametrize("param,value,extra", [("vocab_size", 3, {}),
+                                               ("model", "minilm", {"task": "lm"}),
+                                               ("baseline_steps", -1, {})])
+def test_bad_backbone_parameters_are_named(run_notebook, param, value, extra):
+    """A bad vocabulary size, or a MiniLM backbone asked for the LM task explicitly, fails
+    naming it (model="minilm" alone takes the nli workload: task="" is the recipe's)."""
     from labkit.report import NotebookFailed
 
     with pytest.raises(NotebookFailed, match=f"{param}={value!r}"):
-        run_notebook(NAME, **{param: value})
+        run_notebook(NAME, **{param: value}, **extra)
 
 
 @requires_minilm
@@ -162,7 +164,10 @@ def test_real_text_profile_runs_the_classifier_workload(tmp_path):
     from labkit.report import notebook_parameters
 
     (tmp_path / "mnli").mkdir()
-    params = CL.real_text_params(notebook_parameters(NOTEBOOKS / f"{NAME}.ipynb"),
-                                 str(tmp_path), None)
-    assert params["task"] == "nli" and params["model"] == "minilm"
-    assert params["lr"] <= CL.MAX_LR["minilm"] and params["source"] == str(tmp_path.resolve())
+    defined = notebook_parameters(NOTEBOOKS / f"{NAME}.ipynb")
+    params = CL.real_text_params(defined, str(tmp_path), None)
+    assert params["model"] == "minilm" and params["source"] == str(tmp_path.resolve())
+    # task="" and lr=0 resolve in the notebook: MiniLM's classifier workload and recipe
+    p = CL.with_recipe({"task": "", "lr": 0.0, "seq_len": 0, **params}, "lr", "seq_len",
+                       lm_task=True)
+    assert p["task"] == "nli" and p["lr"] == CL.DEFAULTS["minilm"]["lr"] <= CL.MAX_LR["minilm"]

@@ -238,6 +238,78 @@ def test_hutchinson_matches_exact_trace():
         assert abs(sum(est[k]["groups"]) - est[k]["trace"]) < 1e-4
 
 
+def test_hvp_matches_autograd_hessian():
+    """H v from double backward against the full Hessian of torch.autograd.functional over
+    two layers (cross blocks included), and exact_hessian's diagonal block."""
+    from torch.autograd.functional import hessian
+    from torch.func import functional_call
+
+    net, _ = _tiny_net()
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+    loss = lambda: nn.functional.cross_entropy(net(x), y)
+    w0, w2 = net[0].weight, net[2].weight
+    fixed = {k: v.detach() for k, v in net.named_parameters() if k not in ("0.weight", "2.weight")}
+
+    def f(a, b):
+        return nn.functional.cross_entropy(
+            functional_call(net, {**fixed, "0.weight": a, "2.weight": b}, (x,)), y)
+
+    blocks = hessian(f, (w0.detach(), w2.detach()))
+    n0, n2 = w0.numel(), w2.numel()
+    full = torch.cat([torch.cat([blocks[i][j].reshape(p.numel(), q.numel())
+                                 for j, q in enumerate((w0, w2))], 1)
+                      for i, p in enumerate((w0, w2))], 0)  # (n0 + n2, n0 + n2)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = torch.randn(n0 + n2, generator=g)
+        hv = H.hvp(loss, [w0, w2], [v[:n0].reshape(w0.shape), v[n0:].reshape(w2.shape)])
+        got = torch.cat([h.reshape(-1) for h in hv])
+        assert torch.allclose(got, full @ v, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(H.exact_hessian(loss, w2), full[n0:, n0:], rtol=1e-4, atol=1e-6)
+
+
+def _quadratic(diag: dict[str, float], spread: float, n: int = 40):
+    """A loss 0.5 sum_l w_l^T A_l w_l with known traces n * diag[l]; the off-diagonal
+    entries (+-spread) give every Hutchinson probe a standard deviation of
+    spread * sqrt(2 n (n - 1))."""
+    g = torch.Generator().manual_seed(0)
+    ws, mats = {}, {}
+    for name, d in diag.items():
+        s = (torch.randint(0, 2, (n, n), generator=g) * 2 - 1).float().triu(1) * spread
+        mats[name] = torch.eye(n) * d + s + s.T
+        ws[name] = torch.randn(n, generator=g).requires_grad_()
+    return ws, (lambda: sum(0.5 * ws[k] @ mats[k] @ ws[k] for k in ws)), mats
+
+
+def test_ranked_traces_add_probes_until_the_ranking_is_resolved():
+    # avg traces 1.0 and 1.2, each probe's spread ~8 in trace: 4 probes cannot tell them apart
+    ws, loss, mats = _quadratic({"flat": 1.0, "sharp": 1.2}, 0.14)
+    with pytest.warns(H.HessianWarning, match="not resolved after 4 probes"):
+        few, open4 = H.ranked_traces(loss, ws, samples=4, max_samples=4)
+    assert open4 and all(t["probes"] == 4 for t in few.values())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", H.HessianWarning)
+        tr, still_open = H.ranked_traces(loss, ws, samples=4, max_samples=512)
+    assert still_open == []
+    assert 4 < tr["flat"]["probes"] <= 512
+    assert tr["sharp"]["trace"] > tr["flat"]["trace"]
+    for k, t in tr.items():  # and the estimates are right within their error
+        assert abs(t["trace"] - torch.trace(mats[k]).item()) < 4 * t["std"]
+
+
+def test_tied_traces_are_flagged_not_ranked():
+    ws, loss, _ = _quadratic({"a": 1.0, "b": 1.0}, 0.14)
+    with pytest.warns(H.HessianWarning, match="a ~ b|b ~ a"):
+        tr, open_pairs = H.ranked_traces(loss, ws, samples=4, max_samples=32)
+    assert len(open_pairs) == 1 and tr["a"]["probes"] == 32
+    # one probe has no standard error: never counted as resolved
+    with pytest.warns(H.HessianWarning):
+        _, one = H.ranked_traces(loss, ws, samples=1, max_samples=1)
+    assert one
+
+
 def test_power_iteration_matches_top_eigenvalue():
     net, loss = _tiny_net()
     w = {"a": net[0].weight, "b": net[2].weight}
@@ -263,9 +335,20 @@ def test_assign_bits_respects_budget_and_prefers_sensitive_layers():
 def test_sensitivity_on_labkit_model(ids):
     m = M.build("tiny")
     labels = torch.tensor([0, 1, 2, 0])
-    rows = H.sensitivity(m, lambda: m.loss({"input_ids": ids, "labels": labels}), samples=2,
-                         eig_iters=2)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = H.sensitivity(m, lambda: m.loss({"input_ids": ids, "labels": labels}),
+                             samples=2, eig_iters=2, max_samples=8)
     assert len(rows) == 6 * m.cfg.n_layers
+    probes = {r["trace_probes"] for r in rows}
+    assert len(probes) == 1 and 2 <= probes.pop() <= 8
+    flagged = [r["layer"] for r in rows if not r["rank_stable"]]
+    warned = [w for w in caught if issubclass(w.category, H.HessianWarning)]
+    assert bool(flagged) == bool(warned)
+    if flagged:  # every flagged row has a neighbour within z standard errors
+        assert rows[0]["trace_probes"] == 8
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
     assert all(r["omega_2"] >= r["omega_8"] for r in rows)
 

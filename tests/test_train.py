@@ -58,3 +58,36 @@ def test_steps_to_target_and_early_stop():
 
     r = T.fit(m, D.lm_batches(corpus.train, 8, 16), steps=50, progress=False, callbacks=[Stop()])
     assert r.steps == 7
+
+
+def test_evaluate_runs_one_forward_per_batch_with_token_types():
+    from labkit import baselines as B
+
+    m = M.build("tiny", num_labels=3, vocab_size=50, type_vocab_size=2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6, 50, (10, 12), generator=g)
+    ids[:, 0] = D.CLS
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    pad[:3, 9:] = True
+    # segment ids that the separator rule would not derive: dropping them changes the logits
+    tt = torch.randint(0, 2, ids.shape, generator=g)
+    data = {"input_ids": ids, "padding_mask": pad, "token_type_ids": tt,
+            "labels": torch.arange(10) % 3}
+    calls = []
+    handle = m.register_forward_pre_hook(lambda mod, args: calls.append(args))
+    try:
+        out = T.evaluate(m, data, batch_size=4)
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # batches of 4, 4, 2: one pass each
+    assert all(len(a) == 3 and a[2] is not None for a in calls)
+    assert torch.equal(torch.cat([a[2] for a in calls]), tt)
+    with torch.no_grad():
+        logits = m(ids, pad, tt)
+        dropped = m(ids, pad)
+    assert not torch.allclose(logits, dropped)
+    loss = torch.nn.functional.cross_entropy(logits, data["labels"]).item()
+    assert abs(out["loss"] - loss) < 1e-5
+    assert out["accuracy"] == int((logits.argmax(-1) == data["labels"]).sum()) / 10
+    ref = B.evaluate(m, data, batch_size=4)  # the pretrained path agrees
+    assert abs(ref["loss"] - out["loss"]) < 1e-4 and ref["accuracy"] == out["accuracy"]

@@ -140,8 +140,12 @@ def qbert(base: M.Transformer, s: float, rows: list[dict], bits=(2, 3, 4, 8)) ->
                for k, b in assign.items())
     avg = sum(b * math.prod(shapes[k]) for k, b in assign.items()) / sum(
         math.prod(v) for v in shapes.values())
+    # layers whose trace order the probes did not resolve (hessian.ranked_traces)
+    unstable = sorted(r["layer"] for r in rows if not r.get("rank_stable", True))
     return Variant("qbert", s, m, {"avg_bits": avg, "packed_bytes": used, "budget": budget,
-                                   "bits": dict(assign), "paths": ["fp32 (simulated)"]})
+                                   "bits": dict(assign), "paths": ["fp32 (simulated)"],
+                                   "trace_probes": rows[0].get("trace_probes"),
+                                   "rank_unstable_layers": unstable})
 
 
 def kept_blocks(n_layers: int, s: float) -> tuple[int, ...]:
@@ -407,5 +411,7 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
             variants[(method, s)] = v
             accs.append({"method": method, "sparsity": s, "task": task,
                          "accuracy": accuracy(v, eval_set), "status": "measured",
-                         **({"int8_plan": v.info["plan"]} if "plan" in v.info else {})})
+                         **({"int8_plan": v.info["plan"]} if "plan" in v.info else {}),
+                         **({"hessian_unstable_layers": len(v.info["rank_unstable_layers"])}
+                            if "rank_unstable_layers" in v.info else {})})
     return times, accs, variants

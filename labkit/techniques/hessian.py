@@ -12,6 +12,8 @@ Hessian-vector product costs one extra backward pass (double backward, Pearlmutt
 
   one HVP with ``v`` over all layers gives every layer's estimate at once (the diagonal
   blocks of ``E[v v^T] = I``); the estimate is unbiased, with variance falling as 1/samples.
+  Its standard error decides how many probes run: they double until layers adjacent in the
+  ranking are more than ``z`` standard errors apart, else the rows say the order is noise.
 * The top eigenvalue of each diagonal block ``H_ll`` by power iteration:
   ``v <- H_ll v / ||H_ll v||``, ``lambda = v^T H_ll v`` (Q-BERT's sensitivity).
 
@@ -26,7 +28,9 @@ Complexity: each HVP ~ 2x a backward pass; trace: ``samples`` HVPs; eigenvalues:
 """
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -66,19 +70,18 @@ def hvp(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor],
         return list(torch.autograd.grad(dot, params))
 
 
-def hutchinson_trace(loss_fn, weights: dict[str, torch.Tensor], samples: int = 16,
-                     group_size: int | None = None, seed: int = 0) -> dict:
-    """Per-layer Hessian trace estimates: ``{name: {"trace", "std", "groups"}}``.
+class HessianWarning(UserWarning):
+    """A Hessian trace ranking the probes did not resolve (the order of some layers is noise)."""
 
-    ``groups`` (when ``group_size`` divides the layer's rows, else None) is the trace over
-    each block of ``group_size`` consecutive rows (e.g. one attention head)."""
-    V.integer("samples", samples, 1)
-    names, params = list(weights), list(weights.values())
-    g = torch.Generator().manual_seed(seed)
-    per = {n: [] for n in names}
-    groups = {n: [] for n in names}
-    for _ in range(samples):
-        vs = [torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1 for p in params]
+
+def _rademacher(params, g):
+    return [torch.randint(0, 2, p.shape, generator=g).to(p.dtype) * 2 - 1 for p in params]
+
+
+def _draw_probes(loss_fn, names, params, g, count, group_size, per, groups):
+    """``count`` more Hutchinson probes: append ``v_l^T (Hv)_l`` per layer to ``per``."""
+    for _ in range(count):
+        vs = _rademacher(params, g)
         hv = hvp(loss_fn, params, vs)
         for n, v, h in zip(names, vs, hv):
             vh = (v * h).detach()
@@ -86,13 +89,80 @@ def hutchinson_trace(loss_fn, weights: dict[str, torch.Tensor], samples: int = 1
             if group_size and vh.shape[0] % group_size == 0:
                 rows = vh.reshape(vh.shape[0], -1).sum(1)
                 groups[n].append(rows.reshape(-1, group_size).sum(1))
+
+
+def _summarise(names, per, groups) -> dict:
     out = {}
     for n in names:
         t = torch.tensor(per[n])
+        k = len(t)
         out[n] = {"trace": t.mean().item(),
-                  "std": t.std().item() / math.sqrt(samples) if samples > 1 else float("nan"),
-                  "groups": torch.stack(groups[n]).mean(0).tolist() if groups[n] else None}
+                  "std": t.std().item() / math.sqrt(k) if k > 1 else float("nan"),
+                  "groups": torch.stack(groups[n]).mean(0).tolist() if groups[n] else None,
+                  "probes": k}
     return out
+
+
+def hutchinson_trace(loss_fn, weights: dict[str, torch.Tensor], samples: int = 16,
+                     group_size: int | None = None, seed: int = 0) -> dict:
+    """Per-layer Hessian trace estimates: ``{name: {"trace", "std", "groups", "probes"}}``
+    (``std``: the standard error of the trace, NaN for one probe).
+
+    ``groups`` (when ``group_size`` divides the layer's rows, else None) is the trace over
+    each block of ``group_size`` consecutive rows (e.g. one attention head)."""
+    V.integer("samples", samples, 1)
+    names, params = list(weights), list(weights.values())
+    per, groups = {n: [] for n in names}, {n: [] for n in names}
+    _draw_probes(loss_fn, names, params, torch.Generator().manual_seed(seed), samples,
+                 group_size, per, groups)
+    return _summarise(names, per, groups)
+
+
+def unresolved_pairs(traces: dict, sizes: dict[str, int], z: float = 2.0) -> list[tuple]:
+    """Pairs ``(higher, lower)`` of layers adjacent in the ranking by trace per parameter
+    whose gap is not more than ``z`` standard errors of the difference (a NaN error, from a
+    single probe, never resolves)."""
+    avg = {n: (t["trace"] / sizes[n], t["std"] / sizes[n]) for n, t in traces.items()}
+    order = sorted(avg, key=lambda n: -avg[n][0])
+    return [(a, b) for a, b in itertools.pairwise(order)
+            if not avg[a][0] - avg[b][0] > z * math.hypot(avg[a][1], avg[b][1])]
+
+
+def ranked_traces(loss_fn, weights: dict[str, torch.Tensor], samples: int = 4,
+                  max_samples: int = 64, z: float = 2.0, group_size: int | None = None,
+                  seed: int = 0) -> tuple[dict, list[tuple]]:
+    """Hutchinson traces with probes doubled (``samples``, 2x, 4x, ... up to
+    ``max_samples``) until the ranking by trace per parameter is resolved: every two
+    adjacent layers more than ``z`` standard errors apart (:func:`unresolved_pairs`).
+    With 4 probes a small trace's estimate is often negative, and the ranking (so which
+    layers get the fewest bits) would be decided by the probes' noise.
+
+    Returns (traces as :func:`hutchinson_trace`, the pairs still unresolved; a
+    :class:`HessianWarning` names them)."""
+    V.integer("samples", samples, 1)
+    V.integer("max_samples", max_samples, samples)
+    V.number("z", z, 0.0)
+    names, params = list(weights), list(weights.values())
+    sizes = {n: p.numel() for n, p in weights.items()}
+    g = torch.Generator().manual_seed(seed)
+    per, groups = {n: [] for n in names}, {n: [] for n in names}
+    count = samples
+    while True:
+        _draw_probes(loss_fn, names, params, g, count - len(per[names[0]]), group_size,
+                     per, groups)
+        traces = _summarise(names, per, groups)
+        open_pairs = unresolved_pairs(traces, sizes, z)
+        if not open_pairs or count >= max_samples:
+            break
+        count = min(2 * count, max_samples)
+    if open_pairs:
+        shown = ", ".join(f"{a} ~ {b}" for a, b in open_pairs[:4])
+        more = f" and {len(open_pairs) - 4} more" if len(open_pairs) > 4 else ""
+        warnings.warn(f"Hessian trace ranking not resolved after {count} probes: {shown}{more} "
+                      f"are within {z:g} standard errors, so their order (and which of them "
+                      "gets fewer bits) is noise; rows say rank_stable=False",
+                      HessianWarning, stacklevel=3)
+    return traces, open_pairs
 
 
 def top_eigenvalue(loss_fn, weights: dict[str, torch.Tensor], iters: int = 10,
@@ -133,19 +203,31 @@ def exact_hessian(loss_fn, param: torch.Tensor) -> torch.Tensor:
 def sensitivity(model: nn.Module, loss_fn, samples: int = 16, eig_iters: int = 0,
                 bits=(2, 3, 4, 8), granularity: str = "channel", group_size: int = 1,
                 symmetric: bool = True, layers: tuple = (), seed: int = 0,
-                trace_group: int | None = None) -> list[dict]:
+                trace_group: int | None = None, max_samples: int | None = None,
+                z: float = 2.0) -> list[dict]:
     """One row per layer: Hessian trace (and top eigenvalue), parameter count, and
     ``omega_<b>`` = trace/n * ||Q_b(W) - W||^2 for each candidate bit-width, ranked.
-    ``trace_group``: also the trace per block of that many rows (``group_traces``)."""
+    ``trace_group``: also the trace per block of that many rows (``group_traces``).
+
+    The traces start from ``samples`` probes and double up to ``max_samples`` (default
+    ``4 * samples``) until the ranking is resolved (:func:`ranked_traces`); ``trace_probes``
+    says how many ran and ``rank_stable`` whether the row is more than ``z`` standard errors
+    from both neighbours (a :class:`HessianWarning` when some row is not). A negative
+    estimate counts as a flat layer (``omega`` 0)."""
     weights = linear_weights(model, layers)
     if not weights:
         raise V.LabkitConfigError("layers", layers, "a selection that contains nn.Linear layers")
-    tr = hutchinson_trace(loss_fn, weights, samples, group_size=trace_group, seed=seed)
+    V.integer("samples", samples, 1)
+    top = 4 * samples if max_samples is None else max_samples
+    tr, open_pairs = ranked_traces(loss_fn, weights, samples, top, z, group_size=trace_group,
+                                   seed=seed)
+    unstable = {n for pair in open_pairs for n in pair}
     eig = top_eigenvalue(loss_fn, weights, eig_iters, seed=seed) if eig_iters else {}
     rows = []
     for n, w in weights.items():
         row = {"layer": n, "params": w.numel(), "trace": tr[n]["trace"],
                "trace_std": tr[n]["std"], "avg_trace": tr[n]["trace"] / w.numel(),
+               "trace_probes": tr[n]["probes"], "rank_stable": n not in unstable,
                "top_eig": eig.get(n, float("nan")), "group_traces": tr[n]["groups"]}
         with torch.no_grad():
             for b in bits:
@@ -203,12 +285,15 @@ def assign_bits(rows: list[dict], budget: int, bits=(2, 3, 4, 8), shapes: dict |
 
 
 __all__ = [
+    "HessianWarning",
     "assign_bits",
     "budget_bytes",
     "exact_hessian",
     "hutchinson_trace",
     "hvp",
     "linear_weights",
+    "ranked_traces",
     "sensitivity",
     "top_eigenvalue",
+    "unresolved_pairs",
 ]
