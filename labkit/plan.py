@@ -659,8 +659,8 @@ def _final(p: Planner, chosen: Trial | None, single: Trial | None, trials, searc
                "chosen_accuracy_drop": pick["drop_points"],
                "dense_accuracy": by["dense"]["eval_accuracy"],
                "search_seconds": search_seconds, "candidates": len(last)}
-    return PlanResult(p.rows, front, pick, single_row, final, model, simulated, accel, metrics,
-                      chosen.cand if chosen else None)
+    return PlanResult(p.rows, front, pick, single_row, final, model, simulated, accel or None,
+                      metrics, chosen.cand if chosen else None)
 
 
 __all__ = ["DEFAULT_FAMILIES", "FAMILIES", "OBJECTIVES", "Candidate", "PlanConfig",
