@@ -111,7 +111,7 @@ def sweep_rows(rank: int, ms, mb_rows: int, bubble_error: float | None = None,
         if bubble_error is None:
             wall = gpipe_step(m, mb_rows)
         else:
-            wall = busy / (1 - SIM_BUBBLE(m) * (1 + bubble_error))
+            wall = busy / (1 - gpipe_formula(m) * (1 + bubble_error))
         run = SIM.play([(f, b)] * 2, m, "gpipe", 0.0)
         out.append({"M": m, "S": 2, "rank": rank, "mb_rows": mb_rows, "dp": 1,
                     "tokens_per_row": N, "wall_s": wall, "busy_s": busy, "t0": 0.0,
@@ -121,7 +121,7 @@ def sweep_rows(rank: int, ms, mb_rows: int, bubble_error: float | None = None,
     return out
 
 
-def SIM_BUBBLE(m, s=2):  # noqa: N802 - the formula, named as in the docs
+def gpipe_formula(m, s=2):
     return (s - 1) / (m + s - 1)
 
 

@@ -1,9 +1,9 @@
 """``labkit bench parallel``'s targets on injected results (a made-up machine, no launch):
 each can be met, can fail, and says "not measurable here" (met None) with why where this
 machine cannot tell; and the CLI prints that third state."""
+import dist_fakes as FK
 import pytest
 
-import dist_fakes as FK
 from labkit.benchmarks import parallel as BP
 
 

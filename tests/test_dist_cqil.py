@@ -8,8 +8,8 @@ import torch
 
 from labkit.dist import launch
 from labkit.model import build, preset
-from labkit.techniques import cqil_dist as CD
 from labkit.techniques import CQILConfig, apply_
+from labkit.techniques import cqil_dist as CD
 from labkit.validate import LabkitConfigError
 
 BERT = {"norm_position": "post", "type_vocab_size": 2}

@@ -6,7 +6,7 @@ strategy allocates; the calibration's shape; and bad degrees refused before any 
 starts."""
 import pytest
 
-from labkit.dist import launch, lab
+from labkit.dist import lab, launch
 from labkit.dist.pipeline import split_blocks
 from labkit.dist.pipeline import validate as pp_validate
 from labkit.dist.tensor import validate as tp_validate

@@ -4,10 +4,10 @@ broken down, the DDP verdict, the strict gradient comparison, pipeline stages eq
 the model for both block styles, and the tables the lab builds from a result."""
 import math
 
+import dist_fakes as FK
 import pytest
 import torch
 
-import dist_fakes as FK
 from labkit.dist import lab
 from labkit.dist import simulator as SIM
 from labkit.dist.common import compare_grads
@@ -90,7 +90,10 @@ def test_prediction_equals_the_machine_in_closed_form(machine, M):
     """Every configuration the lab measures, predicted from the calibration alone, equals
     the machine's cost written out (so a term dropped or counted twice shows)."""
     cal, spec = machine
-    sim = lambda **kw: SIM.simulate(spec, cal, **kw)["step_s"]  # noqa: E731
+
+    def sim(**kw):
+        return SIM.simulate(spec, cal, **kw)["step_s"]
+
     assert sim(batch=8 * M) == pytest.approx(FK.one_rank_step(8 * M), rel=1e-9)
     assert sim(dp=2, batch=8 * M) == pytest.approx(FK.ddp_step(8 * M), rel=1e-9)
     assert sim(tp=2, batch=8 * M) == pytest.approx(FK.tp_step(8 * M), rel=1e-9)

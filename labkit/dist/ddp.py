@@ -217,7 +217,8 @@ def run(ctx) -> dict:
                memory=state_bytes(model, opt), rows_per_rank=rows)
     out["weights_checksum"] = float(sum(p.double().sum() for p in model.parameters()))
     if cfg.get("rounds", 0):
-        out["timing"] = timings(ctx, model, plain, ddp, next(stream), cfg["rounds"], cfg.get("reps", 3))
+        out["timing"] = timings(ctx, model, plain, ddp, next(stream), cfg["rounds"],
+                                cfg.get("reps", 3))
     return out
 
 

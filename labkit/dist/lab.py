@@ -477,7 +477,8 @@ def summary(run, exact: pd.DataFrame, bub: pd.DataFrame, ddp: dict, errors: pd.D
         "ddp_target_met": verdict.get("met"), "ddp_target_note": verdict.get("note"),
         "simulator_max_abs_relative_error": float(errors.relative_error.abs().max()),
         "simulator_relative_errors": dict(zip(errors.label, errors.relative_error)),
-        "simulator_memory_max_abs_relative_error": float(mem_errors.relative_error.abs().max()),
+        "simulator_memory_max_abs_relative_error":
+            float(mem_errors.relative_error.abs().max()) if not mem_errors.empty else None,
         "simulated_7b_step_s": big["step_s"],
         "backend": run.backend, "world_size": run.result["world_size"],
         "launch_s": run.seconds, "loadavg": run.result["loadavg"][0],

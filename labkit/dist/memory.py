@@ -11,6 +11,8 @@ pipeline's receive buffers). The workload's data are built before, outside the c
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .common import allocated_bytes, build_model, check_common, state_bytes
@@ -22,10 +24,13 @@ STRATEGIES = ("ddp", "tensor", "pipeline")
 def validate(config: dict, world_size: int) -> None:
     from .. import validate as V
 
-    for s in config.get("strategies", STRATEGIES):
+    names = config.get("strategies", STRATEGIES)
+    for s in names:
         V.choice("strategies", s, STRATEGIES)
-    m = config.get("microbatches", 2)
-    check_common(config, world_size, batch_divisor=world_size * m)
+    m = V.integer("microbatches", config.get("microbatches", 2), 1)
+    # DDP shards the batch over the ranks; the pipeline cuts it into m micro-batches
+    check_common(config, world_size, batch_divisor=math.lcm(
+        world_size if "ddp" in names else 1, m if "pipeline" in names else 1))
 
 
 def _ddp(ctx, wl, cfg, batch):

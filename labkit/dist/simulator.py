@@ -8,18 +8,23 @@ the same way, run through the model with an executor that skips every block (the
 seam); the bytes a block saves for backward per token (``saved_tensors_hooks``); and the
 alpha-beta cost of an all-reduce (ring: ``2(n-1) alpha + 2(n-1)/n * bytes * beta``) and of a
 point-to-point send (``alpha + bytes * beta``), least-squares fitted on small and large
-messages. Every block is timed on the shape the runs have: the sequence length of the
+messages; and the split runtimes' own costs, each on a run of its own: tensor parallel's
+per block call (one DTensor-split block, less its share of the FLOPs and its all-reduces)
+and the pipelining runtime's per micro-batch and stage and per step (a GPipe pipeline
+whose stages do nothing, for several M). Every block is timed on the shape the runs
+have: the sequence length of the
 batches as the data pads them (which can be shorter than the ``seq`` asked for) and the
 padding mask when the task has one. A fit whose time does not grow with size cannot give
 a rate: :func:`fit_line` raises :class:`CalibrationError`, :func:`fit` records it in
 ``Calibration.problems`` (with a warning) and every prediction that needs it is NaN.
 
 Prediction (:func:`simulate`): per micro-batch and stage, forward/backward compute of its
-L/PP blocks at 1/TP of the FLOPs plus TP's 2 all-reduces of (mb, N, D) per block each way;
-the pipeline schedule (GPipe or 1F1B) is played event by event (a stage runs its ops in
-order, each waits for its input from the neighbour plus one send), which gives the step
-time, the bubble and the Gantt; DP adds one all-reduce of the stage's gradients (not
-overlapped: an upper bound). The step time is the whole step's: every device ends it
+L/PP blocks at 1/TP of the FLOPs plus TP's 2 all-reduces of (mb, N, D) per block each way
+and TP's per-call cost, plus the pipelining runtime's cost per micro-batch; the schedule
+(GPipe or 1F1B) is played event by event (a stage runs its ops in order, each waits for
+its input from the neighbour plus one send), which gives the step time, the bubble and
+the Gantt; DP adds one all-reduce of the stage's gradients (not overlapped: an upper
+bound). The step time is the whole step's: every device ends it
 together (the last stage's last backward, then the gradient all-reduce). Memory is the
 busiest device's (the first stage: its blocks, 1/TP of each, and the embedding), broken
 down as fp32 weights (4 B a parameter), gradients (4 B), AdamW's two moments (8 B), the
