@@ -66,9 +66,10 @@ def bubble_targets(bub, tol: float, what: str, note: str, need_cores: bool,
         t = {"target": f"GPipe bubble, {what}, S={row.S} M={row.M} vs (S-1)/(M+S-1)="
                        f"{row.gpipe_bubble:.3f}", "measured": row.measured_bubble,
              "required": f"within {tol:.0%}", "unit": "idle fraction"}
-        detail = (f"relative error {err:.2f}; both ranks computing at once "
-                  f"{row.measured_overlap:.2f} of the step (GPipe: {row.gpipe_overlap:.2f}); "
-                  f"CPU share inside compute {row.cpu_share_in_compute:.2f}; {note}")
+        detail = f"relative error {err:.2f}; " + (
+            f"both ranks computing at once {row.measured_overlap:.2f} of the step (GPipe: "
+            f"{row.gpipe_overlap:.2f}); CPU share inside compute "
+            f"{row.cpu_share_in_compute:.2f}; " if need_cores else "") + note
         if need_cores and row.M < 2:
             out.append(_not_measurable(t, "at M = 1 two stages that take turns give the "
                                           "formula's value too; " + detail))
