@@ -325,3 +325,25 @@ def test_spec_counts_every_parameter_of_a_labkit_model(kind):
     assert spec.params() == count_params(build(cfg))
     one = SIM.simulate(spec, _cal(), batch=8)
     assert one["state_bytes_per_device"] == 16 * spec.params()  # fp32 w + g + AdamW 2x
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_the_flop_count_is_the_blocks_matmuls_plus_attention(kind):
+    """The FLOPs the simulator divides by a rate: 2 per weight (torch's flop counter on a
+    labkit block's linears) plus attention's 4 N D per token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from labkit.model import Block, Rotary, preset
+
+    cfg = preset("small", kind=kind, vocab_size=100)
+    rows, n = 4, 26
+    block = Block(cfg)
+    rope = Rotary(cfg.head_dim, 64, 1e4) if kind == "decoder" else None
+    with FlopCounterMode(display=False) as fc:
+        block(torch.randn(rows, n, cfg.d_model), rope=rope)
+    ops = fc.get_flop_counts()["Global"]
+    linear = sum(v for k, v in ops.items() if k.__name__.split(".")[0] in ("mm", "addmm"))
+    spec = SIM.Spec(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, 100, n,
+                    gated=kind == "decoder")
+    assert linear / (rows * n) == 2 * spec.block_params()
+    assert spec.block_flops_per_token() == 2 * spec.block_params() + 4 * n * cfg.d_model
