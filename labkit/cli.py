@@ -118,7 +118,8 @@ def _bench(args) -> int:
         print(pd.DataFrame(result["rows"]).to_string(index=False))
         targets = pd.DataFrame(result["targets"])
         if not targets.empty:
-            targets["met"] = targets["met"].map({True: "met", False: "NOT met"})
+            targets["met"] = targets["met"].map(  # None: the benchmark says why in its note
+                lambda m: {True: "met", False: "NOT met"}.get(m, "not measurable"))
             print("\ntargets")
             print(targets.to_string(index=False))
         env = result.get("env", {})

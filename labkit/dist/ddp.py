@@ -8,13 +8,16 @@ rest of the backward, so every rank takes the same optimizer step:
 
 which is the gradient of the mean loss over the concatenated batch (equal shards). It
 saves compute time (each rank does 1/N of the work) and costs memory (N full copies of
-weights, gradients and optimizer state: 16 bytes a parameter with fp32 AdamW) and one
-all-reduce of all gradients a step: 2(N-1)/N x 4P bytes per rank on a ring.
+weights, gradients and optimizer state: 16 bytes a parameter with fp32 AdamW; the
+gradients are views into DDP's all-reduce buckets, ``gradient_as_bucket_view``, else the
+buckets would be 4 bytes a parameter more) and one all-reduce of all gradients a step:
+2(N-1)/N x 4P bytes per rank on a ring.
 
 :func:`run` (experiment ``ddp``) checks the gradients after one step against one process
 on the whole batch, trains through :func:`labkit.train.fit` with :class:`DDPStrategy`
 (streaming loss, throughput and memory per rank), checkpoints atomically and resumes after
-a restart, and measures step time, the all-reduce and 1-rank step time side by side.
+a restart, and measures step time, the all-reduce and 1-rank step time side by side,
+with the CPU share each rank got while it was timed (whether it had a core of its own).
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ from .. import validate as V
 from .common import (
     all_max,
     check_common,
+    compare_grads,
+    cores_available,
     grads,
     lockstep_timer,
-    max_abs_diff,
     setup,
     shard,
     state_bytes,
@@ -63,7 +67,13 @@ class DDPStrategy(T.StepStrategy):
         self.ddp = ddp_model
 
     def loss(self, model, batch, state):
-        return task_loss(model, self.ddp(batch["input_ids"], batch.get("padding_mask")), batch)
+        return task_loss(model, forward(self.ddp, batch), batch)
+
+
+def forward(module, batch: dict):
+    """The model's (or its DDP wrapper's) logits on ``batch``: ids, padding mask and
+    segment ids, as :meth:`labkit.model.Transformer.loss` passes them."""
+    return module(batch["input_ids"], batch.get("padding_mask"), batch.get("token_type_ids"))
 
 
 class StreamSteps(T.Callback):
@@ -104,28 +114,40 @@ class Checkpoint(T.Callback):
             self.ctx.emit("checkpoint", step=step)
 
 
-def gradient_check(ctx, model, plain, ddp, batch) -> float:
-    """Max |grad_DDP - grad_one_process| after one step on the same global batch."""
+def wrap(model) -> DDP:
+    """DDP with the gradients as views into its all-reduce buckets: 16 B/param with AdamW
+    (a separate bucket copy would be 4 more)."""
+    return DDP(model, gradient_as_bucket_view=True)
+
+
+def gradient_check(ctx, model, plain, ddp, batch) -> dict:
+    """Max |grad_DDP - grad_one_process| after one step on the same global batch, over
+    every parameter (one without a gradient on either side fails the check)."""
     ref = copy.deepcopy(plain)
     ref.loss(batch).backward()
     model.zero_grad(set_to_none=True)
     part = shard(batch, ctx.rank, ctx.world_size)
-    task_loss(model, ddp(part["input_ids"], part.get("padding_mask")), part).backward()
-    diff = all_max(max_abs_diff(grads(model), grads(ref)))
+    task_loss(model, forward(ddp, part), part).backward()
+    out = compare_grads(grads(model), grads(ref))
+    out["grad_max_abs_diff"] = all_max(out["grad_max_abs_diff"])
     model.zero_grad(set_to_none=True)
-    return diff
+    return out
 
 
 def timings(ctx, model, plain, ddp, batch, rounds: int, reps: int) -> dict:
     """Step time of N-rank DDP (B/N rows each), the same without its all-reduce
     (``no_sync``), one rank alone on all B rows, and a bare all-reduce of every gradient,
-    timed side by side in rotated rounds (:func:`labkit.measure.paired`, lock-step)."""
+    timed side by side in rotated rounds (:func:`labkit.measure.paired`, lock-step); and
+    whether each rank had a core of its own: the same whole-batch step on every rank at
+    once (``all_ranks_full_batch``; its time over rank 0's alone is the contention, 1.0
+    with a core each, whatever the OS reports: a hypervisor's stolen time and shared SMT
+    cores show here too) and the CPU share each rank got while timed (``cpu_share``)."""
     part = shard(batch, ctx.rank, ctx.world_size)
     single = plain
     flat = torch.zeros(sum(p.numel() for p in model.parameters()))
 
     def ddp_step():
-        task_loss(model, ddp(part["input_ids"], part.get("padding_mask")), part).backward()
+        task_loss(model, forward(ddp, part), part).backward()
 
     def compute_only():
         with ddp.no_sync():
@@ -135,16 +157,26 @@ def timings(ctx, model, plain, ddp, batch, rounds: int, reps: int) -> dict:
         if ctx.rank == 0:
             single.loss(batch).backward()
 
+    def every_rank():  # the same work as one_rank, on every rank at once
+        single.loss(batch).backward()
+
     fns = {"one_rank_full_batch": one_rank, "ddp": ddp_step, "ddp_no_sync": compute_only,
-           "all_reduce_grads": lambda: dist.all_reduce(flat)}
+           "all_reduce_grads": lambda: dist.all_reduce(flat),
+           "all_ranks_full_batch": every_rank}
+    cpu: dict = {}
     p = measure.paired(fns, reference="one_rank_full_batch", rounds=rounds,
-                       timer=lockstep_timer(reps))
+                       timer=lockstep_timer(reps, cpu=cpu))
     model.zero_grad(set_to_none=True)
+    single.zero_grad(set_to_none=True)
     t1, tn = p.seconds["one_rank_full_batch"], p.seconds["ddp"]
     return {"seconds": p.seconds, "spread": p.spread, "rounds": rounds, "reps": reps,
             "speedup_vs_one_rank": t1 / tn, "scaling_efficiency": t1 / (ctx.world_size * tn),
             "comm_overhead_s": tn - p.seconds["ddp_no_sync"],
-            "all_reduce_bytes": flat.numel() * 4}
+            "all_reduce_bytes": flat.numel() * 4, "tokens_per_row": int(part["input_ids"].shape[1]),
+            # CPU seconds per wall second in the fastest call (min over rounds); rank 1's
+            # one_rank_full_batch is an empty call, so only rank 0's means anything
+            "cpu_share": {k: min(v) for k, v in cpu.items()},
+            "cores_available": cores_available(), "threads": torch.get_num_threads()}
 
 
 def run(ctx) -> dict:
@@ -152,11 +184,11 @@ def run(ctx) -> dict:
     wl, model = setup(cfg)
     model.to(ctx.device)
     plain = copy.deepcopy(model)  # one process's model: copied before DDP hooks its params
-    ddp = DDP(model)
+    ddp = wrap(model)
     out: dict = {"rank": ctx.rank, "n_params": sum(p.numel() for p in model.parameters())}
     stream = wl.make_batches(cfg.get("seed", 0))
     if cfg.get("check", True):
-        out["grad_max_abs_diff"] = gradient_check(ctx, model, plain, ddp, next(stream))
+        out.update(gradient_check(ctx, model, plain, ddp, next(stream)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.get("lr", 1e-3))
     ckpt = ctx.run_dir / "ddp_checkpoint.pt"
     start_step = 0
@@ -185,7 +217,8 @@ def run(ctx) -> dict:
                memory=state_bytes(model, opt), rows_per_rank=rows)
     out["weights_checksum"] = float(sum(p.double().sum() for p in model.parameters()))
     if cfg.get("rounds", 0):
-        out["timing"] = timings(ctx, model, plain, ddp, next(stream), cfg["rounds"], cfg.get("reps", 3))
+        out["timing"] = timings(ctx, model, plain, ddp, next(stream), cfg["rounds"],
+                                cfg.get("reps", 3))
     return out
 
 

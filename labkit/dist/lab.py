@@ -1,11 +1,16 @@
 """What notebook 07 and ``labkit bench parallel`` share: one launch that carries every
-measurement (calibration, DDP, tensor parallel, pipeline sweeps), tidy tables from its
-result, the simulator fitted on it, and the figures (live loss/throughput per rank, the
-pipeline Gantt from what ran, bubble vs M, simulated scaling curves, in the house style of
-:mod:`labkit.figures`), and notebook 07's parameter checks (:func:`setup`) and metrics
-(:func:`summary`, :data:`HEADLINE`)."""
+measurement (calibration, DDP, tensor parallel, pipeline sweeps on computing and on
+sleeping stages, the bytes each strategy allocates), tidy tables from its result, the
+simulator fitted on it and its error per configuration, the verdicts that need a core per
+rank (:func:`ddp_verdict`), and the figures (live loss/throughput per rank, the pipeline
+Gantt from what ran, bubble vs M with Eq. 10 as GPipe's M = S point, the simulator's
+errors, simulated scaling curves, in the house style of :mod:`labkit.figures`), and
+notebook 07's parameter checks (:func:`setup`) and metrics (:func:`summary`,
+:data:`HEADLINE`)."""
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 
 import pandas as pd
@@ -19,6 +24,10 @@ from .launcher import launch
 
 STRATEGIES = ("ddp", "tensor", "pipeline")
 M_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
+SLEEP_MS = (40.0, 80.0)  # a sleeping stage's F and B per micro-batch: >> the runtime's ms
+CORE_SHARE = 0.9  # CPU s per wall s at which a one-thread rank had a core of its own
+MAX_CONTENTION = 1.15  # the same step on every rank at once / on one rank alone
+DDP_MAX_RATIO = 0.75  # 2 ranks with a core each: at most 0.75x one rank's step (>= 1.33x)
 
 
 def setup(params: dict) -> list[int]:
@@ -40,14 +49,19 @@ def setup(params: dict) -> list[int]:
 def parts(task: str = "nli", size: str = "tiny", seq: int = 32, batch: int = 8,
           steps: int = 20, stages: int = 2, microbatches: int = 4, schedule: str = "gpipe",
           sweep_m: tuple = (1, 2, 4, 8), mb_rows: int = 4, reps: int = 3,
-          strategies: tuple = STRATEGIES) -> list[dict]:
-    """The suite: calibration, then each strategy's exactness check, training steps
-    (streamed) and timings, and the GPipe sweep over M at S = ``stages``."""
+          strategies: tuple = STRATEGIES, sleep_ms: tuple | None = SLEEP_MS) -> list[dict]:
+    """The suite: calibration, the bytes each strategy allocates, then each strategy's
+    exactness check, training steps (streamed) and timings, and the GPipe sweep over M at
+    S = ``stages``, on the model and (``sleep_ms``) on stages that sleep."""
     for s in strategies:
         V.choice("strategy", s, STRATEGIES)
     common = {"task": task, "size": size, "seq": seq}
+    rows = sorted({1, 2, 4, 8, batch, mb_rows})  # every size the runs below use
     out = [{"name": "calibrate", "experiment": "calibrate",
-            "config": {**common, "rows": [1, 2, 4, 8], "reps": reps}}]
+            "config": {**common, "rows": rows, "reps": reps}},
+           {"name": "memory", "experiment": "memory",
+            "config": {**common, "batch": batch, "microbatches": microbatches,
+                       "strategies": list(strategies)}}]
     if "ddp" in strategies:
         out.append({"name": "ddp", "experiment": "ddp", "config": {
             **common, "batch": batch, "steps": steps, "rounds": 1, "reps": reps}})
@@ -62,6 +76,11 @@ def parts(task: str = "nli", size: str = "tiny", seq: int = 32, batch: int = 8,
             **common, "batch": batch, "steps": 0, "check": False, "stages": stages,
             "microbatches": min(sweep_m), "schedule": "gpipe", "sweep_m": list(sweep_m),
             "mb_rows": mb_rows, "reps": reps}})
+        if sleep_ms:
+            out.append({"name": "sleep_sweep", "experiment": "pipeline", "config": {
+                **common, "batch": batch, "steps": 0, "check": False, "stages": stages,
+                "microbatches": min(sweep_m), "schedule": "gpipe", "sweep_m": list(sweep_m),
+                "mb_rows": 1, "reps": 1, "sleep_ms": list(sleep_ms)}})
     return out
 
 
@@ -93,40 +112,60 @@ def board_callback(board, every: int = 1):
 # ------------------------------------------------------------------ tables
 
 def correctness(ranks: list[dict]) -> pd.DataFrame:
+    """Per strategy: the largest gradient and output/loss difference to one process over
+    the ranks, how many gradients were compared (every parameter, on the rank holding
+    it), and the parameters whose gradient was missing on either side (a failure)."""
     rows = []
     for key in ("ddp", "tensor", "pipeline"):
         if key in ranks[0]:
+            missing = sorted({m for r in ranks for m in r[key].get("grads_missing", [])})
             rows.append({"strategy": key,
                          "grad_max_abs_diff": max(r[key]["grad_max_abs_diff"] for r in ranks),
                          "output_or_loss_diff": max(r[key].get("output_max_abs_diff",
                                                                r[key].get("loss_abs_diff", 0))
                                                     for r in ranks),
+                         "grads_compared": [r[key].get("grads_compared") for r in ranks],
+                         "grads_missing": ", ".join(missing),
                          "tolerance": 1e-5 if key == "tensor" else 1e-6})
     df = pd.DataFrame(rows)
     if not df.empty:
         df["exact"] = (df.grad_max_abs_diff <= df.tolerance) & \
-            (df.output_or_loss_diff <= df.tolerance)
+            (df.output_or_loss_diff <= df.tolerance) & (df.grads_missing == "")
     return df
 
 
-def bubble(ranks: list[dict]) -> pd.DataFrame:
-    """Measured GPipe bubble per M (mean over ranks) next to (S-1)/(M+S-1) and the
-    bubble-free Eq. 10 (step = M micro-batches' work / S)."""
-    if "sweep" not in ranks[0]:
+def eq10_step(t: float, S: int) -> float:
+    """The seed paper's Eq. 10 step, 1 / throughput = t + (S-1)/S t, with t a stage's time
+    on the whole batch: GPipe's (M+S-1)/M t at M = S."""
+    return t + (S - 1) / S * t
+
+
+def gpipe_bubble(S: int, M: int) -> float:
+    return (S - 1) / (M + S - 1)
+
+
+def bubble(ranks: list[dict], key: str = "sweep") -> pd.DataFrame:
+    """Measured GPipe bubble per M (mean over ranks of 1 - busy/wall) next to
+    (S-1)/(M+S-1), and the step time next to GPipe's, Eq. 10's (GPipe at M = S: bubble
+    (S-1)/(2S-1) whatever M is) and the bubble-free one (the stages' work / S). ``key``:
+    the sweep on the model (``"sweep"``) or on sleeping stages (``"sleep_sweep"``)."""
+    if key not in ranks[0]:
         return pd.DataFrame()
     rows = []
-    for i, row in enumerate(ranks[0]["sweep"]["bubble"]):
-        per = [r["sweep"]["bubble"][i] for r in ranks]
+    for i, row in enumerate(ranks[0][key]["bubble"]):
+        per = [r[key]["bubble"][i] for r in ranks]
         S, M = row["S"], row["M"]
         busy = sum(p["busy_s"] for p in per)  # all stages' work of the step
         wall = max(p["wall_s"] for p in per)
+        t = busy / S  # one stage's forward + backward on the whole (M micro-batch) batch
         rows.append({"S": S, "M": M, "measured_bubble": sum(p["bubble"] for p in per) / len(per),
-                     "gpipe_bubble": (S - 1) / (M + S - 1), "eq10_bubble": 0.0,
+                     "gpipe_bubble": gpipe_bubble(S, M), "eq10_bubble": gpipe_bubble(S, S),
                      "measured_overlap": overlap(per), "gpipe_overlap": _ideal_overlap(S, M),
-                     "cpu_share_in_compute": sum(p.get("cpu_share", float("nan"))
-                                                 for p in per) / len(per),
-                     "measured_step_s": wall, "eq10_step_s": busy / S,
-                     "gpipe_step_s": busy / S * (M + S - 1) / M,
+                     "cpu_share_in_compute": min(p.get("cpu_share", float("nan"))
+                                                 for p in per),
+                     "measured_step_s": wall, "gpipe_step_s": t * (M + S - 1) / M,
+                     "eq10_step_s": eq10_step(t, S), "no_bubble_step_s": t,
+                     "tokens_per_row": row.get("tokens_per_row"),
                      "samples_per_s": row["samples_per_s"]})
     df = pd.DataFrame(rows)
     df["relative_error_vs_gpipe"] = (df.measured_bubble - df.gpipe_bubble) / df.gpipe_bubble
@@ -149,7 +188,8 @@ def _ideal_overlap(S: int, M: int) -> float | None:
 
 
 def memory(ranks: list[dict]) -> pd.DataFrame:
-    """Bytes each rank held (weights, gradients, AdamW state) vs what the strategy claims."""
+    """Bytes each rank held (weights, gradients, AdamW state, counted tensor by tensor)
+    vs what the strategy claims."""
     rows = []
     for r in ranks:
         if "ddp" in r:
@@ -181,6 +221,7 @@ def ddp_scaling(ranks: list[dict]) -> dict:
     if not t:
         return {}
     s = t["seconds"]
+    shares = [r["ddp"]["timing"].get("cpu_share", {}) for r in ranks]
     return {"one_rank_s": s["one_rank_full_batch"], "ddp_s": s["ddp"],
             "ddp_no_sync_s": s["ddp_no_sync"], "all_reduce_s": s["all_reduce_grads"],
             "two_over_one_rank_step_ratio": s["ddp"] / s["one_rank_full_batch"],
@@ -188,10 +229,66 @@ def ddp_scaling(ranks: list[dict]) -> dict:
             # when every rank has a core of its own; more when they share the cores
             "concurrent_compute_slowdown": s["ddp_no_sync"] * len(ranks)
             / s["one_rank_full_batch"],
+            # CPU seconds per wall second: every rank computing at once (min over ranks),
+            # and rank 0 alone on the whole batch (the reference)
+            "cpu_share_concurrent": min(x.get("ddp_no_sync", math.nan) for x in shares),
+            "cpu_share_one_rank": shares[0].get("one_rank_full_batch", math.nan),
+            # the same whole-batch step on every rank at once vs on rank 0 alone: 1.0 when
+            # each rank has a core (stolen or shared cores show here, not in CPU shares)
+            "contention": max(r["ddp"]["timing"]["seconds"].get("all_ranks_full_batch",
+                                                                 math.nan) for r in ranks)
+            / s["one_rank_full_batch"],
+            "cores_available": t.get("cores_available"), "threads": t.get("threads", 1),
+            "ranks": len(ranks), "tokens_per_row": t.get("tokens_per_row"),
             "speedup": t["speedup_vs_one_rank"], "scaling_efficiency": t["scaling_efficiency"],
             "verdict": speedup_verdict(t["speedup_vs_one_rank"],
                                        flop_ratio=len(ranks)),  # > N ranks' worth: noise
             "all_reduce_bytes": t["all_reduce_bytes"]}
+
+
+def core_problems(ddp: dict, core_share: float = CORE_SHARE,
+                  max_contention: float = MAX_CONTENTION) -> list[str]:
+    """Why the ranks of this launch did not each have a core of their own (empty when
+    they did): too few cores in the affinity mask, the same step slower on every rank at
+    once than on one alone, or a rank getting less than ``core_share`` CPU s per wall s."""
+    why = []
+    need = ddp["ranks"] * ddp.get("threads", 1)
+    if ddp.get("cores_available") is not None and ddp["cores_available"] < need:
+        why.append(f"{ddp['cores_available']} cores for {need} rank threads")
+    c = ddp.get("contention", math.nan)
+    if not c <= max_contention:  # NaN (not measured) is not a core either
+        why.append(f"the same step took {c:.2f}x as long on every rank at once as on one "
+                   f"alone (> {max_contention}: the cores are shared, stolen or busy)")
+    for name, key in (("the ranks computing at once", "cpu_share_concurrent"),
+                      ("one rank alone (the reference)", "cpu_share_one_rank")):
+        share = ddp.get(key, math.nan)
+        if not share >= core_share:  # NaN (not recorded) is not a core either
+            why.append(f"{name} got {share:.2f} CPU s per wall s (< {core_share}: the "
+                       f"cores were shared with other processes)")
+    return why
+
+
+def ddp_verdict(ddp: dict, max_ratio: float = DDP_MAX_RATIO) -> dict:
+    """The 2-rank/1-rank DDP step ratio as a target that can fail: required <=
+    ``max_ratio``, but only where every rank had a core of its own while timed
+    (:func:`core_problems`). Elsewhere ``met`` is None and ``note`` says why it is not
+    measurable here."""
+    ratio = ddp["two_over_one_rank_step_ratio"]
+    why = core_problems(ddp)
+    out = {"target": "2-rank DDP step / 1-rank step, same global batch",
+           "measured": ratio, "required": f"<= {max_ratio} where each rank has a core",
+           "unit": "x"}
+    if why:
+        return {**out, "met": None, "note": "not measurable here: " + "; ".join(why)}
+    met = ratio <= max_ratio
+    return {**out, "met": met, "note": (
+        f"each rank had a core (contention {ddp['contention']:.2f}, CPU share "
+        f"{ddp['cpu_share_concurrent']:.2f} concurrent, {ddp['cpu_share_one_rank']:.2f} "
+        f"alone); " + (
+            "met" if met else f"not met: concurrent compute took "
+            f"{ddp['concurrent_compute_slowdown']:.2f}x one rank's time per row, the "
+            f"all-reduce {ddp['all_reduce_s'] * 1e3:.2f} ms bare, the step "
+            f"{ddp['ddp_s'] * 1e3:.2f} ms vs {ddp['one_rank_s'] * 1e3:.2f} ms"))}
 
 
 def calibration(result: dict) -> tuple[SIM.Calibration, SIM.Spec]:
@@ -201,18 +298,25 @@ def calibration(result: dict) -> tuple[SIM.Calibration, SIM.Spec]:
 
 
 def simulator_errors(result: dict) -> pd.DataFrame:
-    """The simulator on every run this launch measured: relative error per configuration."""
+    """The simulator on every run this launch measured, each at the sequence length it
+    ran: relative error per configuration."""
     cal, spec = calibration(result)
     ranks, ws = result["ranks"], result["world_size"]
     runs = []
     sc = ddp_scaling(ranks)
     batch = ranks[0]["ddp"]["rows_per_rank"] * ws if "ddp" in ranks[0] else None
     if sc:
-        runs += [{"label": "1 rank, whole batch", "batch": batch, "measured_s": sc["one_rank_s"]},
-                 {"label": f"DDP x{ws}", "dp": ws, "batch": batch, "measured_s": sc["ddp_s"]}]
-    if "tensor" in ranks[0] and "step_s" in ranks[0]["tensor"]:
+        n = {"tokens_per_row": sc["tokens_per_row"]} if sc["tokens_per_row"] else {}
+        runs += [{"label": "1 rank, whole batch", "batch": batch,
+                  "measured_s": sc["one_rank_s"], **n},
+                 {"label": f"DDP x{ws}", "dp": ws, "batch": batch, "measured_s": sc["ddp_s"],
+                  **n}]
+    tp = ranks[0].get("tensor", {})
+    if "step_s" in tp:
         runs.append({"label": f"TP x{ws}", "tp": ws, "batch": batch or 8,
-                     "measured_s": ranks[0]["tensor"]["step_s"]})
+                     "measured_s": tp["step_s"],
+                     **({"tokens_per_row": tp["tokens_per_row"]} if "tokens_per_row" in tp
+                        else {})})
     b = bubble(ranks)
     if not b.empty:
         first = ranks[0]["sweep"]["bubble"][0]
@@ -221,27 +325,42 @@ def simulator_errors(result: dict) -> pd.DataFrame:
             runs.append({"label": f"GPipe S={int(row.S)} M={int(row.M)}", "pp": int(row.S),
                          "microbatches": int(row.M), "batch": int(mb * row.M),
                          "schedule": "gpipe", "measured_s": row.measured_step_s,
-                         "bubble": row.measured_bubble})
+                         "bubble": row.measured_bubble,
+                         **({"tokens_per_row": int(row.tokens_per_row)}
+                            if row.tokens_per_row == row.tokens_per_row
+                            and row.tokens_per_row is not None else {})})
     df = pd.DataFrame(SIM.errors(cal, spec, runs))
     df["simulated"] = True
     return df
 
 
 def simulator_memory_errors(result: dict) -> pd.DataFrame:
-    """Simulated bytes of weights + gradients + AdamW state on the busiest device vs the
-    most any rank of this launch held, per strategy."""
+    """Simulated bytes the busiest device holds between steps (weights, gradients, AdamW
+    state, a pipeline's receive buffers) vs the most any rank allocated for it in the
+    ``memory`` experiment (malloc's live bytes after a fresh model took one step), per
+    strategy; the tensor-by-tensor count beside it."""
+    if "memory" not in result["ranks"][0]:
+        return pd.DataFrame()
     cal, spec = calibration(result)
     ranks, ws = result["ranks"], result["world_size"]
-    plans = {"ddp": {"dp": ws}, "tensor": {"tp": ws}, "pipeline": {"pp": ws}}
+    probe = ranks[0]["memory"]
+    batch, m = probe["batch"], probe["microbatches"]
+    run_spec = dataclasses.replace(spec, seq=probe["tokens_per_row"])
+    plans = {"ddp": {"dp": ws}, "tensor": {"tp": ws},
+             "pipeline": {"pp": ws, "microbatches": m}}
     rows = []
     for key, kw in plans.items():
-        if key not in ranks[0]:
+        if key not in probe:
             continue
-        measured = max(r[key]["memory"]["state_bytes"] for r in ranks)
-        sim = SIM.simulate(spec, cal, batch=8 * ws, **kw)["state_bytes_per_device"]
+        got = [r["memory"][key] for r in ranks]
+        measured = max(g["allocated_bytes"] for g in got)
+        sim = SIM.simulate(run_spec, cal, batch=batch, **kw)
+        simulated = sim["state_bytes_per_device"] + sim["pipeline_buffer_bytes"]
         rows.append({"label": f"{key} x{ws}", "measured_bytes": measured,
-                     "simulated_bytes": sim, "relative_error": (sim - measured) / measured,
-                     "simulated": True})
+                     "measured_by": got[0]["allocated_by"],
+                     "counted_state_bytes": max(g["state_bytes"] for g in got),
+                     "simulated_bytes": simulated,
+                     "relative_error": (simulated - measured) / measured, "simulated": True})
     return pd.DataFrame(rows)
 
 
@@ -277,15 +396,39 @@ def simulated_gantt(cal: SIM.Calibration, size: str = "7B", **plan) -> tuple[dic
                                      f"bubble {res['bubble']:.2f}")
 
 
-def bubble_figure(df: pd.DataFrame) -> go.Figure:
+def bubble_figure(df: pd.DataFrame, sleep: pd.DataFrame | None = None) -> go.Figure:
+    """Idle fraction vs M: measured on the model's stages (and on sleeping stages, which
+    overlap on any machine), GPipe's curve, and Eq. 10 as the point of that curve it is:
+    M = S."""
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=df.M, y=df.measured_bubble, name="measured", mode="lines+markers"))
-    fig.add_trace(go.Scatter(x=df.M, y=df.gpipe_bubble, name="GPipe (S-1)/(M+S-1)",
+    fig.add_trace(go.Scatter(x=df.M, y=df.measured_bubble, name="measured (model stages)",
                              mode="lines+markers"))
-    fig.add_trace(go.Scatter(x=df.M, y=df.eq10_bubble, name="Eq. 10 (no bubble term)",
-                             mode="lines"))
+    if sleep is not None and not sleep.empty:
+        fig.add_trace(go.Scatter(x=sleep.M, y=sleep.measured_bubble,
+                                 name="measured (sleeping stages)", mode="lines+markers"))
+    S = int(df.S.iloc[0])
+    ms = list(range(1, max(int(df.M.max()), S) + 1))
+    fig.add_trace(go.Scatter(x=ms, y=[gpipe_bubble(S, m) for m in ms],
+                             name="GPipe (S-1)/(M+S-1)", mode="lines"))
+    fig.add_trace(go.Scatter(x=[S], y=[gpipe_bubble(S, S)], mode="markers",
+                             marker={"size": 14, "symbol": "star"},
+                             name=f"Eq. 10 = GPipe at M = S = {S}: (S-1)/(2S-1)"))
     fig.update_layout(xaxis_title="M", yaxis_title="idle fraction")
-    return F.style(F.layout(fig, title="pipeline bubble vs micro-batches M"), log=False)
+    return F.style(F.layout(fig, title=f"pipeline bubble vs micro-batches M (S = {S})"),
+                   log=False)
+
+
+def error_figure(errors: pd.DataFrame, tolerance: float = 0.2) -> go.Figure:
+    """The simulator's relative step-time error per configuration measured here, with the
+    +-``tolerance`` band."""
+    fig = go.Figure(go.Bar(x=errors.label, y=errors.relative_error * 100,
+                           text=[f"{e:+.0%}" for e in errors.relative_error],
+                           textposition="outside", name="simulated vs measured"))
+    for y in (-tolerance * 100, tolerance * 100):
+        fig.add_hline(y=y, line_dash="dot")
+    fig.update_layout(yaxis_title="(simulated - measured) / measured, %", showlegend=False)
+    return F.style(F.layout(fig, title="simulator step-time error per configuration "
+                                       "(calibrated in the same launch)"), log=False)
 
 
 def scaling_figure(rows: list[dict], title: str = "") -> go.Figure:
@@ -311,27 +454,39 @@ HEADLINE = ("bubble_gpipe_max_m", "bubble_measured_max_m", "simulator_max_abs_re
 
 
 def summary(run, exact: pd.DataFrame, bub: pd.DataFrame, ddp: dict, errors: pd.DataFrame,
-            mem_errors: pd.DataFrame, big: dict, threads: int) -> dict:
+            mem_errors: pd.DataFrame, big: dict, threads: int,
+            sleep: pd.DataFrame | None = None) -> dict:
     """Notebook 07's metrics from its tables: exactness of each strategy, the GPipe bubble
-    claimed vs measured at the smallest and largest M, DDP's 2-over-1-rank step ratio,
-    the simulator's errors on this machine and its (labelled) 7B step."""
+    claimed vs measured at the smallest and largest M (on the model's and on sleeping
+    stages), Eq. 10's bubble, DDP's 2-over-1-rank step ratio and whether it is measurable
+    here, the simulator's errors on this machine and its (labelled) 7B step."""
     diff = exact.set_index("strategy").grad_max_abs_diff
     b = bub.set_index("M")
     lo, hi = int(b.index.min()), int(b.index.max())
-    return {
+    S = int(bub.S.iloc[0])
+    verdict = ddp_verdict(ddp) if ddp else {}
+    out = {
         **{f"{k}_grad_max_abs_diff": float(diff[k]) for k in STRATEGIES if k in diff},
         "all_exact": bool(exact.exact.all()),
         "bubble_measured_m1": float(b.measured_bubble[lo]),
         "bubble_gpipe_m1": float(b.gpipe_bubble[lo]),
         "bubble_measured_max_m": float(b.measured_bubble[hi]),
         "bubble_gpipe_max_m": float(b.gpipe_bubble[hi]),
+        "bubble_eq10": gpipe_bubble(S, S),
         "two_over_one_rank_step_ratio": ddp.get("two_over_one_rank_step_ratio"),
+        "ddp_target_met": verdict.get("met"), "ddp_target_note": verdict.get("note"),
         "simulator_max_abs_relative_error": float(errors.relative_error.abs().max()),
-        "simulator_memory_max_abs_relative_error": float(mem_errors.relative_error.abs().max()),
+        "simulator_relative_errors": dict(zip(errors.label, errors.relative_error)),
+        "simulator_memory_max_abs_relative_error":
+            float(mem_errors.relative_error.abs().max()) if not mem_errors.empty else None,
         "simulated_7b_step_s": big["step_s"],
         "backend": run.backend, "world_size": run.result["world_size"],
         "launch_s": run.seconds, "loadavg": run.result["loadavg"][0],
         "live_steps_streamed": len(run.steps()), "threads": threads}
+    if sleep is not None and not sleep.empty:
+        out["bubble_sleep_max_abs_relative_error"] = \
+            float(sleep.relative_error_vs_gpipe.abs().max())
+    return out
 
 
 def scaling(cal: SIM.Calibration, sizes=("125M", "1.3B", "7B"), **kw) -> list[dict]:

@@ -9,14 +9,18 @@ instead of M. Either way each stage idles while the pipe fills and drains, the b
 
     bubble = (S - 1) / (M + S - 1)          (GPipe, equal stage times)
 
-so a step takes (M + S - 1)(t_f + t_b) instead of the M (t_f + t_b) a bubble-free
-"T_1 / S" (the paper's Eq. 10, which has no bubble term) assumes; the two agree only as
-M >> S. Cost: one send/recv of a (B/M, N, D) activation (and its gradient) per micro-batch
-per stage boundary.
+With t a stage's forward + backward time on the whole batch (t/M per micro-batch), a step
+takes (M + S - 1) t / M; bubble-free would be t. The seed paper's Eq. 10, throughput =
+1 / (t + (S-1)/S t), is this step at M = S: it has a bubble, (S - 1) / (2S - 1) (1/3 at
+S = 2), and is right for a batch cut into as many micro-batches as stages; it over-states
+the step for M > S and under-states it for M < S. Cost: one send/recv of a (B/M, N, D)
+activation (and its gradient) per micro-batch per stage boundary.
 
 Stages run the model's own modules through its block executor (the depth seam) on their
-slice of blocks. The padding mask is data, not an activation: every rank builds the same
-global batch, so each stage sets its micro-batch's mask itself. The decoder's tied
+slice of blocks; pre-norm and post-norm (BERT) blocks alike, segment (token type)
+embeddings on the first stage. The padding mask and the segment ids are data, not
+activations: every rank builds the same global batch, so each stage sets its
+micro-batch's mask (and the first stage its segment ids) itself. The decoder's tied
 embedding / LM head live on the first and last stage: their gradients are all-reduced
 between those two ranks after the backward, so both copies take the same step and stay
 equal. Hybrid: a (data x pipeline) :func:`init_device_mesh`; each pipeline replica takes
@@ -24,6 +28,9 @@ its shard of the batch and gradients are averaged over the data dimension.
 
 :func:`run` records, per rank, every micro-batch's forward and backward start/end (the
 Gantt of what ran), the bubble per M, and checks loss and gradients against one process.
+``sleep_ms = [forward, backward]`` replaces every stage's blocks by a stand-in that sleeps
+that long per micro-batch (:class:`SleepExecutor`): sleeping stages overlap on any machine,
+loaded or not, so they test the bubble estimator against (S-1)/(M+S-1) itself.
 """
 from __future__ import annotations
 
@@ -41,8 +48,8 @@ from torch.distributed.pipelining import (
 )
 
 from .. import validate as V
-from ..model import BlockContext
-from .common import all_max, check_common, max_abs_diff, setup, shard, state_bytes
+from ..model import BlockContext, BlockExecutor, Transformer
+from .common import all_max, check_common, compare_grads, setup, shard, state_bytes
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -67,6 +74,15 @@ def validate(config: dict, world_size: int, dp: int | None = None) -> None:
                                   f"({virtual} stage(s) per rank)")
     if schedule in ("1f1b", "interleaved") and m < stages:
         raise V.LabkitConfigError("microbatches", m, f">= stages={stages} for {schedule}")
+    sleep = config.get("sleep_ms")
+    if sleep is not None:
+        if not isinstance(sleep, (list, tuple)) or len(sleep) != 2:
+            raise V.LabkitConfigError("sleep_ms", sleep, "[forward_ms, backward_ms]")
+        for v in sleep:
+            V.number("sleep_ms", v, 0.0, 10_000.0, lo_open=True)
+        if config.get("check", True):
+            raise V.LabkitConfigError("check", config.get("check", True), "False with "
+                                      "sleep_ms (sleeping stages have no gradients to check)")
     for mm in config.get("sweep_m", []):
         V.integer("sweep_m", mm, 1)
         if schedule in ("1f1b", "interleaved") and mm < stages:
@@ -92,19 +108,51 @@ def split_blocks(n_layers: int, parts: int) -> list[range]:
     return out
 
 
+class SleepExecutor(BlockExecutor):
+    """A stand-in for a stage's blocks that computes nothing: its forward sleeps
+    ``forward_s`` and its backward ``backward_s`` per call (one call per stage and
+    micro-batch). Sleeping stages need no core, so they overlap as a schedule says they
+    should even on a loaded machine: the bubble they give is the schedule's own."""
+
+    def __init__(self, forward_s: float, backward_s: float):
+        super().__init__()
+        self.forward_s, self.backward_s = forward_s, backward_s
+
+    def forward(self, blocks, x, ctx):
+        return _Sleep.apply(x, self.forward_s, self.backward_s)  # (mb, N, D), unchanged
+
+    def extra_repr(self) -> str:
+        return f"sleeps {self.forward_s * 1e3:g} ms forward, {self.backward_s * 1e3:g} ms backward"
+
+
+class _Sleep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, forward_s, backward_s):
+        ctx.backward_s = backward_s
+        time.sleep(forward_s)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.backward_s)
+        return grad, None, None
+
+
 class Stage(nn.Module):
-    """One pipeline stage: the model's own modules for blocks ``idx`` (and the embedding
+    """One pipeline stage: the model's own modules for blocks ``idx`` (and the embeddings
     on the first stage, the final norm and head on the last), parameter names unchanged."""
 
     def __init__(self, model, idx: range, first: bool, last: bool):
         super().__init__()
-        self.kind, self.first, self.last = model.cfg.kind, first, last
+        self.cfg, self.kind, self.first, self.last = model.cfg, model.cfg.kind, first, last
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in idx})
         self.executor = model.executor  # the depth seam runs this stage's slice
         self.rope = model.rope
         self.mask = None  # (mb, N) padding mask of the micro-batch being run
+        self.types = None  # (mb, N) segment ids of the micro-batch (None: from [SEP])
         if first:
             self.embed, self.pos, self.embed_norm = model.embed, model.pos, model.embed_norm
+            self.token_type, self.embed_drop = model.token_type, model.embed_drop
         if last:
             self.norm, self.head = model.norm, model.head
             if model.cfg.kind == "encoder":
@@ -114,12 +162,16 @@ class Stage(nn.Module):
                 self.head.weight = nn.Parameter(model.embed.weight.detach().clone())
 
     def forward(self, x):
-        if self.first:  # x: (mb, N) token ids
+        if self.first:  # x: (mb, N) token ids; the embedding of Transformer.features
             n = x.shape[1]
             h = self.embed(x)  # (mb, N, D)
             if self.pos is not None:
                 h = h + self.pos(torch.arange(n, device=x.device))
-            x = self.embed_norm(h)
+            if self.token_type is not None:
+                # the model's own rule for segment ids from [SEP] (it reads self.cfg only)
+                types = Transformer.token_types(self, x) if self.types is None else self.types
+                h = h + self.token_type(types)
+            x = self.embed_drop(self.embed_norm(h))
         x = self.executor(list(self.blocks.values()), x, BlockContext(self.mask, self.rope))
         if not self.last:
             return x  # (mb, N, D) to the next stage
@@ -144,11 +196,11 @@ def loss_fn(kind: str):
 
 class Trace:
     """Per micro-batch forward/backward start and end on this rank (the Gantt that ran);
-    sets each stage's padding mask from the current step's micro-batches."""
+    sets each stage's padding mask and segment ids from the current step's micro-batches."""
 
     def __init__(self):
         self.events: list[tuple] = []  # (kind "F"/"B", stage, microbatch, start, end)
-        self.masks = None
+        self.masks = self.types = None
         self.t0 = 0.0
         self.cpu = self.span = 0.0  # CPU seconds the process got inside compute spans
 
@@ -157,6 +209,7 @@ class Trace:
 
         def forward_one_chunk(fwd_chunk_id, *a, **k):
             stage.submod.mask = None if self.masks is None else self.masks[fwd_chunk_id]
+            stage.submod.types = None if self.types is None else self.types[fwd_chunk_id]
             t, c = time.perf_counter(), time.process_time()
             out = fwd(fwd_chunk_id, *a, **k)
             self._add("F", index, fwd_chunk_id, t, c)
@@ -228,8 +281,10 @@ class Pipe:
         and data-parallel gradient all-reduces. Returns the mean loss on the last stage."""
         sched = schedule or self.schedule
         part = shard(batch, self.dp_rank, self.dp)
-        mask = part.get("padding_mask")
-        self.trace.masks = None if mask is None else mask.tensor_split(sched._n_microbatches)
+        m = sched._n_microbatches
+        mask, types = part.get("padding_mask"), part.get("token_type_ids")
+        self.trace.masks = None if mask is None else mask.tensor_split(m)
+        self.trace.types = None if types is None else types.tensor_split(m)
         losses = []
         args = (part["input_ids"],) if self.first else ()
         kwargs = {"target": part["labels"], "losses": losses} if self.last else {}
@@ -253,17 +308,20 @@ class Pipe:
             p.grad = None
 
     def named_grads(self) -> dict:
+        """Every parameter this rank holds, by its name in the whole model (the decoder's
+        tied head is the embedding), its gradient or None."""
         out = {}
         for m in self.modules:
             for name, p in m.named_parameters():
-                if p.grad is not None:
-                    out[name.replace("head.weight", "embed.weight")
-                        if self.kind == "decoder" else name] = p.grad.detach().clone()
+                key = name.replace("head.weight", "embed.weight") if self.kind == "decoder" \
+                    else name
+                out[key] = None if p.grad is None else p.grad.detach().clone()
         return out
 
 
 def gradient_check(ctx, pipe: Pipe, model, batch) -> dict:
-    """Loss and gradients of one pipelined step vs one process on the whole batch."""
+    """Loss and gradients of one pipelined step vs one process on the whole batch, over
+    every parameter this rank holds (one without a gradient on either side fails)."""
     import copy
 
     ref = copy.deepcopy(model)
@@ -277,9 +335,9 @@ def gradient_check(ctx, pipe: Pipe, model, batch) -> dict:
         dist.all_reduce(t, group=pipe.dp_group)
         loss = float(t) / pipe.dp
     got = pipe.named_grads()
-    out = {"grad_max_abs_diff": all_max(max_abs_diff(got, ref_grads)),
-           "loss_abs_diff": abs(loss - float(ref_loss)) if loss is not None else 0.0,
-           "grads_compared": len(got)}
+    out = compare_grads(got, ref_grads, names=sorted(got))
+    out.update(grad_max_abs_diff=all_max(out["grad_max_abs_diff"]), grads_held=sorted(got),
+               loss_abs_diff=abs(loss - float(ref_loss)) if loss is not None else 0.0)
     out["loss_abs_diff"] = all_max(out["loss_abs_diff"])
     pipe.zero_grad()
     return out
@@ -287,13 +345,15 @@ def gradient_check(ctx, pipe: Pipe, model, batch) -> dict:
 
 def measure_bubble(ctx, pipe: Pipe, wl, ms: list[int], mb_rows: int, reps: int) -> list[dict]:
     """For each M: ``reps`` steps of M micro-batches of ``mb_rows`` rows (fixed), wall time
-    between barriers and this rank's busy time (sum of its forward and backward spans)."""
+    between barriers and this rank's busy time (sum of its forward and backward spans),
+    after one warm-up step (a new schedule's first step runs the stages outside the
+    traced spans: shape inference, allocations)."""
     rows = []
     for m in ms:
         sched = pipe.make_schedule(m)
         stream = wl.make_batches(1000 + m)
         per = []
-        for r in range(reps + 1):  # the first is warm-up (shape inference, allocations)
+        for r in range(reps + 1):
             batch = _take(stream, m * mb_rows * pipe.dp)
             pipe.trace.events.clear()
             pipe.trace.cpu = pipe.trace.span = 0.0
@@ -311,6 +371,7 @@ def measure_bubble(ctx, pipe: Pipe, wl, ms: list[int], mb_rows: int, reps: int) 
         wall, busy, events, t0, cpu_share = per[0]  # the least-disturbed step
         # t0: perf_counter is CLOCK_MONOTONIC, one clock for every process on this machine
         rows.append({"M": m, "S": pipe.S, "rank": ctx.rank, "mb_rows": mb_rows, "dp": pipe.dp,
+                     "tokens_per_row": int(batch["input_ids"].shape[1]),
                      "wall_s": wall, "busy_s": busy, "t0": t0,
                      # CPU time / wall time inside compute: < 1 means the rank was
                      # waiting for a core (a machine shared with other jobs)
@@ -333,6 +394,9 @@ def _take(stream, rows: int) -> dict:
 def run(ctx) -> dict:
     cfg = ctx.config
     wl, model = setup(cfg)
+    if cfg.get("sleep_ms"):  # stand-in stages that sleep: the schedule's own bubble
+        f, b = cfg["sleep_ms"]
+        model.set_executor(SleepExecutor(f / 1e3, b / 1e3))
     S = cfg.get("stages", ctx.world_size)
     M = cfg.get("microbatches", 2 * S)
     pipe = Pipe(ctx, model, S, M, cfg.get("schedule", "gpipe"))

@@ -8,22 +8,38 @@ the same way, run through the model with an executor that skips every block (the
 seam); the bytes a block saves for backward per token (``saved_tensors_hooks``); and the
 alpha-beta cost of an all-reduce (ring: ``2(n-1) alpha + 2(n-1)/n * bytes * beta``) and of a
 point-to-point send (``alpha + bytes * beta``), least-squares fitted on small and large
-messages.
+messages; and the split runtimes' own costs, each on a run of its own: tensor parallel's
+per block call (one DTensor-split block, less its share of the FLOPs and its all-reduces)
+and the pipelining runtime's per micro-batch and stage and per step (a GPipe pipeline
+whose stages do nothing, for several M). Every block is timed on the shape the runs
+have: the sequence length of the
+batches as the data pads them (which can be shorter than the ``seq`` asked for) and the
+padding mask when the task has one. A fit whose time does not grow with size cannot give
+a rate: :func:`fit_line` raises :class:`CalibrationError`, :func:`fit` records it in
+``Calibration.problems`` (with a warning) and every prediction that needs it is NaN.
 
 Prediction (:func:`simulate`): per micro-batch and stage, forward/backward compute of its
-L/PP blocks at 1/TP of the FLOPs plus TP's 2 all-reduces of (mb, N, D) per block each way;
-the pipeline schedule (GPipe or 1F1B) is played event by event (a stage runs its ops in
-order, each waits for its input from the neighbour plus one send), which gives the step
-time, the bubble and the Gantt; DP adds one all-reduce of the stage's gradients (not
-overlapped: an upper bound). Memory per device: 16 bytes a parameter (fp32 weights,
-gradients, AdamW's two moments) of what the device holds, plus the activations of the
-micro-batches in flight (M for GPipe, S - s for 1F1B). Every number it returns is
-simulated; :func:`errors` puts it next to the measured runs.
+L/PP blocks at 1/TP of the FLOPs plus TP's 2 all-reduces of (mb, N, D) per block each way
+and TP's per-call cost, plus the pipelining runtime's cost per micro-batch; the schedule
+(GPipe or 1F1B) is played event by event (a stage runs its ops in order, each waits for
+its input from the neighbour plus one send), which gives the step time, the bubble and
+the Gantt; DP adds one all-reduce of the stage's gradients (not overlapped: an upper
+bound). The step time is the whole step's: every device ends it
+together (the last stage's last backward, then the gradient all-reduce). Memory is the
+busiest device's (the first stage: its blocks, 1/TP of each, and the embedding), broken
+down as fp32 weights (4 B a parameter), gradients (4 B), AdamW's two moments (8 B), the
+activations each micro-batch in flight saves for backward (M in flight for GPipe,
+min(S, M) for 1F1B) and the pipeline's receive buffers (one (mb, N, D) gradient per
+micro-batch); :func:`describe` prints it so it can be checked by hand. Every number it
+returns is simulated; :func:`errors` puts it next to the measured runs.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +47,12 @@ import torch.distributed as dist
 
 from .. import validate as V
 from ..model import Block, BlockExecutor, ModelConfig, build
-from .common import lockstep_timer, setup
+from .common import lockstep_timer, setup, tokens_per_row
+
+
+class CalibrationError(ValueError):
+    """A calibration measurement that cannot be fitted (e.g. time that does not grow
+    with size, so no FLOP rate follows from it)."""
 
 
 @dataclass(frozen=True)
@@ -104,19 +125,27 @@ class Calibration:
     ar_beta: float
     p2p_alpha: float
     p2p_beta: float
+    # software costs of the split runtimes, calibrated on their own (0: none measured)
+    tp_fwd_overhead: float = 0.0  # s per block call under tensor parallel (DTensor)
+    tp_bwd_overhead: float = 0.0
+    pipe_op_overhead: float = 0.0  # s per micro-batch and stage (F and B together)
+    pipe_step_overhead: float = 0.0  # s per pipelined step
     measured: dict = dataclasses.field(default_factory=dict)  # the raw points, for plots
+    problems: list = dataclasses.field(default_factory=list)  # fits that failed (NaN terms)
 
     def block(self, spec: Spec, tokens: int, tp: int = 1) -> tuple[float, float]:
         f = spec.block_flops_per_token() * tokens / tp
         return self.fwd_a + f / self.fwd_rate, self.bwd_a + 2 * f / self.bwd_rate
 
-    def ends(self, spec: Spec, tokens: int) -> tuple[float, float]:
-        """Embedding + head: the measured per-token cost scaled by width, plus the head
-        FLOPs beyond the calibrated model's at the block's FLOP rate."""
+    def ends(self, spec: Spec, tokens: int) -> tuple[float, float, float, float]:
+        """Embedding + head as measured, per token scaled by width (forward, backward; half
+        goes to the first stage, half to the last), and the head FLOPs beyond the
+        calibrated model's at the block's FLOP rate (forward, backward; the last stage's)."""
         extra = max(0.0, spec.ends_flops_per_token() - self.ends_flops_cal) * tokens
         w = spec.d_model / self.d_cal
-        return (self.ends_fwd_a + tokens * self.ends_fwd_b * w + extra / self.fwd_rate,
-                self.ends_bwd_a + tokens * self.ends_bwd_b * w + 2 * extra / self.bwd_rate)
+        return (self.ends_fwd_a + tokens * self.ends_fwd_b * w,
+                self.ends_bwd_a + tokens * self.ends_bwd_b * w,
+                extra / self.fwd_rate, 2 * extra / self.bwd_rate)
 
     def all_reduce(self, nbytes: float, n: int) -> float:
         if n <= 1:
@@ -127,17 +156,26 @@ class Calibration:
         return self.p2p_alpha + nbytes * self.p2p_beta
 
 
-def fit_line(xs, ys) -> tuple[float, float]:
-    """Least squares ``y = a + b x`` with a >= 0 and b > 0 (a negative fixed cost or a
-    falling slope is noise)."""
+def fit_line(xs, ys, what: str = "calibration") -> tuple[float, float]:
+    """Least squares ``y = a + b x`` with a >= 0 (a negative fixed cost is refitted through
+    the origin, the constrained optimum). A slope that is not positive (times that do not
+    grow with size: noise swamped the points, or the sizes were too close) gives no rate:
+    :class:`CalibrationError`, never a number."""
+    xs, ys = [float(x) for x in xs], [float(y) for y in ys]
     n = len(xs)
+    if n < 2 or len(set(xs)) < 2 or not all(map(math.isfinite, xs + ys)):
+        raise CalibrationError(f"{what}: need finite times at two or more sizes, got "
+                               f"{list(zip(xs, ys))}")
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     a = my - b * mx
-    if b <= 0:  # time cannot fall with size: the points are noise around a constant
-        return my, 1e-18
-    if a < 0:  # refit through the origin
+    if b <= 0:
+        pts = ", ".join(f"{x:g}: {y:.3g}" for x, y in zip(xs, ys))
+        raise CalibrationError(f"{what}: time does not grow with size ({pts}), so no rate "
+                               f"can be fitted; re-calibrate on a quieter machine or over a "
+                               f"wider range of sizes")
+    if a < 0:
         a, b = 0.0, sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
     return a, b
 
@@ -157,22 +195,23 @@ def _time(fn, reps: int) -> float:
     return lockstep_timer(reps)("", fn, 0)
 
 
-def _fwd_bwd(block, x, reps: int) -> tuple[float, float]:
-    """Fastest forward and fastest backward of ``reps`` (each timed on its own), one rank
-    at a time while the others wait: a rank's cost on a core of its own, the premise of
-    every parallel plan (on a machine shared with other jobs, concurrent ranks get less)."""
+def _fwd_bwd(fn, reps: int) -> tuple[float, float]:
+    """Fastest forward ``fn()`` and fastest backward of ``reps`` (each timed on its own),
+    one rank at a time while the others wait: a rank's cost on a core of its own, the
+    premise of every parallel plan (on a machine shared with other jobs, concurrent ranks
+    get less)."""
     f = b = float("inf")
     for r in range(dist.get_world_size()):
         dist.barrier()
         if dist.get_rank() != r:
             continue
-        block(x).sum().backward()
+        fn().sum().backward()
         deadline = time.perf_counter() + 0.25
         n = 0
         while n < reps or (n < 50 and time.perf_counter() < deadline):  # min of many
             n += 1
             t0 = time.perf_counter()
-            y = block(x)
+            y = fn()
             t1 = time.perf_counter()
             y.float().sum().backward()
             t2 = time.perf_counter()
@@ -183,25 +222,34 @@ def _fwd_bwd(block, x, reps: int) -> tuple[float, float]:
 
 def calibrate(ctx) -> dict:
     """Experiment ``calibrate``: the raw measurements :func:`fit` turns into a
-    :class:`Calibration` (every rank measures; :func:`fit` takes the median)."""
+    :class:`Calibration` (every rank measures; :func:`fit` takes the median), on the
+    shape the other experiments run: the batches' real sequence length and, when the task
+    pads, a padding mask."""
     cfg = ctx.config
-    seq, reps = cfg.get("seq", 32), cfg.get("reps", 5)
-    _, model = setup({**cfg, "n_train": 64})  # the very model the other experiments run
+    reps = cfg.get("reps", 5)
+    wl, model = setup(cfg)  # the very model and data the other experiments run
+    seq = tokens_per_row(wl, cfg.get("seed", 0))
+    masked = wl.sample[1] is not None
     mc = model.cfg
     torch.manual_seed(0)
     block = Block(mc)
     model.set_executor(_NoBlocks())
-    out = {"rank": ctx.rank, "seq": seq, "cfg": dataclasses.asdict(mc), "block": [],
-           "ends": [], "all_reduce": [], "p2p": []}
-    for rows in cfg.get("rows", [1, 2, 4, 8]):
+    out = {"rank": ctx.rank, "seq": seq, "seq_asked": cfg.get("seq", 32), "masked": masked,
+           "cfg": dataclasses.asdict(mc), "block": [], "ends": [], "all_reduce": [],
+           "p2p": []}
+    for rows in cfg.get("rows", [1, 2, 4, 8, 16]):
         x = torch.randn(rows, seq, mc.d_model, requires_grad=True)
         ids = torch.randint(0, mc.vocab_size, (rows, seq))
-        out["block"].append((rows * seq, *_fwd_bwd(block, x, reps)))
-        out["ends"].append((rows * seq, *_fwd_bwd(model, ids, reps)))
+        mask = torch.zeros(rows, seq, dtype=torch.bool) if masked else None
+        out["block"].append((rows * seq, *_fwd_bwd(
+            lambda x=x, m=mask: block(x, key_padding_mask=m, rope=model.rope), reps)))
+        out["ends"].append((rows * seq, *_fwd_bwd(lambda i=ids, m=mask: model(i, m), reps)))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
-        block(torch.randn(4, seq, mc.d_model, requires_grad=True))
+        block(torch.randn(4, seq, mc.d_model, requires_grad=True),
+              key_padding_mask=torch.zeros(4, seq, dtype=torch.bool) if masked else None,
+              rope=model.rope)
     out["act_bytes_per_token"] = sum(saved) / (4 * seq)
     if ctx.world_size > 1:
         for n in cfg.get("sizes", [256, 4096, 65536, 1 << 20]):
@@ -219,41 +267,166 @@ def calibrate(ctx) -> dict:
                 out["p2p"].append((4 * n, lockstep_timer(reps, g)("", ping, 0) / 2))
             else:
                 dist.new_group([0, 1])
+        out["tp_block"] = _tp_block(ctx, mc, seq, masked, cfg.get("tp_rows", [1, 4, 16]), reps)
+        out["pipe_empty"] = _empty_pipeline(ctx, wl, model, cfg.get("pipe_m", [1, 2, 4, 8]),
+                                            reps)
     return out
 
 
+def _lockstep_fwd_bwd(fn, reps: int) -> tuple[float, float]:
+    """Fastest forward and backward of ``reps`` on every rank at once (collectives inside
+    keep them in step); the slowest rank's."""
+    from .common import all_max
+
+    dist.barrier()
+    fn().sum().backward()
+    f = b = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        y = fn()
+        t1 = time.perf_counter()
+        y.sum().backward()
+        t2 = time.perf_counter()
+        f, b = min(f, t1 - t0), min(b, t2 - t1)
+    return all_max(f), all_max(b)
+
+
+def _tp_block(ctx, mc: ModelConfig, seq: int, masked: bool, rows_list, reps: int) -> list:
+    """A block split over every rank (tensor parallel, DTensor): its forward and backward
+    at several sizes; :func:`fit` takes what is left after the split FLOPs and the two
+    all-reduces as the split's per-call cost (DTensor dispatch, layouts)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .tensor import parallelize_block
+
+    if mc.n_heads % ctx.world_size or mc.d_ff % ctx.world_size:
+        return []
+    torch.manual_seed(0)
+    block = Block(mc)
+    parallelize_block(block, init_device_mesh("cpu", (ctx.world_size,)))
+    pts = []
+    for rows in rows_list:
+        x = torch.randn(rows, seq, mc.d_model, requires_grad=True)
+        mask = torch.zeros(rows, seq, dtype=torch.bool) if masked else None
+        pts.append((rows * seq, *_lockstep_fwd_bwd(
+            lambda x=x, m=mask: block(x, key_padding_mask=m), reps)))
+    return pts
+
+
+def _empty_pipeline(ctx, wl, model, ms, reps: int) -> list:
+    """GPipe over every rank with stages whose blocks do nothing (the model's embedding on
+    the first, its head on the last; one row a micro-batch): the step time for several M,
+    from which :func:`fit` takes the pipelining runtime's cost per micro-batch and stage
+    (scheduling, send/recv bookkeeping) and per step."""
+    from .common import all_max
+    from .pipeline import Pipe, _take
+
+    pipe = Pipe(ctx, model, ctx.world_size, ms[0], "gpipe")  # model runs _NoBlocks here
+    stream = wl.make_batches(7)
+    pts = []
+    for m in ms:
+        sched = pipe.make_schedule(m)
+        best = float("inf")
+        for r in range(reps + 1):  # the first is warm-up (shape inference)
+            batch = _take(stream, m)
+            dist.barrier()
+            t0 = time.perf_counter()
+            pipe.step(batch, sched)
+            wall = all_max(time.perf_counter() - t0)
+            pipe.zero_grad()
+            if r:
+                best = min(best, wall)
+        pts.append((m, int(batch["input_ids"].shape[1]), best))
+    return pts
+
+
 def fit(raw: list[dict], world_size: int) -> Calibration:
-    """A :class:`Calibration` from the ranks' ``calibrate`` results (median over ranks)."""
+    """A :class:`Calibration` from the ranks' ``calibrate`` results (median over ranks).
+    A quantity that cannot be fitted is NaN, named in ``problems``, with a warning."""
     r0 = raw[0]
     mc = ModelConfig(**r0["cfg"])
     spec = spec_of(mc, r0["seq"])
-    med = lambda xs: sorted(xs)[len(xs) // 2]
+    med = statistics.median
+    problems: list[str] = []
 
     def pts(key, i):
         return [(p[0], med([r[key][j][i] for r in raw])) for j, p in enumerate(r0[key])]
 
-    fa, fb = fit_line(*zip(*pts("block", 1)))
-    ba, bb = fit_line(*zip(*pts("block", 2)))
-    efa, efb = fit_line(*zip(*pts("ends", 1)))
-    eba, ebb = fit_line(*zip(*pts("ends", 2)))
+    def line(what, points):
+        if not points:
+            problems.append(f"{what}: not measured (one rank: no communication)")
+            return math.nan, math.nan
+        try:
+            return fit_line(*zip(*points), what=what)
+        except CalibrationError as e:
+            problems.append(str(e))
+            return math.nan, math.nan
+
+    fa, fb = line("block forward", pts("block", 1))
+    ba, bb = line("block backward", pts("block", 2))
+    efa, efb = line("embedding + head forward", pts("ends", 1))
+    eba, ebb = line("embedding + head backward", pts("ends", 2))
     fpt, ept = spec.block_flops_per_token(), spec.ends_flops_per_token()
-    ar = [(b, t) for b, t in zip([p[0] for p in r0["all_reduce"]],
-                                 [med([r["all_reduce"][j][1] for r in raw])
-                                  for j in range(len(r0["all_reduce"]))])]
+    ar = [(b, med([r["all_reduce"][j][1] for r in raw]))
+          for j, (b, _) in enumerate(r0["all_reduce"])]
     n = world_size
     # ring all-reduce: t = 2(n-1) alpha + 2(n-1)/n bytes beta -> fit t/(2(n-1)) = a + b x/n
-    if ar:
-        a_ar, b_ar = fit_line([b / n for b, _ in ar], [t / (2 * (n - 1)) for _, t in ar])
-    else:
-        a_ar = b_ar = 0.0
-    p2p = raw[0]["p2p"]
-    a_p, b_p = fit_line(*zip(*p2p)) if p2p else (0.0, 0.0)
+    a_ar, b_ar = line("all-reduce", [(b / n, t / (2 * (n - 1))) for b, t in ar])
+    p2p = r0["p2p"]
+    a_p, b_p = line("send", [tuple(p) for p in p2p])
     d, dff = mc.d_model, mc.d_ff
-    return Calibration(fa, fpt / fb, ba, 2 * fpt / bb, efa, efb, eba, ebb, d, ept,
-                       med([r["act_bytes_per_token"] for r in raw]) / (10 * d + 2 * dff),
-                       a_ar, b_ar, a_p, b_p,
-                       measured={"block": pts("block", 1), "block_bwd": pts("block", 2),
-                                 "all_reduce": ar, "p2p": p2p})
+    cal = Calibration(fa, fpt / fb, ba, 2 * fpt / bb, efa, efb, eba, ebb, d, ept,
+                      med([r["act_bytes_per_token"] for r in raw]) / (10 * d + 2 * dff),
+                      a_ar, b_ar, a_p, b_p,
+                      measured={"block": pts("block", 1), "block_bwd": pts("block", 2),
+                                "ends": pts("ends", 1), "ends_bwd": pts("ends", 2),
+                                "all_reduce": ar, "p2p": p2p, "seq": r0["seq"],
+                                "tp_block": r0.get("tp_block", []),
+                                "pipe_empty": r0.get("pipe_empty", [])})
+    if world_size > 1:
+        _fit_overheads(cal, spec, r0, world_size, problems)
+    cal.problems = problems
+    if problems:
+        warnings.warn("labkit.dist.simulator: calibration incomplete, the predictions that "
+                      "need these are NaN: " + "; ".join(problems), stacklevel=2)
+    return cal
+
+
+def _fit_overheads(cal: Calibration, spec: Spec, r0: dict, n: int, problems: list) -> None:
+    """The split runtimes' own costs, from runs that are not the ones :func:`errors`
+    checks: tensor parallel's per-block-call cost (a split block's time minus its 1/n of
+    the FLOPs and its two all-reduces: the median over sizes) and the pipelining runtime's
+    cost per micro-batch and stage and per step (an empty pipeline's step minus what the
+    schedule of its embedding and head predicts, fitted against M + S - 1)."""
+    tp = r0.get("tp_block") or []
+    if tp:
+        d = spec.d_model
+        res_f, res_b = [], []
+        for tokens, f, b in tp:
+            pf, pb = cal.block(spec, tokens, n)
+            comm = 2 * cal.all_reduce(tokens * d * 4, n)
+            res_f.append(f - pf - comm)
+            res_b.append(b - pb - comm)
+        cal.tp_fwd_overhead, cal.tp_bwd_overhead = statistics.median(res_f), \
+            statistics.median(res_b)
+    else:
+        problems.append("tensor-parallel block: not measured (heads or d_ff do not split "
+                        f"over {n} ranks)")
+        cal.tp_fwd_overhead = cal.tp_bwd_overhead = math.nan
+    pe = r0.get("pipe_empty") or []
+    xs, ys = [], []
+    for m, seq, wall in pe:
+        ef, eb, _, _ = cal.ends(dataclasses.replace(spec, seq=seq), seq)
+        act = seq * spec.d_model * 4  # one row a micro-batch
+        pred = play([(ef / 2, eb / 2)] * n, m, "gpipe", cal.send(act))["step_s"]
+        xs.append(m + n - 1)
+        ys.append(wall - pred)
+    try:
+        cal.pipe_step_overhead, cal.pipe_op_overhead = fit_line(
+            xs, ys, what="pipeline runtime cost per micro-batch")
+    except CalibrationError as e:
+        problems.append(str(e))
+        cal.pipe_step_overhead = cal.pipe_op_overhead = math.nan
 
 
 # ------------------------------------------------------------------ prediction
@@ -333,33 +506,77 @@ def simulate(spec: Spec, cal: Calibration, dp: int = 1, tp: int = 1, pp: int = 1
     act = tokens * spec.d_model * 4  # one (mb, N, D) fp32 activation
     bf, bb = cal.block(spec, tokens, tp)
     tp_comm = 2 * cal.all_reduce(act, tp)  # two all-reduces per block, each direction
-    ef, eb = cal.ends(spec, tokens)
+    if tp > 1:  # the split's per-call software cost
+        bf, bb = bf + cal.tp_fwd_overhead, bb + cal.tp_bwd_overhead
+    ef, eb, head_f, head_b = cal.ends(spec, tokens)
     base, extra = divmod(spec.n_layers, pp)
+    op = cal.pipe_op_overhead / 2 if pp > 1 else 0.0  # the pipelining runtime, per op
     times = []
     for s in range(pp):
         L = base + (s < extra)
-        f, b = L * (bf + tp_comm), L * (bb + tp_comm)
+        f, b = L * (bf + tp_comm) + op, L * (bb + tp_comm) + op
         if s == 0:
             f, b = f + ef / 2, b + eb / 2  # embedding on the first stage, head on the last
         if s == pp - 1:
-            f, b = f + ef / 2, b + eb / 2
+            f, b = f + ef / 2 + head_f, b + eb / 2 + head_b
         times.append((f, b))
     run = play(times, microbatches, schedule, cal.send(act / tp) if pp > 1 else 0.0)
-    block_p = spec.block_params()
-    # the busiest device: the first stage's blocks (1/tp of them) and the embedding
-    held = (base + (extra > 0)) * block_p / tp + spec.vocab * spec.d_model + spec.extra_params
+    if pp > 1:
+        run["step_s"] += cal.pipe_step_overhead
+    # the busiest device: the first stage's blocks (1/tp of them) and the embedding; the
+    # positions, norms and head are counted there whole (an over-count for pp > 1)
+    first_blocks = base + (extra > 0)
+    held = first_blocks * spec.block_params() / tp + spec.vocab * spec.d_model + \
+        spec.extra_params
     grad_ar = cal.all_reduce(4 * held, dp)
     in_flight = microbatches if schedule == "gpipe" else min(pp, microbatches)
-    act_bytes = (in_flight * (base + (extra > 0)) * tokens * cal.act_bytes_per_token_dim
-                 * (10 * spec.d_model + 2 * spec.d_ff) / tp)
+    act_mb = (first_blocks * tokens * cal.act_bytes_per_token_dim
+              * (10 * spec.d_model + 2 * spec.d_ff) / tp)  # saved for backward, one mb
+    buffers = microbatches * act / tp if pp > 1 else 0.0  # received gradients, one per mb
+    mem = {"weight_bytes": 4 * held, "grad_bytes": 4 * held, "optimizer_bytes": 8 * held,
+           "activation_bytes_per_microbatch": act_mb, "microbatches_in_flight": in_flight,
+           "activation_bytes_per_device": in_flight * act_mb,
+           "pipeline_buffer_bytes": buffers}
+    state = 16 * held
     step = run["step_s"] + grad_ar
     return {"simulated": True, "dp": dp, "tp": tp, "pp": pp, "devices": dp * tp * pp,
             "microbatches": microbatches, "batch": batch, "schedule": schedule,
+            "tokens_per_row": spec.seq, "params_per_device": held,
             "step_s": step, "bubble": run["bubble"], "grad_all_reduce_s": grad_ar,
             "tp_comm_s": tp_comm * spec.n_layers / pp * 2 * microbatches,
-            "samples_per_s": batch / step, "state_bytes_per_device": 16 * held,
-            "activation_bytes_per_device": act_bytes,
-            "memory_bytes_per_device": 16 * held + act_bytes, "events": run["events"]}
+            "samples_per_s": batch / step, "state_bytes_per_device": state, **mem,
+            "memory_bytes_per_device": state + mem["activation_bytes_per_device"] + buffers,
+            "valid": math.isfinite(step), "calibration_problems": list(cal.problems),
+            "events": run["events"]}
+
+
+def describe(res: dict) -> str:
+    """What :func:`simulate` predicted, with the memory broken down so it can be checked
+    by hand, and what device each number is for."""
+    def gb(b):
+        return f"{b / 1e9:.2f} GB"
+
+    r = res
+    lines = [
+        (f"SIMULATED dp={r['dp']} tp={r['tp']} pp={r['pp']} ({r['devices']} devices), "
+         f"{r['schedule']} M={r['microbatches']}, batch {r['batch']} x {r['tokens_per_row']} "
+         f"tokens: step {r['step_s']:.3f} s (the whole step: every device ends it together), "
+         f"bubble {r['bubble']:.2f} (idle share of stage-time), "
+         f"{r['samples_per_s']:.2f} samples/s"),
+        (f"  memory on the busiest device (the first stage, "
+         f"{r['params_per_device'] / 1e9:.3f}B parameters): "
+         f"{gb(r['memory_bytes_per_device'])} ="),
+        (f"    weights {gb(r['weight_bytes'])} (4 B/param) + gradients "
+         f"{gb(r['grad_bytes'])} (4 B/param) + AdamW moments {gb(r['optimizer_bytes'])} "
+         f"(8 B/param)"),
+        (f"    + activations saved for backward {gb(r['activation_bytes_per_microbatch'])} "
+         f"per micro-batch x {r['microbatches_in_flight']} in flight "
+         f"= {gb(r['activation_bytes_per_device'])}"),
+        f"    + pipeline receive buffers {gb(r['pipeline_buffer_bytes'])}"]
+    if not r["valid"]:
+        lines.append("  INVALID: the calibration could not be fitted: "
+                     + "; ".join(r["calibration_problems"]))
+    return "\n".join(lines)
 
 
 def scaling(spec: Spec, cal: Calibration, devices=(1, 2, 4, 8, 16, 64, 256, 1024),
@@ -387,14 +604,17 @@ def scaling(spec: Spec, cal: Calibration, devices=(1, 2, 4, 8, 16, 64, 256, 1024
 
 def errors(cal: Calibration, spec: Spec, measured: list[dict]) -> list[dict]:
     """Simulated vs measured for each run this machine did: ``measured`` rows carry the
-    simulate() arguments and ``measured_s``; the error is relative to the measurement."""
+    simulate() arguments, ``measured_s`` and ``tokens_per_row`` (the sequence length the
+    run had; default ``spec.seq``); the error is relative to the measurement."""
     out = []
     for m in measured:
         args = {k: m[k] for k in ("dp", "tp", "pp", "microbatches", "batch", "schedule")
                 if k in m}
-        sim = simulate(spec, cal, **args)
+        run_spec = dataclasses.replace(spec, seq=m.get("tokens_per_row", spec.seq))
+        sim = simulate(run_spec, cal, **args)
         err = (sim["step_s"] - m["measured_s"]) / m["measured_s"]
-        out.append({**args, "label": m.get("label", ""), "measured_s": m["measured_s"],
+        out.append({**args, "label": m.get("label", ""), "tokens_per_row": run_spec.seq,
+                    "measured_s": m["measured_s"],
                     "simulated_s": sim["step_s"], "relative_error": err,
                     "simulated_bubble": sim["bubble"], "measured_bubble": m.get("bubble")})
     return out

@@ -28,7 +28,15 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from .. import validate as V
 from ..model import PRESETS
-from .common import all_max, check_common, lockstep_timer, setup, state_bytes
+from .common import (
+    all_max,
+    check_common,
+    compare_grads,
+    grads,
+    lockstep_timer,
+    setup,
+    state_bytes,
+)
 
 
 def validate(config: dict, world_size: int) -> None:
@@ -53,12 +61,16 @@ def plan(block) -> dict:
     return p
 
 
+def parallelize_block(block, mesh) -> None:
+    """Shard one block over the 1-D ``mesh`` in place."""
+    parallelize_module(block, mesh, plan(block))
+    block.attn.n_heads //= mesh.size()  # each rank runs its H/T heads on its local columns
+
+
 def parallelize(model, mesh) -> None:
     """Shard every block of ``model`` over the 1-D ``mesh`` in place."""
-    t = mesh.size()
     for block in model.blocks:
-        parallelize_module(block, mesh, plan(block))
-        block.attn.n_heads //= t  # each rank runs its H/T heads on its local columns
+        parallelize_block(block, mesh)
 
 
 def sharded_bytes(model) -> int:
@@ -75,12 +87,13 @@ def sharded_bytes(model) -> int:
 
 
 def full_grads(model) -> dict:
-    """Every gradient as a whole tensor (sharded ones all-gathered; a collective)."""
+    """Every gradient as a whole tensor (sharded ones all-gathered; a collective), None
+    where a parameter has none. Every rank walks the same parameters in the same order,
+    so the all-gathers match."""
     out = {}
     for name, p in model.named_parameters():
-        if p.grad is not None:
-            g = p.grad
-            out[name] = g.full_tensor() if hasattr(g, "full_tensor") else g
+        g = p.grad
+        out[name] = None if g is None else g.full_tensor() if hasattr(g, "full_tensor") else g
     return out
 
 
@@ -95,15 +108,13 @@ def run(ctx) -> dict:
     batch = next(stream)  # tensor parallel: every rank sees the whole batch
     out = {"rank": ctx.rank, "degree": t}
     if cfg.get("check", True):
-        args = (batch["input_ids"], batch.get("padding_mask"))
+        args = (batch["input_ids"], batch.get("padding_mask"), batch.get("token_type_ids"))
         y, y_ref = model(*args), ref(*args)
         out["output_max_abs_diff"] = all_max(float((y - y_ref).abs().max()))
         model.loss(batch).backward()
         ref.loss(batch).backward()
-        got, want = full_grads(model), {n: p.grad for n, p in ref.named_parameters()}
-        out["grad_max_abs_diff"] = all_max(max(float((got[n] - want[n]).abs().max())
-                                               for n in got))
-        out["grads_compared"] = len(got)
+        out.update(compare_grads(full_grads(model), grads(ref)))
+        out["grad_max_abs_diff"] = all_max(out["grad_max_abs_diff"])
         model.zero_grad(set_to_none=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.get("lr", 1e-3))
     losses = []
@@ -124,9 +135,12 @@ def run(ctx) -> dict:
 
         def step():
             model.loss(b).backward()
-        timer = lockstep_timer(cfg.get("reps", 3))
+        cpu: dict = {}
+        timer = lockstep_timer(cfg.get("reps", 3), cpu=cpu)
         times = sorted(timer("tp", step, 0) for _ in range(cfg["rounds"]))
         out["step_s"] = times[len(times) // 2]
+        out["cpu_share"] = min(cpu["tp"])
+        out["tokens_per_row"] = int(b["input_ids"].shape[1])
         model.zero_grad(set_to_none=True)
     if not losses:
         mem = state_bytes(model)

@@ -39,6 +39,7 @@ EXPERIMENTS = {
     "pipeline": "labkit.dist.pipeline:run",
     "hybrid": "labkit.dist.pipeline:run_hybrid",
     "calibrate": "labkit.dist.simulator:calibrate",
+    "memory": "labkit.dist.memory:run",
     "suite": "labkit.dist.worker:suite",
 }
 VALIDATORS = {
@@ -48,6 +49,7 @@ VALIDATORS = {
     "pipeline": "labkit.dist.pipeline:validate",
     "hybrid": "labkit.dist.pipeline:validate_hybrid",
     "calibrate": None,
+    "memory": "labkit.dist.memory:validate",
     "suite": "labkit.dist.worker:validate_suite",
 }
 

@@ -6,11 +6,16 @@ Launched by :func:`labkit.dist.launch` (torchrun, gloo on CPU, one thread per ra
     launch("labkit.techniques.cqil_dist:run", {"model": path, "groups": [[4, 8]], ...},
            nproc=P)
 
-Rank 0 runs the blocks before the group, broadcasts their output ``x``; in every step rank
-``r`` runs block ``start + s P + r`` (the reference code's dealing) on ``x`` and the ranks
-all-reduce ``f_r(x) - x``, so every rank holds ``x + sum_i (f_i(x) - x)``; rank 0 runs the
-blocks after the group and the head. Each rank keeps only its own group blocks (the others
-are deleted), so a rank's weights are ``1/P`` of the group's. Bypass ``D > 0`` needs the
+Rank 0 runs the model's own forward (token, position and segment embeddings, the padding
+mask, the head) with its block executor swapped (the depth seam) for
+:class:`DistributedCQILExecutor`: it runs the blocks before the group, broadcasts their
+output ``x``; in every step rank ``r`` runs block ``start + s P + r`` (the reference code's
+dealing) on ``x`` with the same padding mask, and the ranks all-reduce ``f_r(x) - x``, so
+every rank holds ``x + sum_i (f_i(x) - x)``; rank 0 runs the blocks after the group and the
+head. The other ranks run the executor alone. Each rank keeps only its own group blocks (the
+others are deleted), so a rank's weights are ``1/P`` of the group's. ``D = 0`` works for
+pre-norm and post-norm (BERT, MiniLM) blocks alike (each block runs whole); bypass ``D > 0``
+splits a pre-norm block at its MLP input and is refused for post-norm blocks. It needs the
 step's attention outputs before the MLPs: one all-gather more per step.
 
 Timing, side by side in one launch: per group, rounds in rotated order of the sequential
@@ -29,36 +34,57 @@ import torch
 import torch.distributed as dist
 
 from .. import validate as V
-from ..model import BlockContext, ModelConfig, Transformer
+from ..model import BlockContext, BlockExecutor, ModelConfig, Transformer
 from .cqil import block_parts, check_group, steps_of
 
 
-def save_job(path, model: Transformer, ids: torch.Tensor) -> Path:
-    """What the ranks load: the model's config and weights and the input ids."""
+def save_job(path, model: Transformer, ids: torch.Tensor, padding_mask=None,
+             token_type_ids=None) -> Path:
+    """What the ranks load: the model's config and weights and the inputs (ids, and the
+    padding mask and segment ids when there are any); the config also goes to a JSON file
+    beside it, for :func:`validate`."""
     import dataclasses
+    import json
 
     path = Path(path)
     torch.save({"config": dataclasses.asdict(model.cfg), "state": model.state_dict(),
-                "ids": ids}, path)
+                "ids": ids, "padding_mask": padding_mask, "token_type_ids": token_type_ids},
+               path)
+    path.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(model.cfg)))
     return path
+
+
+def check_block_style(norm_position: str, d: int) -> None:
+    """Bypass ``D > 0`` splits a block at its MLP input the pre-norm way; post-norm (BERT)
+    blocks run whole, so only ``D = 0``."""
+    if d > 0 and norm_position == "post":
+        raise V.LabkitConfigError("D", d, "0 for post-norm (BERT/MiniLM) blocks: the bypass "
+                                  "splits a pre-norm block at its MLP input")
 
 
 def validate(config: dict, world_size: int) -> None:
     """Checked by the launcher before any process starts."""
+    import json
+
     groups = config.get("groups")
     if not isinstance(groups, list) or not groups:
         raise V.LabkitConfigError("groups", groups, "a non-empty list of [start, end(, D)]")
     n = config.get("n_layers")
+    side = Path(str(config["model"])).with_suffix(".json") if config.get("model") else None
+    norm = json.loads(side.read_text()).get("norm_position", "pre") \
+        if side is not None and side.is_file() else config.get("norm_position", "pre")
     for g in groups:
         if not isinstance(g, (list, tuple)) or len(g) not in (2, 3):
             raise V.LabkitConfigError("groups", groups, "a list of [start, end] or "
                                                         "[start, end, D]")
-        check_group(g[0], g[1], world_size, n, g[2] if len(g) == 3 else config.get("D", 0))
+        d = g[2] if len(g) == 3 else config.get("D", 0)
+        check_group(g[0], g[1], world_size, n, d)
+        check_block_style(norm, d)
     V.integer("reps", config.get("reps", 5), 1)
     V.integer("rounds", config.get("rounds", 3), 1)
 
 
-def _step(model, own: dict, idx: list[int], x, ctx, rank: int, world: int, d: int):
+def _step(own: dict, idx: list[int], x, ctx, rank: int, world: int, d: int):
     """One step on this rank: its block's delta, all-reduced over the ranks."""
     j = idx[rank] if rank < len(idx) else None  # a short last step leaves ranks idle
     if d == 0:
@@ -85,35 +111,50 @@ def _step(model, own: dict, idx: list[int], x, ctx, rank: int, world: int, d: in
     return x + delta
 
 
+class DistributedCQILExecutor(BlockExecutor):
+    """The block executor of one rank: the blocks before the group and after it on rank 0
+    (with ``outside_threads`` threads), the group's steps on every rank (one thread)."""
+
+    def __init__(self, own: dict, start: int, end: int, d: int = 0, outside_threads: int = 1):
+        super().__init__()
+        self.own, self.start, self.end, self.d = own, start, end, d
+        self.outside_threads = outside_threads
+
+    def forward(self, blocks, x, ctx: BlockContext):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank == 0:
+            torch.set_num_threads(self.outside_threads)
+            for i in range(self.start):
+                x = ctx.call(blocks[i], x)  # (B, N, D)
+            torch.set_num_threads(1)
+        x = x.contiguous()
+        dist.broadcast(x, 0)  # the other ranks' x is a buffer of the same shape
+        for idx in steps_of(self.start, self.end, world):
+            x = _step(self.own, idx, x, ctx, rank, world, self.d)
+        if rank == 0:
+            torch.set_num_threads(self.outside_threads)
+            for i in range(self.end, len(blocks)):
+                x = ctx.call(blocks[i], x)
+            torch.set_num_threads(1)
+        return x
+
+
 def cqil_forward(model: Transformer, own: dict, start: int, end: int, ids, d: int = 0,
-                 outside_threads: int = 1):
-    """The distributed CQIL forward; logits on rank 0 (None on the others)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ctx = BlockContext(None, model.rope)
-    if rank == 0:
-        torch.set_num_threads(outside_threads)
-        x = model.embed(ids)
-        if model.pos is not None:
-            x = x + model.pos(torch.arange(ids.shape[1]))
-        x = model.embed_norm(x)
-        for i in range(start):
-            x = ctx.call(model.blocks[i], x)  # (B, N, D)
-        torch.set_num_threads(1)
-    else:
-        x = torch.empty(ids.shape[0], ids.shape[1], model.cfg.d_model)
-    dist.broadcast(x, 0)
-    for idx in steps_of(start, end, world):
-        x = _step(model, own, idx, x, ctx, rank, world, d)
-    if rank != 0:
+                 outside_threads: int = 1, padding_mask=None, token_type_ids=None):
+    """The distributed CQIL forward; logits on rank 0 (None on the others). Rank 0 runs
+    the model's own forward (embeddings incl. segments, padding mask, head) with the
+    executor swapped in; the others run only the executor, with the same mask."""
+    check_block_style(model.cfg.norm_position, d)
+    ex = DistributedCQILExecutor(own, start, end, d, outside_threads)
+    if dist.get_rank() != 0:
+        x = torch.empty(ids.shape[0], ids.shape[1], model.cfg.d_model)  # (B, N, D)
+        ex(model.blocks, x, BlockContext(padding_mask, model.rope))
         return None
-    torch.set_num_threads(outside_threads)
-    for i in range(end, len(model.blocks)):
-        x = ctx.call(model.blocks[i], x)
-    h = model.norm(x)
-    out = model.head(torch.tanh(model.pooler(h[:, 0]))) if model.cfg.kind == "encoder" \
-        else model.head(h)
-    torch.set_num_threads(1)
-    return out
+    before = model.set_executor(ex)
+    try:
+        return model(ids, padding_mask, token_type_ids)
+    finally:
+        model.set_executor(before)
 
 
 def _allreduce_copy(x):
@@ -136,7 +177,7 @@ def run(ctx) -> dict:
     model = Transformer(ModelConfig(**job["config"]))
     model.load_state_dict(job["state"])
     model.eval()
-    ids = job["ids"]
+    ids, mask, types = job["ids"], job.get("padding_mask"), job.get("token_type_ids")
     rank, world = ctx.rank, ctx.world_size
     reps, rounds = int(cfg.get("reps", 5)), int(cfg.get("rounds", 3))
     out = {"rank": rank, "groups": []}
@@ -147,7 +188,8 @@ def run(ctx) -> dict:
                if s.index(j) == rank}
         group_params = sum(p.numel() for j in own for p in own[j].parameters())
         with torch.inference_mode():
-            logits = cqil_forward(model, own, start, end, ids, d)
+            logits = cqil_forward(model, own, start, end, ids, d, padding_mask=mask,
+                                  token_type_ids=types)
             if rank == 0 and cfg.get("save_outputs"):
                 torch.save(logits, Path(ctx.run_dir) / f"cqil-{start}-{end}-{d}.pt")
             times = {"seq_1thread": [], "seq_2threads": [], "cqil": [], "cqil_outside2": [],
@@ -156,7 +198,7 @@ def run(ctx) -> dict:
             def seq(threads):
                 if rank == 0:
                     torch.set_num_threads(threads)
-                    t = _median_time(lambda: model(ids), reps)
+                    t = _median_time(lambda: model(ids, mask, types), reps)
                     torch.set_num_threads(1)
                 else:
                     t = 0.0
@@ -164,10 +206,12 @@ def run(ctx) -> dict:
                 return t
 
             x = torch.zeros(ids.shape[0], ids.shape[1], model.cfg.d_model)
-            fwd = partial(cqil_forward, model, own, start, end, ids, d)
+            fwd = partial(cqil_forward, model, own, start, end, ids, d, padding_mask=mask,
+                          token_type_ids=types)
             fns = {"seq_1thread": partial(seq, 1), "seq_2threads": partial(seq, 2),
                    "cqil": partial(_median_time, fwd, reps),
-                   "cqil_outside2": partial(_median_time, partial(fwd, 2), reps),
+                   "cqil_outside2": partial(_median_time, partial(fwd, outside_threads=2),
+                                            reps),
                    "allreduce": partial(_median_time, partial(_allreduce_copy, x), reps)}
             names = list(fns)
             for r in range(rounds):
