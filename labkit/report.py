@@ -92,6 +92,29 @@ def fast_parameters(path) -> dict:
     return dict(nb.get("metadata", {}).get("labkit", {}).get("fast", {}))
 
 
+def latest_benchmarks(folder) -> list[dict]:
+    """The newest ``labkit bench`` results file of each benchmark in ``folder`` (files
+    ``bench-<name>-<UTC>.json``, as ``labkit bench`` writes them); none without a folder."""
+    if folder is None:
+        return []
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise V.LabkitConfigError("bench_dir", str(folder), "a folder of labkit bench results")
+    newest: dict = {}
+    for path in sorted(folder.glob("bench-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            warnings.warn(f"{path} is not a labkit bench results file (not JSON); skipped",
+                          stacklevel=2)
+            continue
+        if isinstance(data, dict) and "bench" in data and "result" in data:
+            order = (data["date"], path.stat().st_mtime_ns)  # same second: the later write
+            if data["bench"] not in newest or order >= newest[data["bench"]]["_order"]:
+                newest[data["bench"]] = {**data, "file": path.name, "_order": order}
+    return [newest[k] for k in sorted(newest)]
+
+
 def real_parameters(path) -> dict:
     """The notebook's own additions to the real-text profile (metadata ``labkit.real``):
     what a real model on real text needs beyond the offline default (a longer search, more
@@ -263,7 +286,7 @@ def _config_failure(entry: dict) -> bool:
 
 def report(notebooks=None, out=None, profile: str = "full", params: dict | None = None,
            timeout: float | None = None, progress: bool = True, source_dir=None,
-           model: str | None = None) -> Path:
+           model: str | None = None, bench_dir=None) -> Path:
     """Execute ``notebooks`` (names, prefixes or paths; default all) into a new folder under
     ``out`` (default ``./reports``) and return that folder.
 
@@ -275,7 +298,8 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
     ``progress`` shows the running notebook, its cells done and the elapsed time.
     ``source_dir`` (a folder with ``mnli/``, ``qnli/``) and ``model`` run the real-text
     profile: each notebook that has those parameters gets them and its backbone's recipe
-    (:func:`labkit.classifiers.real_text_params`).
+    (:func:`labkit.classifiers.real_text_params`). ``bench_dir``: a folder of ``labkit
+    bench`` results files; the newest of each benchmark is shown with its date and load.
     """
     from tqdm.auto import tqdm
 
@@ -343,7 +367,8 @@ def report(notebooks=None, out=None, profile: str = "full", params: dict | None 
         _write_text_atomic(folder / "results.jsonl",
                            "".join(json.dumps(x) + "\n" for x in lines))
         _write_text_atomic(folder / "index.html",
-                           H.index_html(folder, entries, profile, environment(), notes))
+                           H.index_html(folder, entries, profile, environment(), notes,
+                                        benches=latest_benchmarks(bench_dir)))
     if entries and all(_config_failure(e) for e in entries):
         shutil.rmtree(folder)  # only the folder this call created
         if not base_existed and not any(base.iterdir()):

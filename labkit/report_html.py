@@ -295,8 +295,34 @@ def claims_html(entries: list[dict]) -> str:
             + "".join(rows) + "</table>")
 
 
+def benchmarks_html(benches: list[dict]) -> str:
+    """Each benchmark's targets as measured in its newest results file, with the date, the
+    load average and the machine it ran on."""
+    if not benches:
+        return ""
+    e = html.escape
+    parts = ["<h2>Benchmarks</h2><p class='small'>From <code>labkit bench NAME</code> "
+             "results files: ratios measured side by side in one run.</p>"]
+    for b in benches:
+        env = b.get("env") or {}
+        where = ", ".join(f"{k}={env[k]}" for k in ("cpu", "threads", "torch") if k in env)
+        rows = "".join(
+            f"<tr><td>{e(str(t.get('target')))}</td><td>{_fmt(t.get('required'))}</td>"
+            f"<td>{_fmt(t.get('measured'))}</td><td>"
+            f"{ {True: 'met', False: 'NOT met'}.get(t.get('met'), 'not measurable')}</td>"
+            f"<td class='small'>{e(str(t.get('note', '')))}</td></tr>"
+            for t in b["result"].get("targets", []))
+        parts.append(
+            f"<h3>{e(b['bench'])}{' (quick)' if b.get('quick') else ''}</h3>"
+            f"<p class='small'>{e(b['date'])} &middot; load average {e(str(b.get('load_average')))}"
+            f" &middot; {e(where)} &middot; {e(b['file'])}</p>"
+            f"<table><tr><th>target</th><th>required</th><th>measured</th><th></th>"
+            f"<th>note</th></tr>{rows}</table>")
+    return "".join(parts)
+
+
 def index_html(folder: Path, entries: list[dict], profile: str, env: dict,
-               notes=()) -> str:
+               notes=(), benches=()) -> str:
     e = html.escape
     rows = []
     for r in entries:
@@ -348,6 +374,7 @@ ok &middot; every number was measured on the machine below; tidy rows in
 <th>parameters</th></tr>
 {''.join(rows)}
 </table>
+{benchmarks_html(list(benches))}
 <h2>Environment</h2><table>{envrows}</table>
 </body></html>
 """

@@ -113,9 +113,13 @@ def test_run_with_parameters_writes_a_report(notebooks, tmp_path, capsys):
     assert "01_tiny: ok" in capsys.readouterr().out
 
 
-def test_bench_overhead_quick_json(capsys):
-    assert main(["bench", "overhead", "--quick", "--json"]) == 0
+def test_bench_overhead_quick_json(capsys, tmp_path):
+    assert main(["bench", "overhead", "--quick", "--json", "--out", str(tmp_path)]) == 0
     res = json.loads(capsys.readouterr().out)
+    (saved,) = tmp_path.glob("bench-overhead-*.json")  # the same result, with when and load
+    record = json.loads(saved.read_text())
+    assert record["result"] == json.loads(json.dumps(res)) and record["quick"] is True
+    assert len(record["load_average"]) == 2 and record["date"].endswith("Z")
     assert res["name"] == "overhead" and res["env"]["torch"]
     variants = {r["variant"]: r for r in res["rows"]}
     assert set(variants) == {"plain", "noop", "liveboard", "liveboard_live"}
@@ -136,3 +140,53 @@ def test_lab_passes_unknown_arguments_to_jupyterlab(notebooks, monkeypatch):
     assert main(["lab", "--no-browser", "--port", "8890"]) == 0
     assert calls == [(notebooks, ["--no-browser", "--port", "8890"])]
     assert main(["bench", "overhead", "--no-browser"]) == 2  # only `lab` passes arguments on
+
+
+def test_bench_results_are_never_overwritten_and_the_report_shows_the_newest(tmp_path):
+    from labkit import report as R
+    from labkit import report_html as H
+
+    old = {"name": "x", "rows": [], "targets": [{"target": "t", "measured": 1.0,
+                                                   "required": 2.0, "unit": "x", "met": False,
+                                                   "note": "old"}]}
+    new = {**old, "targets": [{**old["targets"][0], "measured": 3.0, "met": True,
+                               "note": "new"}]}
+    a = cli.save_result(old, "x", tmp_path, load=([0.5, 0.4, 0.3], [0.6, 0.5, 0.3]))
+    b = cli.save_result(new, "x", tmp_path)
+    assert a != b and a.is_file() and b.is_file()  # same second: a second file
+    (latest,) = R.latest_benchmarks(tmp_path)
+    assert latest["file"] == b.name and latest["result"]["targets"][0]["note"] == "new"
+    page = H.benchmarks_html([latest])
+    assert "met" in page and "new" in page and "old" not in page
+    (tmp_path / "bench-broken-1.json").write_text("{")
+    with pytest.warns(UserWarning, match="not JSON"):
+        assert len(R.latest_benchmarks(tmp_path)) == 1
+    with pytest.raises(Exception, match="bench_dir"):
+        R.latest_benchmarks(tmp_path / "missing")
+
+
+def test_plan_command_searches_saves_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
+    import toy
+
+    from labkit import classifiers as CL
+
+    teacher = toy.teacher()
+
+    class Clf:
+        model, workload = teacher, toy.workload(teacher.cfg)
+        task = type("T", (), {"tokenizer": None})()
+
+    monkeypatch.setattr(CL, "classifier", lambda *a, **k: Clf)
+    out, target = tmp_path / "out", tmp_path / "chosen"
+    assert main(["plan", "--families", "blocks,int8", "--minutes", "0.5", "--out", str(out),
+                 "--save", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert "chosen" in printed or "dense:" in printed
+    (summary,) = out.glob("plan-*.json")
+    assert json.loads(summary.read_text())["metrics"]["candidates"] >= 2
+    assert (target / "recipe.json").is_file() or "no candidate" in printed
+    # the save folder exists now: refused before any search
+    assert main(["plan", "--minutes", "0.5", "--out", str(out), "--save", str(target)]) == 2
+    assert "does not exist yet" in capsys.readouterr().err
+    assert main(["plan", "--budget", "-1", "--out", str(out)]) == 2
+    assert "budget" in capsys.readouterr().err
