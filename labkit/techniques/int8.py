@@ -44,7 +44,8 @@ from ..accounting import register_account, rows
 from .registry import linear_selector, register, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
-CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")
+CANDIDATES = ("fp32", "fp32_onednn", "bf16", "int8_dynamic", "int8_weight_only",
+              "torch_dynamic")
 
 
 def cpu_int8_isa() -> str:
@@ -64,7 +65,8 @@ def cpu_int8_isa() -> str:
 def kernel_path_of(candidate: str) -> str:
     isa = cpu_int8_isa()
     return {
-        "fp32": "fp32 aten.linear (oneDNN/MKL sgemm)",
+        "fp32": "fp32 aten.linear (BLAS sgemm: MKL in this torch build)",
+        "fp32_onednn": "fp32 mkldnn._linear_pointwise (oneDNN sgemm, weight reordered per call)",
         "bf16": "bf16 aten.linear (oneDNN, casts at the boundary)",
         "int8_dynamic": f"torchao Int8Tensor W8A8 dynamic -> torch._int_mm s8s8 ({isa})",
         "int8_weight_only": "torchao Int8Tensor weight-only -> int8->fp32 cast + fp32 mm",
@@ -91,12 +93,34 @@ class CastLinear(nn.Module):
         return self.inner(x.to(self.dtype)).to(x.dtype)
 
 
+class OneDNNLinear(nn.Module):
+    """An fp32 linear run by oneDNN (``mkldnn._linear_pointwise``, the op Inductor's
+    freezing packs fp32 linears into when the batch is symbolic) instead of the BLAS sgemm
+    ``aten.linear`` calls: on a CPU where that BLAS is slow (MKL outside Intel's CPUs) the
+    same fp32 arithmetic runs several times faster. ``forward(x) -> y`` like ``nn.Linear``;
+    the weight stays a plain fp32 parameter (reordered per call: nothing opaque stored)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        if not torch.backends.mkldnn.is_available():
+            raise RuntimeError("fp32_onednn needs torch built with oneDNN (mkldnn): "
+                               "torch.backends.mkldnn.is_available() is False")
+        self.weight = nn.Parameter(lin.weight.detach().float().clone(), requires_grad=False)
+        self.bias = None if lin.bias is None else nn.Parameter(
+            lin.bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 def make_candidate(lin: nn.Linear, candidate: str) -> nn.Module:
     """A copy of ``lin`` executed on ``candidate``'s path."""
     V.choice("candidate", candidate, CANDIDATES)
     lin = copy.deepcopy(lin).float()
     if candidate == "fp32":
         return lin
+    if candidate == "fp32_onednn":
+        return OneDNNLinear(lin)
     if candidate == "bf16":
         return CastLinear(lin)
     if candidate == "torch_dynamic":
@@ -218,9 +242,21 @@ def sites(candidates=CANDIDATES, layers: tuple = (), parts: tuple = ("attn", "ff
         def site(name, m):
             if not select(name, m):
                 return None
-            return A.Site(name, m, {c: AcceleratedLinear(m, c) for c in cands}, "fp32")
+            built = {c: AcceleratedLinear(m, c) for c in cands if unavailable(c) is None}
+            built["fp32"].labkit_warnings += [f"{c} not timed: {unavailable(c)}"
+                                              for c in cands if unavailable(c)]
+            return A.Site(name, m, built, "fp32")
         return site
     return for_model
+
+
+def unavailable(candidate: str) -> str | None:
+    """Why ``candidate`` cannot run on this torch build / CPU (None when it can); such a
+    candidate is left out of :func:`sites` and its rows say so."""
+    V.choice("candidate", candidate, CANDIDATES)
+    if candidate == "fp32_onednn" and not torch.backends.mkldnn.is_available():
+        return "torch.backends.mkldnn.is_available() is False"
+    return None
 
 
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
@@ -294,6 +330,7 @@ __all__ = [
     "AcceleratedLinear",
     "CastLinear",
     "Int8Config",
+    "OneDNNLinear",
     "accelerate_",
     "cpu_int8_isa",
     "int8_weight_bytes",
@@ -301,4 +338,5 @@ __all__ = [
     "make_candidate",
     "matmul_ops",
     "sites",
+    "unavailable",
 ]
