@@ -185,8 +185,14 @@ def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
 def _account(table, model_cfg, config: Int8Config) -> dict:
     """The plain linears the selector takes store int8 codes plus an fp32 scale and an int8
     zero point per output row (what torchao's Int8Tensor stores): ``out (in + 5)`` bytes.
-    Multiply-adds are unchanged (int8 instead of fp32)."""
-    taken = [r for r in rows(table, config.layers, config.parts).values() if r.kind == "linear"]
+    Multiply-adds are unchanged (int8 instead of fp32). A row that neuron or head pruning
+    only resized (``sparse`` with no kept count and no own storage) is a plain, smaller
+    ``nn.Linear`` once deployed (compacted dense), so it is taken too."""
+    def plain(r):
+        return r.kind == "linear" or (r.kind == "sparse" and r.kept is None
+                                      and r.weight_bytes is None)
+
+    taken = [r for r in rows(table, config.layers, config.parts).values() if plain(r)]
     n = sum(r.weight_params for r in taken)
     for r in taken:
         r.weight_bytes, r.kind = r.out_features * (r.in_features + 5), "int8"
