@@ -219,9 +219,16 @@ class CompiledModel(nn.Module):
             raise V.LabkitConfigError("inputs", _present(present),
                                       f"what the model was exported with: "
                                       f"{_present(self.pattern)}")
-        # always inference mode: a call under no_grad or grad would otherwise recompile
-        with torch.inference_mode(), ic.patch(freezing=True):
-            return self.compiled(ids, padding_mask, token_type_ids)
+        # always inference mode (a call under no_grad or grad would recompile), freezing on
+        # in case a new rank recompiles (the INT8 graph only lowers with it); a plain flag
+        # set (~6 us) rather than config.patch (~30 us a call)
+        prev = ic.freezing
+        ic.freezing = True
+        try:
+            with torch.inference_mode():
+                return self.compiled(ids, padding_mask, token_type_ids)
+        finally:
+            ic.freezing = prev
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of an encoder batch, as :meth:`labkit.model.Transformer.loss`."""
