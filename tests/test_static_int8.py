@@ -48,7 +48,7 @@ def pre():
 
 @pytest.fixture(scope="module")
 def post():  # BERT-like: post-norm, segment embeddings, BERT's LayerNorm eps
-    return _built(dict(norm_position="post", type_vocab_size=2, norm_eps=1e-12), True)
+    return _built({"norm_position": "post", "type_vocab_size": 2, "norm_eps": 1e-12}, True)
 
 
 def _rel_err(a, ref):
@@ -57,7 +57,7 @@ def _rel_err(a, ref):
 
 @pytest.mark.parametrize("which", ["pre", "post"])
 def test_logits_close_to_fp32(which, request):
-    m, ex, cal, s = request.getfixturevalue(which)
+    m, ex, _, s = request.getfixturevalue(which)
     g = torch.Generator().manual_seed(7)
     other = _batch(m.cfg, 5, 20, g, ex[2] is not None)  # another shape: symbolic shapes
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_kernels_that_run_are_int8(pre):
 
 
 def test_calibration_size_stated_and_calibration_matters(pre):
-    m, ex, cal, s = pre
+    m, ex, _, s = pre
     assert s.info["calibration_batches"] == 8 and s.info["calibration_rows"] == 8 * 16
     assert s.info["calibration_tokens"] == 8 * 16 * (32 - 3)
     # ranges from one repeated token: the real batch falls outside them

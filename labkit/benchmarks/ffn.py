@@ -43,8 +43,8 @@ import torch
 from .. import measure
 from .. import validate as V
 from ..model import MLP
-from . import peak as P
 from ..techniques.factorized_ffn import LowRankLinear
+from . import peak as P
 
 NAME = "ffn"
 REQUIRED_FRACTION = 0.8  # of the FLOP ratio, at r = d/4

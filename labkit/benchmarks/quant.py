@@ -53,8 +53,8 @@ from .. import measure
 from ..model import build
 from ..techniques import apply_, swap_modules
 from ..techniques import int8 as I
-from ..techniques.embedding_int8 import EmbeddingInt8Config
 from ..techniques import sparsity as S
+from ..techniques.embedding_int8 import EmbeddingInt8Config
 from ..techniques.registry import linear_selector
 from . import peak as P
 

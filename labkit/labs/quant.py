@@ -243,16 +243,17 @@ def roofline_rows(d_in: int, d_out: int, batches, peak: dict, paths=ROOFLINE_PAT
                     warnings.simplefilter("ignore")  # quantize_dynamic's deprecation
                     mods[pth], inputs[pth] = I.AcceleratedLinear(lin, pth), x
 
-        def call(k):
+        def call(mod, inp):
             def fn():
                 with torch.inference_mode():
-                    mods[k](inputs[k])
+                    mod(inp)
             return fn
 
-        p = measure.paired({k: call(k) for k in mods}, reference=next(iter(mods)),
-                           rounds=rounds, min_run_time=min_run_time, timer=timer)
+        p = measure.paired({k: call(m, inputs[k]) for k, m in mods.items()},
+                           reference=next(iter(mods)), rounds=rounds,
+                           min_run_time=min_run_time, timer=timer)
         flops = 2 * b * d_in * d_out
-        for k in mods:
+        for k, mod in mods.items():
             kind = kind_of(k.replace("_kernel", ""))
             moved = _WEIGHT_BYTES[k] * d_in * d_out + (1 if k.startswith("static") else 4) \
                 * b * d_in + 4 * b * d_out
@@ -260,7 +261,7 @@ def roofline_rows(d_in: int, d_out: int, batches, peak: dict, paths=ROOFLINE_PAT
             rows.append({"path": k, "batch": b, "shape": f"{d_in}->{d_out}",
                          "median_ms": sec * 1e3, "min_ms": p.spread[k][0] * 1e3,
                          "max_ms": p.spread[k][1] * 1e3, "bytes_moved": moved,
-                         "kernel_path": getattr(mods[k], "kernel_path", k),
+                         "kernel_path": getattr(mod, "kernel_path", k),
                          **measure.roofline(flops, sec, kind, peak),
                          **measure.regime(flops, moved, sec, kind, peak)})
     return rows
@@ -290,8 +291,8 @@ def memory_rows(shapes: dict, bits_list=(8, 4, 3, 2), granularity="channel", gro
 __all__ = [
     "BITS",
     "MODES",
-    "MiniLM",
     "ROOFLINE_PATHS",
+    "MiniLM",
     "StaticQLinear",
     "evaluate_nli",
     "fake_config",

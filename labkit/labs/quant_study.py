@@ -313,10 +313,10 @@ __all__ = [
     "latency_study",
     "latency_target",
     "memory_figure",
-    "roofline_figure",
-    "roofline_metrics",
     "memory_metrics",
     "minilm_study",
+    "roofline_figure",
+    "roofline_metrics",
     "sensitivity_figure",
     "technique_costs",
 ]

@@ -168,8 +168,8 @@ def accelerate_model(model: nn.Module, inputs, calibration=None,
                        threads=p.threads, chosen=k == chosen)
         if "fp32_compiled" in built:
             rows[k]["speedup_vs_fp32_compiled"] = p.seconds["fp32_compiled"] / p.seconds[k]
-    for k in rows:
-        rows[k].setdefault("chosen", False)
+    for row in rows.values():
+        row.setdefault("chosen", False)
     out = list(rows.values())
     out.append({"layer": MODEL_LEVEL, "candidate": "choice", "current": "fp32",
                 "chosen": chosen, "speedup": p.ratio[chosen],
