@@ -2,6 +2,7 @@
 the tiny encoder and a post-norm BERT-like one, the kernels that really run, the bytes,
 the calibration that matters, and bad input named. Compiles take tens of seconds: each
 model is built once per module."""
+import copy
 import warnings
 
 import pytest
@@ -166,3 +167,18 @@ def test_model_left_unchanged(pre):
     fresh = M.build("tiny").state_dict()
     assert all(torch.equal(fresh[k], v) for k, v in m.state_dict().items())
     assert all(type(x) is torch.nn.Linear for x in m.modules() if "Linear" in type(x).__name__)
+
+
+def test_stacks_on_a_pruned_model_with_int8_embeddings(pre):
+    """What the planner hands it: half the FFN neurons removed, embeddings in INT8."""
+    from labkit.techniques import EmbeddingInt8Config, apply_
+    from labkit.techniques import sparsity as S
+
+    m, ex, cal, _ = pre
+    small = apply_(S.compact_neurons_(copy.deepcopy(m), 0.5), EmbeddingInt8Config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = SI.static_int8(small, cal, ex)
+    with torch.no_grad():
+        assert _rel_err(s(*ex), small(*ex)) <= TOL
+    assert measure.model_bytes(s)["total"] < measure.model_bytes(small)["total"]

@@ -17,7 +17,11 @@ weight-only casts the int8 weight to float at every call then runs the float GEM
 saves memory but rarely time in eager mode. ``torch.ao.quantization.quantize_dynamic``
 (fbgemm/x86 ``quantized::linear_dynamic``, one fused op) still exists in torch 2.13 but
 warns that it is deprecated; it is a candidate too, because at small batches it is often the
-fastest INT8 path on this CPU. The per-row activation quantization costs
+fastest INT8 path on this CPU. ``fp32_onednn`` runs the same fp32 arithmetic on oneDNN's
+sgemm instead of the BLAS ``aten.linear`` calls (MKL in torch's x86 wheels), which on a
+non-Intel CPU runs well below the machine's fp32 peak (``labkit bench peak``): without it
+every INT8 speedup would be measured against a slow reference. The per-row activation
+quantization costs
 several element-wise passes, which dominate at batch 1 and for tiny layers: there INT8
 *loses*. :func:`accelerate_` therefore times every candidate on the layer's real input
 shape and keeps the fastest, and the model-level check reverts when the whole model got
