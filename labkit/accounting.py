@@ -132,6 +132,9 @@ class Table:
     head: dict  # {name: Linear} outside the blocks
     other_params: int  # embeddings and final norm (norms inside blocks are per block)
     buffer_bytes: int
+    embeddings: dict = field(default_factory=dict)  # {name: (rows, dim)}, in other_params
+    # {name: (params, stored bytes)}: tables of other_params stored other than as fp32
+    other_stored: dict = field(default_factory=dict)
 
     def totals(self) -> dict:
         """``{part: {"params", "flops", "bytes"}}`` and ``"total"``; parameters and bytes
@@ -164,7 +167,9 @@ class Table:
         for lin in self.head.values():
             add("head", lin, lin.params, lin.flops, lin.bytes)
         out["other"]["params"] += self.other_params
-        out["other"]["bytes"] += 4 * self.other_params + self.buffer_bytes
+        fp32_params = self.other_params - sum(p for p, _ in self.other_stored.values())
+        out["other"]["bytes"] += (4 * fp32_params + self.buffer_bytes
+                                  + sum(b for _, b in self.other_stored.values()))
         out["total"] = {k: sum(out[p][k] for p in PART_NAMES)
                         for k in ("params", "flops", "bytes")}
         return out
@@ -211,7 +216,9 @@ def table(cfg: ModelConfig, n: int | None = None) -> Table:
     other = {id(p): p.numel() for p in model.parameters()
              if id(p) not in inside and id(p) not in head_ids}
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    return Table(cfg, n, blocks, head, sum(other.values()), buffers)
+    tables = {name: tuple(m.weight.shape) for name, m in model.named_children()
+              if isinstance(m, nn.Embedding)}
+    return Table(cfg, n, blocks, head, sum(other.values()), buffers, tables)
 
 
 # ---------------------------------------------------------------------------- techniques

@@ -8,10 +8,11 @@
 
 Notebook names are stems of ``notebooks/*.ipynb`` (``01_low_rank_attention``) or a unique
 prefix (``01``); ``$LABKIT_NOTEBOOKS`` points at another folder. Benchmarks are the modules
-``labkit/benchmarks/<name>.py``; each run is also written to ``DIR/bench-<name>-<UTC>.json``
-with the date and the load average, which ``labkit report`` renders. ``labkit plan`` runs
-:func:`labkit.plan.plan` on a trained classifier and saves its choice. Bad input prints
-``labkit: error: ...`` and exits 2.
+``labkit/benchmarks/<name>.py`` (``labkit bench peak`` measures the machine's GEMM peaks and
+memory bandwidth that the other benchmarks' rows are put against); each run is also written
+to ``DIR/bench-<name>-<UTC>.json`` with the date and the load average, which ``labkit
+report`` renders. ``labkit plan`` runs :func:`labkit.plan.plan` on a trained classifier and
+saves its choice. Bad input prints ``labkit: error: ...`` and exits 2.
 """
 from __future__ import annotations
 

@@ -182,15 +182,64 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def model_bytes(model: torch.nn.Module) -> dict:
-    """Parameter and buffer bytes by dtype, each storage counted once, plus ``total``."""
-    seen, by = set(), defaultdict(int)
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = id(t)
-        if key in seen:
+def _quantized_pieces(q: torch.Tensor) -> list[tuple[str, int]]:
+    """``[(dtype, bytes)]`` a quantized tensor stores: its codes, and its scale and zero
+    point (per tensor: one float64 and one int64; per channel: a vector of each)."""
+    codes = (str(q.dtype).replace("torch.", ""), q.numel() * q.element_size())
+    if q.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                       torch.per_channel_affine_float_qparams):
+        s, z = q.q_per_channel_scales(), q.q_per_channel_zero_points()
+        return [codes, (str(s.dtype).replace("torch.", ""), s.numel() * s.element_size()),
+                (str(z.dtype).replace("torch.", ""), z.numel() * z.element_size())]
+    return [codes, ("float64", 8), ("int64", 8)]
+
+
+def _packed_linear(m) -> list:
+    """The tensors a torch.ao packed linear keeps outside parameters and buffers (torch's
+    ``quantize_dynamic`` / static quantized ``Linear``): unpacked, they are its quantized
+    weight and its fp32 bias. fbgemm's packed copy also keeps one int32 column offset per
+    output, not counted (the layout is the kernel's)."""
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+
+    if not isinstance(m, LinearPackedParams):
+        return []
+    w, b = m._weight_bias()
+    return [w] + ([b] if b is not None else [])
+
+
+def stored_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor ``model`` stores, each object once: parameters and buffers, the packed
+    weights of torch.ao quantized linears, and, for a module with a ``stored_tensors()``
+    method (a compiled graph whose weights are graph constants), what that method returns
+    instead of its own parameters and buffers."""
+    seen, out, skip = set(), [], ()
+    for name, m in model.named_modules():
+        if skip and name.startswith(skip):
             continue
-        seen.add(key)
-        by[str(t.dtype).replace("torch.", "")] += tensor_bytes(t)
+        declared = getattr(m, "stored_tensors", None)
+        if callable(declared):
+            found = list(declared())
+            skip = (*skip, name + ".") if name else ("",)  # "" prefixes every name
+        else:
+            found = [*m.parameters(recurse=False), *m.buffers(recurse=False),
+                     *_packed_linear(m)]
+        for t in found:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def model_bytes(model: torch.nn.Module) -> dict:
+    """Bytes ``model`` stores by dtype (:func:`stored_tensors`: parameters, buffers, packed
+    quantized weights, each once), plus ``total``."""
+    by = defaultdict(int)
+    for t in stored_tensors(model):
+        if t.is_quantized:
+            for dt, nb in _quantized_pieces(t):
+                by[dt] += nb
+        else:
+            by[str(t.dtype).replace("torch.", "")] += tensor_bytes(t)
     out = dict(by)
     out["total"] = sum(by.values())
     return out
@@ -383,3 +432,7 @@ def compare(baseline: Measurement, *candidates: Measurement):
         rows.append({"metric": "speedup", baseline.label: 1.0, c.label: None,
                      f"{c.label}/{baseline.label}": baseline.latency_ms / c.latency_ms})
     return pd.DataFrame(rows).groupby("metric", sort=False).first().reset_index()
+
+
+# the machine's measured limits (peaks, roofline fields) live in their own module
+from .roofline import peaks, regime, roofline  # noqa: F401

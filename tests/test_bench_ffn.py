@@ -1,5 +1,7 @@
 import math
 
+from peak_fields import assert_peak_fields
+
 from labkit.benchmarks import ffn
 
 
@@ -13,6 +15,7 @@ def test_quick_run_structure_and_sanity():
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         assert math.isfinite(r["speedup"]) and r["speedup"] > 0
         assert r["efficiency"] == r["speedup"] / r["flop_ratio"]
+        assert_peak_fields(r, r["flops"], with_speedup=r["method"] != "dense")
         if r["method"] == "dense":
             assert r["rank"] is None and r["flop_ratio"] == 1.0
         else:

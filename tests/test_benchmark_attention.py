@@ -1,3 +1,5 @@
+from peak_fields import assert_peak_fields
+
 from labkit.benchmarks import attention as A
 
 
@@ -14,6 +16,8 @@ def test_quick_run_has_the_contract_structure():
         assert r["heads"] == 8 and r["head_dim"] == 64 and r["dtype"] == "float32"
         if r["method"] == "sdpa":
             assert r["speedup"] == 1.0
+        assert r["flops"] > 0  # counted, so each row stands against the fp32 peak
+        assert_peak_fields(r, r["flops"], with_speedup=r["method"] != "sdpa")
     assert {r["method"] for r in out["rows"] if r.get("kind") == "crossover"} == \
         {"kernel-elu", "linformer"}
     assert len(out["targets"]) == 3

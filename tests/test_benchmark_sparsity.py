@@ -2,6 +2,7 @@ import math
 import warnings
 
 import pytest
+from peak_fields import assert_peak_fields
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,9 @@ def test_sweep_rows_are_sane(result):
                                          "compacted-dense", "nm-simulated"}
     for r in sweep:
         assert r["median_ms"] > 0 and r["bytes"] > 0
+        # against the machine's fp32 peak, on the FLOPs the path really does (2 T nnz)
+        assert_peak_fields(r, 1e9 * r["gflops_useful"] * r["median_ms"] * 1e-3,
+                           with_speedup=r["path"] != "dense" and r["speed_measured"])
         if r["path"] == "dense":
             assert r["bytes_vs_dense"] == 1.0 and r["speedup"] == pytest.approx(1.0)
         if r["path"] == "nm-simulated":

@@ -47,3 +47,112 @@ def test_measure_and_compare_table():
 def test_timing_rejects_bad_min_run_time():
     with pytest.raises(LabkitConfigError, match="min_run_time"):
         Me.time_fn(lambda: None, min_run_time=0)
+
+
+# --------------------------------------------------------------------------- packed bytes
+
+def test_model_bytes_counts_torch_dynamic_packed_weights():
+    """A torch.ao dynamic INT8 linear keeps its weight packed, neither parameter nor buffer:
+    the old count (parameters + buffers) gave 0 bytes for it."""
+    import warnings
+
+    from torch import nn
+
+    from labkit.techniques.int8 import AcceleratedLinear
+
+    lin = nn.Linear(256, 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        td = AcceleratedLinear(lin, "torch_dynamic")
+    b = Me.model_bytes(td)
+    # int8 codes, a float64 scale and int64 zero point (per tensor), the fp32 bias
+    assert b["qint8"] == 256 * 1024
+    assert b["float32"] == 4 * 1024
+    assert b["total"] == 256 * 1024 + 8 + 8 + 4 * 1024
+    assert Me.model_bytes(AcceleratedLinear(lin, "fp32"))["total"] == 4 * (256 * 1024 + 1024)
+
+
+def test_stored_tensors_method_replaces_a_subtree():
+    """A module that declares what it stores (a compiled graph holding constants) is counted
+    by its declaration, not by its leftover parameters; other modules as before, once."""
+    from torch import nn
+
+    class Declares(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dead = nn.Linear(8, 8)  # still registered, not used: not counted
+            self.keep = torch.zeros(10, dtype=torch.int8)
+
+        def stored_tensors(self):
+            return [self.keep]
+
+    holder = nn.Module()
+    holder.a = Declares()
+    holder.b = nn.Linear(4, 4)
+    holder.c = holder.b  # shared: once
+    assert Me.model_bytes(holder)["total"] == 10 + 4 * (16 + 4)
+    assert Me.model_bytes(holder.a)["total"] == 10
+
+
+# --------------------------------------------------------------------------- roofline
+
+def _peak(fp32=100.0, bf16=200.0, int8=400.0, bw=10.0):
+    return {"gflops": {"fp32": fp32, "bf16": bf16, "int8": int8}, "bandwidth_gbs": bw}
+
+
+def test_peaks_with_a_fake_timer_reports_rates_and_ratios():
+    n = 64
+
+    def timer(name, fn, mrt):  # fp32 kernels 2 GFLOP/s..., int8 8x the best fp32
+        rate = {"fp32 torch": 1.0, "fp32 mkldnn": 2.0, "bf16": 4.0, "int8 torch._int_mm": 16.0,
+                "int8 onednn": 12.0, "int8 quantized": 8.0}
+        if name.startswith("memory"):
+            return 2 * (1 * 2**20) / 5e9  # 1 MiB copied: 5 GB/s
+        r = next(v for k, v in rate.items() if name.startswith(k))
+        return 2 * n ** 3 / (r * 1e9)
+
+    p = Me.peaks(1, n=n, min_run_time=0.01, copy_mbytes=1, timer=timer)
+    assert p["gflops"]["fp32"] == pytest.approx(2.0)  # the faster fp32 kernel is the peak
+    assert p["gflops"]["int8"] == pytest.approx(16.0)
+    assert p["ratio"]["int8/fp32"] == pytest.approx(8.0)
+    assert p["ratio"]["bf16/fp32"] == pytest.approx(2.0)
+    assert p["bandwidth_gbs"] == pytest.approx(5.0)
+    slow = next(r for r in p["rows"] if r["kernel"].startswith("fp32 torch"))
+    assert slow["fraction_of_kind_peak"] == pytest.approx(0.5)
+
+
+def test_peaks_cached_per_thread_count_and_real_kernels_run():
+    a = Me.peaks(1, n=64, min_run_time=0.001, copy_mbytes=1)
+    assert Me.peaks(1, n=64, min_run_time=0.001, copy_mbytes=1) is a  # cached
+    assert a["threads"] == 1 and a["gflops"]["fp32"] > 0
+    for r in a["rows"]:
+        assert r.get("gflops") or r.get("bandwidth_gbs") or r["error"]
+
+
+def test_roofline_flags_a_speedup_above_the_peak_ratio():
+    p = _peak()
+    # int8 at 5x fp32 on a machine whose int8 peak is 4x: the fp32 reference was slow
+    r = Me.roofline(2e9, 0.01, "int8", p, speedup=5.0)
+    assert r["gflops"] == pytest.approx(200.0) and r["fraction_of_peak"] == pytest.approx(0.5)
+    assert r["speedup_bound"] == pytest.approx(4.0)
+    assert r["peak_verdict"].startswith("reference below peak")
+    assert Me.roofline(2e9, 0.01, "int8", p, speedup=3.9)["peak_verdict"] == "within peak ratio"
+    # fewer FLOPs (sparsity, same kind): the bound is the FLOP ratio
+    r = Me.roofline(1e9, 0.01, "fp32", p, speedup=2.5, reference_flops=2e9)
+    assert r["speedup_bound"] == pytest.approx(2.0)
+    assert r["peak_verdict"].startswith("reference below peak")
+    assert Me.roofline(1e9, 0.01, "fp32", {"gflops": {"fp32": None}},
+                       speedup=1.0)["peak_verdict"] == "no peak"
+    with pytest.raises(LabkitConfigError, match="kind"):
+        Me.roofline(1e9, 0.01, "int4", p)
+
+
+@pytest.mark.parametrize("flops,nbytes,seconds,want", [
+    (2e6, 1e6, 2e6 / 15e9, "memory-bound"),     # 2 FLOP/B x 10 GB/s = 20 < 100: near it
+    (2e6, 1e6, 2e6 / 1e9, "dispatch-bound"),    # 1 GFLOP/s of an attainable 20
+    (2e9, 1e6, 2e9 / 90e9, "compute-bound"),    # 2000 FLOP/B: the compute roof, 90 of 100
+])
+def test_regime_each_verdict(flops, nbytes, seconds, want):
+    r = Me.regime(flops, nbytes, seconds, "fp32", _peak())
+    assert r["regime"] == want
+    assert r["attainable_gflops"] == pytest.approx(min(100.0, flops / nbytes * 10.0))

@@ -43,8 +43,8 @@ def test_hessian_and_mixed_precision(result):
 def test_latency_and_paths(result):
     lat = [r for r in result["rows"] if r.get("section") == "latency" and r["model"] == "labkit"]
     variants = {r["variant"] for r in lat}
-    assert variants == {"fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic",
-                        "accelerated"}
+    assert variants == {"fp32", "fp32_onednn", "bf16", "int8_dynamic", "int8_weight_only",
+                        "torch_dynamic", "accelerated"}
     assert {r["batch"] for r in lat} == {1, result["params"]["latency_batch"]}
     assert all(r["latency_ms"] > 0 and r["kernel_path"] for r in lat)
     assert "_int_mm" in result["metrics"]["kernel_path_int8"]
@@ -57,6 +57,29 @@ def test_latency_and_paths(result):
 
     e = expected(M.preset(result["params"]["latency_preset"]), Int8Config())
     assert fp32[0]["bytes"] - int8[0]["bytes"] == e["bytes_before"] - e["bytes_after"]
+    # torch's dynamic INT8 keeps its weights packed: counted, not 0 bytes
+    td = next(r for r in lat if r["variant"] == "torch_dynamic")
+    assert 0.2 * fp32[0]["bytes"] < td["bytes"] < fp32[0]["bytes"]
+
+
+def test_roofline_against_the_measured_peaks(result):
+    m, p = result["metrics"], result["params"]
+    roof = [r for r in result["rows"] if r.get("section") == "roofline"]
+    batches = [int(b) for b in p["roofline_batches"].split(",")]
+    paths = {"fp32", "fp32_onednn", "bf16", "int8_dynamic", "torch_dynamic",
+             "static_int8_kernel"}
+    assert {(r["path"], r["batch"]) for r in roof} == {(k, b) for k in paths for b in batches}
+    d_in, d_out = (int(v) for v in p["roofline_shape"].split(","))
+    for r in roof:
+        assert r["gflops"] == pytest.approx(2 * r["batch"] * d_in * d_out
+                                            / (r["median_ms"] * 1e-3) / 1e9)
+        assert r["peak_gflops"] == m[f"peak_{r['peak_kind']}_gflops"]
+        assert r["regime"] in ("memory-bound", "dispatch-bound", "compute-bound")
+        assert r["attainable_gflops"] <= r["peak_gflops"] + 1e-9
+    assert m["peak_int8_over_fp32"] == pytest.approx(m["peak_int8_gflops"]
+                                                     / m["peak_fp32_gflops"])
+    assert m["roofline_best_int8_path"] in ("int8_dynamic", "torch_dynamic",
+                                            "static_int8_kernel")
 
 
 def test_memory_accounting(result):
@@ -157,3 +180,17 @@ def test_minilm_backbone(run_notebook):
     assert len(costs) == 4 and all(math.isfinite(x["accuracy_cost"]) for x in costs)
     sens = [x for x in r["rows"] if x.get("section") == "sensitivity"]
     assert len(sens) == 36  # 6 linears x 6 MiniLM blocks
+
+
+def test_static_int8_model_choice(run_notebook):
+    """static_int8=True: the model-level autotuner on the trained encoder, calibration from
+    training rows, every candidate a row (two compiles: the slow test of this notebook)."""
+    r = run_notebook(NAME, static_int8=True, calibration_rows=32)
+    st = {x["candidate"]: x for x in r["rows"] if x.get("section") == "static_int8"}
+    assert set(st) == {"fp32", "fp32_compiled", "int8_per_site", "static_int8", "choice"}
+    assert r["metrics"]["static_chosen"] == st["choice"]["chosen"]
+    if st["static_int8"]["available"]:
+        assert st["static_int8"]["calibration_rows"] >= 32
+        assert "qlinear_pointwise" in st["static_int8"]["kernel_path"]
+    else:
+        assert "unavailable" in st["static_int8"]["warnings"]

@@ -420,3 +420,39 @@ def test_minilm_8bit_embeddings_close():
     _, r2 = lm.simulate(L.fake_config(2))
     assert r8["cosine_mean"] >= 0.99 and r2["cosine_mean"] < 0.9
     assert r8["quantized_ratio"] <= 0.27
+
+
+def test_accelerate_keeps_torch_and_torchao_int8_each_where_fastest():
+    """torch's dynamic INT8 (fbgemm) and torchao's (``_int_mm``) both stay candidates: with
+    torchao faster on the FFN linears and torch's on the attention ones, each site keeps
+    its own winner (and the oneDNN fp32 path is a candidate too)."""
+    from labkit import accelerate as A
+
+    m = M.build("tiny").eval()
+    ids = torch.randint(4, m.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def timer(name, fn, mrt):
+        layer, _, cand = name.rpartition("/")
+        if layer == A.MODEL:
+            return {"current": 1.0, "accelerated": 0.5}[cand]
+        fast = "int8_dynamic" if ".ffn." in layer else "torch_dynamic"
+        return 0.3 if cand == fast else 1.0
+
+    rows = I.accelerate_(m, (ids,), rounds=2, timer=timer)
+    sites = [r for r in rows if r["layer"] != A.MODEL]
+    assert {r["chosen"] for r in sites if ".ffn." in r["layer"]} == {"int8_dynamic"}
+    assert {r["chosen"] for r in sites if ".attn." in r["layer"]} == {"torch_dynamic"}
+    assert all("fp32_onednn" in r["candidates"] for r in sites)
+    for r in sites:
+        assert m.get_submodule(r["layer"]).candidate == r["chosen"]
+        assert r["kernel_path"] == I.kernel_path_of(r["chosen"])
+
+
+def test_fp32_onednn_is_the_same_arithmetic():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96)
+    x = torch.randn(3, 5, 64)  # (B, N, D): 3-D like a transformer's activations
+    fast = I.make_candidate(lin, "fp32_onednn")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert I.unavailable("fp32_onednn") is None or "mkldnn" in I.unavailable("fp32_onednn")

@@ -36,6 +36,7 @@ from .. import validate as V
 from ..model import Attention
 from ..techniques.kernel_attention import KernelAttention
 from ..techniques.low_rank_attention import LinformerAttention
+from . import peak as P
 
 NAME = "attention"
 METHODS = ("sdpa", "kernel-elu", "linformer", "linformer-core")
@@ -66,21 +67,26 @@ def _op_fn(name: str, mod, q, k, v):
 def sweep(ns=(512, 1024, 2048, 4096), n_heads: int = 8, head_dim: int = 64, batch: int = 1,
           k: int = 128, feature_map: str = "elu", num_features: int = 64,
           scopes=("op", "module"), min_run_time: float = 0.5, memory: bool = True,
-          seed: int = 0, rounds: int = 3, threads: int | None = None) -> list[dict]:
+          seed: int = 0, rounds: int = 3, threads: int | None = None,
+          peak: dict | None = None) -> list[dict]:
     """Tidy rows ``{scope, method, n, median_ms, min_ms, max_ms, runs, peak_bytes, ...}``.
 
     Each round times every method once (``torch.utils.benchmark`` median), in an order
     rotated between rounds; ``median_ms`` is the median over rounds (min/max: the spread) and
     ``speedup`` the median over rounds of the per-round ratio SDPA / method at the same
     ``n`` and scope, so a burst of load from other processes hits both sides of a ratio.
-    ``threads``: intra-op threads for the sweep (default: the current setting)."""
+    ``threads``: intra-op threads for the sweep (default: the current setting). Each row
+    also has its counted FLOPs and the machine's fp32 peak beside it
+    (:func:`labkit.benchmarks.peak.with_peak`; ``peak`` default: measured at the sweep's
+    thread count)."""
     with measure.num_threads(threads):
         return _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes,
-                      min_run_time, memory, seed, rounds)
+                      min_run_time, memory, seed, rounds,
+                      peak if peak is not None else P.bench_peaks(False))
 
 
 def _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes, min_run_time,
-           memory, seed, rounds):
+           memory, seed, rounds, peak):
     for n in ns:
         V.integer("n", n, 2)
     V.choice("feature_map", feature_map, ("elu", "favor", "trig"))
@@ -109,6 +115,7 @@ def _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes, m
                 names = [name for sc, name in calls if sc == scope]
                 res = measure.paired({name: calls[scope, name] for name in names}, "sdpa",
                                      rounds, min_run_time / rounds)
+                counted = {name: measure.flops(calls[scope, name]) for name in names}
                 for name in names:
                     fn = calls[scope, name]
                     mod = mods["linformer" if name == "linformer-core" else name]
@@ -117,6 +124,10 @@ def _sweep(ns, n_heads, head_dim, batch, k, feature_map, num_features, scopes, m
                            "dtype": "float32", "shapes": shapes,
                            "kernel_path": getattr(mod, "kernel_path", "sdpa"),
                            "includes": _includes(scope, name)}
+                    row["flops"] = counted[name]
+                    P.with_peak(row, counted[name], "fp32", peak,
+                                row["speedup"] if name != "sdpa" else None,
+                                reference_flops=counted["sdpa"])
                     if memory:
                         row["peak_bytes"] = measure.peak_memory(fn)
                     rows.append(row)
@@ -167,8 +178,10 @@ def run(quick: bool = False) -> dict:
         thread_counts = tuple(sorted({1, torch.get_num_threads()}))
     rows = []
     for th in thread_counts:
+        with measure.num_threads(th):
+            pk = P.bench_peaks(quick)
         rows += sweep(ns, k=k, min_run_time=min_run_time, memory=not quick, rounds=rounds,
-                      threads=th)
+                      threads=th, peak=pk)
     lo, hi = min(ns), max(ns)
     note = ("quick mode: small shapes, not the contract; " if quick else "") + \
         "op scope (q, k, v given), median over rounds of the per-round ratio SDPA/method, " \

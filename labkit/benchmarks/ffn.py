@@ -44,6 +44,7 @@ from .. import measure
 from .. import validate as V
 from ..model import MLP
 from ..techniques.factorized_ffn import LowRankLinear
+from . import peak as P
 
 NAME = "ffn"
 REQUIRED_FRACTION = 0.8  # of the FLOP ratio, at r = d/4
@@ -67,16 +68,20 @@ def make_pair(d_model: int, d_ff: int, rank: int, gated: bool = False, seed: int
 
 def sweep(shapes=SHAPES, tokens=TOKENS, rank_fractions=RANK_FRACTIONS, scopes=("ffn", "matmul"),
           rounds: int = 3, min_run_time: float = 0.3, gated: bool = False,
-          memory: bool = True, seed: int = 0, threads: int | None = None) -> list[dict]:
+          memory: bool = True, seed: int = 0, threads: int | None = None,
+          peak: dict | None = None) -> list[dict]:
     """Tidy rows, one per (scope, d, d_ff, tokens, rank): times, counted FLOPs, FLOP ratio,
-    paired speedup and ``efficiency`` = speedup / FLOP ratio. ``rank=None`` is dense.
+    paired speedup and ``efficiency`` = speedup / FLOP ratio, and the machine's fp32 peak
+    beside each (:func:`labkit.benchmarks.peak.with_peak`; ``peak`` default: measured at
+    the sweep's thread count). ``rank=None`` is dense.
     ``threads``: intra-op threads for the sweep (default: the current setting)."""
     with measure.num_threads(threads):
         return _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated,
-                      memory, seed)
+                      memory, seed, peak if peak is not None else P.bench_peaks(False))
 
 
-def _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated, memory, seed):
+def _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated, memory, seed,
+           peak):
     V.integer("rounds", rounds, 1)
     V.number("min_run_time", min_run_time, 0.0, lo_open=True)
     for s in scopes:
@@ -118,6 +123,8 @@ def _sweep(shapes, tokens, rank_fractions, scopes, rounds, min_run_time, gated, 
                             row["speedup"], (row["speedup_min"], row["speedup_max"]),
                             row["flop_ratio"]) if r is not None else "reference"
                         row["gflops_per_s"] = fl / (row["median_ms"] * 1e-3) / 1e9
+                        P.with_peak(row, fl, "fp32", peak, row["speedup"] if r is not None
+                                    else None, reference_flops=fl_dense)
                         if memory:
                             row["peak_bytes"] = measure.peak_memory(fn)
                         rows.append(row)
@@ -138,8 +145,10 @@ def run(quick: bool = False) -> dict:
         thread_counts = tuple(sorted({1, torch.get_num_threads()}))
     rows = []
     for th in thread_counts:
+        with measure.num_threads(th):
+            pk = P.bench_peaks(quick)
         rows += sweep(shapes, tokens, fractions, rounds=rounds, min_run_time=mrt,
-                      memory=not quick, threads=th)
+                      memory=not quick, threads=th, peak=pk)
     note = ("quick mode: small shapes, not the contract; " if quick else "") + \
         "whole GELU MLP (GELU and bias adds included, not counted as FLOPs); paired median " \
         "over rounds of dense/factorized, torch.utils.benchmark medians"

@@ -39,6 +39,7 @@ from ..model import MLP, ModelConfig, Transformer
 from ..techniques import masks as MK
 from ..techniques import registry as R
 from ..techniques import sparsity as S
+from . import peak as P
 
 NAME = "sparsity"
 SHAPES = ((3072, 768), (768, 3072), (1024, 1024))  # (out, in)
@@ -81,8 +82,10 @@ def _time_layers(mods: dict, x, rounds: int, min_run_time: float) -> measure.Pai
 def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
           structures=("unstructured", "block", "row", "nm"), block: int = 32,
           rounds: int = 3, min_run_time: float = 0.05, threads: int | None = None,
-          seed: int = 0) -> list[dict]:
-    """Tidy rows, one per (shape, structure, sparsity, path), dense included."""
+          seed: int = 0, peak: dict | None = None) -> list[dict]:
+    """Tidy rows, one per (shape, structure, sparsity, path), dense included, each with the
+    machine's fp32 peak beside it (:func:`labkit.benchmarks.peak.with_peak`, on the FLOPs
+    the path really does: ``2 T nnz``; ``peak`` default: measured at ``threads``)."""
     V.integer("tokens", tokens, 1)
     V.integer("rounds", rounds, 1)
     for st in structures:
@@ -90,6 +93,7 @@ def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
     for s in sparsities:
         MK.check_sparsity(s)
     with measure.num_threads(threads):
+        peak = peak if peak is not None else P.bench_peaks(False)
         rows = []
         gen = torch.Generator().manual_seed(seed)
         for out_f, in_f in shapes:
@@ -135,6 +139,9 @@ def sweep(shapes=SHAPES, sparsities=SPARSITIES, tokens: int = TOKENS,
                         "bytes": b, "bytes_vs_dense": b / dense_bytes,
                         "threads": torch.get_num_threads(),
                         "note": K.NM_CPU_NOTE if not measured else ""})
+                    P.with_peak(rows[-1], 2 * tokens * nnz, "fp32", peak,
+                                times.ratio[key] if measured and key != "dense" else None,
+                                reference_flops=2 * tokens * out_f * in_f)
         return rows
 
 
@@ -250,8 +257,10 @@ def run(quick: bool = False) -> dict:
                                                                "neuron")}
         thread_counts = tuple(sorted({1, torch.get_num_threads()}))
     qnote = "quick mode: small shapes, not the contract; " if quick else ""
+    with measure.num_threads(1):
+        pk = P.bench_peaks(quick)
     rows = [{"table": "sweep", **r} for r in sweep(shapes, spars, tokens, rounds=rounds,
-                                                    min_run_time=mrt, threads=1)]
+                                                    min_run_time=mrt, threads=1, peak=pk)]
     rows += [{"table": "break_even", **r} for r in break_even(
         [r for r in rows if r["table"] == "sweep"])]
     targets = []

@@ -143,17 +143,20 @@ def mixed_assignment(rows, shapes, budget_bits: int, bits=BITS,
 
 def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
                  accelerate=True, kwargs=None, rounds: int = 3) -> list[dict]:
-    """fp32, bf16, torchao INT8 (dynamic, weight-only), torch's deprecated dynamic INT8 and
-    accelerate (per-layer fastest of all of them), timed side by side in rotated rounds
+    """fp32, bf16, torchao INT8 (dynamic, weight-only), torch's deprecated dynamic INT8, fp32
+    on oneDNN's sgemm and accelerate (per-layer fastest of all of them), timed side by side
+    in rotated rounds
     (:func:`labkit.measure.paired`, speedup = median of per-round fp32 / variant)."""
     kwargs = kwargs or {}
     variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
                 "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic")),
                 "int8_weight_only": apply_(copy.deepcopy(model), I.Int8Config("weight_only"))}
-    td = copy.deepcopy(model)
-    swap_modules(td, Q.linear_selector(td, exact=True),
-                 lambda n, m: I.AcceleratedLinear(m, "torch_dynamic"))
-    variants["torch_dynamic"] = td
+    for path in ("torch_dynamic", "fp32_onednn"):  # every linear on one per-site path
+        if I.unavailable(path) is None:
+            variants[path] = copy.deepcopy(model)
+            swap_modules(variants[path], Q.linear_selector(variants[path], exact=True),
+                         lambda n, m, path=path: I.AcceleratedLinear(m, path))
+    td = variants["torch_dynamic"]
     notes = {"torch_dynamic": "; ".join(sorted({w for m in td.modules()
                                                 for w in getattr(m, "labkit_warnings", ())}))}
     chosen = None
@@ -185,6 +188,85 @@ def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
     return rows
 
 
+# --------------------------------------------------------------------------- roofline
+
+class StaticQLinear(torch.nn.Module):
+    """The kernel one linear of a static INT8 graph runs: oneDNN ``qlinear_pointwise`` u8s8
+    on an input already quantized (the previous op's fused quantize makes it), a prepacked
+    per-channel int8 weight, fp32 out. ``forward(x_u8) -> y``."""
+
+    kernel_path = "onednn.qlinear_pointwise u8s8 (static INT8 graph's linear; input given u8)"
+
+    def __init__(self, lin: torch.nn.Linear, batch: int):
+        super().__init__()
+        w = lin.weight.detach()
+        self.w_scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (out,)
+        codes = torch.round(w / self.w_scale[:, None]).clamp(-128, 127).to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(codes, [batch, w.shape[1]])
+        self.w_zp = torch.zeros(w.shape[0], dtype=torch.long)
+        self.bias = lin.bias.detach() if lin.bias is not None else None
+
+    def forward(self, xq):  # (B, in) uint8 -> (B, out) fp32
+        return torch.ops.onednn.qlinear_pointwise(
+            xq, 0.05, 128, self.packed, self.w_scale, self.w_zp, self.bias, 1.0, 0,
+            torch.float32, "none", [], "")
+
+
+ROOFLINE_PATHS = ("fp32", "fp32_onednn", "bf16", "int8_dynamic", "torch_dynamic",
+                  "static_int8_kernel")
+_WEIGHT_BYTES = {"fp32": 4, "fp32_onednn": 4, "bf16": 2, "int8_dynamic": 1,
+                 "torch_dynamic": 1, "static_int8_kernel": 1}
+
+
+def roofline_rows(d_in: int, d_out: int, batches, peak: dict, paths=ROOFLINE_PATHS,
+                  rounds: int = 3, min_run_time: float = 0.05, timer=None) -> list[dict]:
+    """One linear ``d_in -> d_out`` on every path at each batch size, side by side per
+    batch, each row against the machine's ``peak`` (:func:`labkit.measure.peaks`):
+    achieved GFLOP/s, fraction of its kind's peak, and its roofline regime
+    (:func:`labkit.measure.regime`: memory-, dispatch- or compute-bound; bytes moved = the
+    weight in its storage + fp32 input (uint8 for the static kernel) + fp32 output)."""
+    from ..benchmarks.quant import kind_of
+
+    lin = torch.nn.Linear(d_in, d_out).eval()
+    rows = []
+    for b in batches:
+        V.integer("batch", b, 1)
+        x = torch.randn(b, d_in)
+        xq = torch.randint(0, 256, (b, d_in), dtype=torch.uint8)
+        mods, inputs = {}, {}
+        for pth in paths:
+            V.choice("paths", pth, ROOFLINE_PATHS)
+            if pth == "static_int8_kernel":
+                mods[pth], inputs[pth] = StaticQLinear(lin, b), xq
+            elif I.unavailable(pth) is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # quantize_dynamic's deprecation
+                    mods[pth], inputs[pth] = I.AcceleratedLinear(lin, pth), x
+
+        def call(mod, inp):
+            def fn():
+                with torch.inference_mode():
+                    mod(inp)
+            return fn
+
+        p = measure.paired({k: call(m, inputs[k]) for k, m in mods.items()},
+                           reference=next(iter(mods)), rounds=rounds,
+                           min_run_time=min_run_time, timer=timer)
+        flops = 2 * b * d_in * d_out
+        for k, mod in mods.items():
+            kind = kind_of(k.replace("_kernel", ""))
+            moved = _WEIGHT_BYTES[k] * d_in * d_out + (1 if k.startswith("static") else 4) \
+                * b * d_in + 4 * b * d_out
+            sec = p.seconds[k]
+            rows.append({"path": k, "batch": b, "shape": f"{d_in}->{d_out}",
+                         "median_ms": sec * 1e3, "min_ms": p.spread[k][0] * 1e3,
+                         "max_ms": p.spread[k][1] * 1e3, "bytes_moved": moved,
+                         "kernel_path": getattr(mod, "kernel_path", k),
+                         **measure.roofline(flops, sec, kind, peak),
+                         **measure.regime(flops, moved, sec, kind, peak)})
+    return rows
+
+
 # --------------------------------------------------------------------------- memory
 
 def memory_rows(shapes: dict, bits_list=(8, 4, 3, 2), granularity="channel", group_size=1,
@@ -209,7 +291,9 @@ def memory_rows(shapes: dict, bits_list=(8, 4, 3, 2), granularity="channel", gro
 __all__ = [
     "BITS",
     "MODES",
+    "ROOFLINE_PATHS",
     "MiniLM",
+    "StaticQLinear",
     "evaluate_nli",
     "fake_config",
     "latency_rows",
@@ -217,6 +301,7 @@ __all__ = [
     "memory_rows",
     "mixed_assignment",
     "quantized_copy",
+    "roofline_rows",
     "sensitivity",
     "simulate_nli",
 ]

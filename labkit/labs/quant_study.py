@@ -41,10 +41,26 @@ def check(p: dict, config: Q.FakeQuantConfig) -> None:
                   ("hessian_batch", 1), ("minilm_hessian_samples", 1), ("latency_batch", 1)):
         V.integer(k, p[k], lo, 100_000)
     V.integer("n_sentences", p["n_sentences"], 2, 32)
+    V.integer("peak_n", p["peak_n"], 64, 4096)
+    V.integer("calibration_rows", p["calibration_rows"], 1, 100_000)
+    ints("roofline_shape", p["roofline_shape"], 2)
+    ints("roofline_batches", p["roofline_batches"])
     V.number("qat_lr", p["qat_lr"], 0.0, 1.0, lo_open=True)
     V.number("baseline_lr", p["baseline_lr"], 0.0, 1.0)  # 0: the backbone's recipe
     if p["model"] == "tiny":
         expected(preset("tiny", kind="encoder"), config)
+
+
+def ints(name: str, text: str, n: int | None = None) -> tuple[int, ...]:
+    """Positive integers from a notebook parameter ``"1,4,16"`` (``n`` of them if given)."""
+    try:
+        out = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x)
+    except ValueError:
+        out = ()
+    if not out or any(v < 1 for v in out) or (n is not None and len(out) != n):
+        raise V.LabkitConfigError(name, text, f"{n or 'one or more'} positive integers, "
+                                  "comma-separated (e.g. '768,3072')")
+    return out
 
 
 def latency_target(clf, latency_preset: str) -> tuple:
@@ -103,6 +119,63 @@ def latency_figure(lat: list[dict], label: str):
     fig.update_yaxes(type="log", title_text="ms (log)")
     return F.layout(fig, title=f"latency, {label} (ms, median of paired rounds, bars min-max; "
                     "lower is better)")
+
+
+def roofline_figure(rows: list[dict], peak: dict):
+    """GFLOP/s (GOP/s for int8) of every path against batch size, log-log, with the
+    machine's measured peaks as flat lines and each kind's memory roof (intensity x copy
+    bandwidth) as a dotted curve: a path on its kind's memory roof is memory-bound, far
+    below both roofs dispatch-bound, on the flat line compute-bound (hover: the regime)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    batches = sorted({r["batch"] for r in rows})
+    for k in dict.fromkeys(r["path"] for r in rows):
+        rs = sorted((r for r in rows if r["path"] == k), key=lambda r: r["batch"])
+        fig.add_scatter(x=[r["batch"] for r in rs], y=[r["gflops"] for r in rs],
+                        mode="lines+markers", name=k, line={"color": F.color(k)},
+                        text=[f"{r['regime']}, {r['fraction_of_peak'] or 0:.0%} of the "
+                              f"{r['peak_kind']} peak" for r in rs],
+                        hovertemplate="%{x}: %{y:.1f} GFLOP/s, %{text}<extra>" + k
+                        + "</extra>")
+    for kind, g in peak["gflops"].items():
+        if g:
+            fig.add_scatter(x=[batches[0], batches[-1]], y=[g, g], mode="lines",
+                            name=f"{kind} peak (measured)",
+                            line={"dash": "dash", "color": F.color(f"{kind} peak")})
+    for kind in ("fp32", "int8"):  # the memory roof at each batch: AI(batch) x bandwidth
+        rs = {r["batch"]: r for r in rows if r["peak_kind"] == kind
+              and not r["path"].startswith("static")}
+        if rs:
+            fig.add_scatter(x=batches, y=[rs[b]["intensity"] * peak["bandwidth_gbs"]
+                                          for b in batches if b in rs],
+                            mode="lines", name=f"{kind} memory roof",
+                            line={"dash": "dot", "color": F.color(f"{kind} peak")})
+    fig.update_xaxes(type="log", title_text="batch (tokens)")
+    fig.update_yaxes(type="log", title_text="GFLOP/s (log)")
+    return F.layout(fig, title=f"roofline: one linear {rows[0]['shape']} on every path vs "
+                    f"this machine's peaks ({peak['threads']} thread(s), copy "
+                    f"{peak['bandwidth_gbs']:.0f} GB/s)")
+
+
+def roofline_metrics(rows: list[dict], peak: dict) -> dict:
+    """The peaks and, at the largest batch, the best INT8 and fp32 paths' fractions of
+    their peaks and the regime of each path at batch 1 and at the largest batch."""
+    big = max(r["batch"] for r in rows)
+    at = [r for r in rows if r["batch"] == big]
+    best = {kind: max((r for r in at if r["peak_kind"] == kind), key=lambda r: r["gflops"],
+                      default=None) for kind in ("fp32", "int8")}
+    out = {f"peak_{k}_gflops": v for k, v in peak["gflops"].items()}
+    out.update(peak_int8_over_fp32=peak["ratio"]["int8/fp32"],
+               peak_bandwidth_gbs=peak["bandwidth_gbs"])
+    for kind, r in best.items():
+        if r is not None:
+            out[f"roofline_best_{kind}_path"] = r["path"]
+            out[f"roofline_best_{kind}_fraction_of_peak"] = r["fraction_of_peak"]
+    for r in rows:
+        if r["batch"] in (1, big):
+            out[f"regime_{r['path']}_b{r['batch']}"] = r["regime"]
+    return out
 
 
 def memory_figure(mem: list[dict]):
@@ -235,12 +308,15 @@ __all__ = [
     "bit_sweep",
     "check",
     "hessian_study",
+    "ints",
     "latency_figure",
     "latency_study",
     "latency_target",
     "memory_figure",
     "memory_metrics",
     "minilm_study",
+    "roofline_figure",
+    "roofline_metrics",
     "sensitivity_figure",
     "technique_costs",
 ]

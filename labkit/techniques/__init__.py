@@ -5,6 +5,7 @@ for any of them, and ``registered()`` lists them.
 """
 from .cqil import CQILConfig, LoRAConfig
 from .early_exit import EarlyExitConfig
+from .embedding_int8 import EmbeddingInt8Config
 from .factorized_ffn import FactorizedFFNConfig
 from .int8 import AccelerateConfig, Int8Config
 from .kernel_attention import KernelAttentionConfig
@@ -30,6 +31,7 @@ __all__ = [
                        "AccelerateConfig",
                        "CQILConfig",
                        "EarlyExitConfig",
+                       "EmbeddingInt8Config",
                        "FactorizedFFNConfig",
                        "FakeQuantConfig",
                        "Int8Config",

@@ -17,7 +17,11 @@ weight-only casts the int8 weight to float at every call then runs the float GEM
 saves memory but rarely time in eager mode. ``torch.ao.quantization.quantize_dynamic``
 (fbgemm/x86 ``quantized::linear_dynamic``, one fused op) still exists in torch 2.13 but
 warns that it is deprecated; it is a candidate too, because at small batches it is often the
-fastest INT8 path on this CPU. The per-row activation quantization costs
+fastest INT8 path on this CPU. ``fp32_onednn`` runs the same fp32 arithmetic on oneDNN's
+sgemm instead of the BLAS ``aten.linear`` calls (MKL in torch's x86 wheels), which on a
+non-Intel CPU runs well below the machine's fp32 peak (``labkit bench peak``): without it
+every INT8 speedup would be measured against a slow reference. The per-row activation
+quantization costs
 several element-wise passes, which dominate at batch 1 and for tiny layers: there INT8
 *loses*. :func:`accelerate_` therefore times every candidate on the layer's real input
 shape and keeps the fastest, and the model-level check reverts when the whole model got
@@ -44,7 +48,8 @@ from ..accounting import register_account, rows
 from .registry import linear_selector, register, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
-CANDIDATES = ("fp32", "bf16", "int8_dynamic", "int8_weight_only", "torch_dynamic")
+CANDIDATES = ("fp32", "fp32_onednn", "bf16", "int8_dynamic", "int8_weight_only",
+              "torch_dynamic")
 
 
 def cpu_int8_isa() -> str:
@@ -64,7 +69,8 @@ def cpu_int8_isa() -> str:
 def kernel_path_of(candidate: str) -> str:
     isa = cpu_int8_isa()
     return {
-        "fp32": "fp32 aten.linear (oneDNN/MKL sgemm)",
+        "fp32": "fp32 aten.linear (BLAS sgemm: MKL in this torch build)",
+        "fp32_onednn": "fp32 mkldnn._linear_pointwise (oneDNN sgemm, weight reordered per call)",
         "bf16": "bf16 aten.linear (oneDNN, casts at the boundary)",
         "int8_dynamic": f"torchao Int8Tensor W8A8 dynamic -> torch._int_mm s8s8 ({isa})",
         "int8_weight_only": "torchao Int8Tensor weight-only -> int8->fp32 cast + fp32 mm",
@@ -91,12 +97,34 @@ class CastLinear(nn.Module):
         return self.inner(x.to(self.dtype)).to(x.dtype)
 
 
+class OneDNNLinear(nn.Module):
+    """An fp32 linear run by oneDNN (``mkldnn._linear_pointwise``, the op Inductor's
+    freezing packs fp32 linears into when the batch is symbolic) instead of the BLAS sgemm
+    ``aten.linear`` calls: on a CPU where that BLAS is slow (MKL outside Intel's CPUs) the
+    same fp32 arithmetic runs several times faster. ``forward(x) -> y`` like ``nn.Linear``;
+    the weight stays a plain fp32 parameter (reordered per call: nothing opaque stored)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        if not torch.backends.mkldnn.is_available():
+            raise RuntimeError("fp32_onednn needs torch built with oneDNN (mkldnn): "
+                               "torch.backends.mkldnn.is_available() is False")
+        self.weight = nn.Parameter(lin.weight.detach().float().clone(), requires_grad=False)
+        self.bias = None if lin.bias is None else nn.Parameter(
+            lin.bias.detach().float().clone(), requires_grad=False)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 def make_candidate(lin: nn.Linear, candidate: str) -> nn.Module:
     """A copy of ``lin`` executed on ``candidate``'s path."""
     V.choice("candidate", candidate, CANDIDATES)
     lin = copy.deepcopy(lin).float()
     if candidate == "fp32":
         return lin
+    if candidate == "fp32_onednn":
+        return OneDNNLinear(lin)
     if candidate == "bf16":
         return CastLinear(lin)
     if candidate == "torch_dynamic":
@@ -161,8 +189,14 @@ def int8_(model: nn.Module, config: Int8Config) -> nn.Module:
 def _account(table, model_cfg, config: Int8Config) -> dict:
     """The plain linears the selector takes store int8 codes plus an fp32 scale and an int8
     zero point per output row (what torchao's Int8Tensor stores): ``out (in + 5)`` bytes.
-    Multiply-adds are unchanged (int8 instead of fp32)."""
-    taken = [r for r in rows(table, config.layers, config.parts).values() if r.kind == "linear"]
+    Multiply-adds are unchanged (int8 instead of fp32). A row that neuron or head pruning
+    only resized (``sparse`` with no kept count and no own storage) is a plain, smaller
+    ``nn.Linear`` once deployed (compacted dense), so it is taken too."""
+    def plain(r):
+        return r.kind == "linear" or (r.kind == "sparse" and r.kept is None
+                                      and r.weight_bytes is None)
+
+    taken = [r for r in rows(table, config.layers, config.parts).values() if plain(r)]
     n = sum(r.weight_params for r in taken)
     for r in taken:
         r.weight_bytes, r.kind = r.out_features * (r.in_features + 5), "int8"
@@ -218,9 +252,21 @@ def sites(candidates=CANDIDATES, layers: tuple = (), parts: tuple = ("attn", "ff
         def site(name, m):
             if not select(name, m):
                 return None
-            return A.Site(name, m, {c: AcceleratedLinear(m, c) for c in cands}, "fp32")
+            built = {c: AcceleratedLinear(m, c) for c in cands if unavailable(c) is None}
+            built["fp32"].labkit_warnings += [f"{c} not timed: {unavailable(c)}"
+                                              for c in cands if unavailable(c)]
+            return A.Site(name, m, built, "fp32")
         return site
     return for_model
+
+
+def unavailable(candidate: str) -> str | None:
+    """Why ``candidate`` cannot run on this torch build / CPU (None when it can); such a
+    candidate is left out of :func:`sites` and its rows say so."""
+    V.choice("candidate", candidate, CANDIDATES)
+    if candidate == "fp32_onednn" and not torch.backends.mkldnn.is_available():
+        return "torch.backends.mkldnn.is_available() is False"
+    return None
 
 
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
@@ -294,6 +340,7 @@ __all__ = [
     "AcceleratedLinear",
     "CastLinear",
     "Int8Config",
+    "OneDNNLinear",
     "accelerate_",
     "cpu_int8_isa",
     "int8_weight_bytes",
@@ -301,4 +348,5 @@ __all__ = [
     "make_candidate",
     "matmul_ops",
     "sites",
+    "unavailable",
 ]

@@ -1,0 +1,331 @@
+"""Whole-model static INT8 on the CPU: PT2E export, torchao's ``X86InductorQuantizer``,
+activation ranges calibrated on training rows, ``torch.compile`` with Inductor.
+
+Paper/tool: PyTorch 2 Export quantization with the x86 Inductor backend (torchao
+``torchao.quantization.pt2e``: ``prepare_pt2e`` / ``convert_pt2e`` with
+``X86InductorQuantizer``), the path behind PyTorch's reported 2.97x geomean INT8 speed-up
+on x86 (Sapphire Rapids, AMX), beside dynamic INT8 (:mod:`labkit.techniques.int8`).
+
+Idea: dynamic INT8 quantizes every linear's input at run time (a max pass, a divide, a
+round, a rescale around each GEMM) and keeps everything between the linears in fp32.
+Static INT8 fixes every activation's range once, from calibration batches, so the whole
+graph is known ahead of time: ``torch.export`` captures it, the quantizer annotates the
+linears (per-channel symmetric int8 weights, per-tensor affine uint8 activations with a
+histogram observer), calibration records the ranges, ``convert_pt2e`` leaves
+quantize/dequantize pairs around the int8 ops, and Inductor with freezing fuses each
+``dequant -> linear -> (gelu) -> quant`` into one oneDNN ``qlinear_pointwise`` u8s8 kernel
+with the weight prepacked:
+
+    x_q = clamp(round(x / s_x) + z_x, 0, 255)            s_x, z_x fixed by calibration
+    y   = s_x s_w[o] (x_q - z_x) @ W_q[o]^T + b[o]       int32 accumulate, W_q per channel
+
+Like with like: it is compared with the *same* exported fp32 graph compiled the same way
+(:func:`compiled_fp32`: Inductor, freezing, symbolic shapes). Symbolic shapes serve two
+ends: one graph serves every batch shape (calibration, evaluation on length-sorted batches)
+and Inductor then packs fp32 linears for oneDNN (with static shapes it calls MKL's sgemm,
+which on a non-Intel CPU runs well below the machine's fp32 peak: ``labkit bench peak``).
+
+Calibration size: stated as rows and non-padding tokens (``calibration_rows``,
+``calibration_tokens``) on every model and row. Calibration batches come from the training
+rows, never the eval rows.
+
+Unavailable, never a silent fallback: a backend other than ``x86_inductor`` is an error; a
+CPU without VNNI/AMX (the quantizer's full 0..255 activation range needs VNNI's u8s8
+arithmetic) or a torch without oneDNN marks the path unavailable (:func:`unavailable`,
+an error from :func:`static_int8`, a row and a warning from the model-level autotuner).
+
+Complexity: one export, one calibration pass per batch, one Inductor compile (tens of
+seconds on 2 cores for the small presets; recompiles only for a new grad mode or rank).
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from .. import validate as V
+from .int8 import cpu_int8_isa
+
+BACKENDS = ("x86_inductor",)
+INT8_ISAS = ("AMX", "AVX512-VNNI")
+KERNEL_PATH = ("static INT8 (PT2E X86InductorQuantizer, per-channel int8 weights, "
+               "calibrated per-tensor uint8 activations) -> Inductor + freezing -> "
+               "onednn.qlinear_pointwise u8s8 ({isa})")
+FP32_PATH = "fp32, same exported graph -> Inductor + freezing (symbolic shapes: oneDNN linear)"
+
+
+class StaticInt8Unavailable(RuntimeError):
+    """The static INT8 path cannot run on this CPU / torch build (the message says why)."""
+
+
+def unavailable(backend: str = "x86_inductor") -> str | None:
+    """Why static INT8 cannot run here (None when it can). An unknown ``backend`` is a
+    :class:`~labkit.validate.LabkitConfigError`."""
+    V.choice("backend", backend, BACKENDS)
+    if not torch.backends.mkldnn.is_available():
+        return "torch is built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+    isa = cpu_int8_isa()
+    if isa not in INT8_ISAS:
+        return (f"the CPU has {isa}: x86 Inductor's static INT8 needs AVX512-VNNI or AMX "
+                "(its u8s8 kernels and the quantizer's full 0..255 activation range)")
+    return None
+
+
+# --------------------------------------------------------------------------- inputs
+
+def as_args(batch) -> tuple:
+    """``(ids, padding_mask or None, token_type_ids or None)`` from a batch dict (the
+    training batches' ``input_ids``/``padding_mask``/``token_type_ids``) or a tuple of
+    positional model arguments."""
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise V.LabkitConfigError("batch", sorted(batch), "a dict with 'input_ids' "
+                                      "(and optionally 'padding_mask', 'token_type_ids')")
+        return (batch["input_ids"], batch.get("padding_mask"), batch.get("token_type_ids"))
+    if isinstance(batch, torch.Tensor):
+        return (batch, None, None)
+    batch = tuple(batch)
+    if not 1 <= len(batch) <= 3:
+        raise V.LabkitConfigError("batch", f"a tuple of {len(batch)}",
+                                  "(ids,), (ids, padding_mask) or (ids, padding_mask, "
+                                  "token_type_ids)")
+    return batch + (None,) * (3 - len(batch))
+
+
+def check_batch(name: str, args: tuple, cfg, pattern: tuple | None = None) -> tuple:
+    """Validate one ``(ids, mask, token types)`` against the model config ``cfg``: 2-D
+    integer ids in ``[0, vocab_size)`` no longer than ``max_len``, a bool mask and integer
+    token types of the same shape (types below ``type_vocab_size``), and the same present
+    / absent inputs as ``pattern``. Errors name ``name`` (e.g. ``calibration[3]``)."""
+    ids, mask, tt = args
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (
+            torch.int64, torch.int32):
+        got = (f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor)
+               else type(ids).__name__)
+        raise V.LabkitConfigError(f"{name} ids", got, "a 2-D (batch, seq) int64 tensor")
+    if ids.numel() == 0:
+        raise V.LabkitConfigError(f"{name} ids", tuple(ids.shape), "a non-empty batch")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise V.LabkitConfigError(f"{name} ids", f"values in [{lo}, {hi}]",
+                                  f"token ids in [0, {cfg.vocab_size - 1}] (the model's "
+                                  "vocab_size): a batch from another tokenizer?")
+    if ids.shape[1] > cfg.max_len:
+        raise V.LabkitConfigError(f"{name} ids", tuple(ids.shape),
+                                  f"at most max_len={cfg.max_len} tokens")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                             or mask.shape != ids.shape):
+        got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else mask
+        raise V.LabkitConfigError(f"{name} padding_mask", got,
+                                  f"a bool tensor shaped like the ids {tuple(ids.shape)}")
+    if tt is not None:
+        if not isinstance(tt, torch.Tensor) or tt.shape != ids.shape or tt.is_floating_point():
+            raise V.LabkitConfigError(f"{name} token_type_ids", getattr(tt, "shape", tt),
+                                      f"an integer tensor shaped like the ids "
+                                      f"{tuple(ids.shape)}")
+        if cfg.type_vocab_size and int(tt.max()) >= cfg.type_vocab_size:
+            raise V.LabkitConfigError(f"{name} token_type_ids", int(tt.max()),
+                                      f"segment ids below type_vocab_size="
+                                      f"{cfg.type_vocab_size}")
+    present = (mask is not None, tt is not None)
+    if pattern is not None and present != pattern:
+        want = ", ".join(n for n, p in zip(("padding_mask", "token_type_ids"), pattern) if p)
+        raise V.LabkitConfigError(f"{name} inputs", _present(present),
+                                  f"the inputs the model was exported with: ids"
+                                  f"{', ' + want if want else ''}")
+    return args
+
+
+def _present(present) -> str:
+    return "ids" + "".join(f", {n}" for n, p in zip(("padding_mask", "token_type_ids"),
+                                                     present) if p)
+
+
+def check_calibration(calibration, cfg, pattern: tuple) -> list[tuple]:
+    """A non-empty list of batches, each checked by :func:`check_batch`."""
+    if isinstance(calibration, (dict, torch.Tensor)) or not hasattr(calibration, "__iter__"):
+        raise V.LabkitConfigError("calibration", type(calibration).__name__,
+                                  "a list of batches from the training rows")
+    batches = [check_batch(f"calibration[{i}]", as_args(b), cfg, pattern)
+               for i, b in enumerate(calibration)]
+    if not batches:
+        raise V.LabkitConfigError("calibration", "[]", "at least one batch of training rows")
+    return batches
+
+
+def calibration_size(batches: list[tuple]) -> dict:
+    """Rows and non-padding tokens in the calibration batches."""
+    rows = sum(int(b[0].shape[0]) for b in batches)
+    tokens = sum(int(b[0].numel() if b[1] is None else (~b[1]).sum()) for b in batches)
+    return {"calibration_batches": len(batches), "calibration_rows": rows,
+            "calibration_tokens": tokens}
+
+
+# --------------------------------------------------------------------------- build
+
+def export_model(model: nn.Module, example: tuple) -> torch.fx.GraphModule:
+    """``torch.export`` of ``model(ids, mask, token types)`` with batch and sequence length
+    symbolic (``Dim.AUTO``: specialised only where the model requires it)."""
+    from torch.export import Dim, export
+
+    dims = tuple(None if a is None else {0: Dim.AUTO, 1: Dim.AUTO} for a in example)
+    with torch.no_grad():
+        return export(model.eval(), example, dynamic_shapes=dims).module()
+
+
+def _compile(graph: nn.Module, example: tuple):
+    """Inductor with freezing (weights as constants: prepacked, quantize ops folded),
+    symbolic shapes; compiled now on ``example`` so timing never includes it."""
+    import torch._inductor.config as ic
+
+    t0 = time.perf_counter()
+    fn = torch.compile(graph, dynamic=True)
+    with torch.inference_mode(), ic.patch(freezing=True):  # the mode every call runs in
+        fn(*example)
+    return fn, time.perf_counter() - t0
+
+
+class CompiledModel(nn.Module):
+    """A compiled, inference-only graph with the model's forward signature
+    ``forward(ids, padding_mask=None, token_type_ids=None) -> logits`` (the inputs present
+    at export must be present, the absent ones absent). ``kernel_path`` says what runs;
+    :meth:`stored_tensors` is what :func:`labkit.measure.model_bytes` counts: the tensors
+    the graph reads (int8 weights, scales, fp32 embeddings, norms, biases), not the unused
+    fp32 copies a converted graph still carries."""
+
+    def __init__(self, graph: nn.Module, compiled, cfg, pattern: tuple, kernel_path: str,
+                 info: dict):
+        super().__init__()
+        object.__setattr__(self, "graph", graph)  # not a submodule: train() must not reach
+        object.__setattr__(self, "compiled", compiled)
+        self.cfg, self.pattern, self.kernel_path = cfg, pattern, kernel_path
+        self.info = dict(info)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(f"{type(self).__name__} is a compiled inference graph: it "
+                               "cannot train (recover the eager model, then rebuild)")
+        return super().train(False)
+
+    def forward(self, ids, padding_mask=None, token_type_ids=None):  # (B, N) -> (B, labels)
+        import torch._inductor.config as ic
+
+        present = (padding_mask is not None, token_type_ids is not None)
+        if present != self.pattern:
+            raise V.LabkitConfigError("inputs", _present(present),
+                                      f"what the model was exported with: "
+                                      f"{_present(self.pattern)}")
+        # always inference mode (a call under no_grad or grad would recompile), freezing on
+        # in case a new rank recompiles (the INT8 graph only lowers with it); a plain flag
+        # set (~6 us) rather than config.patch (~30 us a call)
+        prev = ic.freezing
+        ic.freezing = True
+        try:
+            with torch.inference_mode():
+                return self.compiled(ids, padding_mask, token_type_ids)
+        finally:
+            ic.freezing = prev
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy of an encoder batch, as :meth:`labkit.model.Transformer.loss`."""
+        logits = self(batch["input_ids"], batch.get("padding_mask"),
+                      batch.get("token_type_ids"))
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        out, seen = [], set()
+        for node in self.graph.graph.nodes:
+            if node.op == "get_attr":
+                t = self.graph
+                for part in node.target.split("."):
+                    t = getattr(t, part)
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+        return out
+
+    def extra_repr(self) -> str:
+        return self.kernel_path
+
+
+def _example(model, example_inputs) -> tuple:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise TypeError(f"{type(model).__name__} has no .cfg: static INT8 takes labkit's "
+                        "Transformer (ids, padding_mask, token_type_ids)")
+    if cfg.kind != "encoder":
+        raise V.LabkitConfigError("model", cfg.kind, "an encoder classifier (kind='encoder')")
+    args = check_batch("example_inputs", as_args(example_inputs), cfg)
+    return cfg, args, (args[1] is not None, args[2] is not None)
+
+
+def compiled_fp32(model: nn.Module, example_inputs) -> CompiledModel:
+    """The fp32 reference for static INT8, like with like: the same export, compiled the
+    same way (Inductor, freezing, symbolic shapes)."""
+    cfg, ex, pattern = _example(model, example_inputs)
+    graph = export_model(copy.deepcopy(model), ex)
+    fn, seconds = _compile(graph, ex)
+    return CompiledModel(graph, fn, cfg, pattern, FP32_PATH, {"compile_seconds": seconds})
+
+
+def static_int8(model: nn.Module, calibration, example_inputs,
+                backend: str = "x86_inductor") -> CompiledModel:
+    """``model`` (labkit's encoder classifier, left unchanged) quantized to static INT8 and
+    compiled; returns a :class:`CompiledModel` with the model's forward signature.
+
+    ``calibration``: a list of batches from the training rows (dicts as the training
+    batches, or ``(ids, padding_mask, token_type_ids)`` tuples) that set the activation
+    ranges; ``example_inputs``: the batch the model is compiled on (the timed batch),
+    which fixes which inputs are present. ``info`` states the calibration size (batches,
+    rows, tokens) and the export, calibration and compile seconds."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    why = unavailable(backend)
+    if why is not None:
+        raise StaticInt8Unavailable(f"static INT8 ({backend}) is unavailable here: {why}")
+    cfg, ex, pattern = _example(model, example_inputs)
+    batches = check_calibration(calibration, cfg, pattern)
+    t0 = time.perf_counter()
+    graph = export_model(copy.deepcopy(model), ex)
+    quantizer = xiq.X86InductorQuantizer().set_global(
+        xiq.get_default_x86_inductor_quantization_config())  # static, per-channel weights
+    t1 = time.perf_counter()
+    with warnings.catch_warnings():  # observers warn per batch about reduce_range: see doc
+        warnings.simplefilter("ignore", UserWarning)
+        prepared = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                try:
+                    prepared(*b)
+                except Exception as e:  # a shape the export specialised away
+                    raise V.LabkitConfigError(
+                        f"calibration[{i}]", tuple(b[0].shape),
+                        f"batches the exported graph accepts ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from e
+        converted = convert_pt2e(prepared)
+    t2 = time.perf_counter()
+    fn, seconds = _compile(converted, ex)
+    info = {**calibration_size(batches), "export_seconds": t1 - t0,
+            "calibration_seconds": t2 - t1, "compile_seconds": seconds, "backend": backend}
+    return CompiledModel(converted, fn, cfg, pattern, KERNEL_PATH.format(isa=cpu_int8_isa()),
+                         info)
+
+
+__all__ = [
+    "BACKENDS",
+    "CompiledModel",
+    "StaticInt8Unavailable",
+    "as_args",
+    "calibration_size",
+    "check_batch",
+    "check_calibration",
+    "compiled_fp32",
+    "export_model",
+    "static_int8",
+    "unavailable",
+]
