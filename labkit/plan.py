@@ -61,16 +61,23 @@ from .techniques import (
     expected,
 )
 from .techniques import int8 as I8
+from .techniques.embedding_int8 import EmbeddingInt8Config
 from .techniques import sparsity as S
 from .techniques.importance import calibration_batches
 
 OBJECTIVES = ("latency", "bytes")
-FAMILIES = ("blocks", "neurons", "heads", "rank", "attention", "exits", "int8")
-DEFAULT_FAMILIES = ("blocks", "neurons", "heads", "exits", "int8")
+FAMILIES = ("blocks", "neurons", "heads", "rank", "attention", "exits", "embeddings", "int8",
+            "static_int8")
+DEFAULT_FAMILIES = ("blocks", "neurons", "heads", "exits", "embeddings", "int8")
 # families that act on the same modules: never stacked together
-EXCLUSIVE = ({"neurons", "rank"}, {"heads", "attention"})
+EXCLUSIVE = ({"neurons", "rank"}, {"heads", "attention"}, {"int8", "static_int8"},
+             {"exits", "static_int8"})  # a compiled graph has no per-sample exits
 # the order a stack is applied in: blocks go first (the others act on what is left)
-ORDER = ("blocks", "rank", "attention", "heads", "neurons", "exits", "int8")
+ORDER = ("blocks", "rank", "attention", "heads", "neurons", "exits", "embeddings", "int8",
+         "static_int8")
+# the dense reference runs on its fastest fp32 kernels, chosen by the same autotuner, so a
+# candidate's speed-up is never a better fp32 GEMM taken for compression
+REFERENCE_CANDIDATES = ("fp32", "fp32_onednn")
 SCREEN_SHARE = 0.5  # at most this share of the search time goes to the one-shot screen
 
 
@@ -154,6 +161,10 @@ class Candidate:
         return "int8" in self.families
 
     @property
+    def static_int8(self) -> bool:
+        return "static_int8" in self.families
+
+    @property
     def name(self) -> str:
         return " + ".join(label for _, label, _ in self.steps) or "dense"
 
@@ -190,8 +201,12 @@ def levels(model_cfg, family: str) -> list[Candidate]:
         out = [("attention", f"Linformer k={k}", LowRankAttentionConfig(k=k))]
     elif family == "exits":  # the threshold is chosen on the dev rows (Planner.tune_exits)
         out = [("exits", "early exits", EarlyExitConfig(exits=None, q=1.0))]
+    elif family == "embeddings":
+        out = [("embeddings", "INT8 embeddings", EmbeddingInt8Config())]
     elif family == "int8":
         out = [("int8", "INT8 (per-layer autotuned)", None)]
+    elif family == "static_int8":
+        out = [("static_int8", "static INT8 (whole model, compiled)", None)]
     else:
         V.choice("family", family, FAMILIES)
     return [Candidate((s,)) for s in out]
@@ -232,7 +247,7 @@ def materialize(dense: nn.Module, cand: Candidate, calibration) -> nn.Module:
 
 
 def accelerated(simulated: nn.Module, cand: Candidate, inputs: tuple, plans: dict,
-                timer=None) -> tuple[nn.Module, list[list[dict]]]:
+                timer=None, calibration=None) -> tuple[nn.Module, list[list[dict]]]:
     """A copy on real kernels: masked structures compacted where that is faster
     (:func:`labkit.techniques.sparsity.accelerate`), then INT8 per layer
     (:func:`labkit.techniques.int8.accelerate_`) for an ``int8`` candidate. Returns the
@@ -246,7 +261,32 @@ def accelerated(simulated: nn.Module, cand: Candidate, inputs: tuple, plans: dic
         rows.append(S.accelerate(m, *inputs, paths=("compacted-dense",), timer=timer))
     if cand.int8:
         rows.append(I8.accelerate_(m, inputs, plans=plans, timer=timer))
+    if cand.static_int8:  # the whole graph: exported, calibrated, compiled
+        from .techniques.static_int8 import static_int8
+
+        m = static_int8(m, [_static_args(b) for b in calibration], inputs)
     return m, rows
+
+
+def _static_args(batch: dict) -> tuple:
+    return (batch["input_ids"], batch.get("padding_mask"))
+
+
+def reference(dense: nn.Module, inputs: tuple, plans: dict, timer=None,
+              compiled: bool = False) -> nn.Module:
+    """The dense model on its fastest fp32 kernels (per-site fp32 paths, autotuned; with
+    ``compiled``, the whole graph compiled too when that is faster): what a candidate's
+    speed-up is measured against."""
+    m = copy.deepcopy(dense).eval()
+    I8.accelerate_(m, inputs, candidates=REFERENCE_CANDIDATES, plans=plans, timer=timer)
+    if not compiled:
+        return m
+    from .techniques.static_int8 import compiled_fp32
+
+    c = compiled_fp32(dense, inputs)
+    t = measure.paired({"eager": _runner(m, inputs), "compiled": _runner(c, inputs)},
+                       "eager", 3, 0.1, timer)
+    return c if t.ratio["compiled"] > 1.0 else m
 
 
 def _runner(model, inputs):
@@ -366,6 +406,9 @@ class Planner:
         self.start = clock()
         self.dense_dev = ACC.correct(self.dense, workload.dev_set)
         self.dense_bytes = measure.model_bytes(self.dense)["total"]
+        with measure.num_threads(config.threads):
+            self.reference = reference(self.dense, self.inputs, self.plans, timer,
+                                       compiled="static_int8" in config.families)
         self.seq_len = int(self.inputs[0].shape[1])
         self.step_seconds = None  # measured on the first recovery, per unit of FLOPs
         self.exit_heads: dict = {}  # block -> exit head state trained on the dense backbone
@@ -377,8 +420,8 @@ class Planner:
     def measure(self, trial: Trial, rung: int, note: str = "") -> dict:
         with measure.num_threads(self.c.threads):  # kernels chosen and timed as deployed
             acc_model, accel_rows = accelerated(trial.model, trial.cand, self.inputs,
-                                                self.plans, self.timer)
-            t = measure.paired({"dense": _runner(self.dense, self.inputs),
+                                                self.plans, self.timer, self.calibration)
+            t = measure.paired({"dense": _runner(self.reference, self.inputs),
                                 "candidate": _runner(acc_model, self.inputs)}, "dense",
                                self.c.rounds, self.c.min_run_time, self.timer)
         trial.accelerated, trial.acceleration = acc_model, accel_rows
@@ -617,7 +660,7 @@ def _final(p: Planner, chosen: Trial | None, single: Trial | None, trials, searc
     dense, the choice and the best single technique paired in the same rounds."""
     ev = p.work.eval_set
     dense_right = ACC.correct(p.dense, ev)
-    models = {"dense": (p.dense, p.dense, [])}
+    models = {"dense": (p.reference, p.dense, [])}
     trial_of = {"dense": None, "chosen": chosen}
     if single is not None and single is not chosen:
         trial_of["best single"] = single
