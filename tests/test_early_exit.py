@@ -135,3 +135,20 @@ def test_bad_exits_and_kind():
         EarlyExitConfig(exits=())
     with pytest.raises(LabkitConfigError, match="model kind='decoder'"):
         apply_(M.build("tiny", kind="decoder", n_layers=4), EarlyExitConfig())
+
+
+def test_q_one_never_exits_even_when_a_softmax_rounds_to_one():
+    m, ids, mask = _setup(q=1.0)
+    with torch.no_grad():  # every exit head says class 0 with a lead of 100: softmax == 1.0
+        for h in m.executor.heads:
+            h.out.weight.zero_()
+            h.out.bias.fill_(0.0)[0] = 100.0
+    labels = torch.zeros(len(ids), dtype=torch.long)
+    z, _ = E.exit_logits(m, {"input_ids": ids, "padding_mask": mask, "labels": labels})
+    assert bool((z[:-1].softmax(-1).amax(-1) == 1.0).all())  # float32 reached exactly 1
+    _, blocks = E.predict(m, ids, mask)
+    assert torch.equal(blocks, torch.full((8,), 4))
+    assert E.simulate(z, labels, 1.0, m.executor.exits, 4)["blocks"] == 4.0
+    m.executor.q = 0.999  # below 1 the same heads exit at the first block
+    assert torch.equal(E.predict(m, ids, mask)[1], torch.ones(8, dtype=torch.long))
+    assert E.simulate(z, labels, 0.999, m.executor.exits, 4)["blocks"] == 1.0

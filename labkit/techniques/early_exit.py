@@ -18,7 +18,10 @@ Equations. SDN loss at training progress ``t`` in [0, 1], IC ``k`` after block `
 
 Exit rule with temperatures ``T_k`` (1 when uncalibrated)::
 
-    exit at the first k with  max_c softmax(z_k / T_k)_c >= q
+    exit at the first k with  max_c softmax(z_k / T_k)_c >= q,   never when q = 1
+
+(a float32 softmax rounds to exactly 1.0 once the top logit leads by ~17, so ``>= 1`` alone
+would still exit: ``q = 1`` is the documented "run every block").
 
 ``T_k = argmin_T NLL(softmax(z_k / T), y)`` on held-out rows. Expected calibration error,
 15 equal-width confidence bins: ``ECE = sum_b |B_b|/n |acc(B_b) - conf(B_b)|``.
@@ -76,6 +79,11 @@ class EarlyExitConfig:
         if list(exits) != sorted(set(exits)):
             raise V.LabkitConfigError("exits", self.exits, "strictly increasing block indices")
         return exits
+
+
+def confident(conf: torch.Tensor, q: float) -> torch.Tensor:
+    """Which confidences exit at threshold ``q``: ``conf >= q``, and none at ``q = 1``."""
+    return conf >= q if q < 1.0 else torch.zeros_like(conf, dtype=torch.bool)
 
 
 class ExitHead(nn.Module):
@@ -140,7 +148,7 @@ class EarlyExitExecutor(BlockExecutor):
             if i not in where or i == len(blocks) - 1:
                 continue
             logits = self.heads[where[i]](x) / temps[where[i]]  # (B_active, C)
-            done = logits.softmax(-1).amax(-1) >= self.q
+            done = confident(logits.softmax(-1).amax(-1), self.q)  # (B_active,)
             if not bool(done.any()):
                 continue
             rows = active[done]
@@ -289,9 +297,9 @@ def simulate(logits: torch.Tensor, labels: torch.Tensor, q: float, exits: tuple,
     k1, _n, _ = logits.shape
     t = torch.ones(k1) if temperature is None else temperature
     probs = (logits / t[:, None, None]).softmax(-1)  # (K + 1, n, C)
-    conf = probs.amax(-1)
-    conf[-1] = 2.0  # the final head always answers
-    first = (conf >= q).float().argmax(0)  # (n,)
+    done = confident(probs.amax(-1), q)  # (K + 1, n)
+    done[-1] = True  # the final head always answers
+    first = done.float().argmax(0)  # (n,)
     depth = torch.tensor([*(i + 1 for i in exits), n_layers], dtype=torch.float)
     pred = probs.argmax(-1).gather(0, first[None]).squeeze(0)
     return {"q": q, "accuracy": float((pred == labels).float().mean()),
