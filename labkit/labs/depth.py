@@ -297,6 +297,7 @@ def exit_choice(model, calib: dict, test: dict, qs, calibrated: bool, required: 
     mean = (lambda t: None if t is None else float(t.float().mean()))
     return {"q": best["q"] if best else None, "calibrated": calibrated,
             "calib_rows": len(y), "test_rows": len(yt),
+            "calib_full_accuracy": float((z[-1].argmax(-1) == y).float().mean()),
             "calib_accuracy": best["accuracy"] if best else None,
             "calib_blocks": best["blocks"] if best else None,
             "first_exit_accuracy": mean(first), "full_accuracy": mean(final),

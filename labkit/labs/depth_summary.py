@@ -78,7 +78,8 @@ def cqil_setup(params: dict) -> dict:
     for s in starts:
         C.check_group(s, end, 2, n)
     ps = list(int_list("ps", params["ps"], 2, end - min(starts)))
-    return {"starts": starts, "ps": ps}
+    widths = sorted(set(int_list("widths", params["widths"], 32, 4096)))
+    return {"starts": starts, "ps": ps, "widths": widths}
 
 
 # ---- figures ---------------------------------------------------------------------------
@@ -378,15 +379,26 @@ def per_exit_rows(model, test: dict) -> list[dict]:
 
 
 def cqil_summary(params: dict, cfg, mine: dict, latency: list[dict], adjacent: list[dict],
-                 minilm_note: str) -> tuple[list[dict], dict]:
+                 minilm_note: str, crossing: list[dict] = ()) -> tuple[list[dict], dict]:
     """Notebook 09's claimed-vs-measured table for the group ``[start, end)`` with ``P``
-    and ``D``, and its metrics (measured cut from the cross-process rows)."""
+    and ``D``, and its metrics. The measured cut is the widest width's of ``crossing``
+    (:func:`cqil_crossing`: the paying side of the block / all-reduce crossing), the tiny
+    trained decoder's (``latency``, the cross-process rows) beside it."""
     start, end, p, d = params["start"], params["end"], params["P"], params["D"]
     claim = expected(cfg, CQILConfig(start=start, end=end, P=p, D=d))["detail"]
     lat = _one(latency, start=start, P=p)
+    wide = max(crossing, key=lambda r: r["d_model"]) if crossing else None
     diff = max((r["max_abs_diff_vs_one_process"] for r in latency), default=None)
     table = [
-        {"quantity": f"latency cut [{start},{end}) P={p}", "claimed": claim["ideal_latency_cut"],
+        {"quantity": f"latency cut [{start},{end}) P={p}, untrained decoder d_model="
+                     f"{wide['d_model'] if wide else '-'} (the paying side)",
+         "claimed": claim["ideal_latency_cut"],
+         "measured": wide["measured_cut"] if wide else None},
+        {"quantity": "  its verdict", "claimed": None,
+         "measured": (wide["verdict"] + (f": {wide['why']}" if wide["why"] else ""))
+         if wide else None},
+        {"quantity": f"latency cut [{start},{end}) P={p}, trained tiny decoder "
+                     f"(d_model={cfg.d_model})", "claimed": claim["ideal_latency_cut"],
          "measured": lat["latency_cut"] if lat else None},
         {"quantity": "all-reduces per forward", "claimed": claim["allreduce_per_forward"],
          "measured": None},
@@ -402,7 +414,12 @@ def cqil_summary(params: dict, cfg, mine: dict, latency: list[dict], adjacent: l
         return sum(vals) / len(vals) if vals else None
 
     metrics = {
-        "ideal_cut": mine["ideal_cut"], "measured_cut": lat["latency_cut"] if lat else None,
+        "ideal_cut": mine["ideal_cut"], "measured_cut": wide["measured_cut"] if wide else None,
+        "measured_cut_d_model": wide["d_model"] if wide else None,
+        "measured_cut_verdict": wide["verdict"] if wide else None,
+        "tiny_decoder_cut": lat["latency_cut"] if lat else None,
+        "crossing_pays_from_d_model": next((r["d_model"] for r in crossing
+                                            if r["verdict"] == "pays"), None),
         "max_abs_diff": diff, "sequential_loss": mine["sequential_loss"],
         "cqil_loss": mine["cqil_loss"], "recovered_loss": mine.get("recovered_loss"),
         "decoder_adjacent_cos_mean": cos_mean("decoder"),
