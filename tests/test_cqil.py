@@ -2,13 +2,13 @@ import copy
 
 import pytest
 import torch
+from conftest import requires_minilm
 
 from labkit import model as M
 from labkit import train as T
 from labkit.techniques import CQILConfig, LoRAConfig, apply_, expected
 from labkit.techniques import cqil as C
 from labkit.validate import LabkitConfigError
-from conftest import requires_minilm
 
 
 def _dec(n=8, seed=0):

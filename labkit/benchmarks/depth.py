@@ -36,7 +36,6 @@ from ..labs import depth as L
 from ..labs import depth_summary as DS
 from ..model import build
 from ..techniques import cqil_dist as CD
-from ..techniques import early_exit as E
 
 REQ_BLOCKS = 1.5
 REQ_ACC_LOSS = 0.01

@@ -41,7 +41,6 @@ from ..techniques import early_exit as E
 from ..techniques.layerdrop import evenly_spread
 
 
-
 @dataclass
 class Trained:
     model: M.Transformer
