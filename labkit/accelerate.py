@@ -12,9 +12,19 @@ guessed. The rule, the same for sparsity and INT8:
 2. a candidate replaces the ``current`` path only if its median time is below
    ``(1 - margin)`` of the current path's: below that, timer noise decides, and the
    current path is the safe choice;
-3. the whole model is then re-timed side by side against the model on the current paths,
-   and every site is reverted when the choice made it slower (a warning, recorded in the
-   ``<model>`` row).
+3. the whole model is then re-timed side by side against the model on the current paths
+   (``verify_rounds`` paired rounds), and every site is reverted unless the choice was not
+   slower: the median of the per-round ratios ``current / chosen`` at least 1 *and* no
+   round below ``1 - margin``. A median of 1.02 over rounds 1.10, 0.90, 1.02 is noise that
+   may hide a slower model, so it reverts too (a warning, recorded in the ``<model>`` row).
+
+What is promised, and what the ``<model>`` row reports: the model left is on the current
+paths unless every whole-model round measured the choice at ``>= 1 - margin`` of the
+current paths and their median at ``>= 1``. The row's ``speedup`` is that of the model as
+left: the verify's median when kept; when reverted the model runs the current paths
+themselves, so ``speedup`` is 1 (the same modules as the reference, not re-timed) and the
+rejected choice's measured ratio is ``choice_speedup`` (with ``choice_speedup_min`` /
+``_max``). A later timing of the same model is another sample of the same noise.
 
 A module used at several places (cross-layer sharing) is one site: it is timed once and
 replaced once, at every place it is used, so sharing survives acceleration.
@@ -22,9 +32,10 @@ replaced once, at every place it is used, so sharing survives acceleration.
 Rows (one schema): per site ``{"layer", "current", "chosen", "kernel_path", "speedup",
 "speedup_min", "speedup_max", "<candidate>_ms"..., "candidates", "aliases", "warnings"}``
 and one ``{"layer": "<model>", "current", "chosen", "current_ms", "accelerated_ms",
-"speedup", "speedup_min", "speedup_max", "reverted", "warnings"}``; ``chosen`` is always a
-candidate name (``"per-layer"`` for a kept model-level choice). ``speedup`` is the median
-over rounds of the per-round ratio ``current / chosen``.
+"speedup", "speedup_min", "speedup_max", "choice_speedup", "choice_speedup_min",
+"choice_speedup_max", "reverted", "warnings"}``; ``chosen`` is always a candidate name
+(``"per-layer"`` for a kept model-level choice). A site's ``speedup`` is the median over
+rounds of the per-round ratio ``current / chosen``.
 
 Timing is injectable: ``timer(name, fn, min_run_time) -> seconds`` with names
 ``"<layer>/<candidate>"`` per site and ``"<model>/current"``, ``"<model>/accelerated"`` for
@@ -33,6 +44,8 @@ the whole-model check, so tests decide the timings and check the choice and the 
 Complexity: sites x candidates x rounds timed calls of one layer, plus 2 x rounds whole-model
 calls; with ``plans``, one site per distinct shape (identical sites reuse the measured
 choice, rows marked ``reused``) and no calls for a model identical in shapes to one measured.
+A site whose choice a whole-model check reverted is stored with the reverted choice (and
+says so when reused), never with the per-site choice that check rejected.
 """
 from __future__ import annotations
 
@@ -203,7 +216,12 @@ def accelerate(model: nn.Module, inputs: tuple,
     changed = [r for r in rows if r["chosen"] != r["current"]]
     if verify and changed:
         rows.append(_verify(model, inputs, kwargs, placed, rows, verify_rounds, min_run_time,
-                            timer))
+                            timer, margin))
+        if rows[-1]["reverted"]:  # the plan keeps what the model now runs, not the rejected
+            for r in rows[:-1]:
+                if r.get("reverted") and r["layer"] in sigs:
+                    known[sigs[r["layer"]]] = {**r, "warnings": _noted(r["warnings"],
+                                                                       REVERTED)}
     elif verify:
         rows.append(summary(rows))
     model.acceleration = rows
@@ -214,6 +232,16 @@ def accelerate(model: nn.Module, inputs: tuple,
 
 REUSED = ("reused: chosen by an earlier measurement of an identical site "
           "(same class, parameter and input shapes), not re-timed")
+
+
+REVERTED = ("reverted: a whole-model check found the per-site choice slower, so the site "
+            "runs its current path")
+
+
+def _noted(notes: str, note: str) -> str:
+    """``notes`` ("; "-joined) without the reuse mark, with ``note`` once."""
+    parts = [w for w in notes.split("; ") if w and w != REUSED]
+    return "; ".join(parts + ([note] if note not in parts else []))
 
 
 def site_signature(site: Site, captured, *settings) -> str:
@@ -254,9 +282,10 @@ def _path_of(mod: nn.Module, name: str) -> str:
     return path if isinstance(path, str) else name
 
 
-def _verify(model, inputs, kwargs, placed, rows, rounds, min_run_time, timer) -> dict:
-    """Whole model on the chosen paths vs on the current paths, side by side; revert when
-    slower."""
+def _verify(model, inputs, kwargs, placed, rows, rounds, min_run_time, timer,
+            margin: float) -> dict:
+    """Whole model on the chosen paths vs on the current paths, side by side; revert unless
+    the median ratio is >= 1 and no round is below ``1 - margin`` (module docstring)."""
     reference = copy.deepcopy(model)
     currents = {}
     for name, (at, site) in placed.items():
@@ -270,18 +299,28 @@ def _verify(model, inputs, kwargs, placed, rows, rounds, min_run_time, timer) ->
                         "accelerated": _runner(model, inputs, kwargs)}, reference="current",
                        rounds=rounds, min_run_time=min_run_time, timer=wrapped)
     ratio = p.ratio["accelerated"]
+    lo, hi = p.ratio_spread["accelerated"]
     current = rows[0]["current"] if rows else "current"
+    slower = ratio < 1.0
+    noisy = lo < 1.0 - margin
     row = {"layer": MODEL, "current": current, "chosen": "per-layer",
            "current_ms": p.seconds["current"] * 1e3,
            "accelerated_ms": p.seconds["accelerated"] * 1e3, "speedup": ratio,
-           "speedup_min": p.ratio_spread["accelerated"][0],
-           "speedup_max": p.ratio_spread["accelerated"][1], "reverted": ratio < 1.0,
-           "warnings": ""}
+           "speedup_min": lo, "speedup_max": hi, "choice_speedup": ratio,
+           "choice_speedup_min": lo, "choice_speedup_max": hi,
+           "reverted": slower or noisy, "warnings": ""}
     if row["reverted"]:
-        msg = (f"the per-layer choice ran the whole model at {ratio:.2f}x the current paths "
-               f"(median of {rounds} paired rounds); every layer reverted to its current path")
+        why = (f"ran the whole model at {ratio:.2f}x the current paths (median of {rounds} "
+               f"paired rounds)" if slower else
+               f"ran the whole model at {ratio:.2f}x the current paths in the median but "
+               f"{lo:.2f}x in one of {rounds} paired rounds (below 1 - margin = "
+               f"{1 - margin:.2f}: not shown to be no slower)")
+        msg = (f"the per-layer choice {why}; every layer reverted to its current path, so "
+               f"the model runs at the current paths' speed (speedup 1, not re-timed)")
         warnings.warn(msg, stacklevel=3)
-        row.update(chosen=current, warnings=msg)
+        # the model left runs the reference's modules: its speedup is 1 by identity
+        row.update(chosen=current, warnings=msg, speedup=1.0, speedup_min=None,
+                   speedup_max=None)
         for r in rows:
             if r["layer"] in placed:
                 at, site = placed[r["layer"]]
@@ -305,7 +344,8 @@ def summary(rows: list[dict]) -> dict:
             return r
     current = rows[0]["current"] if rows else ""
     return {"layer": MODEL, "current": current, "chosen": current, "speedup": 1.0,
-            "reverted": False, "warnings": "no layer changed path: nothing to re-time"}
+            "choice_speedup": None, "reverted": False,
+            "warnings": "no layer changed path: nothing to re-time"}
 
 
 def find_sites(model: nn.Module, sites) -> dict[str, Site]:
@@ -351,5 +391,6 @@ def place(model: nn.Module, sites, choices: dict[str, str]) -> list[dict]:
     return rows
 
 
-__all__ = ["MODEL", "Site", "accelerate", "aliases", "choose", "chosen_paths", "find_sites",
-           "place", "replace", "set_module", "site_signature", "summary"]
+__all__ = ["MODEL", "REUSED", "REVERTED", "Site", "accelerate", "aliases", "choose",
+           "chosen_paths", "find_sites", "place", "replace", "set_module", "site_signature",
+           "summary"]

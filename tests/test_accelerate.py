@@ -20,14 +20,18 @@ def _ids(m):
 
 def fake_timer(per_path: dict, model: dict | None = None, default: float = 1.0):
     """Seconds by candidate name (``"<layer>/<path>"`` -> path) and, for the whole-model
-    check, ``model={"current": s, "accelerated": s}``. Records every call."""
+    check, ``model={"current": s, "accelerated": s}`` (a list: one value per round, in
+    order). Records every call."""
     calls = []
 
     def timer(name, fn, mrt):
         calls.append(name)
         layer, _, cand = name.rpartition("/")
         if layer == A.MODEL:
-            return (model or {"current": 1.0, "accelerated": 0.5})[cand]
+            v = (model or {"current": 1.0, "accelerated": 0.5})[cand]
+            if isinstance(v, list):
+                return v[sum(c == name for c in calls) - 1]
+            return v
         return per_path.get(cand, default)
     timer.calls = calls
     return timer
@@ -77,7 +81,8 @@ def test_sparsity_whole_model_slower_reverts_every_layer():
         rows = S.accelerate(m, _ids(m), rounds=2, timer=t)
     model_row = rows[-1]
     assert model_row["reverted"] and model_row["chosen"] == "dense"
-    assert model_row["speedup"] == pytest.approx(1 / 1.3)
+    assert model_row["choice_speedup"] == pytest.approx(1 / 1.3)
+    assert model_row["speedup"] == 1.0  # the model left runs the dense paths themselves
     assert "reverted" in model_row["warnings"]
     layers = [r for r in rows if r["layer"] != A.MODEL]
     assert all(r["chosen"] == "dense" and r["kernel_path"] == "dense" for r in layers)
@@ -206,3 +211,68 @@ def test_plan_not_reused_when_only_a_weight_shape_differs():
                             rounds=2, timer=t, verify=False, plans=plans)
         assert t.calls and rows[0]["chosen"] == winner and not rows[0].get("reused")
     assert len(plans["models"]) == len(plans["sites"]) == 2
+
+
+def _int8_sites_on(m):
+    return {m.get_submodule(r["layer"]).candidate
+            for r in m.acceleration if r["layer"] != A.MODEL}
+
+
+def test_a_revert_reports_the_model_left_not_the_rejected_choice():
+    """A verify ratio of 0.916 reverts every layer; the model then runs its current paths,
+    so its reported speedup is that of those paths (1), the rejected 0.916 beside it."""
+    m = Mo.build("tiny").eval()
+    per = {"fp32": 1.0, "int8_dynamic": 0.4, "torch_dynamic": 0.6}
+    with pytest.warns(UserWarning, match="reverted"):
+        rows = I.accelerate_(m, (_ids(m),), rounds=2, timer=fake_timer(
+            per, model={"current": 1.0, "accelerated": 1 / 0.916}))
+    whole = A.summary(rows)
+    assert whole["reverted"] and whole["speedup"] == 1.0
+    assert whole["choice_speedup"] == pytest.approx(0.916)
+    assert _int8_sites_on(m) == {"fp32"}
+
+
+@pytest.mark.parametrize("ratios,kept", [
+    ([1.10, 0.90, 1.02], False),  # median 1.02 but one round at 0.90 < 1 - margin
+    ([0.99, 0.98, 0.99], False),  # steadily a little slower
+    ([1.03, 0.97, 1.05], True),   # every round >= 0.95, median >= 1
+    ([1.30, 1.25, 1.40], True)])
+def test_whole_model_check_keeps_only_a_choice_shown_not_slower(ratios, kept):
+    m = Mo.build("tiny").eval()
+    t = fake_timer({"fp32": 1.0, "int8_dynamic": 0.4}, default=2.0,
+                   model={"current": [1.0] * 3, "accelerated": [1 / r for r in ratios]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = I.accelerate_(m, (_ids(m),), rounds=2, margin=0.05, timer=t)  # verify: 3 rounds
+    whole = A.summary(rows)
+    assert whole["reverted"] == (not kept)
+    assert whole["choice_speedup"] == pytest.approx(sorted(ratios)[1])
+    assert whole["choice_speedup_min"] == pytest.approx(min(ratios))
+    assert _int8_sites_on(m) == ({"int8_dynamic"} if kept else {"fp32"})
+    if kept:
+        assert whole["speedup"] == pytest.approx(sorted(ratios)[1]) and not caught
+    else:
+        assert whole["speedup"] == 1.0
+        assert any("reverted" in str(w.message) for w in caught)
+        assert ("in one of 3 paired rounds" in whole["warnings"]) == (sorted(ratios)[1] >= 1)
+
+
+def test_a_reused_plan_holds_the_choice_a_revert_left():
+    """Model A's sites chose INT8 but A's whole-model check reverted them; model B (other
+    depth: another whole-model plan, the same site shapes) reuses the reverted fp32, says
+    so, and is not re-timed."""
+    plans, ids = {}, _ids(Mo.build("tiny"))
+    per = {"fp32": 1.0, "int8_dynamic": 0.4, "torch_dynamic": 0.6}
+    a = Mo.build("tiny").eval()
+    with pytest.warns(UserWarning, match="reverted"):
+        I.accelerate_(a, (ids,), rounds=2, plans=plans, timer=fake_timer(
+            per, model={"current": 1.0, "accelerated": 1.3}))
+    assert _int8_sites_on(a) == {"fp32"}
+    b = Mo.build("tiny", n_layers=3).eval()
+    t = fake_timer(per, model={"current": 1.0, "accelerated": 0.5})
+    rows = I.accelerate_(b, (ids,), rounds=2, plans=plans, timer=t)
+    sites = [r for r in rows if r["layer"] != A.MODEL]
+    assert len(sites) == 18 and all(r["reused"] for r in sites)
+    assert t.calls == []
+    assert all(r["chosen"] == "fp32" and A.REVERTED in r["warnings"] for r in sites)
+    assert _int8_sites_on(b) == {"fp32"}

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from conftest import requires_minilm
 
 from labkit import model as M
 from labkit import train as T
@@ -185,3 +186,96 @@ def test_cross_process_config_refused_before_start():
                nproc=2, validate=CD.validate)
     with pytest.raises(LabkitConfigError, match="end=9"):
         CD.validate({"groups": [[4, 9]], "n_layers": 8}, 2)
+
+
+def _post(n=4, seed=0):
+    """A BERT-style encoder: post-norm blocks, segment embeddings, LayerNorm eps 1e-12."""
+    cfg = M.ModelConfig(norm_position="post", type_vocab_size=2, norm_eps=1e-12, n_layers=n,
+                        d_model=32, n_heads=4, d_ff=64, vocab_size=64, max_len=16)
+    m = M.build(cfg, seed=seed).eval()
+    with torch.no_grad():  # norms away from identity, so a misplaced norm shows
+        for b in m.blocks:
+            for nm in (b.norm1, b.norm2):
+                nm.weight.uniform_(0.5, 1.5)
+                nm.bias.normal_(0, 0.2)
+    return m
+
+
+def _pair(b=2, n=12):
+    ids = torch.randint(6, 64, (b, n), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, 5], ids[:, n - 1] = 2, 3, 3  # [CLS] a [SEP] b [SEP]: two segments
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    mask[1, n - 3:] = True
+    return ids, mask
+
+
+def _post_manual(m, ids, mask, start, end, p, d):
+    """CQIL over post-norm blocks written out: a_j = attn(x), h = norm1(x + a),
+    MLP input norm1(x + a + bypass), f = norm2(h + mlp(.))."""
+    x = m.embed(ids) + m.pos(torch.arange(ids.shape[1])) + m.token_type(m.token_types(ids))
+    x = m.embed_norm(x)
+    for i in range(start):
+        x = m.blocks[i](x, key_padding_mask=mask)
+    for s in range(start, end, p):
+        delta, attn = 0, []
+        for j in range(s, min(s + p, end)):
+            b = m.blocks[j]
+            a = b.attn(x, key_padding_mask=mask)
+            byp = sum(attn[len(attn) - d:]) if d and attn else 0
+            y = b.norm2(b.norm1(x + a) + b.ffn(b.norm1(x + a + byp)))
+            delta = delta + (y - x)
+            attn.append(a)
+        x = x + delta
+    for i in range(end, len(m.blocks)):
+        x = m.blocks[i](x, key_padding_mask=mask)
+    return m.head(torch.tanh(m.pooler(x[:, 0])))
+
+
+def test_block_parts_is_the_block_for_pre_and_post_norm():
+    for m in (_dec(n=2), _post(n=2)):
+        ids, mask = _pair()
+        x = m.embed(ids)
+        ctx = M.BlockContext(None if m.cfg.kind == "decoder" else mask, m.rope)
+        for b in m.blocks:
+            y, a = C.block_parts(b, x, ctx)
+            torch.testing.assert_close(y, ctx.call(b, x), atol=1e-5, rtol=1e-5)
+            assert a.shape == x.shape
+
+
+@pytest.mark.parametrize("start,end,p,d", [(0, 4, 2, 1), (1, 4, 3, 2), (0, 4, 4, 0)])
+def test_cqil_on_post_norm_segment_model_equals_the_equations(start, end, p, d):
+    m = _post()
+    ids, mask = _pair()
+    with torch.no_grad():
+        want = _post_manual(m, ids, mask, start, end, p, d)
+        apply_(m, CQILConfig(start=start, end=end, P=p, D=d))
+        torch.testing.assert_close(m(ids, mask), want, atol=1e-5, rtol=1e-4)
+
+
+def test_bypass_on_blocks_it_cannot_split_is_refused():
+    m = _dec(n=4)
+    m.blocks[2] = torch.nn.Identity()
+    with pytest.raises(LabkitConfigError, match=r"D=1.*0 for blocks \[2\].*Identity"):
+        apply_(m, CQILConfig(start=0, end=4, P=2, D=1))
+    apply_(m, CQILConfig(start=0, end=4, P=2, D=0))  # no split needed: allowed
+
+
+@requires_minilm
+def test_block_parts_and_cqil_bypass_on_real_minilm():
+    from labkit import pretrained as P
+
+    m = P.minilm_transformer(num_labels=2, max_len=32, dropout=0.0).eval()
+    tok = P.load_tokenizer()
+    batch = P.encode(tok, P.sentences(4), max_len=32)
+    ids, mask = batch["input_ids"], ~batch["attention_mask"].bool()
+    with torch.no_grad():
+        x = m.embed_norm(m.embed(ids) + m.pos(torch.arange(ids.shape[1]))
+                         + m.token_type(m.token_types(ids)))
+        ctx = M.BlockContext(mask, None)
+        for b in m.blocks:
+            y, _ = C.block_parts(b, x, ctx)
+            torch.testing.assert_close(y, ctx.call(b, x), atol=1e-4, rtol=1e-4)
+            x = y
+        want = _post_manual(m, ids, mask, 2, 6, 2, 1)
+        apply_(m, CQILConfig(start=2, end=6, P=2, D=1))
+        torch.testing.assert_close(m(ids, mask), want, atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ from labkit import model as M
 from labkit.labs import common as C
 from labkit.labs.workloads import workload
 from labkit.techniques import FactorizedFFNConfig, SharingConfig
+from labkit.techniques import early_exit as E
 from labkit.validate import LabkitConfigError
 
 
@@ -130,13 +131,15 @@ def test_depth_headlines_exist_without_process_measurements():
     assert set(DS.HEADLINE_09) <= set(m9) and m9["measured_cut"] is None
     prune = [{"model": mdl, "blocks_kept": k, "eval_loss": 1.0 + (k == 4), "params": 10 * k,
               "speedup": 8 / k} for mdl in ("no LayerDrop", "LayerDrop") for k in (8, 4)]
-    curve = [{"q": 0.9, "calibrated": True, "accuracy": 0.1, "blocks": 2.0,
-              "measured_blocks": 2.0}]
+    first, final = torch.arange(200) < 120, torch.arange(200) < 180
+    choice = {"q": None, "calib_blocks": None, "first_exit_accuracy": 0.6,
+              "full_accuracy": 0.9, "exit_accuracy": None, "exit_blocks": None,
+              **E.verdict(first, final, None, None, 6, 1.5)}
     _, m8 = DS.layerdrop_exit_summary(
-        {"n_layers": 8, "sdn_layers": 6, "calibrate": True}, prune, curve, [],
-        [{"ece_before": 0.2, "ece_after": 0.1}], [{"accuracy": 0.9}], cfg,
-        {"lm": True, "sdn": True})
+        {"n_layers": 8, "sdn_layers": 6, "calibrate": True}, prune, [],
+        [{"ece_before": 0.2, "ece_after": 0.1}], choice, cfg, {"lm": True, "sdn": True})
     assert set(DS.HEADLINE_08) <= set(m8) and m8["blocks_ratio"] is None
+    assert m8["exit_verdict"] == "not met" and "no threshold" in m8["exit_why"]
     assert m8["pruned_speedup_claimed"] == 2.0 and m8["pruned_speedup"] == 2.0
 
 
@@ -146,6 +149,12 @@ def test_depth_and_paper_figures_follow_the_house_style():
 
     prune = [{"model": mdl, "blocks_kept": k, "eval_loss": 1.0 + k, "latency_ms": 10.0 * k}
              for mdl in ("no LayerDrop", "LayerDrop") for k in (8, 4)]
+    cross = [{"d_model": d, "block_ms": d / 100, "allreduce_ms": 0.5, "measured_cut": c,
+              "cut_min": c - 0.05, "cut_max": c + 0.05, "ideal_cut": 0.25,
+              "expected_cut": 0.25 - 1 / d} for d, c in ((64, -1.0), (384, 0.15))]
+    fc = DS.crossing_figure(cross)
+    assert {t.name for t in fc.data} == {"one block", "one all-reduce", "measured cut",
+                                          "ideal", "ideal less all-reduces"}
     fig = DS.prune_figure(prune)
     for name in ("no LayerDrop", "LayerDrop"):
         traces = [t for t in fig.data if t.name == name]

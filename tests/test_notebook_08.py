@@ -53,9 +53,38 @@ def test_calibration_and_latency_rows(res):
     assert {r["scope"] for r in lat} == {"batch", "batch 1"}
     assert all(r["latency_ms"] > 0 and r["speedup"] > 0 for r in lat)
     if m["best_q"] is not None:
-        assert m["best_q_accuracy"] >= m["full_accuracy"] - 0.01
         assert m["blocks_ratio"] == pytest.approx(res["params"]["sdn_layers"]
                                                   / m["best_q_blocks"])
+        assert m["exit_accuracy_loss"] == pytest.approx(m["full_accuracy"]
+                                                        - m["best_q_accuracy"], abs=1e-6)
+
+
+def test_exit_threshold_chosen_on_calibration_rows_and_judged(res):
+    (choice,) = _rows(res, "exit_choice")
+    m = res["metrics"]
+    assert choice["calib_rows"] == choice["test_rows"] == 250
+    assert m["exit_verdict"] == choice["verdict"] in ("met", "not met", "inconclusive")
+    gain = m["full_accuracy"] - m["first_exit_accuracy"]
+    assert m["depth_gain"] == pytest.approx(gain)
+    if not gain > 2 * m["depth_gain_se"]:
+        assert m["exit_verdict"] == "inconclusive"
+    if m["exit_verdict"] == "met":
+        assert m["blocks_ratio"] >= 1.5 and m["exit_accuracy_loss"] <= 0.01
+    if choice["q"] is not None:  # the threshold kept accuracy on the calibration rows
+        assert choice["calib_accuracy"] >= choice["calib_full_accuracy"] - 0.01
+        assert choice["q"] in [float(q) for q in res["params"]["qs"].split(",")]
+
+
+def test_default_sdn_needs_depth_and_early_exit_is_judged_met(run_notebook):
+    """The default SDN budget (sdn_steps) on the pointer task: the final head beats the
+    first exit by more than two standard errors, per hop count, and early exit is met."""
+    res = run_notebook(NAME, sdn_steps=1500)
+    m = res["metrics"]
+    assert m["depth_gain"] > 2 * m["depth_gain_se"] and m["depth_gain"] > 0.1
+    per = _rows(res, "per_exit")
+    assert per[-1]["hop1 accuracy"] > per[0]["hop1 accuracy"] + 0.1
+    assert per[-1]["hop2 accuracy"] > per[0]["hop2 accuracy"] + 0.1
+    assert m["exit_verdict"] == "met", m["exit_why"]
 
 
 @pytest.mark.parametrize("param,value,allowed", [

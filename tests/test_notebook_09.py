@@ -63,7 +63,8 @@ def test_quality_rows_cover_every_variant(res):
     ({"start": 4, "end": 4}, "less than end=4"), ({"end": 9}, "at most the number of blocks"),
     ({"P": 1}, ">= 2"), ({"start": 6, "P": 3}, "[2, end - start = 2]"), ({"D": -1}, ">= 0"),
     ({"lora_rank": 0}, "[1, 1024]"), ({"starts": "2,x"}, "comma-separated integers"),
-    ({"ps": "2,9"}, "ps=9 is not allowed: expected an integer in [2, 4]")])
+    ({"ps": "2,9"}, "ps=9 is not allowed: expected an integer in [2, 4]"),
+    ({"widths": "64,9"}, "widths=9 is not allowed: expected an integer in [32, 4096]")])
 def test_bad_parameter_fails_naming_it(run_notebook, params, allowed):
     from labkit.report import NotebookFailed
 
@@ -83,3 +84,22 @@ def test_headline_claimed_vs_measured_first(res):
     assert res["metrics"]["ideal_cut"] == pytest.approx(
         (res["params"]["end"] - res["params"]["start"]) * (1 - 1 / res["params"]["P"])
         / res["params"]["n_layers"])
+
+
+def test_crossing_shows_where_cqil_pays(res):
+    cross = _rows(res, "crossing")
+    widths = sorted(int(w) for w in res["params"]["widths"].split(","))
+    assert [r["d_model"] for r in cross] == widths
+    for r in cross:
+        assert r["block_ms"] > 0 and r["allreduce_ms"] > 0 and r["cqil_ms"] > 0
+        assert r["cut_min"] <= r["measured_cut"] <= r["cut_max"]
+        want = ("pays" if r["cut_min"] > 0 else "does not pay" if r["cut_max"] < 0
+                else "noise: rounds straddle no change")
+        assert r["verdict"] == want and (r["why"] == "") == (want == "pays")
+        assert r["expected_cut"] < r["ideal_cut"]
+    m = res["metrics"]
+    assert m["measured_cut"] == cross[-1]["measured_cut"]
+    assert m["measured_cut_d_model"] == widths[-1]
+    tiny = [r for r in _rows(res, "latency") if r["start"] == res["params"]["start"]
+            and r["P"] == res["params"]["P"]]
+    assert m["tiny_decoder_cut"] == (tiny[0]["latency_cut"] if tiny else None)

@@ -213,3 +213,34 @@ def test_shaped_like_cuts_or_pads_columns_to_the_other_workload():
     assert (pi[:, 4:] == PAD).all() and pm[:, 4:].all() and torch.equal(pm[:, :4], mask)
     ci, cm = PL.shaped_like((ids, mask), (like[0][:, :3], like[1][:, :3]))
     assert torch.equal(ci, ids[:, :3]) and torch.equal(cm, mask[:, :3])
+
+
+def test_ours_warnings_reach_the_timing_and_accuracy_rows(monkeypatch):
+    """What accelerate warned (a revert) and noted per site reaches the sweep's rows, and is
+    still shown as a warning."""
+    from labkit import accelerate as A
+    from labkit.techniques import int8 as I
+
+    def fake_accelerate(model, inputs, **kw):
+        warnings.warn("the per-layer choice ran the whole model at 0.90x: reverted")
+        return [{"layer": "blocks.0.ffn.up", "current": "fp32", "chosen": "fp32",
+                 "warnings": "torch_dynamic: packed weights are CPU only"},
+                {"layer": A.MODEL, "current": "fp32", "chosen": "fp32", "reverted": True,
+                 "warnings": "the per-layer choice ran the whole model at 0.90x: reverted"}]
+
+    monkeypatch.setattr(I, "accelerate_", fake_accelerate)
+    cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=1,
+                        max_len=8, num_labels=2)
+    g = torch.Generator().manual_seed(0)
+    ev = {"input_ids": torch.randint(1, 32, (8, 8), generator=g),
+          "padding_mask": torch.zeros(8, 8, dtype=torch.bool),
+          "labels": torch.randint(0, 2, (8,), generator=g)}
+    sample = (ev["input_ids"][:2], ev["padding_mask"][:2])
+    with pytest.warns(UserWarning, match="0.90x: reverted"):
+        times, accs, _ = PL.sweep(M.build(cfg, seed=0).eval(), "0.5", ["ours"], sample, {},
+                                  ev, "nli", rounds=1, timer=lambda name, fn, mrt: 1.0)
+    for rows in (times, accs):
+        (row,) = [r for r in rows if r.get("method") == "ours"]
+        assert "0.90x: reverted" in row["warnings"]
+        assert "packed weights are CPU only" in row["warnings"]
+        assert row["warnings"].count("0.90x") == 1

@@ -4,6 +4,7 @@ config, with acceleration (sparse kernels, INT8 with mixed per-site choices) rep
 recorded choices (timings injected: nothing here is timed). Then every bad input."""
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -435,7 +436,8 @@ def test_unknown_technique_names_it_and_what_is_known(saved):
     with pytest.raises(saving.SavedModelError) as e:
         labkit.load(saved)
     assert e.value.name == "techniques[0].technique" and e.value.value == "MagicConfig"
-    assert "SparsityConfig" in e.value.allowed and "Int8Config" not in e.value.allowed
+    assert "SparsityConfig" in e.value.allowed
+    assert "Int8Config" not in re.findall(r"\w+", e.value.allowed)  # an accelerate step
 
 
 def test_unknown_or_bad_technique_field_is_named(saved):

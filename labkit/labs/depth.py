@@ -5,12 +5,17 @@
   atomically in labkit's cache folder (:func:`labkit.zoo.default_cache_dir`) keyed by every
   argument, labkit's code version and the torch version (an unreadable file retrains),
   with their loss history so a cached run still draws its curves.
+* :func:`pointer_task`: the SDN's default task, where depth matters: follow ``k`` pointers
+  through a row of slots, so a row needs ``k + 1`` dependent reads (about one block each).
 * :func:`prune_rows`, :func:`exit_rows`, :func:`cqil_rows`: the sweeps; :func:`paired_latency`:
   every variant timed side by side (:func:`labkit.measure.paired`).
+* :func:`exit_choice`: the exit threshold chosen on the calibration rows, measured on the test
+  rows, with its verdict (:func:`labkit.techniques.early_exit.verdict`).
 """
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,7 +39,6 @@ from ..techniques import (
 from ..techniques import cqil as C
 from ..techniques import early_exit as E
 from ..techniques.layerdrop import evenly_spread
-
 
 
 @dataclass
@@ -114,19 +118,87 @@ def trained_lm(n_layers: int = 8, p: float = 0.0, steps: int = 400, size: str = 
     return out
 
 
+# ---- a task where depth matters ---------------------------------------------------------
+
+POINTER_TASK = "pointer-hops"
+
+
+def _pointer_row(rng: random.Random, label: int, slots: int, hops: tuple) -> dict:
+    """Draw until the row's label is ``label`` (balanced classes)."""
+    while True:
+        k = rng.choice(hops)
+        vals = [rng.randrange(slots) for _ in range(slots)]
+        at = 0
+        for _ in range(k):
+            at = vals[at]  # follow the pointer stored in the slot
+        if int(vals[at] >= slots // 2) == label:
+            return {"question": f"hop{k}", "sentence": " ".join(f"d{v}" for v in vals),
+                    "label": label, "hops": k}
+
+
+def pointer_rows(n: int, seed: int, part: str | None = None, slots: int = 8,
+                 hops: tuple = (1, 2)) -> list[dict]:
+    """Rows of the pointer task. Sentence: ``slots`` digits ``d0 .. d{slots-1}``, slot ``i``
+    holding a pointer to a slot; question ``hop{k}``. Start at slot 0, follow ``k`` pointers;
+    the label is whether the value found there is in the upper half (1, "high") or not.
+
+    Why depth matters: the slot to read next is only known once the previous read is done,
+    so ``k`` hops are ``k + 1`` dependent reads and one attention layer does about one read.
+    An exit after block 1 is near chance on the pointer it cannot follow; later exits answer
+    ``hop1`` rows, then ``hop2`` rows. ``part`` as in :func:`labkit.data.in_eval_part`: eval
+    rows never appear in train."""
+    V.integer("slots", slots, 2, 64)
+    if not isinstance(hops, (tuple, list)) or not hops:
+        raise V.LabkitConfigError("hops", hops, "a non-empty tuple of hop counts >= 0")
+    for k in hops:
+        V.integer("hops", k, 0, slots)
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        r = _pointer_row(rng, len(rows) % 2, slots, tuple(hops))
+        if part is None or D.in_eval_part(r["question"], r["sentence"]) == (part == "eval"):
+            rows.append(r)
+    rng.shuffle(rows)
+    return rows
+
+
+def pointer_task(n_train: int = 8000, n_eval: int = 500, seed: int = 0, slots: int = 8,
+                 hops: tuple = (1, 2), max_len: int = 48) -> D.PairTask:
+    """:func:`pointer_rows` tokenised as a sentence pair (``[CLS] hop{k} [SEP] d.. [SEP]``);
+    ``eval["hops"]`` keeps each held-out row's hop count."""
+    train = pointer_rows(n_train, seed * 1000 + 1, "train", slots, hops)
+    evals = pointer_rows(n_eval, seed * 1000 + 2, "eval", slots, hops)
+    tok = D.WordTokenizer.fit(r[c] for r in train for c in ("question", "sentence"))
+
+    def encode(rows):
+        seqs = [tok.encode_pair(r["question"], r["sentence"], max_len) for r in rows]
+        ids = torch.full((len(seqs), max(map(len, seqs))), D.PAD, dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, :len(q)] = torch.tensor(q)
+        return {"input_ids": ids, "padding_mask": ids == D.PAD,
+                "labels": torch.tensor([r["label"] for r in rows])}
+
+    ev = encode(evals)
+    ev["hops"] = torch.tensor([r["hops"] for r in evals])
+    return D.PairTask(POINTER_TASK, ("low", "high"), tok, encode(train), ev, max_len)
+
+
 def trained_sdn(n_layers: int = 6, steps: int = 1500, size: str = "tiny",
-                task: str = "synthetic-qnli", n_train: int = 4000, n_eval: int = 500,
+                task: str = POINTER_TASK, n_train: int = 8000, n_eval: int = 500,
                 max_len: int = 48, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
                 board=None, series: str = "SDN") -> Trained:
     """An encoder with an internal classifier after every block, trained jointly with the
-    SDN loss (weights growing over training), cached. ``eval_set``: held-out rows (the
-    first half calibrates temperatures, the second measures, see :func:`split_eval`)."""
+    SDN loss (weights growing over training), cached. ``task``: :data:`POINTER_TASK` (the
+    default: depth matters, :func:`pointer_task`) or a :func:`labkit.data.load_task` task.
+    ``eval_set``: held-out rows (the first half calibrates temperatures and chooses the exit
+    threshold, the second measures, see :func:`split_eval`)."""
     V.integer("n_layers", n_layers, 2)
     V.integer("steps", steps, 1)
     args = {"kind": "sdn", "n_layers": n_layers, "steps": steps, "size": size, "task": task,
                 "n_train": n_train, "n_eval": n_eval, "max_len": max_len, "batch_size": batch_size, "lr": lr,
                 "seed": seed}
-    pairs = D.load_task(task, n_train=n_train, n_eval=n_eval, max_len=max_len, seed=seed)
+    pairs = pointer_task(n_train, n_eval, seed, max_len=max_len) if task == POINTER_TASK \
+        else D.load_task(task, n_train=n_train, n_eval=n_eval, max_len=max_len, seed=seed)
     cfg = M.preset(size, kind="encoder", n_layers=n_layers, vocab_size=len(pairs.tokenizer),
                    num_labels=pairs.num_labels, max_len=max_len)
     model = M.build(cfg, seed=seed)
@@ -202,6 +274,33 @@ def exit_rows(model, test: dict, qs, calibrated: bool) -> list[dict]:
                      "measured_accuracy": float((logits.argmax(-1) == y).float().mean()),
                      "measured_blocks": float(blocks.float().mean())})
     return rows
+
+
+def exit_choice(model, calib: dict, test: dict, qs, calibrated: bool, required: float = 1.5,
+                max_loss: float = 0.01) -> dict:
+    """The exit threshold chosen on ``calib`` (:func:`early_exit.choose_q`: fewest blocks
+    within ``max_loss`` of the final head there), then run for real on ``test`` and judged
+    there (:func:`early_exit.verdict`; ``required``: the blocks ratio asked for)."""
+    ex = model.executor
+    ex.calibrated = calibrated
+    z, y = E.exit_logits(model, calib)
+    best = E.choose_q(z, y, qs, ex.exits, ex.n_layers, ex.temps(), max_loss)
+    zt, yt = E.exit_logits(model, test)
+    first, final = zt[0].argmax(-1) == yt, zt[-1].argmax(-1) == yt
+    chosen = blocks = None
+    if best is not None:
+        ex.q = best["q"]
+        logits, blocks = E.predict(model, test["input_ids"], test["padding_mask"])
+        chosen = logits.argmax(-1) == yt
+    v = E.verdict(first, final, chosen, blocks, ex.n_layers, required, max_loss)
+    mean = (lambda t: None if t is None else float(t.float().mean()))
+    return {"q": best["q"] if best else None, "calibrated": calibrated,
+            "calib_rows": len(y), "test_rows": len(yt),
+            "calib_full_accuracy": float((z[-1].argmax(-1) == y).float().mean()),
+            "calib_accuracy": best["accuracy"] if best else None,
+            "calib_blocks": best["blocks"] if best else None,
+            "first_exit_accuracy": mean(first), "full_accuracy": mean(final),
+            "exit_accuracy": mean(chosen), "exit_blocks": mean(blocks), **v}
 
 
 def exit_latency(model, test: dict, qs, batch: int = 64, singles: int = 16, rounds: int = 3,

@@ -19,6 +19,7 @@ and the claimed-vs-measured tables and metrics.
 from __future__ import annotations
 
 import copy
+import os
 
 import plotly.graph_objects as go
 import torch
@@ -77,7 +78,8 @@ def cqil_setup(params: dict) -> dict:
     for s in starts:
         C.check_group(s, end, 2, n)
     ps = list(int_list("ps", params["ps"], 2, end - min(starts)))
-    return {"starts": starts, "ps": ps}
+    widths = sorted(set(int_list("widths", params["widths"], 32, 4096)))
+    return {"starts": starts, "ps": ps, "widths": widths}
 
 
 # ---- figures ---------------------------------------------------------------------------
@@ -185,6 +187,116 @@ def cqil_process_rows(model, ids, starts, ps, end: int, reps: int, rounds: int,
     return rows
 
 
+def cores_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def cqil_shortfall(row: dict, n_layers: int, required: float, load: float | None,
+                   cores: int) -> str:
+    """Why a measured CQIL cut (a :func:`cqil_dist.summarize` row) is below ``required``:
+    the ranks shared cores, an all-reduce costs as much as the block a step saves, the ideal
+    cut less the all-reduces is already short, or else the concurrency overhead (CQIL's time
+    against one block per step plus its all-reduce)."""
+    p, start, end = row["P"], row["start"], row["end"]
+    seq = min(row["seq_1thread_ms"], row["seq_2threads_ms"])
+    block = seq / n_layers  # one block's share of the sequential forward
+    steps = len(C.steps_of(start, end, p))
+    expect = seq * (1 - C.ideal_cut(n_layers, start, end, p)) + steps * row["allreduce_ms"]
+    why = []
+    if cores < p or (load is not None and load > cores - p + 1):
+        at = "unknown" if load is None else f"{load:.2f}"
+        why.append(f"the {p} ranks did not get a core each (load {at} on {cores} cores)")
+    if row["allreduce_ms"] >= block:
+        why.append(f"one all-reduce ({row['allreduce_ms']:.3f} ms) costs as much as the block "
+                   f"a step saves ({block:.3f} ms)")
+    elif 1 - expect / seq < required:
+        why.append(f"the ideal cut less {steps} all-reduces is {1 - expect / seq:.2f}")
+    if not why:
+        why.append(f"concurrency overhead: CQIL {row['cqil_ms']:.2f} ms against {expect:.2f} ms "
+                   f"for one block per step plus its all-reduce")
+    return "; ".join(why)
+
+
+def cqil_crossing(widths, start: int, end: int, p: int, n_layers: int, seq: int = 64,
+                  reps: int = 5, rounds: int = 3, timeout: float = 900.0) -> list[dict]:
+    """Where CQIL pays: for each ``d_model`` in ``widths`` an untrained decoder (latency does
+    not depend on the weights; ``d_model / 32`` heads, ``d_ff = 4 d_model``) at batch 1 on
+    ``seq`` tokens, run by one torchrun launch of ``p`` ranks on the group ``[start, end)``
+    (:func:`labkit.techniques.cqil_dist.run`). Per width: one block's cost (sequential / L)
+    against one all-reduce, the measured cut with its spread over rounds, the cut expected
+    from one block per step plus its all-reduce, and a verdict ("pays": every round faster;
+    "does not pay": every round slower; else "noise")."""
+    import tempfile
+    from pathlib import Path
+
+    from ..dist import launch
+    from ..model import build
+    from ..techniques import cqil_dist as CD
+
+    C.check_group(start, end, p, n_layers)
+    folder = Path(tempfile.mkdtemp(prefix="labkit-cqil-crossing-"))
+    rows = []
+    for d in widths:
+        V.integer("widths", d, 32, 4096)
+        model = build("tiny", kind="decoder", n_layers=n_layers, d_model=d,
+                      n_heads=max(1, d // 32), d_ff=4 * d, max_len=seq, vocab_size=1024,
+                      seed=0).eval()
+        ids = torch.randint(0, 1024, (1, seq), generator=torch.Generator().manual_seed(0))
+        CD.save_job(folder / f"job-{d}.pt", model, ids)
+        load = _load()
+        res = launch("labkit.techniques.cqil_dist:run",
+                     {"model": str(folder / f"job-{d}.pt"), "groups": [[start, end]],
+                      "n_layers": n_layers, "reps": reps, "rounds": rounds}, nproc=p,
+                     run_dir=folder / f"d{d}", validate=CD.validate, timeout=timeout)
+        r = CD.summarize(res.result)[0]
+        s_ms = min(r["seq_1thread_ms"], r["seq_2threads_ms"])
+        steps = len(C.steps_of(start, end, p))
+        ideal = C.ideal_cut(n_layers, start, end, p)
+        verdict = ("pays" if r["latency_cut_min"] > 0 else "does not pay"
+                   if r["latency_cut_max"] < 0 else "noise: rounds straddle no change")
+        rows.append({"d_model": d, "block_ms": s_ms / n_layers, "allreduce_ms": r["allreduce_ms"],
+                     "sequential_ms": s_ms, "cqil_ms": r["cqil_ms"],
+                     "measured_cut": r["latency_cut"], "cut_min": r["latency_cut_min"],
+                     "cut_max": r["latency_cut_max"], "ideal_cut": ideal,
+                     "expected_cut": ideal - steps * r["allreduce_ms"] / s_ms,
+                     "verdict": verdict, "why": "" if verdict == "pays" else cqil_shortfall(
+                         r, n_layers, 0.0, load, cores_available()),
+                     "cores": cores_available(), "loadavg_1m": load, "P": p,
+                     "start": start, "end": end})
+    return rows
+
+
+def crossing_figure(rows: list[dict]):
+    """One block's cost against one all-reduce, and the measured cut (with its spread over
+    rounds) against the ideal and the expected cut, each against ``d_model``."""
+    fig = F.subplots(["cost ms", "latency cut"], title="CQIL: where it pays",
+                     xaxis={"cost ms": "d_model", "latency cut": "d_model"},
+                     yaxis={"cost ms": "ms (batch 1)", "latency cut": "1 - CQIL / sequential"})
+    x = [r["d_model"] for r in rows]
+    for key, name in (("block_ms", "one block"), ("allreduce_ms", "one all-reduce")):
+        fig.add_scatter(x=x, y=[r[key] for r in rows], name=name, mode="lines+markers",
+                        row=1, col=1)
+    fig.add_scatter(x=x, y=[r["measured_cut"] for r in rows], name="measured cut",
+                    mode="lines+markers", row=1, col=2, error_y={
+                        "type": "data", "symmetric": False,
+                        "array": [r["cut_max"] - r["measured_cut"] for r in rows],
+                        "arrayminus": [r["measured_cut"] - r["cut_min"] for r in rows]})
+    for key, name in (("ideal_cut", "ideal"), ("expected_cut", "ideal less all-reduces")):
+        fig.add_scatter(x=x, y=[r[key] for r in rows], name=name, mode="lines",
+                        line={"dash": "dot"}, row=1, col=2)
+    return F.style(fig, log=False)
+
+
 # ---- claimed vs measured -----------------------------------------------------------------
 
 HEADLINE_08 = ("pruned_speedup_claimed", "pruned_speedup", "layerdrop_pruned_loss",
@@ -196,22 +308,20 @@ def _one(rows, **match):
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
-                           lat: list[dict], cal_rows: list[dict], per_exit: list[dict],
-                           cfg, cached: dict) -> tuple[list[dict], dict]:
-    """Notebook 08's claimed-vs-measured table and metrics. The best threshold is the one
-    with the fewest blocks whose accuracy is within 1 point of the full model's."""
+def layerdrop_exit_summary(params: dict, prune: list[dict], lat: list[dict],
+                           cal_rows: list[dict], choice: dict, cfg,
+                           cached: dict) -> tuple[list[dict], dict]:
+    """Notebook 08's claimed-vs-measured table and metrics. ``choice``
+    (:func:`labkit.labs.depth.exit_choice`): the threshold chosen on the calibration half
+    (fewest blocks within 1 point of the final head there), scored on the test half, and
+    its verdict ("inconclusive" unless depth matters on those rows)."""
     n, sdn_layers = params["n_layers"], params["sdn_layers"]
     k = min(r["blocks_kept"] for r in prune)
-    full_acc = per_exit[-1]["accuracy"]
-    ok = [r for r in curve if r["calibrated"] == params["calibrate"]
-          and r["accuracy"] >= full_acc - 0.01]
-    best = min(ok, key=lambda r: r["blocks"]) if ok else None
     ld_k, pl_k = _one(prune, model="LayerDrop", blocks_kept=k), _one(
         prune, model="no LayerDrop", blocks_kept=k)
     full = max(r["blocks_kept"] for r in prune)
     claim = expected(cfg, LayerPruneConfig(keep=evenly_spread(n, k)))
-    b_lat = _one(lat, scope="batch", q=best["q"] if best else curve[-1]["q"])
+    b_lat = _one(lat, scope="batch", q=choice["q"]) if choice["q"] is not None else None
     table = [
         {"quantity": f"block FLOPs at {k} of {n} blocks",
          "claimed": claim["detail"]["block_flops_ratio"], "measured": None},
@@ -219,9 +329,16 @@ def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
          "measured": max(r["params"] for r in prune) - ld_k["params"]},
         {"quantity": f"latency speedup at {k} blocks (batch 16)", "claimed": n / k,
          "measured": ld_k["speedup"]},
-        {"quantity": "early exit: blocks executed, full / best q (<= 1 point loss)",
-         "claimed": sdn_layers / best["blocks"] if best else None,
-         "measured": sdn_layers / best["measured_blocks"] if best else None},
+        {"quantity": f"early exit: blocks executed, full / q={choice['q']} chosen on the "
+                     f"calibration half (<= 1 point loss there)",
+         "claimed": sdn_layers / choice["calib_blocks"] if choice["q"] is not None else None,
+         "measured": choice["blocks_ratio"]},
+        {"quantity": "early exit: accuracy loss on the test half (paired)", "claimed": None,
+         "measured": choice["accuracy_loss"]},
+        {"quantity": "depth gain: final head minus first exit (test half, paired)",
+         "claimed": None, "measured": choice["depth_gain"]},
+        {"quantity": "early exit verdict", "claimed": None,
+         "measured": f"{choice['verdict']}: {choice['why']}"},
         {"quantity": "early exit: latency speedup at that q (batch)", "claimed": None,
          "measured": b_lat["speedup"] if b_lat else None}]
     mean = lambda key: sum(r[key] for r in cal_rows) / len(cal_rows)
@@ -230,11 +347,14 @@ def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
         "layerdrop_full_loss": _one(prune, model="LayerDrop", blocks_kept=full)["eval_loss"],
         "plain_full_loss": _one(prune, model="no LayerDrop", blocks_kept=full)["eval_loss"],
         "layerdrop_pruned_loss": ld_k["eval_loss"], "plain_pruned_loss": pl_k["eval_loss"],
-        "min_blocks_kept": k, "full_accuracy": full_acc,
-        "best_q": best["q"] if best else None,
-        "best_q_accuracy": best["accuracy"] if best else None,
-        "best_q_blocks": best["measured_blocks"] if best else None,
-        "blocks_ratio": sdn_layers / best["measured_blocks"] if best else None,
+        "min_blocks_kept": k, "full_accuracy": choice["full_accuracy"],
+        "first_exit_accuracy": choice["first_exit_accuracy"],
+        "depth_gain": choice["depth_gain"], "depth_gain_se": choice["depth_gain_se"],
+        "best_q": choice["q"], "best_q_accuracy": choice["exit_accuracy"],
+        "best_q_blocks": choice["exit_blocks"], "blocks_ratio": choice["blocks_ratio"],
+        "exit_accuracy_loss": choice["accuracy_loss"],
+        "exit_accuracy_loss_se": choice["accuracy_loss_se"],
+        "exit_verdict": choice["verdict"], "exit_why": choice["why"],
         "best_q_latency_speedup": b_lat["speedup"] if b_lat else None,
         "ece_before_mean": mean("ece_before"), "ece_after_mean": mean("ece_after"),
         "lm_cached": bool(cached["lm"]), "sdn_cached": bool(cached["sdn"])}
@@ -242,23 +362,43 @@ def layerdrop_exit_summary(params: dict, prune: list[dict], curve: list[dict],
 
 
 def per_exit_rows(model, test: dict) -> list[dict]:
-    """Each exit's own accuracy on ``test`` (the last row: the full model's head)."""
+    """Each exit's own accuracy on ``test`` (the last row: the full model's head), and per
+    hop count when ``test`` has ``hops`` (:func:`labkit.labs.depth.pointer_task`)."""
     z, y = E.exit_logits(model, test)
     after = list(model.executor.exits) + [len(model.blocks) - 1]
-    return [{"exit after block": i + 1, "accuracy": float((z[k].argmax(-1) == y).float().mean())}
-            for k, i in enumerate(after)]
+    hops = test.get("hops")
+    rows = []
+    for k, i in enumerate(after):
+        right = (z[k].argmax(-1) == y).float()
+        row = {"exit after block": i + 1, "accuracy": float(right.mean())}
+        if hops is not None:
+            row.update({f"hop{h} accuracy": float(right[hops == h].mean())
+                        for h in sorted(set(hops.tolist()))})
+        rows.append(row)
+    return rows
 
 
 def cqil_summary(params: dict, cfg, mine: dict, latency: list[dict], adjacent: list[dict],
-                 minilm_note: str) -> tuple[list[dict], dict]:
+                 minilm_note: str, crossing: list[dict] = ()) -> tuple[list[dict], dict]:
     """Notebook 09's claimed-vs-measured table for the group ``[start, end)`` with ``P``
-    and ``D``, and its metrics (measured cut from the cross-process rows)."""
+    and ``D``, and its metrics. The measured cut is the widest width's of ``crossing``
+    (:func:`cqil_crossing`: the paying side of the block / all-reduce crossing), the tiny
+    trained decoder's (``latency``, the cross-process rows) beside it."""
     start, end, p, d = params["start"], params["end"], params["P"], params["D"]
     claim = expected(cfg, CQILConfig(start=start, end=end, P=p, D=d))["detail"]
     lat = _one(latency, start=start, P=p)
+    wide = max(crossing, key=lambda r: r["d_model"]) if crossing else None
     diff = max((r["max_abs_diff_vs_one_process"] for r in latency), default=None)
     table = [
-        {"quantity": f"latency cut [{start},{end}) P={p}", "claimed": claim["ideal_latency_cut"],
+        {"quantity": f"latency cut [{start},{end}) P={p}, untrained decoder d_model="
+                     f"{wide['d_model'] if wide else '-'} (the paying side)",
+         "claimed": claim["ideal_latency_cut"],
+         "measured": wide["measured_cut"] if wide else None},
+        {"quantity": "  its verdict", "claimed": None,
+         "measured": (wide["verdict"] + (f": {wide['why']}" if wide["why"] else ""))
+         if wide else None},
+        {"quantity": f"latency cut [{start},{end}) P={p}, trained tiny decoder "
+                     f"(d_model={cfg.d_model})", "claimed": claim["ideal_latency_cut"],
          "measured": lat["latency_cut"] if lat else None},
         {"quantity": "all-reduces per forward", "claimed": claim["allreduce_per_forward"],
          "measured": None},
@@ -274,7 +414,12 @@ def cqil_summary(params: dict, cfg, mine: dict, latency: list[dict], adjacent: l
         return sum(vals) / len(vals) if vals else None
 
     metrics = {
-        "ideal_cut": mine["ideal_cut"], "measured_cut": lat["latency_cut"] if lat else None,
+        "ideal_cut": mine["ideal_cut"], "measured_cut": wide["measured_cut"] if wide else None,
+        "measured_cut_d_model": wide["d_model"] if wide else None,
+        "measured_cut_verdict": wide["verdict"] if wide else None,
+        "tiny_decoder_cut": lat["latency_cut"] if lat else None,
+        "crossing_pays_from_d_model": next((r["d_model"] for r in crossing
+                                            if r["verdict"] == "pays"), None),
         "max_abs_diff": diff, "sequential_loss": mine["sequential_loss"],
         "cqil_loss": mine["cqil_loss"], "recovered_loss": mine.get("recovered_loss"),
         "decoder_adjacent_cos_mean": cos_mean("decoder"),

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import accelerate as A
 from .. import measure, zoo
 from .. import model as M
 from .. import train as T
@@ -98,11 +99,16 @@ def ours(base: M.Transformer, s: float, inputs: tuple, min_run_time: float = 0.0
             warnings.simplefilter("always")
             rows = accelerate_(m, inputs, candidates=INT8_PATHS, min_run_time=min_run_time,
                                plans=plans)
+        for w in caught:  # recorded for the rows, and still shown
+            warnings.warn(w.message, w.category, stacklevel=2)
         model_row = rows[-1] if rows and rows[-1]["layer"] == "<model>" else {}
         info["model_check"] = "reverted" if model_row.get("reverted") else "kept"
         info["paths"] = ["fp32 (reverted)"] if model_row.get("reverted") else \
             sorted({r["chosen"] for r in rows if r["layer"] != "<model>"})
-        info["warnings"] = [str(w.message)[:200] for w in caught]
+        notes = [str(w.message) for w in caught] + [
+            w for r in rows for w in (r.get("warnings") or "").split("; ")
+            if w and w != A.REUSED]  # reuse is info["plan"]
+        info["warnings"] = [w[:200] for w in dict.fromkeys(notes)]
         info["plan"] = "reused" if rows and rows[-1].get("reused") else "measured"
     elif int8 == "torchao":
         apply_(m, Int8Config("dynamic"))
@@ -405,12 +411,14 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
             for r in time_variants(base, built, sample, rounds, min_run_time, timer):
                 info = built[r["variant"]].info if r["variant"] in built else {}
                 r.update(method=r["variant"], sparsity=s, status="measured",
-                         paths=",".join(info.get("paths", ["fp32"])))
+                         paths=",".join(info.get("paths", ["fp32"])),
+                         warnings="; ".join(info.get("warnings", [])))
                 times.append(r)
         for method, v in built.items():
             variants[(method, s)] = v
             accs.append({"method": method, "sparsity": s, "task": task,
                          "accuracy": accuracy(v, eval_set), "status": "measured",
+                         "warnings": "; ".join(v.info.get("warnings", [])),
                          **({"int8_plan": v.info["plan"]} if "plan" in v.info else {}),
                          **({"hessian_unstable_layers": len(v.info["rank_unstable_layers"])}
                             if "rank_unstable_layers" in v.info else {})})

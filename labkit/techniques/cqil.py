@@ -23,6 +23,10 @@ outputs ``a_j`` of the ``D`` blocks before it in the same step, added to the MLP
 
 (the reference code adds the bypass in place to the tensor that is also the residual, so it
 lands in the block output too and is counted again in the sum; here it feeds the MLP only).
+The reference is pre-norm (Llama). A post-norm block (BERT, MiniLM) normalises after each
+residual add, ``h_m = norm1(x + a_m)``, ``a_m = attn(x)``, ``f_m(x) = norm2(h_m + mlp(m))``;
+its bypass joins the attention outputs where they are summed, before the norm, and again
+feeds the MLP only: ``m = norm1(x + a_m + sum_j a_j)``.
 
 Recovery: ``L_KD = T^2 KL(softmax(z_teacher / T) || softmax(z / T))`` per token, the teacher
 the unchanged sequential model, the student trained through rank-``r`` LoRA adapters
@@ -93,10 +97,17 @@ def ideal_cut(n_layers: int, start: int, end: int, p: int) -> float:
 
 
 def block_parts(block, x: torch.Tensor, ctx: BlockContext, bypass=None):
-    """One pre-norm block split at its MLP input: returns ``(f(x), a)`` with ``a`` the
-    attention output; ``bypass`` is added to the MLP's input only (not to the residual)."""
-    a = block.drop(block.attn(block.norm1(x), key_padding_mask=ctx.key_padding_mask,
-                              rope=ctx.rope))  # (B, N, D)
+    """One block split at its MLP input: returns ``(f(x), a)`` with ``a`` the attention
+    output; ``bypass`` reaches the MLP's input only (not the residual). Pre-norm and
+    post-norm blocks (``block.post_norm``, BERT) alike; without a bypass ``f(x)`` is
+    ``block(x)``."""
+    mask, rope = ctx.key_padding_mask, ctx.rope
+    if getattr(block, "post_norm", False):  # norm(x + f(x)) after each sub-layer
+        a = block.drop(block.attn(x, key_padding_mask=mask, rope=rope))  # (B, N, D)
+        h = block.norm1(x + a)
+        m_in = h if bypass is None else block.norm1(x + a + bypass)
+        return block.norm2(h + block.drop(block.ffn(m_in))), a
+    a = block.drop(block.attn(block.norm1(x), key_padding_mask=mask, rope=rope))  # (B, N, D)
     h = x + a
     m_in = h if bypass is None else h + bypass
     return h + block.drop(block.ffn(block.norm2(m_in))), a
@@ -137,9 +148,19 @@ class CQILExecutor(BlockExecutor):
         return f"group=[{self.start}, {self.end}), P={self.p}, D={self.d}"
 
 
+_PARTS = ("attn", "norm1", "norm2", "ffn", "drop", "post_norm")
+
+
 @register(CQILConfig)
 def _apply(model, config: CQILConfig):
     check_group(config.start, config.end, config.P, len(model.blocks), config.D)
+    if config.D > 0:  # the bypass splits each block at its MLP: it must know the block
+        odd = [i for i in range(config.start, config.end)
+               if not all(hasattr(model.blocks[i], k) for k in _PARTS)]
+        if odd:
+            raise V.LabkitConfigError(
+                "D", config.D, f"0 for blocks {odd}: a bypass needs blocks with labkit's "
+                f"{', '.join(_PARTS)} (type {type(model.blocks[odd[0]]).__name__})")
     model.set_executor(CQILExecutor(config.start, config.end, config.P, config.D))
     return model
 

@@ -18,7 +18,10 @@ Equations. SDN loss at training progress ``t`` in [0, 1], IC ``k`` after block `
 
 Exit rule with temperatures ``T_k`` (1 when uncalibrated)::
 
-    exit at the first k with  max_c softmax(z_k / T_k)_c >= q
+    exit at the first k with  max_c softmax(z_k / T_k)_c >= q,   never when q = 1
+
+(a float32 softmax rounds to exactly 1.0 once the top logit leads by ~17, so ``>= 1`` alone
+would still exit: ``q = 1`` is the documented "run every block").
 
 ``T_k = argmin_T NLL(softmax(z_k / T), y)`` on held-out rows. Expected calibration error,
 15 equal-width confidence bins: ``ECE = sum_b |B_b|/n |acc(B_b) - conf(B_b)|``.
@@ -76,6 +79,11 @@ class EarlyExitConfig:
         if list(exits) != sorted(set(exits)):
             raise V.LabkitConfigError("exits", self.exits, "strictly increasing block indices")
         return exits
+
+
+def confident(conf: torch.Tensor, q: float) -> torch.Tensor:
+    """Which confidences exit at threshold ``q``: ``conf >= q``, and none at ``q = 1``."""
+    return conf >= q if q < 1.0 else torch.zeros_like(conf, dtype=torch.bool)
 
 
 class ExitHead(nn.Module):
@@ -143,7 +151,7 @@ class EarlyExitExecutor(BlockExecutor):
             if i not in where or i == len(blocks) - 1:
                 continue
             logits = self.heads[where[i]](x) / temps[where[i]]  # (B_active, C)
-            done = logits.softmax(-1).amax(-1) >= self.q
+            done = confident(logits.softmax(-1).amax(-1), self.q)  # (B_active,)
             if not bool(done.any()):
                 continue
             rows = active[done]
@@ -292,9 +300,9 @@ def simulate(logits: torch.Tensor, labels: torch.Tensor, q: float, exits: tuple,
     k1, _n, _ = logits.shape
     t = torch.ones(k1) if temperature is None else temperature
     probs = (logits / t[:, None, None]).softmax(-1)  # (K + 1, n, C)
-    conf = probs.amax(-1)
-    conf[-1] = 2.0  # the final head always answers
-    first = (conf >= q).float().argmax(0)  # (n,)
+    done = confident(probs.amax(-1), q)  # (K + 1, n)
+    done[-1] = True  # the final head always answers
+    first = done.float().argmax(0)  # (n,)
     depth = torch.tensor([*(i + 1 for i in exits), n_layers], dtype=torch.float)
     pred = probs.argmax(-1).gather(0, first[None]).squeeze(0)
     return {"q": q, "accuracy": float((pred == labels).float().mean()),
@@ -316,3 +324,66 @@ def predict(model, ids: torch.Tensor, padding_mask: torch.Tensor | None = None):
     if ex.exit_logits.shape[-1]:
         final = torch.where(ex.exited[:, None], ex.exit_logits, final)
     return final, ex.blocks_run.clone()
+
+
+def choose_q(logits: torch.Tensor, labels: torch.Tensor, qs, exits: tuple, n_layers: int,
+             temperature: torch.Tensor | None = None, max_loss: float = 0.01) -> dict | None:
+    """The threshold of ``qs`` with the fewest mean blocks whose simulated accuracy on these
+    rows is within ``max_loss`` of the final head's on the same rows (ties: the higher
+    accuracy), as its :func:`simulate` row; None when no threshold is. Give it calibration
+    rows, never the rows the choice is then scored on."""
+    V.number("max_loss", max_loss, 0.0, 1.0)
+    full = float((logits[-1].argmax(-1) == labels).float().mean())
+    sims = [simulate(logits, labels, q, exits, n_layers, temperature) for q in qs]
+    ok = [r for r in sims if r["accuracy"] >= full - max_loss]
+    return min(ok, key=lambda r: (r["blocks"], -r["accuracy"])) if ok else None
+
+
+def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``a - b`` over rows (0/1 correctness) and its standard error."""
+    d = a.float() - b.float()
+    n = len(d)
+    return float(d.mean()), float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("inf")
+
+
+VERDICTS = ("met", "not met", "inconclusive")
+
+
+def verdict(first: torch.Tensor, final: torch.Tensor, chosen: torch.Tensor | None,
+            blocks: torch.Tensor | None, n_layers: int, required: float,
+            max_loss: float = 0.01) -> dict:
+    """Whether early exit saved blocks at no more than ``max_loss`` accuracy, on test rows.
+
+    ``first``, ``final``, ``chosen``: per-row correctness (n,) of the first exit, the final
+    head and early exit at the chosen threshold (None: no threshold was chosen); ``blocks``
+    (n,): blocks each row ran. "inconclusive" unless the final head beats the first exit by
+    more than two standard errors of their paired difference: where one block answers as
+    well as all of them, exiting after one block costs nothing by construction and proves
+    nothing. Otherwise "met" when ``n_layers / mean(blocks) >= required`` and the paired
+    accuracy loss ``final - chosen`` is at most ``max_loss``; else "not met", with why."""
+    gain, gain_se = _paired(final, first)
+    out = {"depth_gain": gain, "depth_gain_se": gain_se, "blocks_ratio": None,
+           "accuracy_loss": None, "accuracy_loss_se": None}
+    if chosen is not None:
+        loss, loss_se = _paired(final, chosen)
+        out.update(blocks_ratio=n_layers / float(blocks.float().mean()), accuracy_loss=loss,
+                   accuracy_loss_se=loss_se)
+    depth = f"the final head beats the first exit by {gain:+.3f} (s.e. {gain_se:.3f})"
+    if not gain > 2 * gain_se:
+        return {**out, "verdict": "inconclusive",
+                "why": f"{depth}, not by more than two standard errors: depth does not "
+                       f"matter on these rows, so fewer blocks cost nothing by construction"}
+    if chosen is None:
+        return {**out, "verdict": "not met",
+                "why": f"no threshold kept accuracy within {max_loss:.3f} of the final head "
+                       f"on the calibration rows; {depth}"}
+    ratio, loss, loss_se = out["blocks_ratio"], out["accuracy_loss"], out["accuracy_loss_se"]
+    why = []
+    if ratio < required:
+        why.append(f"{ratio:.2f}x fewer blocks, below the required {required:.2f}x")
+    if loss > max_loss:
+        why.append(f"accuracy loss {loss:.3f} (s.e. {loss_se:.3f}) above {max_loss:.3f}")
+    return {**out, "verdict": "not met" if why else "met",
+            "why": "; ".join(why + [depth]) if why else
+            f"{ratio:.2f}x fewer blocks at an accuracy loss of {loss:+.3f} (s.e. "
+            f"{loss_se:.3f}); {depth}"}
