@@ -40,3 +40,14 @@ def test_registry_apply_walker_and_record():
     assert m.applied_techniques == [{"technique": "_Double", "factor": 2}]
     with pytest.raises(TypeError, match="no technique is registered"):
         R.apply_(m, M.ModelConfig())
+
+
+def test_apply_keeps_the_models_mode():
+    """A technique that adds modules (early exit adds its heads in train mode, Dropout
+    included) must not flip an eval model back to training, or its logits turn random."""
+    from labkit.techniques.early_exit import EarlyExitConfig
+
+    for mode in (False, True):
+        m = M.build("tiny").train(mode)
+        R.apply_(m, EarlyExitConfig(q=0.5))
+        assert {mod.training for mod in m.modules()} == {mode}

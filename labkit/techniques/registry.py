@@ -273,6 +273,7 @@ def apply_(model: nn.Module, config, calibration=None) -> nn.Module:
     check(config, getattr(model, "cfg", None))
     if not hasattr(model, "base_cfg") and hasattr(model, "cfg"):
         model.base_cfg = model.cfg  # the config before any technique (LayerPrune changes cfg)
+    was_training = model.training  # modules a technique adds start in train mode
     if takes_calibration(config):
         out = fn(model, config, calibration=calibration)
     elif calibration is not None:
@@ -283,7 +284,8 @@ def apply_(model: nn.Module, config, calibration=None) -> nn.Module:
     applied = list(getattr(model, "applied_techniques", []))
     applied.append({"technique": type(config).__name__, **dataclasses.asdict(config)})
     model.applied_techniques = applied
-    return out if out is not None else model
+    out = out if out is not None else model
+    return out.train(was_training)
 
 
 def expected(model_cfg, *configs, seq_len: int | None = None) -> dict:
