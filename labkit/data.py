@@ -67,7 +67,7 @@ class WordTokenizer:
         self.index = {w: i for i, w in enumerate(self.vocab)}
 
     @classmethod
-    def fit(cls, texts, max_size: int = 8192) -> "WordTokenizer":
+    def fit(cls, texts, max_size: int = 8192) -> WordTokenizer:
         counts = Counter(w for t in texts for w in words(t))
         top = sorted(counts, key=lambda w: (-counts[w], w))[: max_size - len(SPECIALS)]
         return cls(list(SPECIALS) + top)
@@ -92,7 +92,7 @@ class WordTokenizer:
         Path(path).write_text(json.dumps(self.vocab))
 
     @classmethod
-    def load(cls, path) -> "WordTokenizer":
+    def load(cls, path) -> WordTokenizer:
         return cls(json.loads(Path(path).read_text()))
 
 

@@ -1,7 +1,7 @@
 """One figure style for every notebook: plotly figures and pandas tables that read well in a
 JupyterLab cell, in an exported HTML report and in a saved notebook.
 
-The rules (issue 12.5), each one a function here that notebooks call rather than re-style:
+The rules, each one a function here that notebooks call rather than re-style:
 
 * a series keeps **one colour everywhere**: :func:`color` hands out palette entries by series
   name, in order of first use, for the whole kernel session ("dense" is the same colour in

@@ -6,7 +6,7 @@ it and says so. JupyterLab's own log is passed through to stderr, and the first 
 announces is printed once more on stdout as ``labkit: JupyterLab at URL``, so a script or
 a user scrolling past the log finds it.
 
-The kernel status JupyterLab shows stays "Busy" while a cell runs (issue 12.6). JupyterLab
+The kernel status JupyterLab shows stays "Busy" while a cell runs. JupyterLab
 (>= 4.4) sends widget comms over kernel subshells and asks the kernel for a new subshell
 (``create_subshell_request`` on the control channel) when a widget of a new kind appears,
 e.g. a live board shown mid-cell. The kernel answers that request with its own busy/idle

@@ -435,4 +435,4 @@ def compare(baseline: Measurement, *candidates: Measurement):
 
 
 # the machine's measured limits (peaks, roofline fields) live in their own module
-from .roofline import peaks, regime, roofline  # noqa: F401
+from .roofline import peaks, regime, roofline  # noqa: E402, F401

@@ -168,7 +168,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0)
 
     @classmethod
-    def like(cls, other: "Attention", **kwargs) -> "Attention":
+    def like(cls, other: Attention, **kwargs) -> Attention:
         """A new attention of this class with ``other``'s sizes and projection weights."""
         new = cls(other.d_model, other.n_heads, causal=other.causal, dropout=other.dropout,
                   **kwargs)

@@ -4,7 +4,7 @@ Importing torchao on a CPU-only machine logs ``Failed to load .../_C_mxfp8...so`
 kernels that cannot load here, and are never used by labkit); torch logs that torchao's
 ``register_constant`` on an Enum is deprecated; ``torch.ao.quantization.quantize_dynamic``
 (which labkit still measures as one INT8 path) warns that it is deprecated. None of these is
-about the user's run, and each looked like an error in a notebook (issue 12.6).
+about the user's run, and each looked like an error in a notebook.
 
 :func:`install` (run when labkit is imported) adds a ``logging.Filter`` to the two loggers
 and wraps ``warnings.showwarning``, matching only the messages in :data:`KNOWN`. A matched

@@ -61,8 +61,8 @@ from .techniques import (
     expected,
 )
 from .techniques import int8 as I8
-from .techniques.embedding_int8 import EmbeddingInt8Config
 from .techniques import sparsity as S
+from .techniques.embedding_int8 import EmbeddingInt8Config
 from .techniques.importance import calibration_batches
 
 OBJECTIVES = ("latency", "bytes")

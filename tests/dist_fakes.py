@@ -6,7 +6,9 @@ The machine: a block's forward costs ``A_F + B_F * tokens`` seconds (backward ``
 B_B * tokens``), embedding + head ``E_F + EB_F * tokens`` (``E_B + EB_B * tokens``), a
 ring all-reduce ``2(n-1) ALPHA + 2(n-1)/n * bytes * BETA``, a send ``P_A + P_B * bytes``,
 a tensor-parallel block call ``TP_F``/``TP_B`` more than its split FLOPs and all-reduces,
-the pipelining runtime ``PIPE_OP`` per micro-batch and stage and ``PIPE_STEP`` per step.
+the pipelining runtime ``PIPE_OP`` per micro-batch and stage and ``PIPE_STEP`` per step;
+compute (blocks, embedding + head) with both ranks computing at once costs ``CONC`` times
+what it costs one rank alone (its 2 cores share caches and memory bandwidth).
 The "measured" step times below are these formulas written out, not the simulator."""
 from __future__ import annotations
 
@@ -20,18 +22,19 @@ E_F, EB_F, E_B, EB_B = 1e-4, 1e-7, 1.5e-4, 2e-7
 ALPHA, BETA, P_A, P_B = 5e-5, 1e-9, 2e-5, 5e-10
 TP_F, TP_B = 3e-4, 5e-4
 PIPE_OP, PIPE_STEP = 1e-3, 2e-3
+CONC = 1.3
 N, SEQ_ASKED, WS = 26, 32, 2  # the batches' real length, the seq asked for, ranks
 CFG = preset("tiny", vocab_size=100)
 L, D = CFG.n_layers, CFG.d_model
 P = count_params(build(CFG))
 
 
-def block(tokens):
-    return A_F + B_F * tokens, A_B + B_B * tokens
+def block(tokens, c=1.0):
+    return c * (A_F + B_F * tokens), c * (A_B + B_B * tokens)
 
 
-def ends(tokens):
-    return E_F + EB_F * tokens, E_B + EB_B * tokens
+def ends(tokens, c=1.0):
+    return c * (E_F + EB_F * tokens), c * (E_B + EB_B * tokens)
 
 
 def all_reduce(nbytes, n=WS):
@@ -42,18 +45,18 @@ def send(nbytes):
     return P_A + P_B * nbytes
 
 
-def one_rank_step(rows):
+def one_rank_step(rows, c=1.0):
     t = rows * N
-    (bf, bb), (ef, eb) = block(t), ends(t)
+    (bf, bb), (ef, eb) = block(t, c), ends(t, c)
     return L * (bf + bb) + ef + eb
 
 
-def ddp_step(rows):  # each rank rows / 2, then one all-reduce of every gradient
-    return one_rank_step(rows // WS) + all_reduce(4 * P)
+def ddp_step(rows):  # each rank rows / 2 (both computing), then one all-reduce
+    return one_rank_step(rows // WS, CONC) + all_reduce(4 * P)
 
 
 def tp_block(tokens):
-    bf, bb = A_F + B_F * tokens / WS, A_B + B_B * tokens / WS
+    bf, bb = CONC * (A_F + B_F * tokens / WS), CONC * (A_B + B_B * tokens / WS)
     comm = 2 * all_reduce(tokens * D * 4)
     return bf + comm + TP_F, bb + comm + TP_B
 
@@ -61,7 +64,7 @@ def tp_block(tokens):
 def tp_step(rows):
     t = rows * N
     f, b = tp_block(t)
-    ef, eb = ends(t)
+    ef, eb = ends(t, CONC)
     return L * (f + b) + ef + eb
 
 
@@ -69,7 +72,7 @@ def gpipe_stage(mb_rows):
     """Forward and backward of one micro-batch on either of the 2 equal stages (a block
     each, half the embedding + head each, the runtime's cost split over F and B)."""
     t = mb_rows * N
-    (bf, bb), (ef, eb) = block(t), ends(t)
+    (bf, bb), (ef, eb) = block(t, CONC), ends(t, CONC)
     return bf + ef / 2 + PIPE_OP / 2, bb + eb / 2 + PIPE_OP / 2
 
 
@@ -85,7 +88,7 @@ def calibrate_raw(rank: int, flat: bool = False) -> dict:
     pts = [(r * N, *((A_F, A_B) if flat else block(r * N))) for r in rows]
     empty = []
     for m in (1, 2, 4, 8):
-        ef, eb = ends(N)
+        ef, eb = ends(N, CONC)
         f, b = ef / 2 + PIPE_OP / 2, eb / 2 + PIPE_OP / 2  # one row a micro-batch
         empty.append((m, N, (m + 1) * (f + b) + 2 * send(N * D * 4) + PIPE_STEP))
     sizes = [1024, 16384, 262144, 4 << 20]
@@ -96,6 +99,7 @@ def calibrate_raw(rank: int, flat: bool = False) -> dict:
             "all_reduce": [(b, all_reduce(b)) for b in sizes],
             "p2p": [(b, send(b)) for b in sizes],
             "tp_block": [(r * N, *tp_block(r * N)) for r in (1, 4, 16)],
+            "concurrent_block": [(r * N, *block(r * N, CONC)) for r in (4, 16)],
             "pipe_empty": empty}
 
 
@@ -137,7 +141,7 @@ def result(batch: int = 8, mb_rows: int = 4, ms=(1, 2, 4, 8), ddp_ratio: float |
     ranks = []
     for r in range(WS):
         timing = {"seconds": {"one_rank_full_batch": one, "ddp": ddp,
-                              "ddp_no_sync": one_rank_step(batch // WS),
+                              "ddp_no_sync": one_rank_step(batch // WS, CONC),
                               "all_reduce_grads": all_reduce(4 * P),
                               "all_ranks_full_batch": one * contention},
                   "speedup_vs_one_rank": one / ddp, "scaling_efficiency": one / (WS * ddp),

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from labkit import accounting, measure
-from labkit import model as M
 from labkit import kernels as K
+from labkit import model as M
 from labkit.techniques import (
     CQILConfig,
     EarlyExitConfig,

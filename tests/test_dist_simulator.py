@@ -83,6 +83,7 @@ def test_fit_recovers_the_machine(machine):
     assert cal.tp_bwd_overhead == pytest.approx(FK.TP_B)
     assert cal.pipe_op_overhead == pytest.approx(FK.PIPE_OP)
     assert cal.pipe_step_overhead == pytest.approx(FK.PIPE_STEP)
+    assert cal.concurrency == pytest.approx(FK.CONC)
 
 
 @pytest.mark.parametrize("M", range(1, 9))
@@ -91,8 +92,8 @@ def test_prediction_equals_the_machine_in_closed_form(machine, M):
     the machine's cost written out (so a term dropped or counted twice shows)."""
     cal, spec = machine
 
-    def sim(**kw):
-        return SIM.simulate(spec, cal, **kw)["step_s"]
+    def sim(**kw):  # the made-up machine's ranks share its cores, as the real runs do
+        return SIM.simulate(spec, cal, **kw, shared=True)["step_s"]
 
     assert sim(batch=8 * M) == pytest.approx(FK.one_rank_step(8 * M), rel=1e-9)
     assert sim(dp=2, batch=8 * M) == pytest.approx(FK.ddp_step(8 * M), rel=1e-9)
@@ -347,3 +348,17 @@ def test_the_flop_count_is_the_blocks_matmuls_plus_attention(kind):
                     gated=kind == "decoder")
     assert linear / (rows * n) == 2 * spec.block_params()
     assert spec.block_flops_per_token() == 2 * spec.block_params() + 4 * n * cfg.d_model
+
+
+def test_concurrency_slows_only_devices_that_share_the_machine(machine):
+    """The factor applies to compute of several ranks on this machine (shared=True), not
+    to one rank, and not to a simulated cluster with a device each (the default)."""
+    cal, spec = machine
+    one = SIM.simulate(spec, cal, batch=8)
+    assert one["step_s"] == pytest.approx(FK.one_rank_step(8), rel=1e-9)
+    assert SIM.simulate(spec, cal, batch=8, shared=True)["step_s"] == one["step_s"]
+    own = SIM.simulate(spec, cal, dp=2, batch=16)
+    assert own["step_s"] == pytest.approx(FK.one_rank_step(8) + FK.all_reduce(4 * FK.P))
+    shared = SIM.simulate(spec, cal, dp=2, batch=16, shared=True)
+    assert shared["step_s"] == pytest.approx(FK.ddp_step(16), rel=1e-9)
+    assert shared["compute_slowdown"] == pytest.approx(FK.CONC) and own["compute_slowdown"] == 1

@@ -1,5 +1,4 @@
 import pytest
-
 from conftest import requires_minilm
 
 from labkit.report import NotebookFailed
@@ -14,7 +13,7 @@ def test_tour_claimed_matches_counted_and_measures(run_notebook):
     assert m["dense_latency_ms"] > 0 and m["factorized_latency_ms"] > 0
     assert 0.0 <= m["dense_accuracy"] <= 1.0
     assert {row["variant"] for row in r["rows"]} == {"dense", f"rank {r['params']['rank']}"}
-    # the whole-model FLOP claim is exact; the speedup carries its verdict (issue 10.8)
+    # the whole-model FLOP claim is exact; the speedup carries its verdict
     assert m["claimed_flops_ratio"] == pytest.approx(m["measured_flops_ratio"], rel=1e-12)
     assert m["threads"] == r["params"]["threads"] == 1
     if m["measured_speedup"] > 1.1 * m["measured_flops_ratio"]:

@@ -3,7 +3,6 @@ import itertools
 import math
 
 import pytest
-
 from conftest import assert_headline, assert_minilm_swap_cost, requires_minilm
 
 NAME = "01_low_rank_attention"

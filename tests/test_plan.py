@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+import toy
 
 import labkit
-import toy
 from labkit import measure
 from labkit import plan as PL
 from labkit.validate import LabkitConfigError

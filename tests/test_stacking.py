@@ -5,9 +5,16 @@ import torch
 
 from labkit import measure
 from labkit import model as M
-from labkit.techniques import (FactorizedFFNConfig, FakeQuantConfig, Int8Config,
-                               KernelAttentionConfig, LowRankAttentionConfig, SharingConfig,
-                               SparsityConfig, apply_)
+from labkit.techniques import (
+    FactorizedFFNConfig,
+    FakeQuantConfig,
+    Int8Config,
+    KernelAttentionConfig,
+    LowRankAttentionConfig,
+    SharingConfig,
+    SparsityConfig,
+    apply_,
+)
 
 
 def _ids(m, n=32):

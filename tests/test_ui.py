@@ -222,8 +222,8 @@ def test_known_third_party_noise_is_recorded_not_shown(caplog):
         warnings.showwarning = lambda *a, **k: shown.append(str(a[0]))
         try:
             noise.install()
-            warnings.warn("torch.ao.quantization is deprecated and will go", DeprecationWarning)
-            warnings.warn("labkit: accuracy dropped", UserWarning)
+            warnings.warn("torch.ao.quantization is deprecated and will go", DeprecationWarning)  # noqa: B028
+            warnings.warn("labkit: accuracy dropped", UserWarning)  # noqa: B028
         finally:
             warnings.showwarning = original
     assert shown == ["labkit: accuracy dropped"]

@@ -25,7 +25,7 @@ What this benchmark can and cannot measure: it runs without a browser, so it mea
 *kernel's* side of a live board (appending points, thinning series to ``max_points``,
 serialising a ``batch_update`` and sending it on a comm that nobody reads). It cannot see
 the *browser* redrawing plotly on the same cores, which is what made a visible board cost
-+35-46% of wall time before updates were limited to a few a second (issue 12.3). That
++35-46% of wall time before updates were limited to a few a second. That
 cost is measured by tests/test_browser.py, which trains the same steps in JupyterLab in
 headless Chromium with no board, a live board never displayed, and a displayed board, in
 rotated rounds, and reports the median per-round ratios of wall time and kernel CPU time.

@@ -24,7 +24,7 @@ from .launcher import launch
 
 STRATEGIES = ("ddp", "tensor", "pipeline")
 M_SWEEP = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
-SLEEP_MS = (40.0, 80.0)  # a sleeping stage's F and B per micro-batch: >> the runtime's ms
+SLEEP_MS = (100.0, 200.0)  # a stage's F and B per micro-batch: the ~1 ms a send costs is < 5% at M = 8
 CORE_SHARE = 0.9  # CPU s per wall s at which a one-thread rank had a core of its own
 MAX_CONTENTION = 1.15  # the same step on every rank at once / on one rank alone
 DDP_MAX_RATIO = 0.75  # 2 ranks with a core each: at most 0.75x one rank's step (>= 1.33x)

@@ -11,7 +11,10 @@ point-to-point send (``alpha + bytes * beta``), least-squares fitted on small an
 messages; and the split runtimes' own costs, each on a run of its own: tensor parallel's
 per block call (one DTensor-split block, less its share of the FLOPs and its all-reduces)
 and the pipelining runtime's per micro-batch and stage and per step (a GPipe pipeline
-whose stages do nothing, for several M). Every block is timed on the shape the runs
+whose stages do nothing, for several M); and what ranks computing at once cost each other
+on this machine (the same block timed with every rank computing at once over one rank
+alone: 1.0 with a core and memory bandwidth each; on 2 virtual cores that share a physical
+core's caches it is well above 1). Every block is timed on the shape the runs
 have: the sequence length of the
 batches as the data pads them (which can be shorter than the ``seq`` asked for) and the
 padding mask when the task has one. A fit whose time does not grow with size cannot give
@@ -19,7 +22,9 @@ a rate: :func:`fit_line` raises :class:`CalibrationError`, :func:`fit` records i
 ``Calibration.problems`` (with a warning) and every prediction that needs it is NaN.
 
 Prediction (:func:`simulate`): per micro-batch and stage, forward/backward compute of its
-L/PP blocks at 1/TP of the FLOPs plus TP's 2 all-reduces of (mb, N, D) per block each way
+L/PP blocks (times the concurrency factor when ``shared=True``: the devices share this
+machine, as the runs :func:`errors` checks do; a device each by default)
+at 1/TP of the FLOPs plus TP's 2 all-reduces of (mb, N, D) per block each way
 and TP's per-call cost, plus the pipelining runtime's cost per micro-batch; the schedule
 (GPipe or 1F1B) is played event by event (a stage runs its ops in order, each waits for
 its input from the neighbour plus one send), which gives the step time, the bubble and
@@ -130,6 +135,9 @@ class Calibration:
     tp_bwd_overhead: float = 0.0
     pipe_op_overhead: float = 0.0  # s per micro-batch and stage (F and B together)
     pipe_step_overhead: float = 0.0  # s per pipelined step
+    # compute time with every rank computing at once / one rank alone (1.0: not measured,
+    # or a core each); applied only to devices that share this machine (simulate(shared=))
+    concurrency: float = 1.0
     measured: dict = dataclasses.field(default_factory=dict)  # the raw points, for plots
     problems: list = dataclasses.field(default_factory=list)  # fits that failed (NaN terms)
 
@@ -267,6 +275,12 @@ def calibrate(ctx) -> dict:
                 out["p2p"].append((4 * n, lockstep_timer(reps, g)("", ping, 0) / 2))
             else:
                 dist.new_group([0, 1])
+        out["concurrent_block"] = [
+            (rows * seq, *_lockstep_fwd_bwd(
+                lambda x=torch.randn(rows, seq, mc.d_model, requires_grad=True),
+                m=(torch.zeros(rows, seq, dtype=torch.bool) if masked else None):
+                block(x, key_padding_mask=m, rope=model.rope), max(reps, 10)))
+            for rows in cfg.get("concurrent_rows", [4, 16])]
         out["tp_block"] = _tp_block(ctx, mc, seq, masked, cfg.get("tp_rows", [1, 4, 16]), reps)
         out["pipe_empty"] = _empty_pipeline(ctx, wl, model, cfg.get("pipe_m", [1, 2, 4, 8]),
                                             reps)
@@ -382,14 +396,28 @@ def fit(raw: list[dict], world_size: int) -> Calibration:
                                 "ends": pts("ends", 1), "ends_bwd": pts("ends", 2),
                                 "all_reduce": ar, "p2p": p2p, "seq": r0["seq"],
                                 "tp_block": r0.get("tp_block", []),
+                                "concurrent_block": r0.get("concurrent_block", []),
                                 "pipe_empty": r0.get("pipe_empty", [])})
     if world_size > 1:
+        _fit_concurrency(cal, spec, raw)
         _fit_overheads(cal, spec, r0, world_size, problems)
     cal.problems = problems
     if problems:
         warnings.warn("labkit.dist.simulator: calibration incomplete, the predictions that "
                       "need these are NaN: " + "; ".join(problems), stacklevel=2)
     return cal
+
+
+def _fit_concurrency(cal: Calibration, spec: Spec, raw: list[dict]) -> None:
+    """The concurrency factor: the block's forward + backward with every rank computing at
+    once (the slowest rank's) over the fitted one-rank-alone time, median over sizes."""
+    pts = raw[0].get("concurrent_block") or []
+    ratios = []
+    for j, (tokens, _, _) in enumerate(pts):
+        both = statistics.median([sum(r["concurrent_block"][j][1:]) for r in raw])
+        ratios.append(both / sum(cal.block(spec, tokens)))
+    if ratios:
+        cal.concurrency = statistics.median(ratios)
 
 
 def _fit_overheads(cal: Calibration, spec: Spec, r0: dict, n: int, problems: list) -> None:
@@ -403,7 +431,7 @@ def _fit_overheads(cal: Calibration, spec: Spec, r0: dict, n: int, problems: lis
         d = spec.d_model
         res_f, res_b = [], []
         for tokens, f, b in tp:
-            pf, pb = cal.block(spec, tokens, n)
+            pf, pb = (t * cal.concurrency for t in cal.block(spec, tokens, n))
             comm = 2 * cal.all_reduce(tokens * d * 4, n)
             res_f.append(f - pf - comm)
             res_b.append(b - pb - comm)
@@ -416,7 +444,8 @@ def _fit_overheads(cal: Calibration, spec: Spec, r0: dict, n: int, problems: lis
     pe = r0.get("pipe_empty") or []
     xs, ys = [], []
     for m, seq, wall in pe:
-        ef, eb, _, _ = cal.ends(dataclasses.replace(spec, seq=seq), seq)
+        ef, eb, _, _ = (t * cal.concurrency
+                        for t in cal.ends(dataclasses.replace(spec, seq=seq), seq))
         act = seq * spec.d_model * 4  # one row a micro-batch
         pred = play([(ef / 2, eb / 2)] * n, m, "gpipe", cal.send(act))["step_s"]
         xs.append(m + n - 1)
@@ -486,9 +515,12 @@ def play(times: list[tuple[float, float]], M: int, schedule: str, send: float) -
 
 
 def simulate(spec: Spec, cal: Calibration, dp: int = 1, tp: int = 1, pp: int = 1,
-             microbatches: int = 1, batch: int = 8, schedule: str = "gpipe") -> dict:
+             microbatches: int = 1, batch: int = 8, schedule: str = "gpipe",
+             shared: bool = False) -> dict:
     """Simulated fwd+bwd step time, bubble and memory per device of ``spec`` on
-    dp x tp x pp devices, global ``batch`` sequences in ``microbatches`` per replica."""
+    dp x tp x pp devices, global ``batch`` sequences in ``microbatches`` per replica.
+    ``shared``: the devices are ranks sharing the calibrated machine, so compute runs at
+    ``cal.concurrency`` times its one-rank-alone time when there is more than one."""
     for name, v in (("dp", dp), ("tp", tp), ("pp", pp), ("microbatches", microbatches),
                     ("batch", batch)):
         V.integer(name, v, 1)
@@ -504,11 +536,12 @@ def simulate(spec: Spec, cal: Calibration, dp: int = 1, tp: int = 1, pp: int = 1
     rows = batch // (dp * microbatches)
     tokens = rows * spec.seq
     act = tokens * spec.d_model * 4  # one (mb, N, D) fp32 activation
-    bf, bb = cal.block(spec, tokens, tp)
+    slow = cal.concurrency if shared and dp * tp * pp > 1 else 1.0
+    bf, bb = (t * slow for t in cal.block(spec, tokens, tp))
     tp_comm = 2 * cal.all_reduce(act, tp)  # two all-reduces per block, each direction
     if tp > 1:  # the split's per-call software cost
         bf, bb = bf + cal.tp_fwd_overhead, bb + cal.tp_bwd_overhead
-    ef, eb, head_f, head_b = cal.ends(spec, tokens)
+    ef, eb, head_f, head_b = (t * slow for t in cal.ends(spec, tokens))
     base, extra = divmod(spec.n_layers, pp)
     op = cal.pipe_op_overhead / 2 if pp > 1 else 0.0  # the pipelining runtime, per op
     times = []
@@ -545,6 +578,7 @@ def simulate(spec: Spec, cal: Calibration, dp: int = 1, tp: int = 1, pp: int = 1
             "step_s": step, "bubble": run["bubble"], "grad_all_reduce_s": grad_ar,
             "tp_comm_s": tp_comm * spec.n_layers / pp * 2 * microbatches,
             "samples_per_s": batch / step, "state_bytes_per_device": state, **mem,
+            "compute_slowdown": slow,
             "memory_bytes_per_device": state + mem["activation_bytes_per_device"] + buffers,
             "valid": math.isfinite(step), "calibration_problems": list(cal.problems),
             "events": run["events"]}
@@ -603,7 +637,8 @@ def scaling(spec: Spec, cal: Calibration, devices=(1, 2, 4, 8, 16, 64, 256, 1024
 
 
 def errors(cal: Calibration, spec: Spec, measured: list[dict]) -> list[dict]:
-    """Simulated vs measured for each run this machine did: ``measured`` rows carry the
+    """Simulated vs measured for each run this machine did (``shared=True``: its ranks
+    shared this machine's cores): ``measured`` rows carry the
     simulate() arguments, ``measured_s`` and ``tokens_per_row`` (the sequence length the
     run had; default ``spec.seq``); the error is relative to the measurement."""
     out = []
@@ -611,7 +646,7 @@ def errors(cal: Calibration, spec: Spec, measured: list[dict]) -> list[dict]:
         args = {k: m[k] for k in ("dp", "tp", "pp", "microbatches", "batch", "schedule")
                 if k in m}
         run_spec = dataclasses.replace(spec, seq=m.get("tokens_per_row", spec.seq))
-        sim = simulate(run_spec, cal, **args)
+        sim = simulate(run_spec, cal, **args, shared=True)
         err = (sim["step_s"] - m["measured_s"]) / m["measured_s"]
         out.append({**args, "label": m.get("label", ""), "tokens_per_row": run_spec.seq,
                     "measured_s": m["measured_s"],

@@ -401,7 +401,7 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
                 built[method] = build(method, base, s, sample, batch, cache,
                                        hessian_samples=hessian_samples)
             except MethodUnavailable as e:
-                warnings.warn(f"{method}: {e}")
+                warnings.warn(f"{method}: {e}", stacklevel=2)
                 accs.append({"method": method, "sparsity": s, "task": task,
                              "accuracy": float("nan"), "status": f"unavailable: {e}"})
                 if timed:

@@ -64,7 +64,7 @@ def convergence(pairs, cfg: M.ModelConfig, methods, sizes, s: float, target: flo
         try:
             cbs = training_form(method, model, s, bits_by_layer)
         except MethodUnavailable as e:
-            warnings.warn(f"{method}: {e}")
+            warnings.warn(f"{method}: {e}", stacklevel=2)
             rows.append({"method": method, "n_train": n, "status": f"unavailable: {e}"})
             continue
         strategy = None

@@ -175,7 +175,7 @@ def _mlp_nonzero(model) -> int:
     for blk in model.blocks:
         for p in blk.ffn.parameters():
             total += int(p.detach().count_nonzero())
-        for name, lin in blk.ffn.named_modules():
+        for lin in blk.ffn.modules():
             if isinstance(lin, S.MaskedLinear):
                 total -= int(lin.parametrizations.weight.original.detach().count_nonzero())
                 total += int(lin.weight.detach().count_nonzero())

@@ -3,8 +3,8 @@
 Paper: the low-rank factorisation of weight matrices (Sainath et al. 2013, "Low-rank matrix
 factorization for deep neural network training with high-dimensional output targets";
 Denton et al. 2014 for SVD compression of trained layers), applied to the transformer MLP
-as in the architecture-optimisation part of the seed paper notebook 10 reproduces (its
-title is not recorded in this repository), and ALBERT's factorised
+as in the architecture-optimisation part of the seed paper that notebook 10 reproduces,
+"Research on Inference and Training Acceleration of Large Language Model" (Chen, CISAI 2024), and ALBERT's factorised
 embedding (Lan et al. 2020, "ALBERT: A Lite BERT for Self-supervised Learning of Language
 Representations") uses the same trick on a different matrix.
 

@@ -1,7 +1,7 @@
 """Real INT8 on the CPU through torchao, and an ``accelerate`` step that keeps what is fast.
 
-Paper: the INT8 weight/activation quantization of the seed paper notebook 10 reproduces (an
-LLM-optimisation paper whose title is not recorded in this repository); torchao's
+Paper: the INT8 weight/activation quantization of the seed paper that notebook 10 reproduces,
+"Research on Inference and Training Acceleration of Large Language Model" (Chen, CISAI 2024); torchao's
 ``quantize_(model, Int8DynamicActivationInt8WeightConfig())`` is the implementation.
 
 Idea: fake quantization (:mod:`labkit.techniques.quant`) only studies quality. To save

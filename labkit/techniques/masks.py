@@ -1,9 +1,9 @@
 """Sparsity masks: which weights to keep, for every structure labkit knows.
 
-Papers: magnitude pruning (Han et al., 2015; Zhu & Gupta, 2017); N:M fine-grained
-structured sparsity (Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks");
-the survey of sparse structures in transformer MLPs that labkit's sparsity lab follows
-(its title is not recorded in this repository).
+Papers: magnitude pruning (Han et al., 2015; Zhu & Gupta, 2017); N:M fine-grained structured
+sparsity (Mishra et al., 2021, "Accelerating Sparse Deep Neural Networks"); the survey
+labkit's sparsity lab follows, "A survey of sparse structures in the multi-layer perceptron
+of large language models" (Deshmukh, Lyu, Tokura, Honda, 2024).
 
 Idea. A mask ``M`` is a boolean tensor the shape of a weight ``W`` (``True`` = keep). The
 pruned weight is ``W * M``. The structure decides which masks are allowed; a score tensor

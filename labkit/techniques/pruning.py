@@ -5,7 +5,8 @@
   (``prune_at=0``: sparse training from initialisation).
 * :class:`Gradual` (Zhu & Gupta, 2017): tighten magnitude masks on the cubic schedule
   ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3`` every ``dt`` steps from ``t0``.
-* :class:`L1` (the seed paper of notebook 10, title not recorded here): train with ``L_task + lambda * sum |W|`` until
+* :class:`L1` (the seed paper, "Research on Inference and Training Acceleration of Large
+  Language Model"): train with ``L_task + lambda * sum |W|`` until
   ``prune_at * steps``, threshold by magnitude, fine-tune.
 
 A strategy says what happens when the config is applied (:meth:`start`) and what a run of

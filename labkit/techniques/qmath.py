@@ -83,7 +83,7 @@ def _quantile(g: torch.Tensor, p: float) -> torch.Tensor:
     sample of 2^24 values (a warning, not a silent change)."""
     if g.shape[1] >= 2 ** 24:
         warnings.warn(f"percentile calibration on {g.shape[1]} values per granule: using a "
-                      f"strided sample of 2^24 (torch.quantile's limit)")
+                      f"strided sample of 2^24 (torch.quantile's limit)", stacklevel=2)
         g = g[:, :: g.shape[1] // 2 ** 24 + 1]
     return torch.quantile(g, p, dim=1, keepdim=True)
 

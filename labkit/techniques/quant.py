@@ -1,9 +1,9 @@
 """Simulated (fake) quantization: 2-8 bit weights and activations, PTQ and QAT.
 
 Papers: Q-BERT (Shen et al., AAAI 2020, "Hessian Based Ultra Low Precision Quantization of
-BERT"), group-wise ranges; the INT8 weight/activation quantization of the seed paper notebook 10
-reproduces (an LLM-optimisation paper whose title this repository does not record); the straight-through
-estimator of Bengio et al. (2013).
+BERT"), group-wise ranges; the INT8 weight/activation quantization of the seed paper that
+notebook 10 reproduces, "Research on Inference and Training Acceleration of Large Language
+Model" (Chen, CISAI 2024); the straight-through estimator of Bengio et al. (2013).
 
 Idea: a real number ``x`` is mapped to one of ``2^b`` levels by an affine map with a scale
 ``s`` and zero point ``z`` shared by a *granule* of the tensor (the whole tensor, one output

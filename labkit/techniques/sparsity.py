@@ -3,11 +3,12 @@ real kernel for what is left.
 
 Papers: magnitude pruning (Han et al., 2015, "Learning both Weights and Connections for
 Efficient Neural Networks"); gradual pruning with a cubic schedule (Zhu & Gupta, 2017, "To
-prune, or not to prune"); L1-regularised training then thresholding (the seed paper of
-notebook 10, whose title is not recorded here: L = L_task + lambda * sum |W_ij|); N:M sparsity (Mishra et al., 2021,
-"Accelerating Sparse Deep Neural Networks"); the survey of sparse structures in transformer
-MLPs (unstructured, N:M, blocks, neurons, heads) that labkit's sparsity lab follows (title
-not recorded in this repository).
+prune, or not to prune"); L1-regularised training then thresholding (the seed paper,
+"Research on Inference and Training Acceleration of Large Language Model" (Chen, CISAI
+2024): L = L_task + lambda * sum |W_ij|); N:M sparsity (Mishra et al., 2021, "Accelerating
+Sparse Deep Neural Networks"); the structures (unstructured, N:M, blocks, neurons, heads) of
+"A survey of sparse structures in the multi-layer perceptron of large language models"
+(Deshmukh, Lyu, Tokura, Honda, 2024).
 
 Idea. A weight ``W`` (out, in) with a fraction ``p`` of non-zeros costs O(p * out * in)
 multiply-adds instead of O(out * in) -- *if* a kernel can skip the zeros. Three independent
@@ -65,14 +66,14 @@ _RULES = (
     ("scope", lambda c: c.scope == "global" and c.structure != "unstructured",
      lambda c: "'layer' (global ranking is for structure='unstructured')"),
     ("score", lambda c: c.score == "activation" and c.method != "magnitude",
-     lambda c: "'weight' for method={c.method!r} (activation scores are gathered once, on "
-               "calibration rows, for one-shot pruning)".format(c=c)),
+     lambda c: f"'weight' for method={c.method!r} (activation scores are gathered once, on "
+               "calibration rows, for one-shot pruning)"),
     ("compensate", lambda c: c.compensate and c.structure not in ("neuron", "head"),
-     lambda c: "False for structure={c.structure!r} (bias compensation folds removed FFN "
-               "neurons or heads into a bias)".format(c=c)),
+     lambda c: f"False for structure={c.structure!r} (bias compensation folds removed FFN "
+               "neurons or heads into a bias)"),
     ("compensate", lambda c: c.compensate and c.method != "magnitude",
-     lambda c: "False for method={c.method!r} (compensation is for one-shot pruning)"
-               .format(c=c)),
+     lambda c: f"False for method={c.method!r} (compensation is for one-shot pruning)"
+               ),
     ("method", lambda c: c.method == "gradual" and c.structure == "nm",
      lambda c: "'magnitude' or 'l1' for structure='nm' (N:M has the fixed sparsity 1 - n/m, "
                "which a schedule cannot step through)"),
@@ -277,7 +278,7 @@ def compensate(model: nn.Module, config: SparsityConfig, stats: dict) -> int:
     """Fold every pruned neuron's (head's) mean output into the next bias; returns how many
     units were folded. Call once, right after the one-shot prune."""
     done = 0
-    for owner, mod, group in owner_groups(model, config.structure):
+    for owner, mod, _group in owner_groups(model, config.structure):
         if config.structure == "neuron":
             removed = ~mod.down.mask.any(0)  # (d_ff,) columns the mask removed
             IM.compensate_neurons(mod.down, _original(mod.down), stats[owner], removed)
@@ -449,8 +450,8 @@ def _memo(make):
 chosen_paths = A.chosen_paths
 
 # pruning and expected build on the masks above, so they are imported last
-from . import sparsity_expected  # noqa: F401  (registers the account)
-from .pruning import (
+from . import sparsity_expected  # noqa: E402, F401  (registers the account)
+from .pruning import (  # noqa: E402
     GradualPruning,
     cubic_schedule,
     l1_penalty,
