@@ -2,7 +2,7 @@
 rows: the study the lead runs on real text (MiniLM fine-tuned on QNLI).
 
     python -m labkit.labs.quant_static --model minilm --task qnli \\
-        --source /work/shared/glue-sample --calibration-rows 512 --batch 32 --out static.json
+        --source <glue folder> --calibration-rows 512 --batch 32 --out static.json
 
 Steps (each a labkit call): the cached fine-tuned classifier
 (:func:`labkit.classifiers.classifier`); calibration batches drawn from its *training*
@@ -148,19 +148,25 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=None,
                     help="fine-tuning steps of the classifier (default: its recipe; cached)")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--holdout", type=float, default=0.1,
+                    help="the classifier's dev fraction of train (as labkit plan: one cache)")
+    ap.add_argument("--out", default="", help="a new JSON file (an existing one is kept)")
     a = ap.parse_args(argv)
+    if a.out and os.path.exists(a.out):
+        ap.error(f"--out={a.out!r} exists: give a new file (results are never overwritten)")
     from ..classifiers import classifier
 
     with measure.num_threads(a.threads):
-        clf = classifier(a.model, a.task, a.source, steps=a.steps, progress=True)
+        clf = classifier(a.model, a.task, a.source, steps=a.steps, holdout=a.holdout,
+                         progress=True)
         res = study(clf.model, calibration_batches(clf.workload, a.calibration_rows),
                     clf.workload.eval_set, timed_batch(clf.task, a.batch), rounds=a.rounds)
     res["args"] = vars(a)
     text = json.dumps(res, indent=1, default=str)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+        from ..notebook import write_json_atomic
+
+        write_json_atomic(a.out, json.loads(text))  # text: every value made printable
     import pandas as pd
 
     with pd.option_context("display.max_columns", None, "display.width", 200):
