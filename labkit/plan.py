@@ -264,12 +264,31 @@ def accelerated(simulated: nn.Module, cand: Candidate, inputs: tuple, plans: dic
     if cand.static_int8:  # the whole graph: exported, calibrated, compiled
         from .techniques.static_int8 import static_int8
 
-        m = static_int8(m, [_static_args(b) for b in calibration], inputs)
+        m = static_int8(m, [_static_args(m, b, len(inputs)) for b in calibration], inputs)
     return m, rows
 
 
-def _static_args(batch: dict) -> tuple:
-    return (batch["input_ids"], batch.get("padding_mask"))
+def _static_args(model: nn.Module, batch: dict, n: int) -> tuple:
+    """A calibration batch as the ``n`` positional inputs the model is timed (and
+    exported) with (segment ids derived as the model derives them when the batch has none)."""
+    ids = batch["input_ids"]
+    tt = batch.get("token_type_ids")
+    if n == 3 and tt is None:
+        tt = model.token_types(ids)
+    return (ids, batch.get("padding_mask"), tt)[:n]
+
+
+def timed_inputs(model: nn.Module, workload) -> tuple:
+    """The inputs every candidate is timed, and a compiled one exported, with: the
+    workload's sample ``(ids, padding_mask)``, plus segment ids when the rows it is scored
+    on carry them (a BERT-style model given ``token_type_ids``), so a graph exported from
+    these inputs takes the evaluation's batches as they are."""
+    ids, mask = workload.sample[:2]
+    dev = workload.dev_set
+    first = dev[0] if isinstance(dev, list) else dev
+    if getattr(model, "token_type", None) is not None and "token_type_ids" in first:
+        return (ids, mask, model.token_types(ids))
+    return tuple(x for x in (ids, mask) if x is not None)
 
 
 def reference(dense: nn.Module, inputs: tuple, plans: dict, timer=None,
@@ -398,7 +417,7 @@ class Planner:
         self.timer, self.clock, self.on_row = timer, clock, on_row or (lambda r: None)
         self.log = _Log(log)
         self.progress = progress
-        self.inputs = tuple(x for x in workload.sample if x is not None)
+        self.inputs = timed_inputs(model, workload)
         self.plans: dict = {}
         self.calibration = calibration_batches(workload.make_batches(config.seed + 7919),
                                                config.calibration_rows)

@@ -21,11 +21,12 @@ def _rows(res, table):
 
 def test_every_claim_has_a_verdict_with_numbers(res):
     claims = _rows(res, "claims")
-    assert len(claims) == 4
+    assert len(claims) == 5
     for c in claims:
         assert c["verdict"] in VERDICTS or c["verdict"].startswith("holds only for"), c
         assert any(ch.isdigit() for ch in c["evidence"]), c
-    assert [c["key"] for c in claims] == ["fig1", "memory", "accuracy", "fig2"]
+    assert [c["key"] for c in claims] == ["fig1", "memory", "accuracy", "fig2",
+                                          "accuracy_recovered"]
     assert [res["metrics"][f"verdict_{c['key']}"] for c in claims] == [c["verdict"]
                                                                        for c in claims]
 
@@ -110,3 +111,17 @@ def test_ours_int8_paths_measured_on_the_first_task_and_reused_on_the_second(res
             for r in _rows(res, "accuracy") if r["method"] == "ours"}
     assert plan == {("synthetic-nli", 0.25): "measured", ("synthetic-nli", 0.5): "measured",
                     ("synthetic-qnli", 0.25): "reused", ("synthetic-qnli", 0.5): "reused"}
+
+
+def test_every_method_is_recovered_on_every_task_and_the_gap_metric_is_their_minimum(res):
+    rec = _rows(res, "recovery")
+    assert sorted((r["task"], r["method"]) for r in rec) == sorted(
+        (t, m) for t in ("synthetic-nli", "synthetic-qnli")
+        for m in ("ours", "layerdrop", "qbert", "sdn"))
+    assert all(r["recover_steps"] == 3 and r["recover_seconds"] > 0 for r in rec)
+    one = {(r["task"], r["method"]): r["accuracy"] for r in _rows(res, "accuracy")
+           if r.get("sparsity") == 0.5 and r.get("status") == "measured"}
+    assert all(r["one_shot"] == one[(r["task"], r["method"])] for r in rec)
+    closed = [r["gap_closed"] for r in rec if r["gap_closed"] is not None]
+    assert res["metrics"]["recovered_gap_closed_min"] == (min(closed) if closed else None)
+    assert res["metrics"]["recover_steps"] == 3

@@ -71,13 +71,14 @@ def test_sdn_exits_cached_equal_to_trained(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change,message", [
     ({"sparsities": "0.1,x"}, "sparsities='0.1,x'"), ({"operating_sparsity": 0.2}, "one of"),
-    ({"tasks": "nli,sst2"}, "tasks='sst2'"), ({"hessian_samples": 0}, "hessian_samples=0")])
+    ({"tasks": "nli,sst2"}, "tasks='sst2'"), ({"hessian_samples": 0}, "hessian_samples=0"),
+    ({"recover_steps": 0}, "recover_steps=0")])
 def test_setup_names_the_bad_parameter(change, message):
     params = {"model": "tiny", "tasks": "nli,qnli", "methods": "ours,sdn",
               "sparsities": "0.1,0.5", "operating_sparsity": 0.5, "baseline_steps": 0,
               "n_eval": 64, "hessian_samples": 1, "sdn_steps": 5, "conv_steps": 10,
               "conv_eval_every": 5, "conv_lr": 1e-3, "target_accuracy": 0.0,
-              "sample_sizes": "64,128"}
+              "sample_sizes": "64,128", "recover_steps": 5}
     assert PL.setup(params)["sparsities"] == [0.1, 0.5]
     with pytest.raises(LabkitConfigError, match=message):
         PL.setup({**params, **change})
@@ -244,3 +245,63 @@ def test_ours_warnings_reach_the_timing_and_accuracy_rows(monkeypatch):
         assert "0.90x: reverted" in row["warnings"]
         assert "packed weights are CPU only" in row["warnings"]
         assert row["warnings"].count("0.90x") == 1
+
+
+def test_gap_closed_is_the_fraction_of_the_one_shot_loss_recovered():
+    from labkit.labs import paper_verdicts as PV
+
+    assert PV.gap_closed(0.8, 0.5, 0.65) == pytest.approx(0.5)
+    assert PV.gap_closed(0.8, 0.5, 0.8) == pytest.approx(1.0)
+    assert PV.gap_closed(0.8, 0.5, 0.4) == pytest.approx(-1 / 3)
+    assert PV.gap_closed(0.8, 0.8, 0.9) is None  # nothing lost: no gap to close
+    accs = [{"method": "dense", "sparsity": 0.0, "task": "t", "accuracy": 0.8},
+            {"method": "ours", "sparsity": 0.5, "task": "t", "accuracy": 0.5,
+             "status": "measured"},
+            {"method": "sdn", "sparsity": 0.5, "task": "t", "accuracy": 0.7,
+             "status": "measured"}]
+    rec = [{"method": "ours", "task": "t", "accuracy": 0.74, "recover_steps": 9},
+           {"method": "sdn", "task": "t", "accuracy": 0.75, "recover_steps": 9}]
+    rows = PV.recovery_rows(accs, rec, 0.5)
+    assert [r["gap_closed"] for r in rows] == pytest.approx([0.8, 0.5])
+    assert PV.recovered_gap_closed_min(rows) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("accs,verdict", [
+    ((0.795, 0.792), "holds"), ((0.70, 0.60), "does not hold"),
+    ((0.795, 0.60), "holds only for ours on t"), ((), "inconclusive")])
+def test_accuracy_verdict_gives_each_verdict(accs, verdict):
+    from labkit.labs import paper_verdicts as PV
+
+    rows = [{"method": "dense", "sparsity": 0.0, "task": "t", "accuracy": 0.8}] + [
+        {"method": m, "sparsity": 0.5, "task": "t", "accuracy": a, "status": "measured"}
+        for m, a in zip(("ours", "sdn"), accs)]
+    got = PV.verdict_accuracy(rows, 0.5, key="accuracy_recovered", how=" after 9 steps")
+    assert got["verdict"] == verdict and got["key"] == "accuracy_recovered"
+    assert got["claim"].endswith("after 9 steps")
+
+
+def test_recovery_keeps_each_methods_constraint():
+    """Recovered variants keep what the method removed or rounded: ours' narrower FFN,
+    LayerDrop's blocks, Q-BERT's fake-quantized linears at their bits, SDN's exits."""
+    from labkit.labs.workloads import workload
+    from labkit.techniques.quant import FakeQuantLinear
+
+    wl = workload("nli", "tiny", batch_size=8, seq_len=16, n_train=64, n_eval=32)
+    base = M.build(wl.cfg, seed=0).eval()
+    batch = next(wl.make_batches(0))
+    cache = {"qbert_rows": PL.qbert_sensitivity(base, batch, samples=1),
+             "sdn_model": PL.sdn_exits(base, wl.make_batches(1), steps=2),
+             "sdn_held_out": {k: v[:16] for k, v in wl.eval_set.items()}}
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    got = {m: PL.recovered(m, base, 0.5, wl, 2, 1e-3, cache, wl.sample, 0.001)
+           for m in ("ours", "layerdrop", "qbert", "sdn")}
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # teacher
+    d_ff = base.cfg.d_ff
+    assert all(b.ffn.up.out_features == d_ff // 2 for b in got["ours"].model.blocks)
+    assert len(got["layerdrop"].model.blocks) == base.cfg.n_layers - round(
+        0.5 * base.cfg.n_layers)
+    fq = [m for m in got["qbert"].model.modules() if isinstance(m, FakeQuantLinear)]
+    bits = PL.qbert(base, 0.5, cache["qbert_rows"]).info["bits"]
+    assert len(fq) == len(bits)
+    assert got["sdn"].model.executor.exits and "q" in got["sdn"].info
+    assert all(v.info["recover_steps"] == 2 for v in got.values())

@@ -208,3 +208,31 @@ def test_exit_threshold_runs_the_fewest_blocks_above_the_floor():
     assert 0.75 < q <= 0.95
     # floor 0: the lowest threshold, every row exits
     assert PL.exit_threshold(logits, labels, (0,), 2, 0.0) == PL.EXIT_THRESHOLDS[0]
+
+
+def test_a_bert_style_model_is_timed_and_exported_with_the_segment_ids_it_is_scored_with():
+    """Rows that carry token_type_ids are scored with them; a whole-model static INT8
+    candidate exported without them would refuse every dev batch. So the timed (and
+    exported) inputs carry the segment ids the model derives, and calibration batches
+    are cut to the same inputs."""
+    from labkit import model as M
+    from labkit.accuracy import correct
+    from labkit.labs.workloads import Workload
+    from labkit.techniques import static_int8 as SI
+
+    m = M.build(toy.config(type_vocab_size=2), seed=0).eval()
+    dev = toy.rows(64, 5)
+    dev["token_type_ids"] = m.token_types(dev["input_ids"])
+    wl = toy.workload(m.cfg)
+    plain = PL.timed_inputs(m, wl)
+    assert len(plain) == 2  # toy dev rows carry no segment ids
+    wl = Workload("nli", m.cfg, toy.batches, wl.eval_set, wl.sample, [dev])
+    ids, mask, tt = PL.timed_inputs(m, wl)
+    assert torch.equal(ids, wl.sample[0]) and torch.equal(tt, m.token_types(ids))
+    assert len(PL._static_args(m, toy.rows(8, 1), 3)) == 3
+    if SI.unavailable() is not None:
+        pytest.skip(SI.unavailable())
+    cand = PL.Candidate((("static_int8", "static INT8", None),))
+    fast, _ = PL.accelerated(m, cand, (ids, mask, tt), {},
+                             calibration=[toy.rows(16, s) for s in range(2)])
+    assert correct(fast, [dev]).shape == (64,)  # the dev batch, token types and all

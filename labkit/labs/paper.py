@@ -1,8 +1,9 @@
 """The seed paper's experiments at lab scale: its stack against LayerDrop, Q-BERT and SDN.
 
-Paper: the LLM-optimisation paper labkit follows (architecture optimisation, sparsity and
-INT8, evaluated on MNLI and QNLI against LayerDrop, Fan et al. 2019; Q-BERT, Shen et al.
-2020; Shallow-Deep Networks, Kaya et al. 2019). Its claims, checked by notebook 10:
+Paper: "Research on Inference and Training Acceleration of Large Language Model" (Chen,
+CISAI 2024): architecture optimisation, sparsity and INT8, evaluated on MNLI and QNLI
+against LayerDrop (Fan et al. 2019), Q-BERT (Shen et al. 2020) and Shallow-Deep Networks
+(Kaya et al. 2019). Its claims, checked by notebook 10:
 
 * Fig. 1: inference time falls with sparsity ``s`` in 0.1..0.5 for every method and is
   lowest for its stack;
@@ -24,6 +25,15 @@ Matched settings at sparsity ``s`` (a fraction of the dense model's work removed
   GEMM), so its time is the dense time and its bytes are the packed size it would need;
 * ``sdn``: internal classifiers after each block, exit threshold chosen on held-out data so
   the average fraction of blocks run is ``1 - s``.
+
+Recovery (:func:`recovered`): the same operating point fine-tuned for a number of steps with
+knowledge distillation from the dense model (:func:`labkit.recover.recover`), each method
+keeping its constraint while it trains: ``ours``' removed neurons stay removed and INT8 is
+placed after recovery; LayerDrop's removed blocks stay removed; Q-BERT's bits train as QAT
+(fake quantization with the straight-through estimator at the Hessian bits); SDN's backbone
+and exits train together (the SDN loss weights), its threshold chosen again on the held-out
+rows. The paper reports its accuracies after fine-tuning; one-shot and recovered sit side by
+side here at the same step budget.
 
 Complexity: every timing is paired with the dense model (rotated rounds, median of
 per-round ratios, :func:`labkit.measure.paired`); the spread over rounds is the error band.
@@ -177,6 +187,51 @@ def layerdrop(base: M.Transformer, s: float) -> Variant:
     return Variant("layerdrop", s, m, {"kept": list(keep), "paths": ["fp32"]})
 
 
+def recovered(method: str, base: M.Transformer, s: float, workload, steps: int, lr: float,
+              cache: dict, sample: tuple, min_run_time: float = 0.02,
+              teacher_cache=None) -> Variant:
+    """``method``'s variant at ``s`` recovered for ``steps`` steps of ``workload``'s training
+    batches at ``lr``, distilled from ``base`` (see the module docstring). ``cache``: the
+    :func:`sweep`'s (Q-BERT's Hessian rows, SDN's trained exits and held-out rows, INT8
+    plans); ``teacher_cache``: a :class:`labkit.recover.TeacherCache` of ``base`` shared
+    across methods (the same batches: the teacher's logits are computed once)."""
+    from ..recover import RecoverConfig, recover
+    from ..techniques import apply_
+    from ..techniques.int8 import accelerate_
+    from ..techniques.sparsity import compact_neurons_
+
+    V.choice("method", method, METHODS)
+    V.integer("recover_steps", steps, 1)
+    config = RecoverConfig(steps=steps, lr=lr, warmup=0.1 if steps >= 10 else 0.0)
+    if method == "ours":
+        m = copy.deepcopy(base).eval()
+        if s > 0:
+            compact_neurons_(m, s)
+    elif method == "layerdrop":
+        m = layerdrop(base, s).model
+    elif method == "qbert":
+        from ..techniques.quant import FakeQuantConfig
+
+        bits = qbert(base, s, cache["qbert_rows"]).info["bits"]
+        m = copy.deepcopy(base).eval()
+        apply_(m, FakeQuantConfig(granularity="channel", bits_by_layer=tuple(bits.items())))
+    else:
+        m = copy.deepcopy(cache["sdn_model"]).eval()
+    res = recover(m, base, workload, config, cache=teacher_cache)
+    info = {"recover_steps": res.steps, "recover_seconds": res.seconds}
+    if method == "ours":
+        rows = accelerate_(m, cache.get("int8_sample") or sample, candidates=INT8_PATHS,
+                           min_run_time=min_run_time, plans=cache.get("int8_plans"))
+        info["paths"] = sorted({r["chosen"] for r in rows if r["layer"] != "<model>"})
+    if method == "sdn":
+        from ..techniques.early_exit import exit_logits
+
+        v = sdn(base, s, m, cache["sdn_held_out"], exit_logits(m, cache["sdn_held_out"]))
+        v.info.update(info)
+        return v
+    return Variant(method, s, m, info)
+
+
 def sdn_exits(base: M.Transformer, batches, steps: int, lr: float = 1e-3) -> M.Transformer:
     """A copy of ``base`` with SDN internal classifiers after every block but the last,
     trained on the frozen fine-tuned backbone (Kaya et al.'s frozen-backbone variant) with
@@ -315,7 +370,7 @@ def setup(params: dict) -> dict:
                                   f"one of the swept sparsities {s_list}")
     for name, lo, hi in (("baseline_steps", 0, None), ("hessian_samples", 1, 64),
                          ("sdn_steps", 1, None), ("conv_steps", 1, None),
-                         ("conv_eval_every", 1, None)):
+                         ("conv_eval_every", 1, None), ("recover_steps", 1, None)):
         V.integer(name, params[name], lo, hi)
     V.integer("n_eval", params["n_eval"], 8)
     V.number("conv_lr", params["conv_lr"], 0.0, 1.0, lo_open=True)
@@ -371,7 +426,7 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
           rounds: int = 3, min_run_time: float = 0.05, timed: bool = True, timer=None,
           sdn_batches=None, sdn_steps: int = 100, held_out: dict | None = None,
           hessian_samples: int = 4, plans: dict | None = None,
-          int8_sample: tuple | None = None):
+          int8_sample: tuple | None = None, cache: dict | None = None):
     """Fig. 1 and the accuracy at every point on one task: for each ``s``, every method's
     variant of ``base`` evaluated on ``eval_set`` and (``timed``) timed side by side with the
     dense model. A method whose technique is missing gives an ``unavailable`` row per ``s``
@@ -386,9 +441,13 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
     (ids, mask) "ours"' INT8 paths are chosen on (default ``sample``; the notebook gives
     every task its own rows :func:`shaped_like` the timed workload).
 
+    ``cache``: a dict the sweep keeps its per-model work in (Q-BERT's Hessian rows, SDN's
+    trained exits), given so :func:`recovered` can reuse it.
+
     Returns (timing rows, accuracy rows, variants {(method, s): Variant})."""
     times, accs, variants = [], [], {}
-    cache = {"int8_plans": plans, "int8_sample": int8_sample}
+    cache = {} if cache is None else cache
+    cache.update({"int8_plans": plans, "int8_sample": int8_sample})
     if sdn_batches is not None and held_out is not None:
         cache["sdn_train"] = lambda: sdn_exits(base, sdn_batches, sdn_steps)
         cache["sdn_held_out"] = held_out

@@ -65,6 +65,58 @@ def _fmt_s(values) -> str:
     return ", ".join(f"{v:g}" for v in values)
 
 
+def verdict_accuracy(accs: list[dict], op: float, tolerance: float = 0.01,
+                     key: str = "accuracy", how: str = "") -> dict:
+    """The accuracy claim on ``accs`` (rows of "method", "sparsity", "task", "accuracy",
+    "status", the dense rows with method "dense"): "holds" when every method measured at
+    ``op`` is within ``tolerance`` of its task's dense accuracy, "does not hold" when none
+    is, else "holds only for ..."; ``how`` says which accuracies (one-shot, recovered)."""
+    dense = {r["task"]: r["accuracy"] for r in accs if r["method"] == "dense"}
+    at_op = [r for r in accs if r["method"] != "dense" and r.get("status") == "measured"
+             and abs(r["sparsity"] - op) < 1e-9]
+    close = [r for r in at_op if dense[r["task"]] - r["accuracy"] <= tolerance]
+    ev = "; ".join(f"{r['task']} {r['method']} {r['accuracy']:.3f} (dense "
+                   f"{dense[r['task']]:.3f})" for r in at_op)
+    v = ("inconclusive" if not at_op else "holds" if len(close) == len(at_op)
+         else "does not hold" if not close
+         else "holds only for " + ", ".join(f"{r['method']} on {r['task']}" for r in close))
+    return {"key": key, "claim": f"every method keeps accuracy within {tolerance:.0%} of "
+                                 f"dense at s={op:g}{how}", "verdict": v, "evidence": ev}
+
+
+def gap_closed(dense: float, one_shot: float, recovered: float) -> float | None:
+    """The fraction of the one-shot accuracy gap that recovery closed:
+    (recovered - one-shot) / (dense - one-shot); None when one-shot lost nothing (no gap to
+    close). 1 = back to dense, 0 = no better than one-shot, < 0 = worse."""
+    gap = dense - one_shot
+    return None if gap <= 0 else (recovered - one_shot) / gap
+
+
+def recovery_rows(accs: list[dict], recovered_accs: list[dict], op: float) -> list[dict]:
+    """Per task and method at ``op``: dense, one-shot and recovered accuracy, the gap
+    closed (:func:`gap_closed`), the recovery's steps and seconds."""
+    dense = {r["task"]: r["accuracy"] for r in accs if r["method"] == "dense"}
+    one = {(r["task"], r["method"]): r["accuracy"] for r in accs
+           if r.get("status") == "measured" and abs(r["sparsity"] - op) < 1e-9}
+    out = []
+    for r in recovered_accs:
+        if r["method"] == "dense" or (r["task"], r["method"]) not in one:
+            continue
+        o = one[(r["task"], r["method"])]
+        out.append({"task": r["task"], "method": r["method"], "sparsity": op,
+                    "dense": dense[r["task"]], "one_shot": o, "recovered": r["accuracy"],
+                    "gap_closed": gap_closed(dense[r["task"]], o, r["accuracy"]),
+                    "recover_steps": r.get("recover_steps"),
+                    "recover_seconds": r.get("recover_seconds")})
+    return out
+
+
+def recovered_gap_closed_min(rows: list[dict]) -> float | None:
+    """The smallest gap closed over :func:`recovery_rows` with a gap (None: no gap)."""
+    closed = [r["gap_closed"] for r in rows if r["gap_closed"] is not None]
+    return min(closed) if closed else None
+
+
 def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
              op: float, tolerance: float = 0.01) -> list[dict]:
     """One row per claim: ``claim``, ``verdict`` (holds / does not hold / holds only for
@@ -99,16 +151,7 @@ def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
                     "evidence": f"whole-model bytes x{r_model:.3f}, peak inference memory "
                                 f"x{r_peak:.3f} of dense"})
     if accs:
-        dense = {r["task"]: r["accuracy"] for r in accs if r["method"] == "dense"}
-        at_op = [r for r in accs if r["method"] != "dense" and r.get("status") == "measured"
-                 and abs(r["sparsity"] - op) < 1e-9]
-        close = [r for r in at_op if dense[r["task"]] - r["accuracy"] <= tolerance]
-        ev = "; ".join(f"{r['task']} {r['method']} {r['accuracy']:.3f} (dense "
-                       f"{dense[r['task']]:.3f})" for r in at_op)
-        v = ("holds" if at_op and len(close) == len(at_op) else "does not hold" if not close
-             else "holds only for " + ", ".join(f"{r['method']} on {r['task']}" for r in close))
-        out.append({"key": "accuracy", "claim": f"every method keeps accuracy within {tolerance:.0%} of dense "
-                             f"at s={op:g}", "verdict": v, "evidence": ev})
+        out.append(verdict_accuracy(accs, op, tolerance))
     conv_m = [r for r in conv if r.get("status") == "measured"]
     if conv_m:
         sizes = sorted({r["n_train"] for r in conv_m})
@@ -150,13 +193,13 @@ def fig2(rows: list[dict], title: str = "Fig. 2: seconds to target vs training s
     return F.style(F.layout(fig, title=title))
 
 
-CLAIMS = ("fig1", "memory", "accuracy", "fig2")
+CLAIMS = ("fig1", "memory", "accuracy", "accuracy_recovered", "fig2")
 HEADLINE = ("verdict_fig1", "verdict_fig2", "verdict_memory", "verdict_accuracy",
-            "memory_model_ratio")
+            "verdict_accuracy_recovered")
 
 
 def metrics(times: list[dict], mem: dict, claims: list[dict], dense_accuracy: dict,
-            op: float) -> dict:
+            op: float, recovery: list[dict] = (), recover_steps: int = 0) -> dict:
     """Notebook 10's metrics, every one from the measured rows: the verdict of each claim
     (``verdict_<key>``, None when the claim had nothing measured), the memory ratios, the
     stack's measured speedup at the operating sparsity and each task's dense accuracy.
@@ -167,4 +210,6 @@ def metrics(times: list[dict], mem: dict, claims: list[dict], dense_accuracy: di
     return {**{f"verdict_{k}": by_key.get(k) for k in CLAIMS},
             "memory_model_ratio": mem["model_ratio"], "memory_peak_ratio": mem["peak_ratio"],
             "ours_speedup_at_op": ours_op[0]["speedup"] if ours_op else None,
-            **{f"dense_accuracy_{t}": a for t, a in dense_accuracy.items()}}
+            **{f"dense_accuracy_{t}": a for t, a in dense_accuracy.items()},
+            "recovered_gap_closed_min": recovered_gap_closed_min(list(recovery)),
+            "recover_steps": recover_steps}

@@ -228,9 +228,13 @@ def freeze_backbone_(model) -> int:
 
 
 @torch.no_grad()
-def exit_logits(model, tensors: dict, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def exit_logits(model, tensors, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw logits of every exit on every row, ``(K + 1, n, C)`` (the ICs, then the final
-    head), and the labels ``(n,)``: one full pass, nothing exits."""
+    head), and the labels ``(n,)``: one full pass, nothing exits. ``tensors``: a dict of
+    equal-length tensors, or a list of such batches (e.g. length-trimmed ones)."""
+    if isinstance(tensors, list):
+        parts = [exit_logits(model, b, batch_size) for b in tensors]
+        return torch.cat([z for z, _ in parts], 1), torch.cat([y for _, y in parts])
     ex = model.executor
     was, ex.exiting = ex.exiting, False
     model.eval()
