@@ -95,6 +95,14 @@ def as_args(batch) -> tuple:
     return batch + (None,) * (3 - len(batch))
 
 
+def owned(args: tuple) -> tuple:
+    """The tensors of ``args`` with storage of their own: a column slice (what trimming a
+    padded batch gives) is a view whose base has another width, and an exported graph
+    guards on the base's size, so it would refuse (or recompile for) every trimmed batch."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) and a._base is not None else a
+                 for a in args)
+
+
 def check_batch(name: str, args: tuple, cfg, pattern: tuple | None = None) -> tuple:
     """Validate one ``(ids, mask, token types)`` against the model config ``cfg``: 2-D
     integer ids in ``[0, vocab_size)`` no longer than ``max_len``, a bool mask and integer
@@ -226,7 +234,7 @@ class CompiledModel(nn.Module):
         ic.freezing = True
         try:
             with torch.inference_mode():
-                return self.compiled(ids, padding_mask, token_type_ids)
+                return self.compiled(*owned((ids, padding_mask, token_type_ids)))
         finally:
             ic.freezing = prev
 
@@ -259,7 +267,7 @@ def _example(model, example_inputs) -> tuple:
                         "Transformer (ids, padding_mask, token_type_ids)")
     if cfg.kind != "encoder":
         raise V.LabkitConfigError("model", cfg.kind, "an encoder classifier (kind='encoder')")
-    args = check_batch("example_inputs", as_args(example_inputs), cfg)
+    args = owned(check_batch("example_inputs", as_args(example_inputs), cfg))
     return cfg, args, (args[1] is not None, args[2] is not None)
 
 
