@@ -611,7 +611,9 @@ class Planner:
 
     def affordable(self, trials: list[Trial], steps: int, final: bool = True) -> list[Trial]:
         """As many of ``trials`` (best first) as the time left allows for ``steps`` steps
-        each; the first is always kept unless ``final`` is False (then none may overrun)."""
+        each; the first is always kept unless ``final`` is False (then none may overrun).
+        A trial left out is not recovered further, but stays a candidate for the choice
+        with its last measurement (it was measured: time running out is no verdict on it)."""
         if self.step_seconds is None:
             return trials
         left = self.c.search_minutes * 60 - self.elapsed()
@@ -620,9 +622,9 @@ class Planner:
             flops = t.row.get("flops_ratio_claimed") or 1.0
             c = steps * self.step_seconds / (flops if math.isfinite(flops) and flops else 1.0)
             if (out or not final) and cost + c > left:
-                t.alive = False
-                t.row["status"] = "dropped: the search time would run out"
-                self.log.write({**t.row, "event": "dropped"})
+                t.row["status"] = ("not recovered further: the search time would run out "
+                                   "(its last measurement stands)")
+                self.log.write({**t.row, "event": "stopped"})
                 continue
             out.append(t)
             cost += c
@@ -635,12 +637,14 @@ class Planner:
         for rung in range(1, self.c.rungs + 1):
             if self.elapsed() >= self.c.search_minutes * 60:
                 break
-            survivors = self.affordable(survivors, steps)
-            for t in survivors:  # re-checked before each: the step time is measured now
-                if self.affordable([t], steps, final=False):
+            recovered = []
+            for t in self.affordable(survivors, steps):  # re-checked before each: the
+                if self.affordable([t], steps, final=False):  # step time is measured now
                     self.recover(t, steps, rung)
                     self.measure(t, rung, f"recovered {t.steps} steps")
-            survivors = [t for t in survivors if t.alive]
+                    recovered.append(t)
+            # judged at this rung's slack only if recovered in it; the others keep their row
+            survivors = [t for t in recovered if t.alive]
             keep = max(1, math.ceil(len(survivors) / self.c.eta))
             survivors = self.select(survivors, rung, keep)
             steps *= self.c.eta

@@ -304,4 +304,6 @@ def test_recovery_keeps_each_methods_constraint():
     bits = PL.qbert(base, 0.5, cache["qbert_rows"]).info["bits"]
     assert len(fq) == len(bits)
     assert got["sdn"].model.executor.exits and "q" in got["sdn"].info
+    w = "blocks.0.ffn.up.weight"  # SDN's backbone trains with its exits now
+    assert not torch.equal(got["sdn"].model.state_dict()[w], cache["sdn_model"].state_dict()[w])
     assert all(v.info["recover_steps"] == 2 for v in got.values())

@@ -164,6 +164,10 @@ def test_the_time_budget_bounds_the_recovered_candidates(setup):
     p.start = p.clock() - 30  # 30 of the 60 seconds used: room for one 20-step recovery
     assert [t.row["candidate"] for t in p.affordable(trials, 20)] == ["a"]
     assert "time" in trials[1].row["status"]
+    # not recovered further, but measured: still a candidate for the choice
+    assert all(t.alive for t in trials)
+    best = PL._best(trials[1:], lambda t: t.row["speedup"], 1.0)
+    assert best is trials[1]
 
 
 def test_bad_input_is_refused_with_the_parameter_named(setup):

@@ -215,8 +215,10 @@ def recovered(method: str, base: M.Transformer, s: float, workload, steps: int, 
         bits = qbert(base, s, cache["qbert_rows"]).info["bits"]
         m = copy.deepcopy(base).eval()
         apply_(m, FakeQuantConfig(granularity="channel", bits_by_layer=tuple(bits.items())))
-    else:
+    else:  # the exits were trained on a frozen backbone: now both train (SDN's joint form)
         m = copy.deepcopy(cache["sdn_model"]).eval()
+        for p in m.parameters():
+            p.requires_grad_(True)
     res = recover(m, base, workload, config, cache=teacher_cache)
     info = {"recover_steps": res.steps, "recover_seconds": res.seconds}
     if method == "ours":
