@@ -7,7 +7,8 @@ compares against, on the user's machine, at the timed thread count:
 
 * compute: large square GEMMs ``(n, n) @ (n, n)`` in fp32 (``torch.mm``, i.e. the BLAS
   sgemm ``nn.Linear`` runs, and oneDNN's ``mkldnn._linear_pointwise``: MKL's sgemm can run
-  far below oneDNN's on a non-Intel CPU, and then every fp32 reference does too), bf16
+  far below oneDNN's on a non-Intel CPU, and then every fp32 reference does too; with its
+  weight prepacked once, as Inductor's freezing does, and reordered per call), bf16
   (``torch.mm``) and int8 (``torch._int_mm`` s8s8 -> s32, the op torchao's dynamic INT8
   runs; oneDNN ``qlinear_pointwise`` u8s8, the op static PT2E INT8 lowers to; fbgemm
   ``quantized::linear_dynamic``, torch's dynamic INT8). A kind's peak is its fastest kernel.
@@ -52,6 +53,11 @@ def _gemm_kernels(n: int) -> dict:
         a, w = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
         return lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
 
+    def fp32_onednn_packed():  # the same, its weight packed once as freezing packs it
+        a, w = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, n)
+        return lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
     def bf16():
         a, b = (torch.randn(n, n, generator=g).bfloat16() for _ in "ab")
         return lambda: torch.mm(a, b)
@@ -82,6 +88,8 @@ def _gemm_kernels(n: int) -> dict:
 
     return {"fp32 torch.mm (BLAS sgemm)": ("fp32", fp32),
             "fp32 mkldnn._linear_pointwise (oneDNN)": ("fp32", fp32_onednn),
+            "fp32 mkldnn._linear_pointwise (oneDNN, weight prepacked)":
+                ("fp32", fp32_onednn_packed),
             "bf16 torch.mm": ("bf16", bf16),
             "int8 torch._int_mm (s8s8->s32)": ("int8", int_mm),
             "int8 onednn.qlinear_pointwise (u8s8, static)": ("int8", qlinear),

@@ -37,6 +37,18 @@ def test_quick_structure_and_sanity():
                                              "int8_weight_only", "torch_dynamic")} == {
         "fp32": "fp32", "fp32_onednn": "fp32", "bf16": "bf16", "int8_dynamic": "int8",
         "int8_weight_only": "fp32", "torch_dynamic": "int8"}
+    # the kernels a frozen graph runs, timed eagerly beside the rest, against their peaks
+    assert lin["fp32_onednn_packed"]["peak_kind"] == "fp32"
+    assert lin["static_int8"]["peak_kind"] == "int8"
+    # the INT8 speedup target is against the fastest fp32 path of the same rounds
+    eager = [row for row in lin.values() if row["mode"] == "eager"]
+    best = {k: max((row for row in eager if row["peak_kind"] == k and k == quant.kind_of(
+        row["variant"])), key=lambda row: row["gflops"]) for k in ("int8", "fp32")}
+    target = next(t for t in r["targets"] if t["target"] == (
+        "INT8 linear 256->1024 at batch 64, eager: speedup vs fp32 eager"))
+    assert math.isclose(target["measured"], best["int8"]["speedup_vs_fp32"]
+                        / best["fp32"]["speedup_vs_fp32"])
+    assert best["fp32"]["variant"] in target["note"]
     peaks = [t for t in r["targets"] if "fraction of the measured" in t["target"]]
     assert {"int8", "fp32"} == {t["target"].split(" peak")[0].split()[-1] for t in peaks}
     # sizes are counted, not timed: these hold on any machine
