@@ -182,3 +182,44 @@ def test_stacks_on_a_pruned_model_with_int8_embeddings(pre):
     with torch.no_grad():
         assert _rel_err(s(*ex), small(*ex)) <= TOL
     assert measure.model_bytes(s)["total"] < measure.model_bytes(small)["total"]
+
+
+def test_keep_fp32_leaves_those_linears_unquantized(pre):
+    """Every linear kept fp32: the quantized graph computes fp32's logits exactly; none
+    kept: it does not; a name that is no linear of the model is an error naming it."""
+    m, ex, cal, _ = pre
+    linears = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+    with torch.inference_mode():
+        ref = m(*ex)
+        every = SI.quantized_graph(m, cal, ex, tuple(linears))(*ex)
+        none = SI.quantized_graph(m, cal, ex, ())(*ex)
+    assert torch.allclose(every, ref, atol=1e-5)
+    assert not torch.allclose(none, ref, atol=1e-4)
+    with pytest.raises(LabkitConfigError, match="keep_fp32.*blocks.0.norm1"):
+        SI.check_keep_fp32(m, ["blocks.0.norm1"])
+    with pytest.raises(LabkitConfigError, match="keep_fp32"):
+        SI.check_keep_fp32(m, "blocks.0.ffn.down")
+
+
+def test_rank_fp32_fallback_puts_the_linear_that_matters_first(pre):
+    """One FFN down projection made the outlier (its output scaled up 50x, the next
+    block's input range blown up with it): keeping exactly that linear fp32 brings INT8
+    closest to fp32, ahead of every other and of everything quantized."""
+    m, ex, cal, _ = pre
+    m = copy.deepcopy(m)
+    names = SI.ffn_down_names(m)
+    assert names == [f"blocks.{i}.ffn.down" for i in range(len(m.blocks))]
+    down = m.get_submodule(names[0])
+    with torch.no_grad():
+        down.weight[:, 0] *= 400.0  # one hidden unit's output: an outlier channel
+    g = torch.Generator().manual_seed(7)
+    check = [_batch(m.cfg, 16, 32, g) for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = SI.rank_fp32_fallback(m, cal, check, ex)
+    assert [r["name"] for r in rows][0] == names[0]
+    assert {r["name"] for r in rows} == {None, *names}
+    assert rows == sorted(rows, key=lambda r: r["kl"])
+    assert all(0 <= r["flipped"] <= 1 for r in rows)
+    with pytest.raises(LabkitConfigError, match="check"):
+        SI.rank_fp32_fallback(m, cal, [], ex)

@@ -73,15 +73,20 @@ def paired_accuracy(pred: torch.Tensor, ref_pred: torch.Tensor, labels: torch.Te
 
 
 def study(model, calibration: list, eval_set, timed: dict, rounds: int = 5,
-          min_run_time: float = 0.5, timer=None) -> dict:
+          min_run_time: float = 0.5, timer=None, keep_fp32=()) -> dict:
     """Every variant's accuracy on ``eval_set`` paired with fp32, and latency on ``timed``
-    (a batch dict) side by side. ``calibration``: batches from the training rows."""
+    (a batch dict) side by side. ``calibration``: batches from the training rows;
+    ``keep_fp32``: linears a ``static_int8_mixed`` variant leaves in fp32 (none: no such
+    variant)."""
     args = SI.as_args(timed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         variants = {"fp32": model, "fp32_compiled": SI.compiled_fp32(model, args),
-                    "static_int8": SI.static_int8(model, calibration, args),
-                    "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config())}
+                    "static_int8": SI.static_int8(model, calibration, args)}
+        if keep_fp32:
+            variants["static_int8_mixed"] = SI.static_int8(model, calibration, args,
+                                                           keep_fp32=keep_fp32)
+        variants["int8_dynamic"] = apply_(copy.deepcopy(model), I.Int8Config())
     ref_pred, labels = predictions(model, eval_set)
     rows = []
     for k, m in variants.items():
@@ -89,7 +94,8 @@ def study(model, calibration: list, eval_set, timed: dict, rounds: int = 5,
         rows.append({"variant": k, **paired_accuracy(pred, ref_pred, labels),
                      "kernel_path": getattr(m, "kernel_path", "fp32 eager"),
                      **{f: m.info[f] for f in ("calibration_rows", "calibration_tokens",
-                                               "compile_seconds") if hasattr(m, "info")
+                                               "keep_fp32", "compile_seconds")
+                        if hasattr(m, "info")
                         and f in m.info},
                      "bytes": measure.model_bytes(m)["total"]})
 
@@ -109,11 +115,17 @@ def study(model, calibration: list, eval_set, timed: dict, rounds: int = 5,
     st = next(r for r in rows if r["variant"] == "static_int8")
     env = {**measure.environment(), "loadavg_1m": os.getloadavg()[0],
            "int8_isa": I.cpu_int8_isa(), "timed_batch": list(args[0].shape)}
-    return {"rows": rows, "env": env,
-            "headline": {"static_speedup_vs_fp32_compiled": st["speedup_vs_fp32_compiled"],
-                         "static_accuracy_drop_points": st["drop_points"],
-                         "static_accuracy_drop_se_points": st["drop_se_points"],
-                         "calibration_rows": st["calibration_rows"]}}
+    head = {"static_speedup_vs_fp32_compiled": st["speedup_vs_fp32_compiled"],
+            "static_accuracy_drop_points": st["drop_points"],
+            "static_accuracy_drop_se_points": st["drop_se_points"],
+            "calibration_rows": st["calibration_rows"]}
+    mixed = next((r for r in rows if r["variant"] == "static_int8_mixed"), None)
+    if mixed is not None:
+        head.update(mixed_speedup_vs_fp32_compiled=mixed["speedup_vs_fp32_compiled"],
+                    mixed_accuracy_drop_points=mixed["drop_points"],
+                    mixed_accuracy_drop_se_points=mixed["drop_se_points"],
+                    mixed_keep_fp32=mixed["keep_fp32"])
+    return {"rows": rows, "env": env, "headline": head}
 
 
 def calibration_batches(workload, rows: int, seed: int = 0) -> list:
@@ -126,6 +138,9 @@ def calibration_batches(workload, rows: int, seed: int = 0) -> list:
         out.append(b)
         n += len(b["input_ids"])
     return out
+
+
+CHECK_ROWS, CHECK_SEED = 1024, 777  # the training rows the fp32-fallback ranking reads
 
 
 def timed_batch(task, batch: int) -> dict:
@@ -150,6 +165,9 @@ def main(argv=None) -> int:
                     help="fine-tuning steps of the classifier (default: its recipe; cached)")
     ap.add_argument("--holdout", type=float, default=0.1,
                     help="the classifier's dev fraction of train (as labkit plan: one cache)")
+    ap.add_argument("--keep-fp32", type=int, default=3,
+                    help="FFN down projections a mixed variant keeps fp32, the ones that "
+                         "bring INT8 closest to fp32 on training rows (0: no mixed variant)")
     ap.add_argument("--out", default="", help="a new JSON file (an existing one is kept)")
     a = ap.parse_args(argv)
     if a.out and os.path.exists(a.out):
@@ -159,8 +177,16 @@ def main(argv=None) -> int:
     with measure.num_threads(a.threads):
         clf = classifier(a.model, a.task, a.source, steps=a.steps, holdout=a.holdout,
                          progress=True)
-        res = study(clf.model, calibration_batches(clf.workload, a.calibration_rows),
-                    clf.workload.eval_set, timed_batch(clf.task, a.batch), rounds=a.rounds)
+        cal = calibration_batches(clf.workload, a.calibration_rows)
+        timed = timed_batch(clf.task, a.batch)
+        ranking = []
+        if a.keep_fp32:  # chosen on training rows the calibration did not see
+            check = calibration_batches(clf.workload, CHECK_ROWS, seed=CHECK_SEED)
+            ranking = SI.rank_fp32_fallback(clf.model, cal, check, SI.as_args(timed))
+        keep = [r["name"] for r in ranking if r["name"] is not None][:a.keep_fp32]
+        res = study(clf.model, cal, clf.workload.eval_set, timed, rounds=a.rounds,
+                    keep_fp32=keep)
+    res["fp32_fallback_ranking"] = ranking
     res["args"] = vars(a)
     text = json.dumps(res, indent=1, default=str)
     if a.out:

@@ -280,29 +280,33 @@ def compiled_fp32(model: nn.Module, example_inputs) -> CompiledModel:
     return CompiledModel(graph, fn, cfg, pattern, FP32_PATH, {"compile_seconds": seconds})
 
 
-def static_int8(model: nn.Module, calibration, example_inputs,
-                backend: str = "x86_inductor") -> CompiledModel:
-    """``model`` (labkit's encoder classifier, left unchanged) quantized to static INT8 and
-    compiled; returns a :class:`CompiledModel` with the model's forward signature.
+def check_keep_fp32(model: nn.Module, keep_fp32) -> tuple[str, ...]:
+    """``keep_fp32`` as a tuple of names of ``model``'s ``nn.Linear`` modules (an error
+    names each one that is not)."""
+    if isinstance(keep_fp32, str) or not hasattr(keep_fp32, "__iter__"):
+        raise V.LabkitConfigError("keep_fp32", keep_fp32, "a list of linear module names")
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for n in keep_fp32:
+        if n not in linears:
+            raise V.LabkitConfigError("keep_fp32", n, f"names of the model's linears, e.g. "
+                                      f"{sorted(linears)[:3]}")
+    return tuple(keep_fp32)
 
-    ``calibration``: a list of batches from the training rows (dicts as the training
-    batches, or ``(ids, padding_mask, token_type_ids)`` tuples) that set the activation
-    ranges; ``example_inputs``: the batch the model is compiled on (the timed batch),
-    which fixes which inputs are present. ``info`` states the calibration size (batches,
-    rows, tokens) and the export, calibration and compile seconds."""
+
+def quantized_graph(model: nn.Module, batches: list[tuple], example: tuple,
+                    keep_fp32: tuple = ()) -> torch.fx.GraphModule:
+    """The exported graph of ``model`` quantized by ``X86InductorQuantizer`` (static,
+    per-channel weights) with ranges calibrated on ``batches`` (checked tuples), every
+    linear in ``keep_fp32`` left fp32; not compiled (its outputs are the INT8 numerics:
+    what :func:`rank_fp32_fallback` compares)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    why = unavailable(backend)
-    if why is not None:
-        raise StaticInt8Unavailable(f"static INT8 ({backend}) is unavailable here: {why}")
-    cfg, ex, pattern = _example(model, example_inputs)
-    batches = check_calibration(calibration, cfg, pattern)
-    t0 = time.perf_counter()
-    graph = export_model(copy.deepcopy(model), ex)
+    graph = export_model(copy.deepcopy(model), example)
     quantizer = xiq.X86InductorQuantizer().set_global(
         xiq.get_default_x86_inductor_quantization_config())  # static, per-channel weights
-    t1 = time.perf_counter()
+    for name in keep_fp32:
+        quantizer.set_module_name_qconfig(name, None)
     with warnings.catch_warnings():  # observers warn per batch about reduce_range: see doc
         warnings.simplefilter("ignore", UserWarning)
         prepared = prepare_pt2e(graph, quantizer)
@@ -315,13 +319,78 @@ def static_int8(model: nn.Module, calibration, example_inputs,
                         f"calibration[{i}]", tuple(b[0].shape),
                         f"batches the exported graph accepts ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]})") from e
-        converted = convert_pt2e(prepared)
+        return convert_pt2e(prepared)
+
+
+def static_int8(model: nn.Module, calibration, example_inputs,
+                backend: str = "x86_inductor", keep_fp32=()) -> CompiledModel:
+    """``model`` (labkit's encoder classifier, left unchanged) quantized to static INT8 and
+    compiled; returns a :class:`CompiledModel` with the model's forward signature.
+
+    ``calibration``: a list of batches from the training rows (dicts as the training
+    batches, or ``(ids, padding_mask, token_type_ids)`` tuples) that set the activation
+    ranges; ``example_inputs``: the batch the model is compiled on (the timed batch),
+    which fixes which inputs are present; ``keep_fp32``: names of linears left in fp32
+    (mixed precision, e.g. from :func:`rank_fp32_fallback`). ``info`` states the
+    calibration size (batches, rows, tokens), the linears kept fp32 and the export,
+    calibration and compile seconds."""
+    why = unavailable(backend)
+    if why is not None:
+        raise StaticInt8Unavailable(f"static INT8 ({backend}) is unavailable here: {why}")
+    keep = check_keep_fp32(model, keep_fp32)
+    cfg, ex, pattern = _example(model, example_inputs)
+    batches = check_calibration(calibration, cfg, pattern)
+    t0 = time.perf_counter()
+    converted = quantized_graph(model, batches, ex, keep)
     t2 = time.perf_counter()
     fn, seconds = _compile(converted, ex)
-    info = {**calibration_size(batches), "export_seconds": t1 - t0,
-            "calibration_seconds": t2 - t1, "compile_seconds": seconds, "backend": backend}
-    return CompiledModel(converted, fn, cfg, pattern, KERNEL_PATH.format(isa=cpu_int8_isa()),
-                         info)
+    info = {**calibration_size(batches), "keep_fp32": list(keep),
+            "quantize_seconds": t2 - t0, "compile_seconds": seconds, "backend": backend}
+    path = KERNEL_PATH.format(isa=cpu_int8_isa()) + (
+        f"; {len(keep)} linear(s) kept fp32" if keep else "")
+    return CompiledModel(converted, fn, cfg, pattern, path, info)
+
+
+def ffn_down_names(model: nn.Module) -> list[str]:
+    """Every block's FFN down projection (``blocks.<i>.ffn.down``) that is a linear."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.startswith("blocks.") and n.endswith("ffn.down")]
+
+
+def rank_fp32_fallback(model: nn.Module, calibration, check, example_inputs,
+                       names=None) -> list[dict]:
+    """Which linears, kept in fp32, bring static INT8 closest to fp32.
+
+    In BERT-like encoders the FFN's output carries the few very large activations that one
+    per-tensor INT8 range cannot hold (*Understanding and Overcoming the Challenges of
+    Efficient Transformer Quantization*, Bondarenko, Nagel, Blankevoort), so ``names``
+    defaults to every block's FFN down projection. For each name: the model quantized with
+    only that linear fp32, and on ``check`` (batches of training rows the calibration did
+    not use: labels are not needed) the KL divergence of its logits from fp32's and the
+    fraction of predictions it flips. Rows ``{"name", "kl", "flipped"}`` sorted by KL,
+    lowest (the most helpful to keep) first; the row ``name=None`` is everything
+    quantized. Cost: one export and calibration per name, no compile."""
+    names = check_keep_fp32(model, ffn_down_names(model) if names is None else names)
+    cfg, ex, pattern = _example(model, example_inputs)
+    batches = check_calibration(calibration, cfg, pattern)
+    checks = [check_batch(f"check[{i}]", as_args(b), cfg, pattern)
+              for i, b in enumerate(check)]
+    if not checks:
+        raise V.LabkitConfigError("check", "[]", "at least one batch of training rows")
+
+    def logits(m):
+        with torch.inference_mode():
+            return torch.cat([m(*b) for b in checks]).float()
+
+    ref = logits(model.eval())
+    rows = []
+    for name in (None, *names):
+        out = logits(quantized_graph(model, batches, ex, () if name is None else (name,)))
+        kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+        rows.append({"name": name, "kl": float(kl),
+                     "flipped": float((out.argmax(-1) != ref.argmax(-1)).float().mean())})
+    return sorted(rows, key=lambda r: r["kl"])
 
 
 __all__ = [
@@ -333,7 +402,11 @@ __all__ = [
     "check_batch",
     "check_calibration",
     "compiled_fp32",
+    "check_keep_fp32",
     "export_model",
+    "ffn_down_names",
+    "quantized_graph",
+    "rank_fp32_fallback",
     "static_int8",
     "unavailable",
 ]
