@@ -202,24 +202,49 @@ def test_keep_fp32_leaves_those_linears_unquantized(pre):
 
 
 def test_rank_fp32_fallback_puts_the_linear_that_matters_first(pre):
-    """One FFN down projection made the outlier (its output scaled up 50x, the next
-    block's input range blown up with it): keeping exactly that linear fp32 brings INT8
-    closest to fp32, ahead of every other and of everything quantized."""
+    """One hidden unit of each FFN made an outlier (its up row and bias scaled by f, its
+    down column by 1 / f: the function barely changes, but the down projection's per-tensor
+    input range is set by that one unit), f = 300 in block 0 and 100 in block 1: keeping
+    block 0's down projection fp32 brings INT8 closest to fp32, then block 1's, then
+    everything quantized; the chooser keeps the fewest that reach its KL fraction."""
     m, ex, cal, _ = pre
     m = copy.deepcopy(m)
     names = SI.ffn_down_names(m)
-    assert names == [f"blocks.{i}.ffn.down" for i in range(len(m.blocks))]
-    down = m.get_submodule(names[0])
+    assert names == [f"blocks.{i}.ffn.down" for i in range(len(m.blocks))] and len(names) == 2
     with torch.no_grad():
-        down.weight[:, 0] *= 400.0  # one hidden unit's output: an outlier channel
+        for i, f in ((0, 300.0), (1, 100.0)):
+            up, down = m.get_submodule(f"blocks.{i}.ffn.up"), m.get_submodule(names[i])
+            up.weight[0] *= f
+            up.bias[0] = 3.0 * f
+            down.weight[:, 0] /= f
+        for p in m.head.parameters():  # logits that vary, so their KL does
+            p.mul_(30.0)
     g = torch.Generator().manual_seed(7)
     check = [_batch(m.cfg, 16, 32, g) for _ in range(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = SI.rank_fp32_fallback(m, cal, check, ex)
-    assert [r["name"] for r in rows][0] == names[0]
-    assert {r["name"] for r in rows} == {None, *names}
+    assert [r["name"] for r in rows] == [names[0], names[1], None]
     assert rows == sorted(rows, key=lambda r: r["kl"])
     assert all(0 <= r["flipped"] <= 1 for r in rows)
     with pytest.raises(LabkitConfigError, match="check"):
         SI.rank_fp32_fallback(m, cal, [], ex)
+    # the fewest to keep: the outlier's linear alone cuts the KL far below half
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        keep, tried = SI.choose_fp32_fallback(m, cal, check, ex, rows, kl_fraction=0.5)
+        assert keep == [names[0]] and len(tried) == 1
+        assert tried[0]["kl"] <= 0.5 * next(r["kl"] for r in rows if r["name"] is None)
+        # a fraction no prefix reaches keeps every linear that helped alone, in order
+        keep_all, tried_all = SI.choose_fp32_fallback(m, cal, check, ex, rows, 1e-12)
+    base = next(r["kl"] for r in rows if r["name"] is None)
+    helpful = [r["name"] for r in rows if r["name"] is not None and r["kl"] < base]
+    assert keep_all == helpful and len(tried_all) == len(helpful) > 1
+    # a linear that alone made INT8 worse is never kept
+    worse = rows + [{"name": "blocks.0.attn.q", "keep_fp32": ["blocks.0.attn.q"],
+                     "kl": 2 * base, "flipped": 0.0}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert SI.choose_fp32_fallback(m, cal, check, ex, worse, 1e-12)[0] == helpful
+    with pytest.raises(LabkitConfigError, match="kl_fraction"):
+        SI.choose_fp32_fallback(m, cal, check, ex, rows, kl_fraction=0)

@@ -165,9 +165,10 @@ def main(argv=None) -> int:
                     help="fine-tuning steps of the classifier (default: its recipe; cached)")
     ap.add_argument("--holdout", type=float, default=0.1,
                     help="the classifier's dev fraction of train (as labkit plan: one cache)")
-    ap.add_argument("--keep-fp32", type=int, default=3,
-                    help="FFN down projections a mixed variant keeps fp32, the ones that "
-                         "bring INT8 closest to fp32 on training rows (0: no mixed variant)")
+    ap.add_argument("--kl-fraction", type=float, default=0.5,
+                    help="a mixed variant keeps the fewest FFN down projections fp32 that "
+                         "cut all-INT8's logit KL from fp32 to this fraction, on training "
+                         "rows the calibration did not use (0: no mixed variant)")
     ap.add_argument("--out", default="", help="a new JSON file (an existing one is kept)")
     a = ap.parse_args(argv)
     if a.out and os.path.exists(a.out):
@@ -179,14 +180,15 @@ def main(argv=None) -> int:
                          progress=True)
         cal = calibration_batches(clf.workload, a.calibration_rows)
         timed = timed_batch(clf.task, a.batch)
-        ranking = []
-        if a.keep_fp32:  # chosen on training rows the calibration did not see
+        ranking, keep, tried = [], [], []
+        if a.kl_fraction:  # chosen on training rows the calibration did not see
             check = calibration_batches(clf.workload, CHECK_ROWS, seed=CHECK_SEED)
             ranking = SI.rank_fp32_fallback(clf.model, cal, check, SI.as_args(timed))
-        keep = [r["name"] for r in ranking if r["name"] is not None][:a.keep_fp32]
+            keep, tried = SI.choose_fp32_fallback(clf.model, cal, check, SI.as_args(timed),
+                                                  ranking, kl_fraction=a.kl_fraction)
         res = study(clf.model, cal, clf.workload.eval_set, timed, rounds=a.rounds,
                     keep_fp32=keep)
-    res["fp32_fallback_ranking"] = ranking
+    res["fp32_fallback_ranking"], res["fp32_fallback_tried"] = ranking, tried
     res["args"] = vars(a)
     text = json.dumps(res, indent=1, default=str)
     if a.out:

@@ -383,14 +383,46 @@ def rank_fp32_fallback(model: nn.Module, calibration, check, example_inputs,
             return torch.cat([m(*b) for b in checks]).float()
 
     ref = logits(model.eval())
-    rows = []
-    for name in (None, *names):
-        out = logits(quantized_graph(model, batches, ex, () if name is None else (name,)))
-        kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1),
-                                        log_target=True, reduction="batchmean")
-        rows.append({"name": name, "kl": float(kl),
-                     "flipped": float((out.argmax(-1) != ref.argmax(-1)).float().mean())})
-    return sorted(rows, key=lambda r: r["kl"])
+    return sorted((_divergence(logits(quantized_graph(model, batches, ex, keep)), ref, keep)
+                   for keep in [(), *((n,) for n in names)]), key=lambda r: r["kl"])
+
+
+def _divergence(out: torch.Tensor, ref: torch.Tensor, keep: tuple) -> dict:
+    """KL of logits ``out`` from fp32's ``ref`` and the fraction of flipped predictions."""
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1),
+                                    log_target=True, reduction="batchmean")
+    return {"name": keep[-1] if keep else None, "keep_fp32": list(keep), "kl": float(kl),
+            "flipped": float((out.argmax(-1) != ref.argmax(-1)).float().mean())}
+
+
+def choose_fp32_fallback(model: nn.Module, calibration, check, example_inputs, ranking,
+                         kl_fraction: float = 0.5) -> tuple[list[str], list[dict]]:
+    """The fewest linears to keep fp32: in :func:`rank_fp32_fallback`'s order (only those
+    that alone bring INT8 closer to fp32 than everything quantized), add one at a time
+    until the KL from fp32 on ``check`` is at most ``kl_fraction`` of all-INT8's. Returns
+    the names and one row per prefix tried (``keep_fp32``, ``kl``, ``flipped``); when no
+    prefix gets there, every helpful linear is kept (the last row says how close)."""
+    V.number("kl_fraction", kl_fraction, 0.0, 1.0, lo_open=True)
+    base = next((r for r in ranking if r["name"] is None), None)
+    if base is None:
+        raise V.LabkitConfigError("ranking", "no row with name=None",
+                                  "rank_fp32_fallback's rows (they include all-INT8)")
+    helpful = [r["name"] for r in ranking if r["name"] is not None and r["kl"] < base["kl"]]
+    cfg, ex, pattern = _example(model, example_inputs)
+    batches = check_calibration(calibration, cfg, pattern)
+    checks = [check_batch(f"check[{i}]", as_args(b), cfg, pattern)
+              for i, b in enumerate(check)]
+    with torch.inference_mode():
+        ref = torch.cat([model.eval()(*b) for b in checks]).float()
+    tried = []
+    for k in range(1, len(helpful) + 1):
+        g = quantized_graph(model, batches, ex, tuple(helpful[:k]))
+        with torch.inference_mode():
+            out = torch.cat([g(*b) for b in checks]).float()
+        tried.append(_divergence(out, ref, tuple(helpful[:k])))
+        if tried[-1]["kl"] <= kl_fraction * base["kl"]:
+            break
+    return (tried[-1]["keep_fp32"] if tried else []), tried
 
 
 __all__ = [
@@ -403,6 +435,7 @@ __all__ = [
     "check_calibration",
     "compiled_fp32",
     "check_keep_fp32",
+    "choose_fp32_fallback",
     "export_model",
     "ffn_down_names",
     "quantized_graph",
