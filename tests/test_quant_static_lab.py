@@ -37,9 +37,10 @@ def test_study_on_the_tiny_encoder():
         return {"input_ids": ids, "padding_mask": torch.zeros(n, 16, dtype=torch.bool),
                 "labels": torch.randint(0, 3, (n,), generator=g)}
 
-    t = {"fp32": 2.0, "fp32_compiled": 1.0, "static_int8": 0.4, "int8_dynamic": 1.5}
+    t = {"fp32": 2.0, "fp32_compiled": 1.0, "static_int8": 0.4, "static_int8_mixed": 0.5,
+         "int8_dynamic": 1.5}
     res = QS.study(m, [batch(8), batch(8)], [batch(16), batch(16)], batch(4), rounds=2,
-                   timer=lambda name, fn, mrt: t[name])
+                   timer=lambda name, fn, mrt: t[name], keep_fp32=["blocks.0.ffn.down"])
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == set(t)
     assert rows["fp32"]["drop_points"] == 0 and rows["fp32"]["rows"] == 32
@@ -49,4 +50,8 @@ def test_study_on_the_tiny_encoder():
     # the untrained encoder's near-tied logits let INT8 flip a few rows, not most
     assert abs(rows["static_int8"]["drop_points"]) < 25
     assert res["headline"]["calibration_rows"] == 16
+    assert rows["static_int8_mixed"]["keep_fp32"] == ["blocks.0.ffn.down"]
+    assert res["headline"]["mixed_speedup_vs_fp32_compiled"] == pytest.approx(2.0)
+    assert res["headline"]["mixed_keep_fp32"] == ["blocks.0.ffn.down"]
+    assert "1 linear(s) kept fp32" in rows["static_int8_mixed"]["kernel_path"]
     assert rows["static_int8"]["bytes"] < rows["fp32"]["bytes"]
