@@ -307,3 +307,33 @@ def test_recovery_keeps_each_methods_constraint():
     w = "blocks.0.ffn.up.weight"  # SDN's backbone trains with its exits now
     assert not torch.equal(got["sdn"].model.state_dict()[w], cache["sdn_model"].state_dict()[w])
     assert all(v.info["recover_steps"] == 2 for v in got.values())
+
+
+def test_fig1_verdict_gives_each_verdict_and_a_simulated_method_is_inconclusive():
+    from labkit.labs import paper_verdicts as PV
+
+    def row(m, s, ms, lo, hi, simulated=False):
+        return {"method": m, "sparsity": s, "median_ms": ms, "min_ms": ms * 0.98,
+                "max_ms": ms * 1.02, "speedup_min": lo, "speedup_max": hi,
+                "status": "measured", "simulated": simulated}
+
+    def verdict(rows):
+        return next(c for c in PV.verdicts(rows, [], {}, [], 0.5) if c["key"] == "fig1")
+
+    ours = [row("ours", 0.1, 500.0, 1.6, 1.7), row("ours", 0.5, 300.0, 2.4, 2.6)]
+    ld = [row("layerdrop", 0.1, 600.0, 1.3, 1.4), row("layerdrop", 0.5, 400.0, 1.9, 2.0)]
+    flat = [row("layerdrop", 0.1, 600.0, 1.3, 1.4), row("layerdrop", 0.5, 590.0, 1.3, 1.4)]
+    # Q-BERT's 2-4 bit widths timed as fp32, slower-looking, and faster than ours at 0.5
+    qb = [row("qbert", 0.1, 900.0, 0.97, 1.03, True), row("qbert", 0.5, 200.0, 0.98, 1.02, True)]
+    assert verdict(ours + ld)["verdict"] == "holds"
+    slow_ours = [row("ours", 0.1, 700.0, 1.0, 1.1), row("ours", 0.5, 700.0, 1.0, 1.1)]
+    assert verdict(slow_ours + flat)["verdict"] == "does not hold"
+    c = verdict(ours + ld + qb)
+    assert c["verdict"] == ("holds only for: time falls for layerdrop, ours; ours fastest at "
+                            "every s; qbert inconclusive (simulated)")
+    assert "qbert: 900.0 -> 200.0 ms (inconclusive (simulated))" in c["evidence"]
+    f1 = PV.verdict_fig1(ours + ld + qb)
+    assert f1["qbert"]["falls"] is None and f1["qbert"]["time"] == "inconclusive (simulated)"
+    assert f1["fastest_by_sparsity"] == {0.1: "ours", 0.5: "ours"}  # qbert's fp32 time left out
+    assert f1["layerdrop"]["time"] == "falls"
+    assert verdict(qb)["verdict"] == "inconclusive (simulated)"

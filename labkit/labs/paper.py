@@ -471,8 +471,9 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
         if timed:
             for r in time_variants(base, built, sample, rounds, min_run_time, timer):
                 info = built[r["variant"]].info if r["variant"] in built else {}
+                paths = info.get("paths", ["fp32"])
                 r.update(method=r["variant"], sparsity=s, status="measured",
-                         paths=",".join(info.get("paths", ["fp32"])),
+                         simulated=any("simulated" in p for p in paths), paths=",".join(paths),
                          warnings="; ".join(info.get("warnings", [])))
                 times.append(r)
         for method, v in built.items():

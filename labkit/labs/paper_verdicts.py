@@ -11,9 +11,17 @@ from .paper import METHODS
 def verdict_fig1(rows: list[dict]) -> dict:
     """Does time fall with sparsity for each method, and is ``ours`` the fastest at each s?
     ``rows``: {"method", "sparsity", "median_ms", "min_ms", "max_ms"} and, when timed side
-    by side with dense (:func:`labkit.labs.paper.time_variants`), "speedup_min/max"."""
+    by side with dense (:func:`labkit.labs.paper.time_variants`), "speedup_min/max"; a row
+    with ``simulated`` true (Q-BERT's 2-4 bit widths run as fp32 here) makes its method's
+    ``time`` "inconclusive (simulated)" (``falls`` None), and it is left out of "fastest"."""
     out = {}
+    simulated = {r["method"] for r in rows if r.get("simulated")}
     for m in sorted({r["method"] for r in rows} - {"dense"}):
+        if m in simulated:  # timed as fp32: its real kernels do not run here
+            ms = sorted((r["sparsity"], r["median_ms"]) for r in rows if r["method"] == m)
+            out[m] = {"falls": None, "time": "inconclusive (simulated)",
+                      "ms_at_lowest_s": ms[0][1], "ms_at_highest_s": ms[-1][1]}
+            continue
         pts = sorted((r["sparsity"], r["median_ms"], r["min_ms"], r["max_ms"],
                       r.get("speedup_min"), r.get("speedup_max")) for r in rows
                      if r["method"] == m)
@@ -25,12 +33,13 @@ def verdict_fig1(rows: list[dict]) -> dict:
             falls = pts[-1][4] > pts[0][5]
         else:
             falls = len(pts) > 1 and pts[-1][3] < pts[0][2]
-        out[m] = {"falls": falls, "ms_at_lowest_s": pts[0][1], "ms_at_highest_s": pts[-1][1]}
+        out[m] = {"falls": falls, "time": "falls" if falls else "does not fall",
+                  "ms_at_lowest_s": pts[0][1], "ms_at_highest_s": pts[-1][1]}
     by_s = {}
     for r in rows:
-        by_s.setdefault(r["sparsity"], []).append(r)
-    fastest = {s: min((r for r in rs if r["method"] != "dense"),
-                      key=lambda r: r["median_ms"])["method"] for s, rs in by_s.items()}
+        if r["method"] != "dense" and r["method"] not in simulated:
+            by_s.setdefault(r["sparsity"], []).append(r)
+    fastest = {s: min(rs, key=lambda r: r["median_ms"])["method"] for s, rs in by_s.items()}
     out["fastest_by_sparsity"] = fastest
     out["ours_fastest_everywhere"] = all(v == "ours" for v in fastest.values())
     return out
@@ -126,20 +135,25 @@ def verdicts(times: list[dict], accs: list[dict], mem: dict, conv: list[dict],
     measured = [r for r in times if r.get("status") == "measured"]
     if measured:
         f1 = verdict_fig1(measured)
-        methods = [m for m in f1 if m not in ("fastest_by_sparsity", "ours_fastest_everywhere")]
+        every = [m for m in f1 if m not in ("fastest_by_sparsity", "ours_fastest_everywhere")]
+        methods = [m for m in every if f1[m]["falls"] is not None]  # measured for real
         falling = [m for m in methods if f1[m]["falls"]]
         ev = "; ".join(f"{m}: {f1[m]['ms_at_lowest_s']:.1f} -> {f1[m]['ms_at_highest_s']:.1f} ms"
-                       for m in methods)
+                       f" ({f1[m]['time']})" for m in every)
         ev += "; fastest by s: " + ", ".join(f"{s:g} {m}" for s, m in
                                              sorted(f1["fastest_by_sparsity"].items()))
-        if len(falling) == len(methods) and f1["ours_fastest_everywhere"]:
+        simulated = [m for m in every if f1[m]["falls"] is None]
+        if not methods:
+            v = "inconclusive (simulated)"
+        elif len(falling) == len(methods) and f1["ours_fastest_everywhere"] and not simulated:
             v = "holds"
         elif not falling and not f1["ours_fastest_everywhere"]:
             v = "does not hold"
         else:
             v = ("holds only for: time falls for " + (", ".join(falling) or "no method")
                  + ("; ours fastest at every s" if f1["ours_fastest_everywhere"] else
-                    "; ours not fastest at every s"))
+                    "; ours not fastest at every s")
+                 + "".join(f"; {m} inconclusive (simulated)" for m in simulated))
         out.append({"key": "fig1", "claim": "Fig. 1: inference time falls with sparsity for every method "
                              "and is lowest for ours", "verdict": v, "evidence": ev})
     if mem:
