@@ -116,6 +116,7 @@ def test_sweep_hands_hessian_samples_to_qbert(monkeypatch):
                         lambda base, batch, samples=4: seen.append(samples) or [])
     monkeypatch.setattr(PL, "qbert", lambda base, s, rows: PL.Variant("qbert", s, None))
     monkeypatch.setattr(PL, "accuracy", lambda model, eval_set: 0.5)
+    monkeypatch.setattr(PL, "operating_point", lambda *args: {})
     PL.sweep(None, "0.5", ["qbert"], (), {}, None, "nli", timed=False, hessian_samples=7)
     assert seen == [7]
 
@@ -297,7 +298,10 @@ def test_recovery_keeps_each_methods_constraint():
            for m in ("ours", "layerdrop", "qbert", "sdn")}
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())  # teacher
     d_ff = base.cfg.d_ff
-    assert all(b.ffn.up.out_features == d_ff // 2 for b in got["ours"].model.blocks)
+    frac = PL.neuron_fraction(0.5, cache["ffn_share"])  # 0.5 of the work, not of the FFN
+    assert frac > 0.5
+    assert all(abs(b.ffn.up.out_features - (1 - frac) * d_ff) <= 1
+               for b in got["ours"].model.blocks)
     assert len(got["layerdrop"].model.blocks) == base.cfg.n_layers - round(
         0.5 * base.cfg.n_layers)
     fq = [m for m in got["qbert"].model.modules() if isinstance(m, FakeQuantLinear)]
@@ -337,3 +341,46 @@ def test_fig1_verdict_gives_each_verdict_and_a_simulated_method_is_inconclusive(
     assert f1["fastest_by_sparsity"] == {0.1: "ours", 0.5: "ours"}  # qbert's fp32 time left out
     assert f1["layerdrop"]["time"] == "falls"
     assert verdict(qb)["verdict"] == "inconclusive (simulated)"
+
+
+def test_every_method_is_placed_by_the_work_it_removes():
+    """ours removes s of the dense model's counted FLOPs (its neuron fraction s / FFN
+    share, not s of the FFN), LayerDrop round(s L) of L blocks; beyond what the FFN holds
+    the row says the work is not matched."""
+    from labkit.labs.workloads import workload
+
+    wl = workload("nli", "tiny", batch_size=8, seq_len=16, n_train=64, n_eval=32)
+    base = M.build(wl.cfg, seed=0).eval()
+    sample = wl.sample[:2]
+    share = PL.ffn_work_share(base, sample)
+    cfg = base.cfg  # per token: FFN 2 d d_ff of 4 d^2 + 2 d d_ff + attention scores
+    assert share < 2 * cfg.d_ff / (4 * cfg.d_model + 2 * cfg.d_ff) and share > 0.4
+    v = PL.ours(base, 0.3, sample, int8="none", ffn_share=share)
+    assert PL.work_removed(v, base, sample) == pytest.approx(0.3, abs=0.02)
+    assert v.info["work_matched"] and v.info["neuron_fraction"] == pytest.approx(0.3 / share)
+    too_far = PL.ours(base, 0.9, sample, int8="none", ffn_share=share)
+    assert not too_far.info["work_matched"]
+    assert too_far.info["neuron_fraction"] == PL.MAX_NEURON_FRACTION
+    ld = PL.layerdrop(base, 0.5)
+    L = cfg.n_layers
+    assert PL.work_removed(ld, base, sample) == pytest.approx(round(0.5 * L) / L, abs=0.05)
+    op = PL.operating_point(v, base, sample, wl.eval_set)
+    assert op["work_removed"] == pytest.approx(0.3, abs=0.02) and op["work_matched"]
+
+
+def test_early_exit_reports_the_blocks_it_ran_on_the_eval_rows():
+    from labkit.labs.workloads import workload
+    from labkit.techniques.early_exit import predict
+
+    wl = workload("nli", "tiny", batch_size=8, seq_len=16, n_train=64, n_eval=32)
+    base = M.build(wl.cfg, seed=0).eval()
+    trained = PL.sdn_exits(base, wl.make_batches(1), steps=2)
+    v = PL.sdn(base, 0.5, trained, {k: x[:16] for k, x in wl.eval_set.items()})
+    op = PL.operating_point(v, base, wl.sample[:2], wl.eval_set)
+    with torch.inference_mode():
+        run = predict(v.model, wl.eval_set["input_ids"], wl.eval_set.get("padding_mask"))[1]
+    L = base.cfg.n_layers
+    assert op["blocks_run_eval"] == pytest.approx(float(run.float().mean()))
+    assert op["blocks_target"] == 0.5 * L
+    assert op["blocks_on_target"] == (abs(op["blocks_run_eval"] - 0.5 * L) <= 0.05 * L)
+    assert op["work_removed"] == pytest.approx(1 - op["blocks_run_eval"] / L)

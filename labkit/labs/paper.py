@@ -14,8 +14,10 @@ against LayerDrop (Fan et al. 2019), Q-BERT (Shen et al. 2020) and Shallow-Deep 
 
 Matched settings at sparsity ``s`` (a fraction of the dense model's work removed):
 
-* ``ours``: FFN neurons pruned by weight magnitude and removed (the architecture gets
-  narrower: ``d_ff -> (1-s) d_ff``), then INT8 on the block linears through labkit's
+* ``ours``: FFN neurons pruned by weight magnitude and removed until ``s`` of the dense
+  model's counted FLOPs are gone (the neuron fraction ``s / FFN share``: the architecture
+  gets narrower; beyond 95% of the neurons the row says ``work_matched`` False), then INT8
+  on the block linears through labkit's
   ``accelerate`` (per layer the fastest of fp32 / torchao W8A8 / torch dynamic INT8,
   reverted when the whole model got slower; the chosen paths are recorded);
 * ``layerdrop``: ``round(s L)`` of the ``L`` blocks removed, evenly spread;
@@ -24,7 +26,13 @@ Matched settings at sparsity ``s`` (a fraction of the dense model's work removed
   weights are rounded to their bit-width and stored back in fp32: CPUs have no 2-4 bit
   GEMM), so its time is the dense time and its bytes are the packed size it would need;
 * ``sdn``: internal classifiers after each block, exit threshold chosen on held-out data so
-  the average fraction of blocks run is ``1 - s``.
+  the average fraction of blocks run is ``1 - s``; the blocks it then runs on the eval rows
+  are reported beside the target (``blocks_on_target``: within 10%).
+
+Every accuracy row carries ``work_removed``, the fraction of the dense model's counted FLOPs
+the variant does not do (``torch.utils.flop_counter``; early exit: blocks not run), so the
+operating points are compared at the work they really remove (Q-BERT removes none: its
+budget is bytes).
 
 Recovery (:func:`recovered`): the same operating point fine-tuned for a number of steps with
 knowledge distillation from the dense model (:func:`labkit.recover.recover`), each method
@@ -88,9 +96,46 @@ def _ffn_fraction(cfg: M.ModelConfig) -> float:
     return ffn / (attn + ffn)
 
 
+MAX_NEURON_FRACTION = 0.95  # an FFN keeps some neurons: beyond this s cannot be matched
+
+
+def ffn_work_share(base: M.Transformer, sample: tuple) -> float:
+    """The share of ``base``'s counted FLOPs on ``sample`` (ids, mask) in its FFN hidden
+    neurons: removing half of them removes half of that share
+    (:func:`labkit.measure.flops`, ``torch.utils.flop_counter``)."""
+    from ..techniques.sparsity import compact_neurons_
+
+    half = copy.deepcopy(base).eval()
+    compact_neurons_(half, 0.5)
+    with torch.inference_mode():
+        dense = measure.flops(lambda: base.eval()(*sample))
+        pruned = measure.flops(lambda: half(*sample))
+    return 2 * (dense - pruned) / dense
+
+
+def neuron_fraction(s: float, ffn_share: float) -> float:
+    """The FFN neuron fraction that removes ``s`` of the dense model's work, at most
+    :data:`MAX_NEURON_FRACTION` (then the row says the work is not matched)."""
+    return min(s / ffn_share, MAX_NEURON_FRACTION) if ffn_share > 0 else 0.0
+
+
+def work_removed(variant, dense: torch.nn.Module, sample: tuple) -> float:
+    """The fraction of ``dense``'s counted FLOPs on ``sample`` that ``variant`` does not do
+    (its own prediction: for early exit, what the batch ran)."""
+    if not isinstance(variant, Variant):
+        variant = Variant("dense", 0.0, variant)
+    with torch.inference_mode():
+        full = measure.flops(lambda: dense.eval()(*sample))
+        done = measure.flops(lambda: variant.logits(*sample))
+    return 1 - done / full
+
+
 def ours(base: M.Transformer, s: float, inputs: tuple, min_run_time: float = 0.02,
-         int8: str = "accelerate", plans: dict | None = None) -> Variant:
-    """Neurons pruned and removed at ``s``, then INT8. ``int8="accelerate"``: measured
+         int8: str = "accelerate", plans: dict | None = None,
+         ffn_share: float | None = None) -> Variant:
+    """FFN neurons pruned and removed so that ``s`` of the dense model's work goes (the
+    neuron fraction ``s / ffn_share``, :func:`neuron_fraction`; ``ffn_share`` measured on
+    ``inputs`` when not given), then INT8. ``int8="accelerate"``: measured
     per-layer choice (for speed; ``plans`` reuses the measured choice of an identically
     shaped model, e.g. the other task's: ``info["plan"]`` says which); ``"torchao"``:
     torchao W8A8 everywhere (for bytes, counted by :func:`labkit.measure.model_bytes`);
@@ -101,9 +146,12 @@ def ours(base: M.Transformer, s: float, inputs: tuple, min_run_time: float = 0.0
 
     V.choice("int8", int8, ("accelerate", "torchao", "none"))
     m = copy.deepcopy(base).eval()
-    if s > 0:  # s = 0: INT8 alone
-        compact_neurons_(m, s)
-    info = {"d_ff": m.blocks[0].ffn.up.out_features}
+    share = ffn_work_share(base, inputs[:2]) if ffn_share is None else ffn_share
+    frac = neuron_fraction(s, share)
+    if frac > 0:  # s = 0: INT8 alone
+        compact_neurons_(m, frac)
+    info = {"d_ff": m.blocks[0].ffn.up.out_features, "neuron_fraction": frac,
+            "work_matched": share > 0 and s / share <= MAX_NEURON_FRACTION}
     if int8 == "accelerate":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -205,8 +253,11 @@ def recovered(method: str, base: M.Transformer, s: float, workload, steps: int, 
     config = RecoverConfig(steps=steps, lr=lr, warmup=0.1 if steps >= 10 else 0.0)
     if method == "ours":
         m = copy.deepcopy(base).eval()
-        if s > 0:
-            compact_neurons_(m, s)
+        if "ffn_share" not in cache:
+            cache["ffn_share"] = ffn_work_share(base, (cache.get("int8_sample") or sample)[:2])
+        frac = neuron_fraction(s, cache["ffn_share"])
+        if frac > 0:
+            compact_neurons_(m, frac)
     elif method == "layerdrop":
         m = layerdrop(base, s).model
     elif method == "qbert":
@@ -347,6 +398,34 @@ def accuracy(variant, eval_set) -> float:
     return right / total
 
 
+BLOCKS_TOLERANCE = 0.10  # early exit's blocks run on the eval rows vs its target
+
+
+def operating_point(variant: Variant, dense, sample: tuple, eval_set) -> dict:
+    """Where ``variant`` really operates: ``work_removed`` (counted FLOPs on ``sample``,
+    :func:`work_removed`), and for early exit the mean blocks run on the eval rows against
+    its target ``(1 - s) L`` (``blocks_on_target``: within :data:`BLOCKS_TOLERANCE`)."""
+    out = {"work_removed": work_removed(variant, dense, sample)}
+    if "neuron_fraction" in variant.info:
+        out.update(neuron_fraction=variant.info["neuron_fraction"],
+                   work_matched=variant.info["work_matched"])
+    if variant.method == "sdn":
+        from ..techniques.early_exit import predict
+
+        L = dense.cfg.n_layers
+        chunks = eval_set if isinstance(eval_set, list) else [
+            {k: v[i: i + 256] for k, v in eval_set.items()}
+            for i in range(0, len(eval_set["labels"]), 256)]
+        with torch.inference_mode():
+            run = torch.cat([predict(variant.model, b["input_ids"], b.get("padding_mask"))[1]
+                             for b in chunks]).float()
+        target = (1 - variant.sparsity) * L
+        out.update(blocks_run_eval=float(run.mean()), blocks_target=target,
+                   blocks_on_target=abs(float(run.mean()) - target) <= BLOCKS_TOLERANCE * target,
+                   work_removed=1 - float(run.mean()) / L)
+    return out
+
+
 def memory(model, sample: tuple) -> dict:
     """Whole-model bytes (parameters and buffers, packed INT8 counted with its scales) and
     peak inference memory (those bytes plus the peak of live activations)."""
@@ -408,8 +487,10 @@ def build(method: str, base, s: float, sample: tuple, batch: dict, cache: dict,
 
     V.choice("method", method, METHODS)
     if method == "ours":
+        if "ffn_share" not in cache:  # on the timed batch: one share for every task
+            cache["ffn_share"] = ffn_work_share(base, (cache.get("int8_sample") or sample)[:2])
         return ours(base, s, cache.get("int8_sample") or sample, min_run_time,
-                    plans=cache.get("int8_plans"))
+                    plans=cache.get("int8_plans"), ffn_share=cache["ffn_share"])
     if method == "qbert":
         if "qbert_rows" not in cache:
             cache["qbert_rows"] = qbert_sensitivity(base, batch, samples=hessian_samples)
@@ -480,6 +561,7 @@ def sweep(base, sparsities, methods, sample: tuple, batch: dict, eval_set, task:
             variants[(method, s)] = v
             accs.append({"method": method, "sparsity": s, "task": task,
                          "accuracy": accuracy(v, eval_set), "status": "measured",
+                         **operating_point(v, base, sample[:2], eval_set),
                          "warnings": "; ".join(v.info.get("warnings", [])),
                          **({"int8_plan": v.info["plan"]} if "plan" in v.info else {}),
                          **({"hessian_unstable_layers": len(v.info["rank_unstable_layers"])}
