@@ -22,37 +22,21 @@ def test_pretrained_maps_and_qkv_agree_and_are_low_rank():
     assert all(r < n / 2 for r in r90.values())
 
 
-def test_train_variants_same_batches_and_loss_summary():
-    from labkit import data
-    from labkit.techniques.low_rank_attention import LowRankAttentionConfig
-
-    task = data.load_task("synthetic-nli", n_train=64, n_eval=16, max_len=32)
-    runs = AL.train_variants(task, {"a": None, "b": None, "c": LowRankAttentionConfig(k=8)},
-                             steps=3, batch_size=8)
-    ha = [h["loss"] for h in runs["a"]["result"].history if h["split"] == "train"]
-    hb = [h["loss"] for h in runs["b"]["result"].history if h["split"] == "train"]
-    assert ha == hb  # same seed, same batches
-    rows = AL.loss_summary(runs, window=2)
-    assert [r["variant"] for r in rows] == ["a", "b", "c"] and all(r["steps"] == 3 for r in rows)
-    assert "eval_accuracy" in rows[2]
-
-
 def test_finetune_variants_start_from_the_trained_model():
-    from labkit import data
     from labkit import model as M
+    from labkit.labs import common as C
+    from labkit.labs.workloads import workload
     from labkit.techniques.low_rank_attention import LowRankAttentionConfig
     from labkit.train import evaluate
 
-    task = data.load_task("synthetic-nli", n_train=64, n_eval=16, max_len=32)
-    base = M.build(M.preset("tiny", kind="encoder", num_labels=task.num_labels,
-                            vocab_size=len(task.tokenizer), max_len=32), seed=3)
+    work = workload("nli", "tiny", batch_size=8, seq_len=32, n_train=64, n_eval=16)
+    base = M.build(work.cfg, seed=3)
     ref = {k: v.clone() for k, v in base.state_dict().items()}
-    runs = AL.finetune_variants(base, task, {"a": None, "b": None,
-                                             "c": LowRankAttentionConfig(k=8)},
-                                steps=3, batch_size=8)
+    runs = C.finetune_variants(base, work, {"a": None, "b": None,
+                                            "c": LowRankAttentionConfig(k=8)}, steps=3)
     for k, v in base.state_dict().items():  # the trained model is copied, never changed
         assert torch.equal(v, ref[k]), k
-    assert runs["a"]["before"] == evaluate(base, task.eval)  # dense copy: no swap cost
+    assert runs["a"]["before"] == evaluate(base, work.eval_set)  # dense copy: no swap cost
     ha = [h["loss"] for h in runs["a"]["result"].history if h["split"] == "train"]
     hb = [h["loss"] for h in runs["b"]["result"].history if h["split"] == "train"]
     assert ha == hb  # same batches, same start
@@ -70,5 +54,5 @@ def test_finetune_variants_start_from_the_trained_model():
         assert torch.equal(getattr(lin, name).weight, getattr(old, name).weight), name
     assert isinstance(next(m for m in runs["c"]["model"].modules()
                            if isinstance(m, M.Attention)), LinformerAttention)
-    rows = AL.loss_summary(runs, window=2)
+    rows = C.summary(runs, window=2)
     assert all(r["steps"] == 3 and "before_eval_loss" in r and "eval_loss" in r for r in rows)

@@ -13,23 +13,17 @@ Performers" (kernel attention).
   matrices and the error of Linformer's rank-``k`` approximation ``P R^T R`` (Theorem 1 of
   the paper, ``R`` a k x n Johnson-Lindenstrauss matrix) against truncated SVD, the best any
   rank-``k`` matrix can do (Eckart-Young).
-* :func:`train_variants`: train the same model dense and with techniques, at equal steps,
-  logging every loss curve to one :class:`labkit.ui.LiveBoard` (on
-  :mod:`labkit.labs.common`, like every lab).
-* :func:`finetune_variants`: start every variant from one *trained* model (e.g.
-  :func:`labkit.zoo.trained_encoder`), swap in the technique (weights kept where the
-  technique keeps them), evaluate before fine-tuning (the immediate cost of the swap), then
-  fine-tune every variant, the dense copy included, for the same steps on the same batches.
+
+Training the variants side by side is :func:`labkit.labs.common.finetune_variants`, shared
+with the other labs.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
 from .. import validate as V
 from ..accounting import sdpa_flops
-from ..model import Attention, preset
+from ..model import Attention
 from . import common as C
 from .figures import error_board, latency_board, spectrum_board  # noqa: F401  (re-exported)
 
@@ -203,44 +197,6 @@ def low_rank_error(maps, ks, lengths=None, seeds=(0, 1, 2), max_examples: int = 
             for (layer, k, method), v in sorted(acc.items())]
 
 
-def _task_batches(task, batch_size: int):
-    from .. import data
-
-    return lambda seed: data.batches(task.train, batch_size, seed=seed)
-
-
-def train_variants(task, variants: dict, model_cfg="tiny", steps: int = 100,
-                   batch_size: int = 32, lr: float = 1e-3, seed: int = 0, board=None,
-                   eval_every: int | None = None, n_eval: int = 256, progress: bool = False,
-                   **model_overrides) -> dict:
-    """Train one fresh model per variant (``{label: technique config(s) or None}``) sized for
-    ``task`` (a :class:`labkit.data` pair task), from the same seed and batches, for the same
-    steps (:func:`labkit.labs.common.train_variants`)."""
-    if isinstance(model_cfg, str):
-        cfg = preset(model_cfg, vocab_size=len(task.tokenizer), num_labels=task.num_labels,
-                     max_len=max(task.max_len, 8), **model_overrides)
-    else:
-        cfg = dataclasses.replace(model_cfg, vocab_size=len(task.tokenizer),
-                                  num_labels=task.num_labels)
-    eval_set = {k: v[:n_eval] for k, v in task.eval.items()}
-    return C.train_variants(C.build_variants(cfg, variants, seed), _task_batches(task, batch_size),
-                            steps, eval_set, lr, eval_every, seed, board, progress=progress)
-
-
-def finetune_variants(base, task, variants: dict, steps: int = 100, batch_size: int = 32,
-                      lr: float = 1e-3, seed: int = 0, board=None, eval_every: int | None = None,
-                      n_eval: int = 256, progress: bool = False) -> dict:
-    """Fine-tune copies of the trained model ``base`` (``{label: technique config(s) or
-    None}``): each a deep copy with its technique swapped in, evaluated on the first
-    ``n_eval`` eval examples before any step (``before``: what the swap alone costs), then
-    fine-tuned for ``steps`` on the same batches as every other variant. Returns
-    ``{label: {"model", "result", "before", "final"}}``."""
-    eval_set = {k: v[:n_eval] for k, v in task.eval.items()}
-    return C.train_variants(C.build_variants(base, variants, seed), _task_batches(task, batch_size),
-                            steps, eval_set, lr, eval_every, seed, board, before=True,
-                            progress=progress)
-
-
 ANALYSIS_MODELS = ("minilm", "trained")
 
 
@@ -354,19 +310,15 @@ KERNEL_HEADLINE = ("claimed_speedup_at_n_max", "speedup_at_n_max", "speedup_verd
 
 
 
-loss_summary = C.summary
 rank_for_energy = C.rank_for_energy
 
 
 __all__ = [
     "attention_maps",
     "capture_qkv",
-    "finetune_variants",
-    "loss_summary",
     "low_rank_error",
     "pretrained_attention_maps",
     "pretrained_qkv",
     "rank_for_energy",
     "spectrum_rows",
-    "train_variants",
 ]

@@ -173,11 +173,6 @@ def svd_sweep(dense, work: Workload, ranks) -> list[dict]:
     return rows
 
 
-def variant_expected(cfg: ModelConfig, configs, seq_len: int | None = None) -> dict:
-    """The analytic totals of a list of technique configs (dense when empty)."""
-    return expected(cfg, *configs, seq_len=seq_len)
-
-
 def claimed_vs_measured(work: Workload, variants: dict, models: dict | None = None,
                         min_run_time: float = 0.2, rounds: int = 3, timer=None) -> list[dict]:
     """:func:`labkit.labs.common.claimed_vs_measured` on ``work.sample`` for ``{label:
@@ -366,6 +361,5 @@ __all__ = [
     "tour_metrics",
     "train_all",
     "train_variants",
-    "variant_expected",
     "workload",
 ]

@@ -56,14 +56,3 @@ def workload(task: str = "lm", size: str = "tiny", batch_size: int = 16, seq_len
     ev = pairs.eval
     return Workload(task, cfg, lambda s: data.batches(pairs.train, batch_size, seed=s), ev,
                     (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
-
-
-def baseline_workload(baseline, batch_size: int = 32) -> Workload:
-    """The ``"nli"`` workload on the data a :class:`labkit.zoo.Baseline` was trained on (same
-    tokenizer, max_len and eval set), for fine-tuning copies of ``baseline.model``."""
-    V.integer("batch_size", batch_size, 1)
-    pairs = baseline.task
-    ev = pairs.eval
-    return Workload("nli", baseline.model.cfg,
-                    lambda s: data.batches(pairs.train, batch_size, seed=s), ev,
-                    (ev["input_ids"][:batch_size], ev["padding_mask"][:batch_size]))
