@@ -11,7 +11,8 @@ technique. The table is read off a meta-device build of :class:`labkit.model.Tra
   (softmax SDPA, Linformer's projected keys, kernel features);
 * the other parameters (embeddings, norms) and buffers, which no technique here touches.
 
-A technique registers ``account(table, model_cfg, config)`` with :func:`register_account`;
+A technique registers ``account(table, model_cfg, config)`` with
+:func:`labkit.techniques.registry.register` (the one registry);
 it edits the table the way ``apply_`` edits the model (factorize a row, point a block's
 FFN at block 0's, ...). Shared modules are one Python object in the table exactly as in the
 model, so parameters are counted once per object and FLOPs once per use.
@@ -26,7 +27,7 @@ for parameters unless a technique says otherwise, plus every buffer::
     rank-r factorized:                      params r (in + out) + b*out   FLOPs 2 t r (in + out)
     softmax attention core, per block:      FLOPs 4 n^2 D
 
-:func:`expected` returns one schema for every technique and every stack: ``*_before``,
+:func:`labkit.techniques.registry.expected` returns one schema for every technique and every stack: ``*_before``,
 ``*_after`` and ``*_ratio`` (before / after, > 1 means smaller or cheaper) for ``params``,
 ``flops`` and ``bytes``, and the same split by part (``attn``, ``attn_core``, ``ffn``,
 ``head``, ``other``), and ``detail`` (what a technique adds beyond the totals: a sparsity,
@@ -37,17 +38,15 @@ plus scales. Complexity: O(modules) per call.
 """
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .model import ModelConfig
+from .scope import block_indices, expand_parts
 
 PART_NAMES = ("attn", "attn_core", "ffn", "head", "other")
-_ACCOUNT: dict[type, Callable] = {}
 
 
 @dataclass
@@ -221,53 +220,8 @@ def table(cfg: ModelConfig, n: int | None = None) -> Table:
     return Table(cfg, n, blocks, head, sum(other.values()), buffers, tables)
 
 
-# ---------------------------------------------------------------------------- techniques
-
-def register_account(config_cls: type):
-    """Decorator: ``fn(table, model_cfg, config)`` edits a :class:`Table` in place the way
-    applying ``config`` edits the model. It may return a dict of technique-specific analytic
-    quantities (a latency cut, a sparsity), which :func:`expected` reports under ``detail``."""
-    def deco(fn):
-        _ACCOUNT[config_cls] = fn
-        return fn
-
-    return deco
-
-
-def _load():
-    from . import techniques  # noqa: F401  (importing registers every technique)
-
-
 def _ratio(a: float, b: float) -> float:
     return a / b if b else float("inf")
-
-
-def expected(model_cfg: ModelConfig, *configs, seq_len: int | None = None) -> dict:
-    """Analytic totals of a model of ``model_cfg`` before and after applying ``configs``
-    in order: ``params_before``, ``params_after``, ``params_ratio`` (before / after), the
-    same for ``flops`` (one inference forward pass, batch 1, ``seq_len`` tokens) and
-    ``bytes``, ``parts``: the same per part, and ``detail``: what the techniques add beyond
-    the totals. ``seq_len`` defaults to ``max_len``, or the shortest projection length of a
-    technique that fixes one (Linformer's ``seq_len``)."""
-    from .techniques.registry import check
-
-    _load()
-    for c in configs:
-        if type(c) not in _ACCOUNT:
-            raise TypeError(f"no expected() accounting is registered for {type(c).__name__}; "
-                            f"accounted: {sorted(k.__name__ for k in _ACCOUNT)}")
-        check(c, model_cfg)
-    if seq_len is None:
-        lengths = [c.length(model_cfg) for c in configs if hasattr(c, "length")]
-        seq_len = min([model_cfg.max_len, *lengths])
-    before = table(model_cfg, seq_len)
-    after = copy.deepcopy(before)
-    detail = {}
-    for c in configs:
-        detail.update(_ACCOUNT[type(c)](after, model_cfg, c) or {})
-    out = summary(before, after, [type(c).__name__ for c in configs])
-    out["detail"] = detail
-    return out
 
 
 def summary(before: Table, after: Table, techniques=()) -> dict:
@@ -289,8 +243,6 @@ def rows(table: Table, layers: tuple = (), parts: tuple = ("attn", "ffn")) -> di
     """``{name: Linear}`` of the rows ``layers``/``parts`` select (the registry's
     vocabulary), each distinct object once (a shared FFN appears under its first block):
     the table's counterpart of :func:`labkit.techniques.registry.linears`."""
-    from .techniques.registry import block_indices, expand_parts
-
     fine = expand_parts(parts)
     out, seen = {}, set()
     for i in block_indices(len(table.blocks), layers):
@@ -334,10 +286,8 @@ __all__ = [
     "Block",
     "Linear",
     "Table",
-    "expected",
     "linear_shapes",
     "params",
-    "register_account",
     "rows",
     "sdpa_flops",
     "summary",

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit.techniques import masks as M
+from labkit.kernels import masks as M
 from labkit.validate import LabkitConfigError
 
 

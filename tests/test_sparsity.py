@@ -7,7 +7,8 @@ from torch import nn
 
 import labkit.model as Mo
 from labkit import kernels as K
-from labkit.techniques import masks as MK
+from labkit.kernels import masks as MK
+from labkit.techniques import pruning as P
 from labkit.techniques import registry as R
 from labkit.techniques import sparsity as S
 from labkit.validate import LabkitConfigError
@@ -134,7 +135,7 @@ def test_sparsity_zero_equals_dense():
 
 
 def test_cubic_schedule_endpoints_and_shape():
-    f = S.cubic_schedule
+    f = P.cubic_schedule
     assert f(0, 0.0, 0.9, t0=10, n=5, dt=4) == 0.0
     assert f(10, 0.1, 0.9, t0=10, n=5, dt=4) == pytest.approx(0.1)
     assert f(30, 0.1, 0.9, t0=10, n=5, dt=4) == pytest.approx(0.9)
@@ -157,7 +158,7 @@ def test_masks_survive_optimizer_steps_and_gradual_reaches_target():
     cfg = S.SparsityConfig(sparsity=0.8, structure="unstructured", method="gradual",
                            prune_steps=4, prune_every=3)
     R.apply_(m, cfg)
-    res = S.train_sparse(m, cfg, _lm_batches(), steps=20, eval_fn=lambda: {"loss": 0.0},
+    res = P.train_sparse(m, cfg, _lm_batches(), steps=20, eval_fn=lambda: {"loss": 0.0},
                          eval_every=5, lr=1e-2)
     assert S.actual_sparsity(m) == pytest.approx(0.8, abs=1e-4)
     spars = [h["sparsity"] for h in res.history if h["split"] == "eval"]
@@ -177,7 +178,7 @@ def test_l1_and_oneshot_reach_target(structure, kw):
         m = Mo.build("tiny", kind="decoder", vocab_size=64)
         cfg = S.SparsityConfig(sparsity=0.5, structure=structure, method=method,
                                l1_lambda=1e-3, **kw)
-        S.train_sparse(m, cfg, _lm_batches(), steps=6, prune_at=0.5)
+        P.train_sparse(m, cfg, _lm_batches(), steps=6, prune_at=0.5)
         assert S.actual_sparsity(m) == pytest.approx(cfg.target_sparsity)
 
 
@@ -187,7 +188,7 @@ def test_l1_penalty_shrinks_weights():
         cfg = S.SparsityConfig(method="l1", l1_lambda=lam)
         S.attach(m, cfg)
         from labkit.train import fit
-        fit(m, _lm_batches(), 15, lr=1e-2, extra_loss=S.l1_penalty(lam), progress=False)
+        fit(m, _lm_batches(), 15, lr=1e-2, extra_loss=P.l1_penalty(lam), progress=False)
         return sum(float(lin.weight.detach().abs().sum()) for lin in S.masked_linears(m).values())
     assert run(1e-2) < 0.8 * run(0.0)
 

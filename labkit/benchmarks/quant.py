@@ -60,6 +60,7 @@ from ..techniques import int8 as I
 from ..techniques import sparsity as S
 from ..techniques.embedding_int8 import EmbeddingInt8Config
 from ..techniques.registry import linear_selector
+from ..techniques.static_int8 import StaticQLinear
 from ..techniques.static_int8 import unavailable as static_unavailable
 from . import peak as P
 
@@ -174,8 +175,7 @@ def _frozen_kernels(lin: nn.Linear, batch: int) -> dict:
     """The kernels a frozen compiled graph runs for ``lin``, called eagerly: the fp32
     reference with its weight packed once (the layout oneDNN wants, as freezing makes it;
     without it the same sgemm reorders the weight per call) and the static INT8 linear
-    (:class:`labkit.labs.quant.StaticQLinear`) on an input that is already uint8."""
-    from ..labs.quant import StaticQLinear
+    (:class:`labkit.techniques.static_int8.StaticQLinear`) on an input already uint8."""
 
     out = {}
     if torch.backends.mkldnn.is_available():

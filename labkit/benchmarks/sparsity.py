@@ -35,8 +35,8 @@ from .. import accelerate as A
 from .. import kernels as K
 from .. import measure
 from .. import validate as V
+from ..kernels import masks as MK
 from ..model import MLP, ModelConfig, Transformer
-from ..techniques import masks as MK
 from ..techniques import registry as R
 from ..techniques import sparsity as S
 from . import peak as P

@@ -2,7 +2,7 @@
 
 ``launch("ddp", config, nproc=2)`` starts ``torchrun --standalone --nproc-per-node 2 -m
 labkit.dist.worker ...`` as a subprocess. Every rank prints one JSON line per event, marked
-with :data:`MARK` (a training step: loss, throughput, memory); the launcher parses them as
+with :data:`labkit.dist.worker.MARK` (a training step: loss, throughput, memory); the launcher parses them as
 they arrive and hands each to ``on_event`` (a notebook's live board), on the caller's thread.
 When torchrun exits the launcher reads the result the last rank wrote atomically
 (``result.json`` in the run folder, stamped with this launch's id, so a stale file from an
@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from .. import validate as V
+from .worker import MARK, validator
 
-MARK = "@@labkit "
 BACKENDS = ("auto", "gloo", "nccl")
 _ROOT = Path(__file__).resolve().parents[2]  # the folder holding the labkit package
 
@@ -163,7 +163,6 @@ def launch(experiment: str, config: dict | None = None, nproc: int = 2, *,
     backend = pick_backend(backend, nproc)
     config = dict(config or {})
     if validate is None:
-        from .worker import validator
         validate = validator(experiment)
     if validate is not None:
         validate(config, nproc * (int(nnodes) if str(nnodes).isdigit() else 1))

@@ -4,7 +4,7 @@ It sets one thread per rank, joins the process group (gloo on CPU, nccl on GPUs,
 with a timeout), runs the experiment named by ``--experiment`` with the JSON ``--config``,
 gathers every rank's returned dict on the last rank, and that rank writes ``result.json``
 atomically (temp file + rename) in ``--run-dir``. Per-step lines go to stdout marked with
-:data:`labkit.dist.launcher.MARK`, one ``os.write`` per line so ranks never interleave.
+:data:`MARK`, one ``os.write`` per line so ranks never interleave.
 
 An experiment is ``fn(ctx: Context) -> dict`` named in :data:`EXPERIMENTS`, or any
 ``"package.module:function"``; a module may define ``validate(config, world_size)`` (run by
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .launcher import MARK
+MARK = "@@labkit "  # the line prefix of an event the launcher parses
 
 EXPERIMENTS = {
     "selftest": "labkit.dist.worker:selftest",

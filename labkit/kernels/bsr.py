@@ -18,7 +18,7 @@ class BSRLinear(SparseLinearBase):
 
     def __init__(self, lin, block: int):
         super().__init__(lin)
-        from ..techniques import masks as MK  # here: techniques import kernels
+        from . import masks as MK
         MK.check_block(block, tuple(lin.weight.shape))
         self.block = block
         bsr = _beta_quiet(lambda: lin.weight.detach().to_sparse_bsr((block, block)))

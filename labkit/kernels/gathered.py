@@ -18,7 +18,7 @@ class BlockGatheredLinear(SparseLinearBase):
 
     def __init__(self, lin, block: int):
         super().__init__(lin)
-        from ..techniques import masks as MK  # here: techniques import kernels
+        from . import masks as MK
         w = lin.weight.detach()
         MK.check_block(block, tuple(w.shape))
         b = self.block = block

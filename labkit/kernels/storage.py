@@ -18,7 +18,7 @@ def storage_bytes(weight: torch.Tensor, path: str, block: int = 32, n: int = 2,
     """Bytes to store ``weight`` on ``path``: ``{"values", "index", "total"}``.
 
     ``index_bytes`` is 8 for torch's default int64 CSR/BSR indices (4 if converted)."""
-    from ..techniques import masks as MK  # here: techniques import kernels
+    from . import masks as MK
 
     V.choice("path", path, ("dense", "csr", "bsr", "nm", "compacted"))
     w = weight.detach()

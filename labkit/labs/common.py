@@ -6,7 +6,7 @@
   every loss curve on one :class:`labkit.ui.LiveBoard`, optionally evaluating before the
   first step (what a swap alone costs).
 * :func:`summary`: one tidy row per trained variant.
-* :func:`claimed_vs_counted`: the analytic claim (:func:`labkit.accounting.expected`) next
+* :func:`claimed_vs_counted`: the analytic claim (:func:`labkit.techniques.registry.expected`) next
   to what :mod:`labkit.measure` counts on the built model (parameters, FLOPs, bytes).
 * :func:`claimed_vs_measured`: both, and latency measured side by side, one row a variant.
 * :func:`timed`: latency of several models side by side (:func:`labkit.measure.paired`),

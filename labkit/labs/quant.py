@@ -22,6 +22,7 @@ from ..techniques import apply_, swap_modules
 from ..techniques import hessian as H
 from ..techniques import int8 as I
 from ..techniques import quant as Q
+from ..techniques.static_int8 import StaticQLinear
 from . import common as C
 
 MODES = ("ptq", "qat")
@@ -189,28 +190,6 @@ def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
 
 
 # --------------------------------------------------------------------------- roofline
-
-class StaticQLinear(torch.nn.Module):
-    """The kernel one linear of a static INT8 graph runs: oneDNN ``qlinear_pointwise`` u8s8
-    on an input already quantized (the previous op's fused quantize makes it), a prepacked
-    per-channel int8 weight, fp32 out. ``forward(x_u8) -> y``."""
-
-    kernel_path = "onednn.qlinear_pointwise u8s8 (static INT8 graph's linear; input given u8)"
-
-    def __init__(self, lin: torch.nn.Linear, batch: int):
-        super().__init__()
-        w = lin.weight.detach()
-        self.w_scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (out,)
-        codes = torch.round(w / self.w_scale[:, None]).clamp(-128, 127).to(torch.int8)
-        self.packed = torch.ops.onednn.qlinear_prepack(codes, [batch, w.shape[1]])
-        self.w_zp = torch.zeros(w.shape[0], dtype=torch.long)
-        self.bias = lin.bias.detach() if lin.bias is not None else None
-
-    def forward(self, xq):  # (B, in) uint8 -> (B, out) fp32
-        return torch.ops.onednn.qlinear_pointwise(
-            xq, 0.05, 128, self.packed, self.w_scale, self.w_zp, self.bias, 1.0, 0,
-            torch.float32, "none", [], "")
-
 
 ROOFLINE_PATHS = ("fp32", "fp32_onednn", "bf16", "int8_dynamic", "torch_dynamic",
                   "static_int8_kernel")

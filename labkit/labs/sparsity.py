@@ -21,6 +21,7 @@ import warnings
 from .. import measure
 from .. import validate as V
 from ..model import ModelConfig, build
+from ..techniques import pruning as P
 from ..techniques import sparsity as S
 from ..techniques.registry import apply_
 from ..train import evaluate
@@ -84,7 +85,7 @@ def train_one(work: Workload, config: S.SparsityConfig | None, steps: int, lr: f
                                      **dataclasses.asdict(config)}]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = S.train_sparse(model, config, batches, steps, eval_fn=ev,
+            res = P.train_sparse(model, config, batches, steps, eval_fn=ev,
                                  eval_every=eval_every, callbacks=callbacks, lr=lr,
                                  prune_at=prune_at, seed=seed)
         for w in caught:  # recorded in the run's row, and still shown

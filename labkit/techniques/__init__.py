@@ -3,6 +3,7 @@
 Importing this package registers every technique, so ``apply_(model, Config(...))`` works
 for any of them, and ``registered()`` lists them.
 """
+from . import pruning, sparsity_expected  # noqa: E402, F401  (gradual pruning; SparsityConfig's counts)
 from .cqil import CQILConfig, LoRAConfig
 from .early_exit import EarlyExitConfig
 from .embedding_int8 import EmbeddingInt8Config

@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..accounting import register_account, rows
+from ..accounting import rows
 from ..model import BlockContext, BlockExecutor
 from ..train import StepStrategy
-from .registry import register, swap_modules
+from .registry import register, register_account, swap_modules
 
 
 def check_group(start: int, end: int, p: int, n_layers: int | None = None, d: int = 0):

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..accounting import Linear, register_account
+from ..accounting import Linear
 from ..model import BlockContext, BlockExecutor
 from ..train import StepStrategy
-from .registry import register
+from .registry import register, register_account
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..accounting import register_account
-from .registry import register, swap_modules
+from .registry import register, register_account, swap_modules
 
 TABLES = ("embed", "pos", "token_type")
 

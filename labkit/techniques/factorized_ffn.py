@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..accounting import register_account
 from ..model import MLP, ModelConfig
 from .registry import (
     block_indices,
@@ -45,6 +44,7 @@ from .registry import (
     linears,
     modules,
     register,
+    register_account,
     scope_fields,
     swap_modules,
 )

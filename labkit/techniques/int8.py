@@ -44,8 +44,8 @@ from torch import nn
 
 from .. import accelerate as A
 from .. import validate as V
-from ..accounting import register_account, rows
-from .registry import linear_selector, register, scope_fields, swap_modules
+from ..accounting import rows
+from .registry import linear_selector, register, register_account, scope_fields, swap_modules
 
 MODES = ("dynamic", "weight_only")
 CANDIDATES = ("fp32", "fp32_onednn", "bf16", "int8_dynamic", "int8_weight_only",
@@ -309,7 +309,7 @@ def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n:
     """
     import math as _m
 
-    from .masks import check_nm, check_sparsity, n_pruned
+    from ..kernels.masks import check_nm, check_sparsity, n_pruned
 
     V.choice("structure", structure, ("dense", "row", "column", "nm", "unstructured"))
     rows, cols = shape

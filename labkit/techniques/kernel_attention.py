@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import validate as V
-from ..accounting import AttentionCore, register_account
+from ..accounting import AttentionCore
 from ..model import Attention, ModelConfig
-from .registry import block_indices, register, scope_fields, swap_attention
+from .registry import block_indices, register, register_account, scope_fields, swap_attention
 
 FEATURE_MAPS = ("elu", "favor", "trig")
 NEAR_ZERO = 1e-3  # |denominator| below this fraction of the median |denominator|

@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 from .. import validate as V
-from ..accounting import register_account
 from ..model import BlockContext, BlockExecutor
-from .registry import register
+from .registry import register, register_account
 
 
 def evenly_spread(n_layers: int, k: int) -> tuple[int, ...]:

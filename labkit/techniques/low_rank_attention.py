@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate as V
-from ..accounting import AttentionCore, register_account, sdpa_flops
+from ..accounting import AttentionCore, sdpa_flops
 from ..model import Attention, ModelConfig
-from .registry import block_indices, register, scope_fields, swap_attention
+from .registry import block_indices, register, register_account, scope_fields, swap_attention
 
 SHARE_MODES = ("none", "kv", "layerwise")
 

@@ -21,8 +21,8 @@ import warnings
 import torch
 
 from .. import validate as V
+from ..kernels import masks as MK
 from ..train import Callback, fit
-from . import masks as MK
 from .sparsity import SparsityConfig, actual_sparsity, attach, masked_linears, prune
 
 

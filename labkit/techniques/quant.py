@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import validate as V
-from ..accounting import register_account, rows
+from ..accounting import rows
 from ..kernels.base import copy_linear
 from .qmath import (
     CALIBRATIONS,
@@ -52,7 +52,7 @@ from .qmath import (
     range_to_qparams,
     weight_bytes,
 )
-from .registry import linear_selector, register, scope_fields, swap_modules
+from .registry import linear_selector, register, register_account, scope_fields, swap_modules
 
 # --------------------------------------------------------------------------- config
 

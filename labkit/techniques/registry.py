@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import inspect
 from collections.abc import Callable
@@ -46,85 +47,33 @@ from collections.abc import Callable
 from torch import nn
 
 from .. import validate as V
+from ..scope import (  # noqa: F401  (the scope vocabulary, re-exported)
+    ATTN_LINEARS,
+    FFN_LINEARS,
+    PARTS,
+    block_indices,
+    expand_parts,
+    layers_field,
+    parts_field,
+    scope_fields,
+)
 
-_APPLY: dict[type, Callable] = {}
+
+@dataclasses.dataclass
+class Technique:
+    """What labkit knows of one technique config class: how to apply it to a model and how
+    to count it (``account(table, model_cfg, config)`` edits a
+    :class:`labkit.accounting.Table` the way applying edits the model; it may return a dict
+    of analytic extras reported under ``detail``)."""
+
+    apply: Callable | None = None
+    account: Callable | None = None
+
+
+_TECHNIQUES: dict[type, Technique] = {}  # the one registry
 _RESTORING = contextvars.ContextVar("labkit_restoring", default=False)
 
 # ---------------------------------------------------------------------------- where
-
-ATTN_LINEARS = ("q", "k", "v", "o")
-FFN_LINEARS = ("up", "gate", "down")
-PARTS = ("attn", *(f"attn.{x}" for x in ATTN_LINEARS),
-         "ffn", *(f"ffn.{x}" for x in FFN_LINEARS), "head")
-
-
-def layers_field(value, name: str = "layers") -> tuple[int, ...]:
-    """A tuple of distinct block indices >= 0, sorted; ``()`` means every block. A string
-    ``"0,2"`` (a notebook parameter) is read as ``(0, 2)``, ``""`` as ``()``."""
-    if isinstance(value, str):
-        try:
-            value = tuple(int(x) for x in value.replace(" ", "").split(",") if x)
-        except ValueError:
-            raise V.LabkitConfigError(name, value, "comma-separated block indices, e.g. "
-                                      "'0,2' ('' = every block)") from None
-    if isinstance(value, list):
-        value = tuple(value)
-    if not isinstance(value, tuple):
-        raise V.LabkitConfigError(name, value, "a tuple of block indices (() = every block)")
-    out = tuple(V.integer(name, i, 0) for i in value)
-    if len(set(out)) != len(out):
-        raise V.LabkitConfigError(name, value, "distinct block indices")
-    return tuple(sorted(out))
-
-
-def parts_field(value, allowed: tuple[str, ...] = PARTS, name: str = "parts") -> tuple[str, ...]:
-    """A non-empty tuple of distinct names from ``allowed`` (a subset of :data:`PARTS`).
-    A string ``"attn,ffn"`` (a notebook parameter) is read as ``("attn", "ffn")``."""
-    if isinstance(value, str):
-        value = tuple(x for x in value.replace(" ", "").split(",") if x)
-    if isinstance(value, list):
-        value = tuple(value)
-    if not isinstance(value, tuple) or not value or len(set(value)) != len(value):
-        raise V.LabkitConfigError(name, value, "a non-empty tuple of distinct names from "
-                                  + ", ".join(repr(a) for a in allowed))
-    for p in value:
-        if p not in allowed:
-            raise V.LabkitConfigError(name, value, "names from " +
-                                      ", ".join(repr(a) for a in allowed))
-    return value
-
-
-def scope_fields(config, allowed_parts: tuple[str, ...] | None = None) -> None:
-    """Validate and normalise a frozen config's ``layers`` (and ``parts``, when it has one)
-    in ``__post_init__``."""
-    if hasattr(config, "layers"):
-        object.__setattr__(config, "layers", layers_field(config.layers))
-    if hasattr(config, "parts"):
-        object.__setattr__(config, "parts",
-                           parts_field(config.parts, allowed_parts or PARTS))
-
-
-def block_indices(n_layers: int, layers: tuple[int, ...] = ()) -> list[int]:
-    """The block indices ``layers`` names in a model of ``n_layers`` blocks (checked)."""
-    for i in layers:
-        if i >= n_layers:
-            raise V.LabkitConfigError("layers", layers,
-                                      f"block indices in [0, {n_layers - 1}] (() = every block)")
-    return list(layers) if layers else list(range(n_layers))
-
-
-def expand_parts(parts: tuple[str, ...]) -> list[str]:
-    """Fine part names (``"attn.q"``, ...) a tuple of parts covers, in :data:`PARTS` order;
-    ``"head"`` stays as it is."""
-    out = []
-    for p in parts:
-        if p == "attn":
-            out += [f"attn.{x}" for x in ATTN_LINEARS]
-        elif p == "ffn":
-            out += [f"ffn.{x}" for x in FFN_LINEARS]
-        else:
-            out.append(p)
-    return [p for p in PARTS if p in set(out)]
 
 
 def _blocks(model: nn.Module):
@@ -203,26 +152,52 @@ def linear_selector(model: nn.Module, layers: tuple = (), parts: tuple = ("attn"
 
 # ---------------------------------------------------------------------------- registry
 
-def register(config_cls: type):
-    """Decorator: register ``fn(model, config) -> model`` as the way to apply ``config_cls``
-    (its analytic counts register with :func:`labkit.accounting.register_account`)."""
+def register(config_cls: type, apply: Callable | None = None,
+             account: Callable | None = None):
+    """Register ``config_cls``'s technique: ``apply(model, config) -> model`` and
+    ``account(table, model_cfg, config)`` (see :class:`Technique`). Called with neither it
+    is a decorator for ``apply`` (``@register(Config)``); :func:`register_account` is the
+    one for ``account``. One table holds both, read by :func:`apply_` and :func:`expected`."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"{config_cls.__name__} must be a dataclass")
+    entry = _TECHNIQUES.setdefault(config_cls, Technique())
+    if apply is not None:
+        entry.apply = apply
+    if account is not None:
+        entry.account = account
+    if apply is not None or account is not None:
+        return None
 
     def deco(fn):
-        _APPLY[config_cls] = fn
+        entry.apply = fn
         return fn
 
     return deco
 
 
+def register_account(config_cls: type):
+    """Decorator: ``fn(table, model_cfg, config)`` is how ``config_cls`` is counted
+    (:func:`register` with ``account=fn``)."""
+    def deco(fn):
+        register(config_cls, account=fn)
+        return fn
+
+    return deco
+
+
+def _apply_fn(config_cls: type) -> Callable | None:
+    entry = _TECHNIQUES.get(config_cls)
+    return entry.apply if entry is not None else None
+
+
 def registered() -> list[str]:
-    return sorted(c.__name__ for c in _APPLY)
+    return sorted(c.__name__ for c, t in _TECHNIQUES.items() if t.apply is not None)
 
 
 def config_class(name: str) -> type | None:
     """The registered config class called ``name`` (None when no technique has it)."""
-    return next((c for c in _APPLY if c.__name__ == name), None)
+    return next((c for c, t in _TECHNIQUES.items()
+                 if c.__name__ == name and t.apply is not None), None)
 
 
 @contextlib.contextmanager
@@ -256,7 +231,7 @@ def check(config, model_cfg) -> None:
 def takes_calibration(config) -> bool:
     """Whether the technique of ``config`` chooses from data (its apply function takes
     ``calibration``), e.g. activation-aware pruning scores."""
-    fn = _APPLY.get(type(config))
+    fn = _apply_fn(type(config))
     return fn is not None and "calibration" in inspect.signature(fn).parameters
 
 
@@ -266,7 +241,7 @@ def apply_(model: nn.Module, config, calibration=None) -> nn.Module:
     ``calibration``: batches of training rows (dicts of ``input_ids``, ``padding_mask``,
     ...) for a technique that chooses from data; whether it needs them is the config's
     business (it says so with a named error), and a technique that takes none refuses them."""
-    fn = _APPLY.get(type(config))
+    fn = _apply_fn(type(config))
     if fn is None:
         raise TypeError(f"no technique is registered for {type(config).__name__}; "
                         f"registered: {registered()}")
@@ -289,12 +264,33 @@ def apply_(model: nn.Module, config, calibration=None) -> nn.Module:
 
 
 def expected(model_cfg, *configs, seq_len: int | None = None) -> dict:
-    """Analytic params/FLOPs/bytes before and after applying ``configs`` in order to a model
-    of ``model_cfg``: :func:`labkit.accounting.expected`, one schema for every technique
-    and every stack."""
+    """Analytic totals of a model of ``model_cfg`` before and after applying ``configs``
+    in order (:mod:`labkit.accounting`'s one schema for every technique and stack):
+    ``params_before``, ``params_after``, ``params_ratio`` (before / after), the same for
+    ``flops`` (one inference forward pass, batch 1, ``seq_len`` tokens) and ``bytes``,
+    ``parts``: the same per part, and ``detail``: what the techniques add beyond the
+    totals. ``seq_len`` defaults to ``max_len``, or the shortest projection length of a
+    technique that fixes one (Linformer's ``seq_len``)."""
     from .. import accounting
 
-    return accounting.expected(model_cfg, *configs, seq_len=seq_len)
+    accounted = sorted(c.__name__ for c, t in _TECHNIQUES.items() if t.account is not None)
+    for c in configs:
+        entry = _TECHNIQUES.get(type(c))
+        if entry is None or entry.account is None:
+            raise TypeError(f"no expected() accounting is registered for {type(c).__name__}; "
+                            f"accounted: {accounted}")
+        check(c, model_cfg)
+    if seq_len is None:
+        lengths = [c.length(model_cfg) for c in configs if hasattr(c, "length")]
+        seq_len = min([model_cfg.max_len, *lengths])
+    before = accounting.table(model_cfg, seq_len)
+    after = copy.deepcopy(before)
+    detail = {}
+    for c in configs:
+        detail.update(_TECHNIQUES[type(c)].account(after, model_cfg, c) or {})
+    out = accounting.summary(before, after, [type(c).__name__ for c in configs])
+    out["detail"] = detail
+    return out
 
 
 def swap_attention(model: nn.Module, layers: tuple[int, ...],

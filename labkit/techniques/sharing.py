@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .. import validate as V
-from ..accounting import register_account
 from ..model import ModelConfig
-from .registry import block_indices, register, scope_fields, swap_modules
+from .registry import block_indices, register, register_account, scope_fields, swap_modules
 
 SHARE_PARTS = ("attn", "ffn")
 

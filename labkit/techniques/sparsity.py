@@ -41,9 +41,9 @@ from torch import nn
 from .. import accelerate as A
 from .. import kernels as K
 from .. import validate as V
+from ..kernels import masks as MK
 from ..model import MLP, Attention
 from . import importance as IM
-from . import masks as MK
 from .registry import is_restoring, linears, register, scope_fields, swap_modules
 
 STRUCTURES = ("unstructured", "nm", "block", "row", "column", "neuron", "head")
@@ -449,15 +449,6 @@ def _memo(make):
 
 chosen_paths = A.chosen_paths
 
-# pruning and expected build on the masks above, so they are imported last
-from . import sparsity_expected  # noqa: E402, F401  (registers the account)
-from .pruning import (  # noqa: E402
-    GradualPruning,
-    cubic_schedule,
-    l1_penalty,
-    train_sparse,
-)
-
 storage_bytes = K.storage_bytes
 
 __all__ = [
@@ -469,7 +460,6 @@ __all__ = [
     "SCORES",
     "SPARSE_PARTS",
     "STRUCTURES",
-    "GradualPruning",
     "MaskedLinear",
     "SparsityConfig",
     "accelerate",
@@ -481,13 +471,10 @@ __all__ = [
     "compact_neurons_",
     "compute_masks",
     "convert",
-    "cubic_schedule",
-    "l1_penalty",
     "owner_groups",
     "prune",
     "set_masks",
     "sites",
     "sparsify_",
     "storage_bytes",
-    "train_sparse",
 ]

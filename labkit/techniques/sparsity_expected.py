@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 
 from .. import validate as V
-from ..accounting import register_account, rows, sdpa_flops
-from . import masks as MK
+from ..accounting import rows, sdpa_flops
+from ..kernels import masks as MK
+from .registry import register_account
 from .sparsity import SparsityConfig
 
 

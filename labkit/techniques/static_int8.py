@@ -425,10 +425,33 @@ def choose_fp32_fallback(model: nn.Module, calibration, check, example_inputs, r
     return (tried[-1]["keep_fp32"] if tried else []), tried
 
 
+class StaticQLinear(nn.Module):
+    """The kernel one linear of a static INT8 graph runs: oneDNN ``qlinear_pointwise`` u8s8
+    on an input already quantized (the previous op's fused quantize makes it), a prepacked
+    per-channel int8 weight, fp32 out. ``forward(x_u8) -> y``."""
+
+    kernel_path = "onednn.qlinear_pointwise u8s8 (static INT8 graph's linear; input given u8)"
+
+    def __init__(self, lin: nn.Linear, batch: int):
+        super().__init__()
+        w = lin.weight.detach()
+        self.w_scale = w.abs().amax(1).clamp_min(1e-12) / 127  # (out,)
+        codes = torch.round(w / self.w_scale[:, None]).clamp(-128, 127).to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(codes, [batch, w.shape[1]])
+        self.w_zp = torch.zeros(w.shape[0], dtype=torch.long)
+        self.bias = lin.bias.detach() if lin.bias is not None else None
+
+    def forward(self, xq):  # (B, in) uint8 -> (B, out) fp32
+        return torch.ops.onednn.qlinear_pointwise(
+            xq, 0.05, 128, self.packed, self.w_scale, self.w_zp, self.bias, 1.0, 0,
+            torch.float32, "none", [], "")
+
+
 __all__ = [
     "BACKENDS",
     "CompiledModel",
     "StaticInt8Unavailable",
+    "StaticQLinear",
     "as_args",
     "calibration_size",
     "check_batch",
