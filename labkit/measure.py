@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import weakref
 from collections import defaultdict
@@ -334,6 +335,22 @@ def _register_int_mm_flops():
 
 
 _register_int_mm_flops()
+
+
+def _register_dynamic_linear_flops():
+    """Nor for torch's dynamic INT8 linear (``quantized::linear_dynamic``, what
+    ``accelerate`` keeps where it is fastest): count 2 t in out from the input and output
+    shapes (the packed weight has none), so an INT8 model's work is not read as removed."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(getattr(torch.ops, "quantized", None), "linear_dynamic", None)
+    if op is not None and op not in fc.flop_registry:
+        @fc.register_flop_formula(op)
+        def _linear_dynamic(x_shape, *args, out_shape=None, **kwargs) -> int:
+            return 2 * math.prod(x_shape) * out_shape[-1]
+
+
+_register_dynamic_linear_flops()
 
 
 def capture_inputs(model: torch.nn.Module, inputs: tuple, modules: dict) -> dict:

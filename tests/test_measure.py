@@ -156,3 +156,19 @@ def test_regime_each_verdict(flops, nbytes, seconds, want):
     r = Me.regime(flops, nbytes, seconds, "fp32", _peak())
     assert r["regime"] == want
     assert r["attainable_gflops"] == pytest.approx(min(100.0, flops / nbytes * 10.0))
+
+
+def test_flops_count_torchs_dynamic_int8_linear():
+    """INT8 changes how a linear computes, not how much: torch's dynamic INT8 linear
+    counts the 2 t in out of the fp32 one (else an INT8 model reads as work removed)."""
+    import warnings
+
+    from torch import nn
+
+    lin = nn.Sequential(nn.Linear(64, 32)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(lin, {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(4, 10, 64)
+    with torch.inference_mode():
+        assert Me.flops(lambda: q(x)) == Me.flops(lambda: lin(x)) == 2 * 40 * 64 * 32
