@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -103,51 +104,75 @@ def evaluate(model, tensors: dict, batch_size: int = 64, bf16: bool = False) -> 
     return {"loss": total / n, "accuracy": correct / n}
 
 
-def finetune(model, task: D.PairTask, steps: int = 300, lr: float = 5e-5, batch_size: int = 32,
-             warmup: float = 0.1, weight_decay: float = 0.01, bf16: bool = False,
-             eval_every: int | None = None, seed: int = 0, progress: bool = True,
-             time_budget: float | None = None, target=None, callbacks=(),
-             freeze_embeddings: bool = True, dev_fraction: float = 0.0,
-             patience: int = 3, metric: str = "accuracy") -> T.TrainResult:
-    """Fine-tune ``model`` on ``task`` in place (BERT recipe, see the module docstring).
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """BERT's fine-tuning recipe (see the module docstring).
 
     ``freeze_embeddings`` keeps the word embeddings fixed: with a few thousand pairs they
     barely move, and their dense gradient and AdamW update (30522 x 384) cost about a
-    quarter of a step on a CPU.
+    quarter of a step on a CPU. ``dev_fraction > 0``: early stopping on a seeded held-out
+    part of the training rows by ``metric`` (``"accuracy"``, maximised, or ``"loss"``), after
+    ``patience`` evaluations without improvement, every ``eval_every`` steps."""
 
-    ``dev_fraction > 0``: model selection without touching the eval split. A seeded
-    ``dev_fraction`` of the training rows is held out (:func:`split_dev`), evaluated every
-    ``eval_every`` steps; training stops when ``metric`` (``"accuracy"``, maximised, or
-    ``"loss"``) has not improved for ``patience`` evaluations, and the best evaluation's
-    weights are restored. The result's ``final`` is then the eval split's metrics of those
-    weights, and ``best_step``/``dev`` are added to it as attributes."""
-    V.integer("steps", steps, 1)
-    V.number("lr", lr, 0.0, 1.0, lo_open=True)
-    V.number("warmup", warmup, 0.0, 1.0)
-    V.number("dev_fraction", dev_fraction, 0.0, 0.5)
-    V.choice("metric", metric, ["accuracy", "loss"])
-    model.embed.weight.requires_grad_(not freeze_embeddings)
+    steps: int = 300
+    lr: float = 5e-5
+    batch_size: int = 32
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    bf16: bool = False
+    eval_every: int | None = None
+    seed: int = 0
+    freeze_embeddings: bool = True
+    dev_fraction: float = 0.0
+    patience: int = 3
+    metric: str = "accuracy"
+
+    def __post_init__(self):
+        V.integer("steps", self.steps, 1)
+        V.number("lr", self.lr, 0.0, 1.0, lo_open=True)
+        V.integer("batch_size", self.batch_size, 1)
+        V.number("warmup", self.warmup, 0.0, 1.0)
+        V.number("weight_decay", self.weight_decay, 0.0)
+        V.number("dev_fraction", self.dev_fraction, 0.0, 0.5)
+        V.integer("patience", self.patience, 1)
+        V.choice("metric", self.metric, ["accuracy", "loss"])
+
+
+def finetune(model, task: D.PairTask, config: FinetuneConfig = FinetuneConfig(), *,
+             progress: bool = True, time_budget: float | None = None, target=None,
+             callbacks=()) -> T.TrainResult:
+    """Fine-tune ``model`` on ``task`` in place by ``config``'s recipe.
+
+    With ``config.dev_fraction > 0`` (model selection without touching the eval split) the
+    best evaluation's weights on the held-out rows (:func:`split_dev`) are restored; the
+    result's ``final`` is then the eval split's metrics of those weights, and
+    ``best_step``/``dev`` are added to it as attributes."""
+    if not isinstance(config, FinetuneConfig):
+        raise V.LabkitConfigError("config", type(config).__name__, "a labkit FinetuneConfig")
+    c = config
+    model.embed.weight.requires_grad_(not c.freeze_embeddings)
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and
                 (n.endswith("bias") or "norm" in n)]
     ids = {id(p) for p in no_decay}
     decay = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    sched = WarmupLinear(opt, lr, steps, math.ceil(warmup * steps))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=c.lr)
+    sched = WarmupLinear(opt, c.lr, c.steps, math.ceil(c.warmup * c.steps))
     train, watch, stop = task.train, task.eval, None
-    if dev_fraction > 0:
-        train, watch = split_dev(task.train, dev_fraction, seed=seed)
-        stop = EarlyStopping(model, patience, metric, "max" if metric == "accuracy" else "min")
-    r = T.fit(model, trimmed_batches(train, batch_size, seed=seed), steps=steps, lr=lr,
-              eval_fn=lambda: evaluate(model, watch, bf16=bf16),
-              eval_every=eval_every or steps, callbacks=[sched, *callbacks,
-                                                         *([stop] if stop else [])],
-              seed=seed, time_budget=time_budget, target=target, progress=progress,
-              optimizer=opt, strategy=AutocastStep() if bf16 else None)
+    if c.dev_fraction > 0:
+        train, watch = split_dev(task.train, c.dev_fraction, seed=c.seed)
+        stop = EarlyStopping(model, c.patience, c.metric,
+                             "max" if c.metric == "accuracy" else "min")
+    r = T.fit(model, trimmed_batches(train, c.batch_size, seed=c.seed), steps=c.steps,
+              lr=c.lr, eval_fn=lambda: evaluate(model, watch, bf16=c.bf16),
+              eval_every=c.eval_every or c.steps,
+              callbacks=[sched, *callbacks, *([stop] if stop else [])], seed=c.seed,
+              time_budget=time_budget, target=target, progress=progress, optimizer=opt,
+              strategy=AutocastStep() if c.bf16 else None)
     if stop is not None:
         r.best_step = stop.restore()
-        r.dev = {metric: stop.best_value}
-        r.final = evaluate(model, task.eval, bf16=bf16)
+        r.dev = {c.metric: stop.best_value}
+        r.final = evaluate(model, task.eval, bf16=c.bf16)
     return r
 
 

@@ -2,8 +2,8 @@
 
 :func:`classifier` is what notebooks call. It returns a *trained* dense sentence-pair
 classifier and the :class:`~labkit.labs.workloads.Workload` to fine-tune, evaluate and time it
-on, cached once per machine (:mod:`labkit.zoo`'s cache: keyed by the data's content, the
-training arguments, labkit's code version and torch; an unreadable file retrains with a
+on, cached once per machine (:func:`labkit.cache.cached`: keyed by the data's content, the
+training arguments, labkit's code and torch; an unreadable file retrains with a
 ``CacheWarning``):
 
 * ``model="tiny"``, ``source="synthetic"``: the tiny pre-norm encoder trained from scratch
@@ -30,8 +30,8 @@ from . import model as M
 from . import train as T
 from . import validate as V
 from . import zoo
+from .cache import cached
 from .labs.workloads import Workload
-from .notebook import atomic_write
 
 MODELS = ("tiny", "minilm")
 TASKS = ("nli", "qnli")
@@ -200,26 +200,24 @@ def real_text_params(defined: dict, source_dir: str | None, model: str | None) -
 
 
 CacheWarning = zoo.CacheWarning  # a cached classifier could not be used; it is retrained
-_CODE = ("model.py", "train.py", "baselines.py", "pretrained.py")
 
 
 def _cached(name: str, args: dict, pairs: D.PairTask, model: M.Transformer, train_fn,
             cache_dir) -> tuple[dict, bool, Path]:
     """Load ``model``'s trained weights from the cache or run ``train_fn() -> (metrics,
     extra)`` and save them. Returns (record, cached, path)."""
-    folder = Path(cache_dir) if cache_dir is not None else zoo.default_cache_dir()
+    def compute() -> dict:
+        metrics, extra = train_fn()
+        return {"config": asdict(model.cfg), "state": model.state_dict(), "metrics": metrics,
+                "args": args, **extra}
+
     # keyed by the training rows only: training never sees the eval split (it stops on a
     # held-out part of train), so one trained model serves any eval subset (n_eval)
-    path = folder / f"{name}-{zoo.cache_key(args, replace(pairs, eval={}), _CODE)}.pt"
-    saved = zoo.load_checkpoint(path, model.cfg, "classifier") if path.is_file() else None
-    if saved is not None:
-        model.load_state_dict(saved["state"])
-        return saved, True, path
-    metrics, extra = train_fn()
-    record = {"config": asdict(model.cfg), "state": model.state_dict(), "metrics": metrics,
-              "args": args, **extra}
-    atomic_write(path, lambda tmp: torch.save(record, tmp))
-    return record, False, path
+    got = cached(name, {**args, "data": zoo.data_digest(replace(pairs, eval={}))}, compute,
+                 folder=cache_dir, check=zoo.same_config(model.cfg))
+    if got.hit:
+        model.load_state_dict(got.value["state"])
+    return got.value, got.hit, got.path
 
 
 def _finetune_minilm(pairs: D.PairTask, args: dict, progress: bool):
@@ -229,12 +227,13 @@ def _finetune_minilm(pairs: D.PairTask, args: dict, progress: bool):
                                   seed=args["seed"])
 
     def train():
-        r = B.finetune(model, pairs, steps=args["steps"], lr=args["lr"],
-                       batch_size=args["batch_size"], bf16=args["bf16"], seed=args["seed"],
-                       progress=progress, warmup=args["warmup"],
-                       weight_decay=args["weight_decay"], eval_every=args["eval_every"],
-                       dev_fraction=args["dev_fraction"], patience=args["patience"],
-                       metric=args["stop_metric"])
+        recipe = B.FinetuneConfig(
+            steps=args["steps"], lr=args["lr"], batch_size=args["batch_size"],
+            warmup=args["warmup"], weight_decay=args["weight_decay"], bf16=args["bf16"],
+            eval_every=args["eval_every"], seed=args["seed"],
+            dev_fraction=args["dev_fraction"], patience=args["patience"],
+            metric=args["stop_metric"])
+        r = B.finetune(model, pairs, recipe, progress=progress)
         # without a dev split the last step's weights are kept (best_step = steps trained)
         return r.final, {"seconds": r.seconds, "history": r.history,
                          "best_step": getattr(r, "best_step", r.steps),

@@ -40,7 +40,7 @@ TASKS = ("mnli", "qnli", "synthetic-nli", "synthetic-qnli", "synthetic-lm")
 # left 22-29% of tokens as [UNK], 8,192 covers most of a few thousand rows.
 VOCAB_SIZE = 8192
 # small shipped data files: inside an installed wheel (setup.py copies them), else the
-# source tree's data/ (caches live elsewhere: labkit.zoo.default_cache_dir)
+# source tree's data/ (caches live elsewhere: labkit.cache.default_cache_dir)
 DATA_DIR = Path(__file__).resolve().parent / "_shipped" / "data"
 if not DATA_DIR.is_dir():
     DATA_DIR = Path(__file__).resolve().parent.parent / "data"

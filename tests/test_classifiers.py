@@ -244,8 +244,9 @@ def test_finetune_selects_on_a_held_out_part_of_train_never_on_eval(monkeypatch)
         return out
 
     monkeypatch.setattr(B, "evaluate", spy)
-    r = B.finetune(net, task, steps=60, lr=3e-3, batch_size=8, eval_every=5, dev_fraction=0.1,
-                   patience=2, freeze_embeddings=False, progress=False)
+    r = B.finetune(net, task, B.FinetuneConfig(steps=60, lr=3e-3, batch_size=8, eval_every=5,
+                                               dev_fraction=0.1, patience=2,
+                                               freeze_embeddings=False), progress=False)
     *during, last = seen
     assert [n for n, _, _ in during] == [20] * 4 and last[0] == 48  # dev rows, then eval once
     assert r.steps == 20 and r.best_step == 10 and r.dev == {"accuracy": 0.5}
@@ -265,3 +266,16 @@ def test_minilm_cache_is_keyed_by_training_rows_and_scores_any_eval_subset(glue_
     assert few.metrics == B.evaluate(few.model, few.task.eval)
     assert full.recipe["dev_fraction"] == C.DEFAULTS["minilm"]["dev_fraction"]
     assert 1 <= full.recipe["best_step"] <= FAST["steps"]
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("lr", 0.0), ("batch_size", 0),
+                                         ("dev_fraction", 0.6), ("patience", 0),
+                                         ("metric", "f1")])
+def test_finetune_config_refuses_a_bad_field_by_name(field, value):
+    with pytest.raises(LabkitConfigError, match=f"{field}.*{value!r}"):
+        B.FinetuneConfig(**{field: value})
+
+
+def test_finetune_takes_a_config_not_a_dict():
+    with pytest.raises(LabkitConfigError, match="config.*FinetuneConfig"):
+        B.finetune(None, None, {"steps": 10})

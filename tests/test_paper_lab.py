@@ -7,6 +7,7 @@ import torch
 
 from labkit import model as M
 from labkit import zoo
+from labkit.cache import digest
 from labkit.labs import paper as PL
 from labkit.validate import LabkitConfigError
 
@@ -35,11 +36,11 @@ def test_content_digest_sees_weights_and_data():
     cfg = M.ModelConfig(vocab_size=32, d_model=16, n_heads=2, d_ff=32, n_layers=1,
                         max_len=8, num_labels=2)
     a, b = M.build(cfg, seed=0), M.build(cfg, seed=0)
-    assert PL.content(a) == PL.content(b)
+    assert digest(a) == digest(b)
     with torch.no_grad():
         b.blocks[0].ffn.up.weight[0, 0] += 1e-3
-    assert PL.content(a) != PL.content(b)
-    assert PL.content({"x": torch.arange(3)}) != PL.content({"x": torch.arange(1, 4)})
+    assert digest(a) != digest(b)
+    assert digest({"x": torch.arange(3)}) != digest({"x": torch.arange(1, 4)})
 
 
 def test_sdn_exits_cached_equal_to_trained(tmp_path, monkeypatch):

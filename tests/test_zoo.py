@@ -43,22 +43,12 @@ def test_cache_key_follows_the_data_content_not_the_folder(tmp_path):
 
 
 def test_cache_key_includes_code_version(tmp_path, monkeypatch):
+    from labkit import cache
+
     a = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
-    monkeypatch.setattr(zoo, "code_version", lambda files=(): "0.0.0+changed")
+    monkeypatch.setattr(cache, "package_digest", lambda root: "0.0.0+changed")
     b = zoo.trained_encoder(**SMALL, cache_dir=tmp_path)
     assert not b.cached and b.path != a.path
-
-
-def test_code_version_changes_with_the_training_code(tmp_path, monkeypatch):
-    v1 = zoo.code_version()
-    fake = tmp_path / "labkit"
-    fake.mkdir()
-    for name in zoo._CODE:
-        (fake / name).write_bytes((zoo.Path(zoo.__file__).parent / name).read_bytes())
-    monkeypatch.setattr(zoo, "__file__", str(fake / "zoo.py"))
-    assert zoo.code_version() == v1
-    (fake / "train.py").write_text((fake / "train.py").read_text() + "\n# changed\n")
-    assert zoo.code_version() != v1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
@@ -98,7 +88,9 @@ def test_depth_baselines_share_the_zoo_cache_and_retrain_when_corrupt(tmp_path, 
         again = depth.trained_lm(n_layers=2, steps=3, n_eval=16)
     assert not again.cached
     assert depth.trained_lm(n_layers=2, steps=3, n_eval=16).cached
-    monkeypatch.setattr(zoo, "code_version", lambda files=(): "other")
+    from labkit import cache
+
+    monkeypatch.setattr(cache, "package_digest", lambda root: "other")
     assert not depth.trained_lm(n_layers=2, steps=3, n_eval=16).cached  # new code retrains
 
 

@@ -2,8 +2,8 @@
 
 * :func:`trained_lm` / :func:`trained_sdn`: the trained depth baselines (a decoder LM with
   or without LayerDrop; an encoder with SDN exits), trained once per machine and cached
-  atomically in labkit's cache folder (:func:`labkit.zoo.default_cache_dir`) keyed by every
-  argument, labkit's code version and the torch version (an unreadable file retrains),
+  (:func:`labkit.cache.cached`: keyed by every argument, labkit's code and torch's
+  version; an unreadable file retrains),
   with their loss history so a cached run still draws its curves.
 * :func:`pointer_task`: the SDN's default task, where depth matters: follow ``k`` pointers
   through a row of slots, so a row needs ``k + 1`` dependent reads (about one block each).
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from .. import measure, zoo
+from .. import measure
 from .. import model as M
 from .. import train as T
 from .. import validate as V
-from ..notebook import atomic_write
+from ..cache import cached
 from ..techniques import (
     CQILConfig,
     EarlyExitConfig,
@@ -52,14 +52,6 @@ class Trained:
     data: object  # the corpus or the pair task
 
 
-_CODE = ("model.py", "train.py", "data.py", "techniques/layerdrop.py",
-         "techniques/early_exit.py", "labs/depth.py")
-
-
-def _path(name: str, args: dict) -> Path:
-    return zoo.default_cache_dir() / f"depth-{name}-{zoo.cache_key(args, code=_CODE)}.pt"
-
-
 def _replay(board, series: str, history: list) -> None:
     if board is None:
         return
@@ -74,20 +66,19 @@ def _replay(board, series: str, history: list) -> None:
 
 
 def _train_or_load(name, args, model, fit_kwargs, eval_fn, board, series, eval_set, data):
-    path = _path(name, args)
-    saved = zoo.load_checkpoint(path, what="depth baseline") if path.is_file() else None
-    if saved is not None:
-        model.load_state_dict(saved["state"])
-        model.eval()
-        _replay(board, series, saved["history"])
-        return Trained(model, saved["history"], saved["metrics"], True, path, eval_set, data)
-    cbs = [board.callback("loss", series, every=5)] if board is not None else []
-    res = T.fit(model, eval_fn=eval_fn, callbacks=cbs, progress=False, **fit_kwargs)
+    def train() -> dict:
+        cbs = [board.callback("loss", series, every=5)] if board is not None else []
+        res = T.fit(model, eval_fn=eval_fn, callbacks=cbs, progress=False, **fit_kwargs)
+        return {"state": model.state_dict(), "history": res.history, "metrics": res.final,
+                "args": args}
+
+    got = cached(f"depth-{name}", args, train)
+    if got.hit:  # the board draws the curves the cached run trained through
+        model.load_state_dict(got.value["state"])
+        _replay(board, series, got.value["history"])
     model.eval()
-    payload = {"state": model.state_dict(), "history": res.history, "metrics": res.final,
-               "args": args}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    return Trained(model, res.history, res.final, False, path, eval_set, data)
+    return Trained(model, got.value["history"], got.value["metrics"], got.hit, got.path,
+                   eval_set, data)
 
 
 def trained_lm(n_layers: int = 8, p: float = 0.0, steps: int = 400, size: str = "tiny",

@@ -49,7 +49,6 @@ per-round ratios, :func:`labkit.measure.paired`); the spread over rounds is the 
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import math
 import warnings
@@ -58,10 +57,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import accelerate as A
-from .. import measure, zoo
+from .. import measure
 from .. import model as M
 from .. import train as T
 from .. import validate as V
+from ..cache import cached, digest
 from ..techniques import hessian as H
 from ..techniques import quant as Q
 from .common import choice_list, float_list, int_list
@@ -184,7 +184,7 @@ def qbert_sensitivity(base: M.Transformer, batch: dict, samples: int = 4,
             return {"rows": H.sensitivity(m, lambda: m.loss(batch), samples=samples,
                                           bits=bits, seed=seed)}
 
-    return _cached("qbert-hessian", {"base": content(base), "batch": content(batch),
+    return _cached("qbert-hessian", {"base": digest(base), "batch": digest(batch),
                                      "samples": samples, "bits": list(bits), "seed": seed},
                    compute)["rows"]
 
@@ -303,44 +303,17 @@ def sdn_exits(base: M.Transformer, batches, steps: int, lr: float = 1e-3) -> M.T
         m.executor.internal = []  # the last pass's IC logits hold the graph (no deepcopy)
         return {"heads": m.executor.state_dict()}
 
-    saved = _cached("sdn-exits", {"base": content(base), "batch": content(first),
+    saved = _cached("sdn-exits", {"base": digest(base), "batch": digest(first),
                                   "steps": steps, "lr": lr}, compute)
     m.executor.load_state_dict(saved["heads"])
     return m.eval()
 
 
-# What the method variants' costly parts depend on: the code that computes them.
-_CODE = ("model.py", "train.py", "techniques/early_exit.py", "techniques/hessian.py",
-         "techniques/qmath.py", "labs/paper.py")
-
-
-def content(obj) -> str:
-    """A digest of a module's state or a dict of tensors (bytes, shapes and dtypes)."""
-    h = hashlib.sha256()
-    items = obj.state_dict().items() if isinstance(obj, torch.nn.Module) else obj.items()
-    for k, t in sorted(items):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _cached(kind: str, args: dict, compute) -> dict:
-    """``compute()`` (a dict of tensors and plain values) once per machine: saved atomically
-    in labkit's cache folder under a key of ``args`` (content digests of the base model and
-    data), the code in ``_CODE`` and torch's version; an unreadable file recomputes with a
-    :class:`labkit.zoo.CacheWarning`. The Hessian traces and SDN's exit heads are what a
-    cached run of notebook 10 skips; everything it measures is measured again."""
-    from ..notebook import atomic_write
-
-    path = zoo.default_cache_dir() / f"paper-{kind}-{zoo.cache_key(args, code=_CODE)}.pt"
-    if path.exists():
-        saved = zoo.load_checkpoint(path, what=kind)
-        if saved is not None:
-            return saved
-    out = compute()
-    atomic_write(path, lambda tmp: torch.save(out, tmp))
-    return out
+    """``compute()`` once per machine (:func:`labkit.cache.cached`): the Hessian traces and
+    SDN's exit heads are what a cached run of notebook 10 skips; everything it measures is
+    measured again."""
+    return cached(f"paper-{kind}", args, compute).value
 
 
 def sdn(base: M.Transformer, s: float, trained: M.Transformer, held_out: dict,
