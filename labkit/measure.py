@@ -303,15 +303,19 @@ def peak_activation_bytes(model, *inputs) -> int:
 
 def _register_cpu_sdpa_flops():
     """torch's flop counter has formulas for the CUDA SDPA kernels only; register the CPU
-    flash kernel (same formula: ``4 B H N_q N_k D``, causal not discounted, as upstream)."""
+    flash kernel with labkit's one formula (:func:`labkit.accounting.sdpa_flops`, what the
+    analytic tables claim: ``4 B H N_q N_k D_head``, causal not discounted, as upstream)."""
     from torch.utils import flop_counter as fc
+
+    from .accounting import sdpa_flops
 
     fwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if fwd is not None and fwd not in fc.flop_registry:
         @fc.register_flop_formula(fwd)
         def _fwd(query, key, value, *args, out_shape=None, **kwargs) -> int:
-            return fc.sdpa_flop_count(query, key, value)
+            b, h, n_q, d = query
+            return b * sdpa_flops(n_q, key[-2], h * d)
     if bwd is not None and bwd not in fc.flop_registry:
         @fc.register_flop_formula(bwd)
         def _bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -451,5 +455,3 @@ def compare(baseline: Measurement, *candidates: Measurement):
     return pd.DataFrame(rows).groupby("metric", sort=False).first().reset_index()
 
 
-# the machine's measured limits (peaks, roofline fields) live in their own module
-from .roofline import peaks, regime, roofline  # noqa: E402, F401

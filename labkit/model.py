@@ -355,11 +355,6 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def attention_flops(n: int, d_model: int) -> float:
-    """FLOPs of softmax attention scores and weighted sum for one layer, batch 1."""
-    return 2 * 2 * n * n * d_model
-
-
 __all__ = ["ModelConfig", "PRESETS", "preset", "build", "Transformer", "Block", "BlockContext",
            "BlockExecutor", "Attention",
-           "MLP", "RMSNorm", "Rotary", "count_params", "attention_flops"]
+           "MLP", "RMSNorm", "Rotary", "count_params"]

@@ -211,6 +211,26 @@ def test_storage_bytes_counts_indices():
     assert counted["int64"] == csr["index"]
 
 
+def test_bsr_and_compacted_bytes_are_what_the_stored_tensors_hold():
+    """The one storage formula (kernels.storage.layout_bytes) against torch's own BSR
+    tensor and a compacted weight; the analytic claim uses the same formula."""
+    w = torch.randn(64, 128)
+    w = w * MK.make_mask(w, "block", 0.75, block=16)
+    bsr = K.storage_bytes(w, "bsr", block=16)
+    t = w.to_sparse_bsr((16, 16))
+    assert bsr["values"] == t.values().numel() * 4
+    assert bsr["index"] == (t.crow_indices().numel() + t.col_indices().numel()) * 8
+    dense = torch.randn(64, 128)
+    rows = dense * MK.make_mask(dense, "row", 0.5)
+    kept = rows[rows.any(1)]
+    got = K.storage_bytes(rows, "compacted")
+    assert got["values"] == kept.numel() * 4 and got["index"] == 8 * kept.shape[0]
+    assert K.layout_bytes("bitmap", 64, 128, 100, element_bytes=1) == \
+        {"values": 100, "index": 64 * 128 // 8, "total": 100 + 64 * 128 // 8}
+    with pytest.raises(ValueError, match="layout.*'coo'"):
+        K.layout_bytes("coo", 4, 4)
+
+
 @pytest.mark.parametrize("kwargs,name", [
     ({"sparsity": 1.0}, "sparsity"),
     ({"sparsity": -0.01}, "sparsity"),

@@ -55,11 +55,10 @@ from torch import nn
 from .. import accelerate as A
 from .. import measure
 from ..model import build
-from ..techniques import apply_, swap_modules
+from ..techniques import apply_
 from ..techniques import int8 as I
 from ..techniques import sparsity as S
 from ..techniques.embedding_int8 import EmbeddingInt8Config
-from ..techniques.registry import linear_selector
 from ..techniques.static_int8 import StaticQLinear
 from ..techniques.static_int8 import unavailable as static_unavailable
 from . import peak as P
@@ -225,6 +224,12 @@ def linear_rows(quick: bool, rounds: int, mrt: float, peak: dict):
                           "shape": f"({b},{d_in})x({d_out},{d_in})", "kernel_path": path,
                           "warnings": "; ".join(notes) if c == "torch_dynamic" else "", **r})
         rows += _peaked(block, 2 * b * d_in * d_out, peak)
+        why = static_unavailable()
+        if b >= 64 and why is not None:  # marked unavailable, never silently left out
+            rows.append({"section": "linear", "variant": "static_int8", "batch": b,
+                         "mode": "eager", "shape": f"({b},{d_in})x({d_out},{d_in})",
+                         "kernel_path": "unavailable", "peak_kind": None,
+                         "warnings": f"unavailable: {why}"})
         if b >= 64:
             by = {r["variant"]: r for r in block}
             eager = [k for k in res if not k.endswith("_compiled")]
@@ -276,12 +281,7 @@ def model_rows(quick: bool, rounds: int, mrt: float, peak: dict):
     model = build(preset, kind="encoder", seed=0).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(6, model.cfg.vocab_size, (b, n), generator=g)  # (B, N)
-    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
-                "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic"))}
-    td = copy.deepcopy(model)
-    swap_modules(td, linear_selector(td, exact=True),
-                 lambda n, m: I.AcceleratedLinear(m, "torch_dynamic"))
-    variants["torch_dynamic"] = td
+    variants = I.model_variants(model, ("fp32", "bf16", "int8_dynamic", "torch_dynamic"))
     variants["accelerated"], acc_rows, notes = _accelerated(model, (ids,), mrt / 10, rounds)
     chosen = _chosen(acc_rows)
     res = _side_by_side({k: _call(m, ids) for k, m in variants.items()}, rounds, mrt)

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from .. import validate as V
+from ..accounting import sdpa_flops
 from ..model import Block, BlockExecutor, ModelConfig, build
 from .common import lockstep_timer, setup, tokens_per_row
 
@@ -81,9 +82,10 @@ class Spec:
             self.extra_params
 
     def block_flops_per_token(self) -> float:
-        """Forward FLOPs of one block per token: 2 per weight, plus attention's
-        2 x 2 N D (scores and weighted sum)."""
-        return 2 * self.block_params() + 4 * self.seq * self.d_model
+        """Forward FLOPs of one block per token: 2 per weight, plus softmax attention's
+        scores and weighted sum (:func:`labkit.accounting.sdpa_flops`, shared by the
+        analytic tables)."""
+        return 2 * self.block_params() + sdpa_flops(self.seq, self.seq, self.d_model) / self.seq
 
     def ends_flops_per_token(self) -> float:
         return 2 * self.vocab * self.d_model

@@ -24,7 +24,7 @@ from .compacted import CompactedAttention, CompactedLinear, CompactedMLP
 from .csr import CSRLinear
 from .gathered import BlockGatheredLinear
 from .nm import NM_CPU_NOTE, NMLinear
-from .storage import storage_bytes
+from .storage import layout_bytes, storage_bytes
 
 LINEAR_PATHS = ("dense", "csr", "bsr", "block-gathered-dense", "compacted-dense",
                 "nm-simulated")
@@ -44,4 +44,4 @@ def linear_path(lin: nn.Linear, path: str, block: int = 32, n: int = 2,
 
 __all__ = ["LINEAR_PATHS", "NM_CPU_NOTE", "BSRLinear", "BlockGatheredLinear", "CSRLinear",
            "CompactedAttention", "CompactedLinear", "CompactedMLP", "DenseLinear",
-           "NMLinear", "SparseLinearBase", "linear_path", "storage_bytes"]
+           "NMLinear", "SparseLinearBase", "layout_bytes", "linear_path", "storage_bytes"]

@@ -17,8 +17,9 @@ from torch.nn.utils import parametrize
 
 from .. import accelerate as A
 from .. import measure, train
+from .. import roofline as RF
 from .. import validate as V
-from ..techniques import apply_, swap_modules
+from ..techniques import apply_
 from ..techniques import hessian as H
 from ..techniques import int8 as I
 from ..techniques import quant as Q
@@ -149,14 +150,8 @@ def latency_rows(model, inputs: tuple, min_run_time=0.1, label="labkit",
     in rotated rounds
     (:func:`labkit.measure.paired`, speedup = median of per-round fp32 / variant)."""
     kwargs = kwargs or {}
-    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16),
-                "int8_dynamic": apply_(copy.deepcopy(model), I.Int8Config("dynamic")),
-                "int8_weight_only": apply_(copy.deepcopy(model), I.Int8Config("weight_only"))}
-    for path in ("torch_dynamic", "fp32_onednn"):  # every linear on one per-site path
-        if I.unavailable(path) is None:
-            variants[path] = copy.deepcopy(model)
-            swap_modules(variants[path], Q.linear_selector(variants[path], exact=True),
-                         lambda n, m, path=path: I.AcceleratedLinear(m, path))
+    variants = I.model_variants(model, ("fp32", "bf16", "int8_dynamic", "int8_weight_only",
+                                         "torch_dynamic", "fp32_onednn"))
     td = variants["torch_dynamic"]
     notes = {"torch_dynamic": "; ".join(sorted({w for m in td.modules()
                                                 for w in getattr(m, "labkit_warnings", ())}))}
@@ -200,9 +195,9 @@ _WEIGHT_BYTES = {"fp32": 4, "fp32_onednn": 4, "bf16": 2, "int8_dynamic": 1,
 def roofline_rows(d_in: int, d_out: int, batches, peak: dict, paths=ROOFLINE_PATHS,
                   rounds: int = 3, min_run_time: float = 0.05, timer=None) -> list[dict]:
     """One linear ``d_in -> d_out`` on every path at each batch size, side by side per
-    batch, each row against the machine's ``peak`` (:func:`labkit.measure.peaks`):
+    batch, each row against the machine's ``peak`` (:func:`labkit.roofline.peaks`):
     achieved GFLOP/s, fraction of its kind's peak, and its roofline regime
-    (:func:`labkit.measure.regime`: memory-, dispatch- or compute-bound; bytes moved = the
+    (:func:`labkit.roofline.regime`: memory-, dispatch- or compute-bound; bytes moved = the
     weight in its storage + fp32 input (uint8 for the static kernel) + fp32 output)."""
     from ..benchmarks.quant import kind_of
 
@@ -241,8 +236,8 @@ def roofline_rows(d_in: int, d_out: int, batches, peak: dict, paths=ROOFLINE_PAT
                          "median_ms": sec * 1e3, "min_ms": p.spread[k][0] * 1e3,
                          "max_ms": p.spread[k][1] * 1e3, "bytes_moved": moved,
                          "kernel_path": getattr(mod, "kernel_path", k),
-                         **measure.roofline(flops, sec, kind, peak),
-                         **measure.regime(flops, moved, sec, kind, peak)})
+                         **RF.roofline(flops, sec, kind, peak),
+                         **RF.regime(flops, moved, sec, kind, peak)})
     return rows
 
 

@@ -269,6 +269,31 @@ def unavailable(candidate: str) -> str | None:
     return None
 
 
+def model_variants(model: nn.Module, names=CANDIDATES) -> dict:
+    """``{name: model}`` with every linear on one path: ``fp32`` (``model`` itself), ``bf16``
+    (a bf16 copy), torchao's ``int8_dynamic`` / ``int8_weight_only`` (:class:`Int8Config`), or
+    every plain linear on one :class:`AcceleratedLinear` path (``torch_dynamic``,
+    ``fp32_onednn``). The set the INT8 lab and ``labkit bench quant`` time side by side; a
+    path :func:`unavailable` on this build is left out."""
+    from .registry import apply_
+
+    out = {}
+    for name in names:
+        V.choice("variant", name, CANDIDATES)
+        if name == "fp32":
+            out[name] = model
+        elif name == "bf16":
+            out[name] = copy.deepcopy(model).to(torch.bfloat16)
+        elif name in ("int8_dynamic", "int8_weight_only"):
+            out[name] = apply_(copy.deepcopy(model), Int8Config(name.removeprefix("int8_")))
+        elif unavailable(name) is None:
+            m = copy.deepcopy(model)
+            swap_modules(m, linear_selector(m, exact=True),
+                         lambda n, lin, name=name: AcceleratedLinear(lin, name))
+            out[name] = m
+    return out
+
+
 def accelerate_(model: nn.Module, inputs: tuple, candidates=CANDIDATES,
                 min_run_time: float = 0.05, layers: tuple = (),
                 parts: tuple = ("attn", "ffn"), check_model: bool = True, margin: float = 0.05, rounds: int = 3,
@@ -300,38 +325,37 @@ def _accelerate_cfg(model: nn.Module, config: AccelerateConfig) -> nn.Module:
 
 def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n: int = 2,
                       m: int = 4) -> dict:
-    """Deployed bytes of an INT8 (N, K) weight, optionally 50%-sparse, metadata counted.
+    """Deployed bytes of an INT8 (N, K) weight, optionally 50%-sparse, metadata counted
+    (:func:`labkit.kernels.storage.layout_bytes` at one byte a code).
 
     dense: N*K codes + per-row fp32 scale + int8 zero point (torchao ``Int8Tensor``);
-    row / column: the pruned rows/columns are removed (compacted dense), nothing else;
+    row / column: the pruned rows/columns are removed (compacted dense, an index per kept
+    one as for fp32);
     nm: kept codes + ``ceil(log2 M)`` index bits per kept value (the 2:4 layout);
     unstructured: kept codes + a 1-bit-per-entry bitmap.
     """
-    import math as _m
-
     from ..kernels.masks import check_nm, check_sparsity, n_pruned
+    from ..kernels.storage import layout_bytes
 
     V.choice("structure", structure, ("dense", "row", "column", "nm", "unstructured"))
     rows, cols = shape
-    meta_row = 4 + 1
-    if structure in ("dense", "row", "column"):  # removed rows/columns are simply gone
-        kept_rows, kept_cols = rows, cols
-        if structure == "row":
-            kept_rows -= n_pruned(check_sparsity(sparsity), rows)
-        elif structure == "column":
-            kept_cols -= n_pruned(check_sparsity(sparsity), cols)
-        codes, index, scales = kept_rows * kept_cols, 0, kept_rows * meta_row
+    kept_rows = rows
+    if structure in ("dense", "row", "column"):
+        kr = rows - n_pruned(check_sparsity(sparsity), rows) if structure == "row" else rows
+        kc = cols - n_pruned(check_sparsity(sparsity), cols) if structure == "column" else cols
+        got, kept_rows = layout_bytes("compacted", rows, cols, element_bytes=1, kept_rows=kr,
+                                      kept_cols=kc), kr
     elif structure == "nm":
         check_nm(n, m, cols)
-        kept_values = rows * cols * n // m
-        codes, index = kept_values, _m.ceil(kept_values * _m.ceil(_m.log2(m)) / 8)
-        scales = rows * meta_row
+        got = layout_bytes("nm", rows, cols, rows * cols * n // m, element_bytes=1, m=m)
     else:
-        kept_values = rows * cols - n_pruned(check_sparsity(sparsity), rows * cols)
-        codes, index, scales = kept_values, _m.ceil(rows * cols / 8), rows * meta_row
-    total = codes + index + scales
-    return {"structure": structure, "codes": codes, "index": index, "scales": scales,
-            "total": total, "fp32": 4 * rows * cols, "ratio": total / (4 * rows * cols)}
+        kept = rows * cols - n_pruned(check_sparsity(sparsity), rows * cols)
+        got = layout_bytes("bitmap", rows, cols, kept, element_bytes=1)
+    scales = kept_rows * (4 + 1)  # a per-row fp32 scale and int8 zero point
+    total = got["total"] + scales
+    return {"structure": structure, "codes": got["values"], "index": got["index"],
+            "scales": scales, "total": total, "fp32": 4 * rows * cols,
+            "ratio": total / (4 * rows * cols)}
 
 
 __all__ = [
@@ -342,6 +366,7 @@ __all__ = [
     "Int8Config",
     "OneDNNLinear",
     "accelerate_",
+    "model_variants",
     "cpu_int8_isa",
     "int8_weight_bytes",
     "kernel_path_of",

@@ -24,11 +24,10 @@ only totals, not parts, are claims. Complexity: O(selected linears).
 """
 from __future__ import annotations
 
-import math
-
 from .. import validate as V
 from ..accounting import rows, sdpa_flops
 from ..kernels import masks as MK
+from ..kernels.storage import layout_bytes
 from .registry import register_account
 from .sparsity import SparsityConfig
 
@@ -42,32 +41,34 @@ def check_row(name: str, row) -> None:
 
 
 def _unstructured(row, k: int) -> None:
-    row.kept, row.weight_bytes = k, 12 * k + 8 * (row.out_features + 1)
+    row.kept = k
+    row.weight_bytes = layout_bytes("csr", row.out_features, row.in_features, k)["total"]
 
 
 def _per_linear(row, config: SparsityConfig) -> None:
     r, c, s, st = row.out_features, row.in_features, config.sparsity, config.structure
     if st == "unstructured":
         _unstructured(row, r * c - MK.n_pruned(s, r * c))
-    elif st == "nm":
-        k = r * c // config.m * config.n
-        row.kept = k
-        row.weight_bytes = 4 * k + math.ceil(k * math.ceil(math.log2(config.m)) / 8)
+        return
+    if st == "nm":
+        row.kept = r * c // config.m * config.n
+        got = layout_bytes("nm", r, c, row.kept, m=config.m)
     elif st == "block":
         b = config.block
         MK.check_block(b, (r, c))
         tiles = (r // b) * (c // b)
         kb = tiles - MK.n_pruned(s, tiles)
         row.kept = kb * b * b
-        row.weight_bytes = 4 * row.kept + 8 * kb + 8 * (r // b + 1)
+        got = layout_bytes("bsr", r, c, block=b, kept_blocks=kb)
     elif st == "row":
         kr = r - MK.n_pruned(s, r)
         row.kept = kr * c
-        row.weight_bytes = 4 * row.kept + (8 * kr if kr < r else 0)
+        got = layout_bytes("compacted", r, c, kept_rows=kr)
     else:  # column
         kc = c - MK.n_pruned(s, c)
         row.kept = r * kc
-        row.weight_bytes = 4 * row.kept + (8 * kc if kc < c else 0)
+        got = layout_bytes("compacted", r, c, kept_cols=kc)
+    row.weight_bytes = got["total"]
 
 
 def _compact_neurons(table, config: SparsityConfig, done: set) -> None:
