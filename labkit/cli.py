@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         if args.command == "plan":
             return _plan(args)
         if args.command == "lab":
-            from .launcher import lab
+            from .jupyterlab_app import lab
 
             return lab(R.notebooks_dir(), extra)
     except V.LabkitConfigError as e:

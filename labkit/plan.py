@@ -42,6 +42,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -308,6 +309,20 @@ def reference(dense: nn.Module, inputs: tuple, plans: dict, timer=None,
     return c if t.ratio["compiled"] > 1.0 else m
 
 
+def unavailable_families(families) -> dict[str, str]:
+    """``{family: why}`` for the families this CPU / torch build cannot run (static INT8
+    without VNNI/AMX or oneDNN): marked unavailable and not searched, never a crash after
+    the screen has run, never a silent fallback."""
+    out = {}
+    if "static_int8" in families:
+        from .techniques.static_int8 import unavailable
+
+        why = unavailable()
+        if why is not None:
+            out["static_int8"] = why
+    return out
+
+
 def _runner(model, inputs):
     def run():
         with torch.inference_mode():
@@ -413,9 +428,14 @@ class Planner:
         self.dense, self.work, self.c = model.eval(), workload, config
         self.teacher = (teacher or model).eval()
         check_teacher(model, self.teacher)
+        self.unavailable = unavailable_families(config.families)
         self.cache = TeacherCache(self.teacher)
         self.timer, self.clock, self.on_row = timer, clock, on_row or (lambda r: None)
         self.log = _Log(log)
+        for family, why in self.unavailable.items():  # said in the log, a warning, metrics
+            self.log.write({"event": "family unavailable", "family": family, "why": why})
+            warnings.warn(f"planner family {family!r} is unavailable here and is not "
+                          f"searched: {why}", stacklevel=3)
         self.progress = progress
         self.inputs = timed_inputs(model, workload)
         self.plans: dict = {}
@@ -427,7 +447,8 @@ class Planner:
         self.dense_bytes = measure.model_bytes(self.dense)["total"]
         with measure.num_threads(config.threads):
             self.reference = reference(self.dense, self.inputs, self.plans, timer,
-                                       compiled="static_int8" in config.families)
+                                       compiled="static_int8" in config.families
+                                       and "static_int8" not in self.unavailable)
         self.seq_len = int(self.inputs[0].shape[1])
         self.step_seconds = None  # measured on the first recovery, per unit of FLOPs
         self.exit_heads: dict = {}  # block -> exit head state trained on the dense backbone
@@ -479,6 +500,8 @@ class Planner:
     def screen(self) -> list[Trial]:
         trials = []
         for f in self.c.families:
+            if f in self.unavailable:
+                continue
             for cand in levels(self.dense.cfg, f):  # built and measured one at a time
                 t = self._trial(cand)
                 self.measure(t, 0, "one-shot single technique")
@@ -724,7 +747,8 @@ def _final(p: Planner, chosen: Trial | None, single: Trial | None, trials, searc
                "chosen_bytes_ratio": pick["bytes_ratio"],
                "chosen_accuracy_drop": pick["drop_points"],
                "dense_accuracy": by["dense"]["eval_accuracy"],
-               "search_seconds": search_seconds, "candidates": len(last)}
+               "search_seconds": search_seconds, "candidates": len(last),
+               "unavailable_families": p.unavailable}
     return PlanResult(p.rows, front, pick, single_row, final, model, simulated, accel or None,
                       metrics, chosen.cand if chosen else None)
 

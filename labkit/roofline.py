@@ -34,8 +34,9 @@ from __future__ import annotations
 import torch
 
 from . import validate as V
+from .measure import environment, num_threads, time_fn
 
-# labkit.measure re-exports this module's functions: its helpers are imported where used
+# it uses measure's timer and thread pinning; measure does not import it (no circle)
 
 KINDS = ("fp32", "bf16", "int8")
 _CACHE: dict = {}
@@ -104,8 +105,6 @@ def _copy_kernel(mbytes: int):
 
 
 def _timed(timer, name, fn, mrt) -> float:
-    from .measure import time_fn
-
     if timer is not None:
         return float(timer(name, fn, mrt))
     return time_fn(fn, name, mrt).median_s
@@ -121,8 +120,6 @@ def peaks(threads: int | None = None, n: int = 1024, min_run_time: float = 0.2,
 
     Cached for the process per ``(threads, n, min_run_time, copy_mbytes)``; ``timer(name,
     fn, min_run_time) -> seconds`` (tests) bypasses the cache."""
-    from .measure import environment, num_threads
-
     V.integer("n", n, 16, 16384)
     V.number("min_run_time", min_run_time, 0.0, lo_open=True)
     V.integer("copy_mbytes", copy_mbytes, 1, 4096)

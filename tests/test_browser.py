@@ -116,9 +116,9 @@ def test_lab_keeps_subshell_messages_out_of_the_kernel_status():
     from jupyter_server.services.kernels.kernelmanager import MappingKernelManager
     from traitlets.config import Application
 
-    from labkit import launcher
+    from labkit import jupyterlab_app
 
-    argv, notes = launcher.command(Path("/nb"), ["--port", "1"])
+    argv, notes = jupyterlab_app.command(Path("/nb"), ["--port", "1"])
     app = Application()
     app.parse_command_line([a for a in argv if a.startswith("--MappingKernelManager")])
     untracked = MappingKernelManager(config=app.config).untracked_message_types
@@ -127,16 +127,16 @@ def test_lab_keeps_subshell_messages_out_of_the_kernel_status():
     assert "execute_request" not in untracked and "comm_msg" not in untracked
     assert any("subshell" in n for n in notes)
     mine = "--MappingKernelManager.untracked_message_types=debug_request"
-    argv, _ = launcher.command(Path("/nb"), [mine])
+    argv, _ = jupyterlab_app.command(Path("/nb"), [mine])
     assert [a for a in argv if a.startswith("--MappingKernelManager")] == [mine]
 
 
 def test_lab_turns_comms_over_subshells_off_in_its_own_app_settings(tmp_path):
     """Live boards were never redrawn with JupyterLab's comms over subshells: labkit lab
     starts JupyterLab with an app-settings copy that turns them off (user settings win)."""
-    from labkit import launcher
+    from labkit import jupyterlab_app
 
-    argv, notes = launcher.command(Path("/nb"), [], tmp_path / "s")
+    argv, notes = jupyterlab_app.command(Path("/nb"), [], tmp_path / "s")
     (arg,) = [a for a in argv if a.startswith("--LabApp.app_settings_dir=")]
     folder = Path(arg.split("=", 1)[1])
     override = json.loads((folder / "overrides.d" / "labkit.json").read_text())
@@ -147,7 +147,7 @@ def test_lab_turns_comms_over_subshells_off_in_its_own_app_settings(tmp_path):
     assert override["@jupyterlab/apputils-extension:notification"] == \
         {"fetchNews": "false", "checkForUpdates": False}
     assert any("news" in n for n in notes)
-    argv, _ = launcher.command(Path("/nb"), ["--LabApp.app_settings_dir=/mine"], tmp_path / "t")
+    argv, _ = jupyterlab_app.command(Path("/nb"), ["--LabApp.app_settings_dir=/mine"], tmp_path / "t")
     assert [a for a in argv if a.startswith("--LabApp.app")] == ["--LabApp.app_settings_dir=/mine"]
 
 
@@ -157,10 +157,10 @@ def test_lab_overrides_are_valid_settings_of_the_installed_jupyterlab():
     import jsonschema
     from jupyterlab.commands import get_app_dir
 
-    from labkit import launcher
+    from labkit import jupyterlab_app
 
     schemas = Path(get_app_dir()) / "schemas"
-    for plugin, values in launcher.OVERRIDES.items():
+    for plugin, values in jupyterlab_app.OVERRIDES.items():
         package, name = plugin.split(":")
         path = schemas / package / f"{name}.json"
         assert path.is_file(), f"{plugin}: no schema {path}"

@@ -135,7 +135,7 @@ def test_bench_overhead_quick_json(capsys, tmp_path):
 
 def test_lab_passes_unknown_arguments_to_jupyterlab(notebooks, monkeypatch):
     calls = []
-    monkeypatch.setattr("labkit.launcher.lab",
+    monkeypatch.setattr("labkit.jupyterlab_app.lab",
                         lambda folder, extra: calls.append((folder, extra)) or 0)
     assert main(["lab", "--no-browser", "--port", "8890"]) == 0
     assert calls == [(notebooks, ["--no-browser", "--port", "8890"])]

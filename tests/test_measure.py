@@ -3,6 +3,7 @@ import torch
 
 from labkit import measure as Me
 from labkit import model as M
+from labkit import roofline as RF
 from labkit.validate import LabkitConfigError
 
 
@@ -111,7 +112,7 @@ def test_peaks_with_a_fake_timer_reports_rates_and_ratios():
         r = next(v for k, v in rate.items() if name.startswith(k))
         return 2 * n ** 3 / (r * 1e9)
 
-    p = Me.peaks(1, n=n, min_run_time=0.01, copy_mbytes=1, timer=timer)
+    p = RF.peaks(1, n=n, min_run_time=0.01, copy_mbytes=1, timer=timer)
     assert p["gflops"]["fp32"] == pytest.approx(2.0)  # the faster fp32 kernel is the peak
     assert p["gflops"]["int8"] == pytest.approx(16.0)
     assert p["ratio"]["int8/fp32"] == pytest.approx(8.0)
@@ -122,8 +123,8 @@ def test_peaks_with_a_fake_timer_reports_rates_and_ratios():
 
 
 def test_peaks_cached_per_thread_count_and_real_kernels_run():
-    a = Me.peaks(1, n=64, min_run_time=0.001, copy_mbytes=1)
-    assert Me.peaks(1, n=64, min_run_time=0.001, copy_mbytes=1) is a  # cached
+    a = RF.peaks(1, n=64, min_run_time=0.001, copy_mbytes=1)
+    assert RF.peaks(1, n=64, min_run_time=0.001, copy_mbytes=1) is a  # cached
     assert a["threads"] == 1 and a["gflops"]["fp32"] > 0
     for r in a["rows"]:
         assert r.get("gflops") or r.get("bandwidth_gbs") or r["error"]
@@ -132,19 +133,19 @@ def test_peaks_cached_per_thread_count_and_real_kernels_run():
 def test_roofline_flags_a_speedup_above_the_peak_ratio():
     p = _peak()
     # int8 at 5x fp32 on a machine whose int8 peak is 4x: the fp32 reference was slow
-    r = Me.roofline(2e9, 0.01, "int8", p, speedup=5.0)
+    r = RF.roofline(2e9, 0.01, "int8", p, speedup=5.0)
     assert r["gflops"] == pytest.approx(200.0) and r["fraction_of_peak"] == pytest.approx(0.5)
     assert r["speedup_bound"] == pytest.approx(4.0)
     assert r["peak_verdict"].startswith("reference below peak")
-    assert Me.roofline(2e9, 0.01, "int8", p, speedup=3.9)["peak_verdict"] == "within peak ratio"
+    assert RF.roofline(2e9, 0.01, "int8", p, speedup=3.9)["peak_verdict"] == "within peak ratio"
     # fewer FLOPs (sparsity, same kind): the bound is the FLOP ratio
-    r = Me.roofline(1e9, 0.01, "fp32", p, speedup=2.5, reference_flops=2e9)
+    r = RF.roofline(1e9, 0.01, "fp32", p, speedup=2.5, reference_flops=2e9)
     assert r["speedup_bound"] == pytest.approx(2.0)
     assert r["peak_verdict"].startswith("reference below peak")
-    assert Me.roofline(1e9, 0.01, "fp32", {"gflops": {"fp32": None}},
+    assert RF.roofline(1e9, 0.01, "fp32", {"gflops": {"fp32": None}},
                        speedup=1.0)["peak_verdict"] == "no peak"
     with pytest.raises(LabkitConfigError, match="kind"):
-        Me.roofline(1e9, 0.01, "int4", p)
+        RF.roofline(1e9, 0.01, "int4", p)
 
 
 @pytest.mark.parametrize("flops,nbytes,seconds,want", [
@@ -153,7 +154,7 @@ def test_roofline_flags_a_speedup_above_the_peak_ratio():
     (2e9, 1e6, 2e9 / 90e9, "compute-bound"),    # 2000 FLOP/B: the compute roof, 90 of 100
 ])
 def test_regime_each_verdict(flops, nbytes, seconds, want):
-    r = Me.regime(flops, nbytes, seconds, "fp32", _peak())
+    r = RF.regime(flops, nbytes, seconds, "fp32", _peak())
     assert r["regime"] == want
     assert r["attainable_gflops"] == pytest.approx(min(100.0, flops / nbytes * 10.0))
 

@@ -244,3 +244,24 @@ def test_a_bert_style_model_is_timed_and_exported_with_the_segment_ids_it_is_sco
     fast, _ = PL.accelerated(m, cand, (ids, mask, tt), {},
                              calibration=[toy.rows(16, s) for s in range(2)])
     assert correct(fast, [dev]).shape == (64,)  # the dev batch, token types and all
+
+
+def test_a_family_this_cpu_cannot_run_is_marked_unavailable_not_searched(setup, tmp_path,
+                                                                          monkeypatch):
+    """Static INT8 on a CPU without VNNI/AMX: a warning naming why, an event in the log,
+    the family in the metrics, no candidate of it; the search runs the rest (it used to
+    crash on the first static candidate after the whole screen)."""
+    from labkit.techniques import static_int8 as SI
+
+    monkeypatch.setattr(SI, "unavailable", lambda backend="x86_inductor": "no VNNI (test)")
+    teacher, work = setup
+    log = tmp_path / "rows.jsonl"
+    cfg = PL.PlanConfig(families=("blocks", "static_int8"), rounds=1, calibration_rows=32,
+                        recover_steps=2, rungs=1)
+    with pytest.warns(UserWarning, match="'static_int8' is unavailable.*no VNNI"):
+        r = PL.plan(teacher, work, cfg, timer=flop_timer, log=log)
+    assert r.metrics["unavailable_families"] == {"static_int8": "no VNNI (test)"}
+    assert r.rows and all("static_int8" not in x["families"] for x in r.rows)
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    assert {"event": "family unavailable", "family": "static_int8",
+            "why": "no VNNI (test)"} in events

@@ -1,8 +1,8 @@
 """The machine's own limits: large square GEMMs in fp32, bf16 and int8 and one memory copy,
-at the timed thread count (:func:`labkit.measure.peaks`).
+at the timed thread count (:func:`labkit.roofline.peaks`).
 
 Every kernel row of ``bench quant``, ``sparsity``, ``ffn`` and ``attention`` is put against
-these peaks (:func:`labkit.measure.roofline`): its achieved GFLOP/s, its fraction of the
+these peaks (:func:`labkit.roofline.roofline`): its achieved GFLOP/s, its fraction of the
 peak of its kind, and a speedup above the measured peak ratio flagged "reference below
 peak". This benchmark shows the peaks themselves: each kernel at several sizes (a GEMM too
 small to reach the peak shows where it saturates), each kind's best, the attainable ratios
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from .. import measure
+from .. import measure, roofline
 
 NAME = "peak"
 REFERENCE_N = 1024  # the GEMM size other benchmarks' peaks use (full runs)
@@ -32,7 +32,7 @@ QUICK_MIN_RUN_TIME = 0.01
 
 def bench_peaks(quick: bool) -> dict:
     """The peaks every benchmark compares its rows with, at the current thread count."""
-    return measure.peaks(n=QUICK_N if quick else REFERENCE_N,
+    return roofline.peaks(n=QUICK_N if quick else REFERENCE_N,
                          min_run_time=QUICK_MIN_RUN_TIME if quick else MIN_RUN_TIME,
                          copy_mbytes=8 if quick else 64)
 
@@ -40,12 +40,12 @@ def bench_peaks(quick: bool) -> dict:
 def with_peak(row: dict, flops: float, kind: str, peak: dict | None, speedup=None,
               reference_flops: float | None = None, reference_kind: str = "fp32") -> dict:
     """The one helper every benchmark's kernel rows go through: ``row`` plus
-    :func:`labkit.measure.roofline`'s fields (achieved ``gflops``, ``peak_kind``,
+    :func:`labkit.roofline.roofline`'s fields (achieved ``gflops``, ``peak_kind``,
     ``peak_gflops``, ``fraction_of_peak``, and with a ``speedup`` its ``speedup_bound``
     and ``peak_verdict``), from the row's ``median_ms``. ``peak=None``: this machine's
     :func:`bench_peaks` at the current thread count (full size)."""
     peak = bench_peaks(False) if peak is None else peak
-    row.update(measure.roofline(flops, row["median_ms"] * 1e-3, kind, peak, speedup=speedup,
+    row.update(roofline.roofline(flops, row["median_ms"] * 1e-3, kind, peak, speedup=speedup,
                                 reference_flops=reference_flops,
                                 reference_kind=reference_kind))
     return row
@@ -58,7 +58,7 @@ def run(quick: bool = False) -> dict:
     with measure.num_threads(threads):
         for n in sizes:
             p = (bench_peaks(quick) if n == (QUICK_N if quick else REFERENCE_N) else
-                 measure.peaks(n=n, min_run_time=QUICK_MIN_RUN_TIME if quick else MIN_RUN_TIME,
+                 roofline.peaks(n=n, min_run_time=QUICK_MIN_RUN_TIME if quick else MIN_RUN_TIME,
                                copy_mbytes=8 if quick else 64))
             by_n[n] = p
             rows += [{"table": "kernel", **{k: v for k, v in r.items() if k != "flops"}}

@@ -23,7 +23,7 @@ import torch
 from .. import validate as V
 from ..kernels import masks as MK
 from ..train import Callback, fit
-from .sparsity import SparsityConfig, actual_sparsity, attach, masked_linears, prune
+from .sparsity import SparsityConfig, actual_sparsity, attach, masked_linears, prune, start_
 
 
 def cubic_schedule(t: int, s_i: float, s_f: float, t0: int, n: int, dt: int) -> float:
@@ -88,9 +88,6 @@ class PruneAt(Callback):
 class OneShot:
     name = "magnitude"
 
-    def start(self, model, config):
-        prune(model, config)
-
     def plan(self, model, config, steps, cut):
         if cut == 0:
             prune(model, config)
@@ -101,12 +98,8 @@ class OneShot:
 class Gradual:
     name = "gradual"
 
-    def start(self, model, config):
-        if config.initial_sparsity > 0:
-            prune(model, config, config.initial_sparsity)
-
     def plan(self, model, config, steps, cut):
-        self.start(model, config)
+        start_(model, config)
         end = config.start_step + config.prune_steps * config.prune_every
         if end > steps:
             warnings.warn(f"the cubic schedule ends at step {end} > steps={steps}: final "
@@ -116,9 +109,6 @@ class Gradual:
 
 class L1:
     name = "l1"
-
-    def start(self, model, config):
-        pass  # train with the penalty first (plan), then threshold
 
     def plan(self, model, config, steps, cut):
         penalty = l1_penalty(config.l1_lambda)

@@ -318,6 +318,15 @@ def actual_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
+def start_(model: nn.Module, config: SparsityConfig) -> None:
+    """Prune to where ``config.method`` starts: ``magnitude`` the target, ``gradual`` its
+    initial sparsity, ``l1`` nothing (it trains with the penalty first)."""
+    if config.method == "magnitude":
+        prune(model, config)
+    elif config.method == "gradual" and config.initial_sparsity > 0:
+        prune(model, config, config.initial_sparsity)
+
+
 @register(SparsityConfig)
 def sparsify_(model: nn.Module, config: SparsityConfig, calibration=None) -> nn.Module:
     """Attach masks to the targeted linears and prune them to where the method starts
@@ -326,8 +335,6 @@ def sparsify_(model: nn.Module, config: SparsityConfig, calibration=None) -> nn.
     before this pruning, every unit present). Restoring a saved model
     (:func:`~.registry.restoring`): masks only, the file has them (and the compensated
     biases)."""
-    from .pruning import strategy
-
     if is_restoring():
         attach(model, config)
         return model
@@ -338,7 +345,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig, calibration=None) -> nn.
                                   "compensation (nothing is chosen from data)")
     attach(model, config)
     if not config.needs_data:
-        strategy(config).start(model, config)
+        start_(model, config)
         return model
     stats = activation_stats(model, config, calibration)
     prune(model, config, stats=stats if config.score == "activation" else None)
