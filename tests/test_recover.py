@@ -200,3 +200,12 @@ def test_distill_step_loss_matches_its_formula(setup):
         zs, zt = student(batch["input_ids"]), teacher(batch["input_ids"])
     want = 0.3 * R.kd_loss(zs, zt, 3.0) + 0.7 * F.cross_entropy(zs, batch["labels"])
     assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_the_toy_teacher_learned_its_task(setup):
+    """Every recovery and planner test distils from this teacher: at chance it would have
+    nothing to teach and the tests above would pass or fail for no reason."""
+    from labkit import train as T
+
+    teacher, work = setup
+    assert T.evaluate(teacher, work.eval_set)["accuracy"] > 0.9

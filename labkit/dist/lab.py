@@ -480,6 +480,9 @@ def summary(run, exact: pd.DataFrame, bub: pd.DataFrame, ddp: dict, errors: pd.D
         "simulator_memory_max_abs_relative_error":
             float(mem_errors.relative_error.abs().max()) if not mem_errors.empty else None,
         "simulated_7b_step_s": big["step_s"],
+        # a fit that failed (a loaded machine's times did not grow with size): named, and
+        # every prediction that needs it is NaN (None in the JSON), never a number
+        "simulator_calibration_problems": list(big.get("calibration_problems", [])),
         "backend": run.backend, "world_size": run.result["world_size"],
         "launch_s": run.seconds, "loadavg": run.result["loadavg"][0],
         "live_steps_streamed": len(run.steps()), "threads": threads}

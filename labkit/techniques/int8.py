@@ -329,8 +329,8 @@ def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n:
     (:func:`labkit.kernels.storage.layout_bytes` at one byte a code).
 
     dense: N*K codes + per-row fp32 scale + int8 zero point (torchao ``Int8Tensor``);
-    row / column: the pruned rows/columns are removed (compacted dense, an index per kept
-    one as for fp32);
+    row / column: the pruned rows/columns are removed (compacted dense; no index, as for
+    FFN neurons removed in pairs);
     nm: kept codes + ``ceil(log2 M)`` index bits per kept value (the 2:4 layout);
     unstructured: kept codes + a 1-bit-per-entry bitmap.
     """
@@ -343,8 +343,10 @@ def int8_weight_bytes(shape, structure: str = "dense", sparsity: float = 0.5, n:
     if structure in ("dense", "row", "column"):
         kr = rows - n_pruned(check_sparsity(sparsity), rows) if structure == "row" else rows
         kc = cols - n_pruned(check_sparsity(sparsity), cols) if structure == "column" else cols
-        got, kept_rows = layout_bytes("compacted", rows, cols, element_bytes=1, kept_rows=kr,
-                                      kept_cols=kc), kr
+        # index_bytes=0: removed as FFN neurons are, in pairs (up's rows with down's
+        # columns), so no layer keeps its outer shape and none needs an index
+        got, kept_rows = layout_bytes("compacted", rows, cols, element_bytes=1, index_bytes=0,
+                                      kept_rows=kr, kept_cols=kc), kr
     elif structure == "nm":
         check_nm(n, m, cols)
         got = layout_bytes("nm", rows, cols, rows * cols * n // m, element_bytes=1, m=m)
